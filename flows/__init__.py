@@ -1,0 +1,1 @@
+"""Tessera's Prefect flows and its public face (`from flows import foundation_model as fm`)."""

@@ -1,0 +1,135 @@
+"""`tessera`: the command line over the same API as `from flows import foundation_model as fm`."""
+
+import sys
+from typing import Annotated, Literal
+
+from cyclopts import App, Parameter
+from rich.table import Table
+
+from flows import foundation_model as fm
+from flows import services
+from flows.console import console, follow, runs_table
+from tasks.errors import TesseraError
+
+app = App(name="tessera", help="Self-hosted fine-tuning of foundation language models.")
+server = App(name="server", help="The embedded Prefect server, runner and MLflow UI.")
+app.command(server)
+
+
+@app.command
+def create(
+    model: str,
+    train_data_path: str,
+    register_to: str,
+    *,
+    task_type: Literal["CHAT_COMPLETION", "INSTRUCTION_FINETUNE", "CONTINUED_PRETRAIN"] = "CHAT_COMPLETION",
+    training_duration: str | None = None,
+    learning_rate: float | None = None,
+    context_length: int | None = None,
+    eval_data_path: str | None = None,
+    eval_prompts: Annotated[list[str] | None, Parameter(consume_multiple=True)] = None,
+    custom_weights_path: str | None = None,
+    experiment_path: str = "",
+    follow_events: Annotated[bool, Parameter(name="--follow")] = False,
+):
+    """Start a fine-tuning run; with --follow, stream its events until it ends.
+
+    Parameters
+    ----------
+    model: a catalog name (`tessera models`) or a local Hugging Face model folder
+    train_data_path: a .jsonl file (a .txt file or folder for CONTINUED_PRETRAIN)
+    register_to: catalog.schema or catalog.schema.model_name in the model registry
+    training_duration: e.g. 3ep, 200ba, 1_000_000tok (default 1ep)
+    """
+    run = fm.create(
+        model, train_data_path, register_to, task_type=task_type, training_duration=training_duration,
+        learning_rate=learning_rate, context_length=context_length, eval_data_path=eval_data_path,
+        eval_prompts=eval_prompts, custom_weights_path=custom_weights_path, experiment_path=experiment_path,
+    )
+    console.print(f"created [bold]{run.name}[/bold] ({run.status.display_name}); follow it with "
+                  f"`tessera events {run.name} --follow`")
+    if follow_events:
+        last = follow(run)
+        return 0 if last is not None and last.type == "COMPLETED" else 1
+
+
+@app.command
+def get(name: str):
+    """Show one run."""
+    run = fm.get(name)
+    table = Table(show_header=False)
+    for key, value in run.__dict__.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command(name="list")
+def list_runs(*, status: list[str] | None = None, limit: int = 100):
+    """List runs, newest first."""
+    console.print(runs_table(fm.list(statuses=status, limit=limit)))
+
+
+@app.command
+def cancel(names: list[str]):
+    """Cancel runs by name."""
+    console.print(f"cancelled {fm.cancel(names)} run(s)")
+
+
+@app.command
+def events(name: str, *, follow_events: Annotated[bool, Parameter(name="--follow")] = False):
+    """Print a run's events; with --follow, until it ends."""
+    if follow_events:
+        follow(name)
+        return
+    for event in fm.get_events(name):
+        console.print(f"[dim]{event.time:%H:%M:%S}[/dim] {event.type:<17} {event.message}")
+
+
+@app.command
+def checkpoints(name: str):
+    """Print a run's checkpoint URIs."""
+    for uri in fm.get_checkpoints(name):
+        console.print(uri)
+
+
+@app.command
+def models():
+    """The model catalog."""
+    table = Table("name", "display name", "max context", "available here")
+    for m in fm.get_models():
+        table.add_row(m.name, m.display_name, str(m.max_context_length), "yes" if m.available else "no")
+    console.print(table)
+
+
+@server.command(name="start")
+def server_start():
+    """Start the local Prefect server, runner and MLflow UI (if not running)."""
+    services.ensure_started()
+    server_status()
+
+
+@server.command(name="stop")
+def server_stop():
+    """Stop them (runs in progress stop with the runner)."""
+    stopped = services.stop()
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@server.command(name="status")
+def server_status():
+    """Show whether each embedded service runs, and where."""
+    for name, state in services.status().items():
+        console.print(f"{name:<15} {state}")
+
+
+def main() -> None:
+    try:
+        result = app()
+    except TesseraError as e:
+        console.print(f"[bold red]error:[/bold red] {e}")
+        sys.exit(2)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""One fine-tuning run as a Prefect flow: the six steps in plain order, and hooks for the ways it can end."""
+
+from dataclasses import asdict
+
+from prefect import flow, get_client
+from prefect.runtime import flow_run as current_flow_run
+
+from tasks.config import RunConfig, run_name_for
+from tasks.events import RunEvent, emit, flush
+from tasks.init_model import init_model
+from tasks.models import resolve_model
+from tasks.register_model import register_model
+from tasks.run_record import RunRecord, current_user
+from tasks.tracking import client, start_run
+from tasks.train import kill_worker, train
+from tasks.training.spec import TrainSpec
+from tasks.upload_checkpoints import upload_checkpoints
+from tasks.validate_data import validate_data
+from tasks.validate_paths import validate_paths
+
+
+def _record(flow_run) -> RunRecord | None:
+    """The run's record, by the flow run's current name (the flow renames itself when started without one)."""
+    with get_client(sync_client=True) as prefect:
+        return RunRecord.load(prefect.read_flow_run(flow_run.id).name)
+
+
+def _end(flow_run, kind: RunEvent, mlflow_status: str, message: str) -> None:
+    record = _record(flow_run)
+    if record is None:  # it never got as far as naming itself
+        return
+    if kill_worker(record.dir):
+        message += "; the training worker was stopped, checkpoints and logs are kept in " + str(record.dir)
+    emit(record.name, kind, message, flow_run_id=str(flow_run.id))
+    flush()
+    client().set_terminated(record.mlflow_run_id, mlflow_status)
+
+
+def on_cancellation(flow, flow_run, state) -> None:
+    _end(flow_run, RunEvent.CANCELED, "KILLED", "run cancelled")
+
+
+def on_crashed(flow, flow_run, state) -> None:
+    _end(flow_run, RunEvent.FAILED, "FAILED", f"run crashed: {state.message}")
+
+
+def on_failure(flow, flow_run, state) -> None:
+    exc = state.result(raise_on_failure=False)
+    reason = str(exc) if isinstance(exc, BaseException) else state.message
+    _end(flow_run, RunEvent.FAILED, "FAILED", reason)
+
+
+@flow(
+    name="finetune",
+    on_cancellation=[on_cancellation],
+    on_crashed=[on_crashed],
+    on_failure=[on_failure],
+)
+def finetune(
+    model: str,
+    train_data_path: str,
+    register_to: str,
+    task_type: str = "CHAT_COMPLETION",
+    experiment_path: str = "",
+    eval_data_path: str | None = None,
+    eval_prompts: list[str] | None = None,
+    custom_weights_path: str | None = None,
+    training_duration: str | None = "1ep",
+    learning_rate: float | None = 5e-5,
+    context_length: int | None = None,
+    micro_batch_size: int = 4,
+    global_batch_size: int = 8,
+    warmup_steps: int | None = None,
+    zero_stage: int = 0,
+    seed: int = 17,
+    run_name: str | None = None,
+    mlflow_run_id: str | None = None,
+) -> dict:
+    """Fine-tune `model` on `train_data_path` and register the result at `register_to`."""
+    config = RunConfig(
+        model=model, train_data_path=train_data_path, register_to=register_to, task_type=task_type,
+        experiment_path=experiment_path, eval_data_path=eval_data_path, eval_prompts=eval_prompts,
+        custom_weights_path=custom_weights_path, training_duration=training_duration,
+        learning_rate=learning_rate, context_length=context_length, micro_batch_size=micro_batch_size,
+        global_batch_size=global_batch_size, warmup_steps=warmup_steps, zero_stage=zero_stage, seed=seed,
+    )
+    record = _name_run(config, run_name, mlflow_run_id)
+    name, mlflow_id = record.name, record.mlflow_run_id
+    emit(name, RunEvent.STARTED, f"run {name} started")
+
+    config = validate_paths(config)
+    model_dir = resolve_model(config.model)  # the tokenizer, for data preparation; weights converted once
+    train_rows = validate_data(name, config.train_data_path, str(model_dir), config.task_type,
+                               config.context_length, mlflow_id)
+    eval_rows = (
+        validate_data(name, config.eval_data_path, str(model_dir), config.task_type, config.context_length,
+                      mlflow_id, split="eval")
+        if config.eval_data_path else None
+    )
+    model_dir = init_model(name, config.model, mlflow_id)
+    spec = TrainSpec(
+        run_name=name, model_dir=model_dir, data_dir=train_rows, eval_data_dir=eval_rows,
+        output_dir=str(record.dir / "checkpoints"), duration_value=config.duration.value,
+        duration_unit=config.duration.unit, learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps, micro_batch_size=config.micro_batch_size,
+        global_batch_size=config.global_batch_size, seed=config.seed, zero_stage=config.zero_stage,
+        eval_prompts=config.eval_prompts or [], init_from=config.custom_weights_path,
+        resume=True,  # a retry of the train task continues from the latest checkpoint
+    )
+    spec_path = record.dir / "spec.json"
+    spec.to_json(spec_path)
+    hf_dir = train(str(spec_path), mlflow_id, config.duration.unit)
+    upload_checkpoints(name, spec.output_dir, mlflow_id)
+    registered = config.registered_model_name(name)
+    version = register_model(hf_dir, registered, mlflow_id, tags={
+        "tessera.run_name": name, "tessera.base_model": config.model, "tessera.task_type": config.task_type,
+        "mlflow_run_id": mlflow_id,
+    })
+    client().set_terminated(mlflow_id, "FINISHED")
+    emit(name, RunEvent.COMPLETED, f"run {name} completed: registered {registered} version {version}",
+         registered_model=registered, version=version)
+    return {"run_name": name, "registered_model": registered, "version": version}
+
+
+def _name_run(config: RunConfig, run_name: str | None, mlflow_run_id: str | None) -> RunRecord:
+    """The run's record; a run started straight from the deployment gets its name and MLflow run here."""
+    flow_run_id = str(current_flow_run.id)
+    if run_name is None:
+        run_name = run_name_for(config.model, config.task_type)
+        with get_client(sync_client=True) as prefect:
+            prefect.update_flow_run(flow_run_id, name=run_name)
+    experiment_path = config.experiment_path or f"/Users/{current_user()}/{run_name}"
+    if mlflow_run_id is None:
+        experiment_id, mlflow_run_id = start_run(asdict(config), run_name, experiment_path, current_user())
+    else:
+        experiment_id = client().get_run(mlflow_run_id).info.experiment_id
+    record = RunRecord(run_name, flow_run_id, experiment_id, mlflow_run_id)
+    record.save()
+    return record

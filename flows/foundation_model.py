@@ -1,0 +1,399 @@
+"""The public face, mirroring `databricks.model_training.foundation_model`.
+
+    from flows import foundation_model as fm
+    run = fm.create(model="HuggingFaceTB/SmolLM2-135M-Instruct", train_data_path="train.jsonl",
+                    register_to="main.demo", training_duration="2ep")
+    for event in fm.get_events(run, follow=True): print(event.message)
+"""
+
+import builtins
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import StrEnum
+
+from prefect import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter, FlowRunFilterExpectedStartTime, FlowRunFilterName, FlowRunFilterState,
+    FlowRunFilterStateType, FlowRunFilterTags,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.deployments import run_deployment
+from prefect.events.filters import EventFilter, EventOccurredFilter, EventOrder, EventResourceFilter
+from prefect.states import Cancelled, Cancelling
+
+from flows import services
+from tasks.config import RunConfig, run_name_for
+from tasks.errors import InvalidInputError, RunNotFoundError, TooManyActiveRunsError
+from tasks.events import RunEvent, emit, flush, resource_id
+from tasks.models import ModelInfo
+from tasks.models import get_models as _catalog
+from tasks.run_record import RunRecord, current_user
+from tasks.tracking import client as mlflow_client
+from tasks.tracking import start_run
+from tasks.upload_checkpoints import artifact_dir
+from tasks.validate_paths import check_paths
+
+RUN_TAG = "tessera"
+FOLLOW_POLL_S = 2.0
+FOLLOW_GRACE_S = 15.0
+
+
+def max_active_runs() -> int:
+    return int(os.environ.get("TESSERA_MAX_ACTIVE_RUNS", "10"))
+
+
+class RunStatus(StrEnum):
+    PENDING = "PENDING"
+    QUEUED = "QUEUED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    TERMINATING = "TERMINATING"
+    COMPLETED = "COMPLETED"
+    STOPPED = "STOPPED"
+    FAILED = "FAILED"
+
+    def is_terminal(self) -> bool:
+        return self in (RunStatus.COMPLETED, RunStatus.STOPPED, RunStatus.FAILED)
+
+    @property
+    def display_name(self) -> str:
+        return self.value.capitalize()
+
+    @classmethod
+    def from_state(cls, state) -> "RunStatus":
+        """The anchor's status for a Prefect flow-run state."""
+        if state is None:
+            return cls.PENDING
+        if state.type == StateType.SCHEDULED:
+            return cls.QUEUED if state.name == "AwaitingConcurrencySlot" else cls.PENDING
+        return {
+            StateType.PENDING: cls.STARTING,
+            StateType.RUNNING: cls.RUNNING,
+            StateType.CANCELLING: cls.TERMINATING,
+            StateType.COMPLETED: cls.COMPLETED,
+            StateType.CANCELLED: cls.STOPPED,
+            StateType.FAILED: cls.FAILED,
+            StateType.CRASHED: cls.FAILED,
+            StateType.PAUSED: cls.PENDING,
+        }[state.type]
+
+
+_STATE_TYPES = {
+    RunStatus.PENDING: [StateType.SCHEDULED, StateType.PAUSED],
+    RunStatus.QUEUED: [StateType.SCHEDULED],
+    RunStatus.STARTING: [StateType.PENDING],
+    RunStatus.RUNNING: [StateType.RUNNING],
+    RunStatus.TERMINATING: [StateType.CANCELLING],
+    RunStatus.COMPLETED: [StateType.COMPLETED],
+    RunStatus.STOPPED: [StateType.CANCELLED],
+    RunStatus.FAILED: [StateType.FAILED, StateType.CRASHED],
+}
+ACTIVE = [RunStatus.PENDING, RunStatus.QUEUED, RunStatus.STARTING, RunStatus.RUNNING, RunStatus.TERMINATING]
+
+
+@dataclass
+class FineTuningEvent:
+    type: str
+    time: datetime
+    message: str
+    payload: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class TrainingRun:
+    name: str
+    status: RunStatus
+    created_by: str
+    model: str
+    train_data_path: str
+    register_to: str
+    task_type: str
+    experiment_path: str
+    eval_data_path: str | None
+    eval_prompts: list[str] | None
+    custom_weights_path: str | None
+    training_duration: str
+    learning_rate: float
+    context_length: int | None
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    estimated_end_time: datetime | None
+    experiment_id: str | None
+    run_id: str | None
+    details: str | None
+    flow_run_id: str
+
+    def refresh(self) -> "TrainingRun":
+        fresh = get(self)
+        self.__dict__.update(fresh.__dict__)
+        return self
+
+    def cancel(self) -> int:
+        return cancel(self)
+
+    def get_events(self, follow: bool = False):
+        return get_events(self, follow=follow)
+
+
+def create(
+    model: str,
+    train_data_path: str,
+    register_to: str,
+    *,
+    experiment_path: str = "",
+    task_type: str = "CHAT_COMPLETION",
+    eval_data_path: str | None = None,
+    eval_prompts: list[str] | None = None,
+    custom_weights_path: str | None = None,
+    training_duration: str | None = None,
+    learning_rate: float | None = None,
+    context_length: int | None = None,
+    validate_inputs: bool = True,
+    data_prep_cluster_id: str | None = None,
+) -> TrainingRun:
+    """Submit a fine-tuning run and return at once; it goes on after this process exits."""
+    config = RunConfig(
+        model=model, train_data_path=train_data_path, register_to=register_to, task_type=task_type,
+        experiment_path=experiment_path, eval_data_path=eval_data_path, eval_prompts=eval_prompts,
+        custom_weights_path=custom_weights_path, training_duration=training_duration,
+        learning_rate=learning_rate, context_length=context_length,
+    )
+    if validate_inputs:
+        config = check_paths(config)
+    name = run_name_for(config.model, config.task_type)
+    config.experiment_path = config.experiment_path or f"/Users/{current_user()}/{name}"
+    with services.connected():
+        with open(services.services_dir() / "create.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # count and submit as one step: racing creates cannot pass the limit
+            with get_client(sync_client=True) as prefect:
+                active = prefect.count_flow_runs(flow_run_filter=_filter(statuses=ACTIVE))
+            if active >= max_active_runs():
+                raise TooManyActiveRunsError(
+                    f"{active} runs are active, the limit is {max_active_runs()}: cancel one "
+                    "(fm.cancel(name)) or wait for one to finish, then create again"
+                )
+            experiment_id, mlflow_run_id = start_run(config.to_params(), name, config.experiment_path, current_user())
+            flow_run = run_deployment(
+                services.DEPLOYMENT,
+                parameters={**config.to_params(), "run_name": name, "mlflow_run_id": mlflow_run_id},
+                flow_run_name=name, timeout=0, as_subflow=False,
+                tags=[RUN_TAG, f"created_by:{current_user()}", f"experiment:{experiment_id}"],
+            )
+        emit(name, RunEvent.CREATED, f"run {name} created", flow_run_id=str(flow_run.id))
+        flush()
+        return _training_run(flow_run, include_details=False)
+
+
+def get(training_run: "str | TrainingRun") -> TrainingRun:
+    """The run by name, with its current status."""
+    with services.connected():
+        return _training_run(_flow_run(training_run), include_details=True)
+
+
+def list(
+    training_runs: "builtins.list[str | TrainingRun] | None" = None,
+    experiment_id: str | None = None,
+    *,
+    statuses: "builtins.list[str | RunStatus] | None" = None,
+    user_emails: "builtins.list[str] | None" = None,
+    before: "str | datetime | None" = None,
+    after: "str | datetime | None" = None,
+    include_details: bool = True,
+    limit: int = 100,
+) -> "builtins.list[TrainingRun]":
+    """Runs, newest first, filtered as the anchor's list() filters them."""
+    names = [r.name if isinstance(r, TrainingRun) else r for r in training_runs] if training_runs else None
+    wanted = [RunStatus(s) for s in statuses] if statuses else None
+    tags = [RUN_TAG] + ([f"experiment:{experiment_id}"] if experiment_id else [])
+    with services.connected(), get_client(sync_client=True) as prefect:
+        runs = []
+        for email in user_emails or [None]:
+            runs += prefect.read_flow_runs(
+                flow_run_filter=_filter(names, wanted, tags + ([f"created_by:{email}"] if email else []),
+                                        _parse_time(before, "before"), _parse_time(after, "after")),
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit,
+            )
+        result = [_training_run(r, include_details) for r in runs]
+    result = [r for r in result if wanted is None or r.status in wanted]
+    return sorted(result, key=lambda r: r.created_at, reverse=True)[:limit]
+
+
+def cancel(runs: "str | TrainingRun | builtins.list[str | TrainingRun] | None" = None,
+           experiment_id: str | None = None) -> int:
+    """Stop runs (by name, run or list; or every run of an experiment); returns how many were cancelled."""
+    if (runs is None) == (experiment_id is None):
+        raise InvalidInputError("cancel() takes exactly one of runs= or experiment_id=")
+    with services.connected():
+        if runs is not None:
+            targets = [_flow_run(r) for r in (runs if isinstance(runs, builtins.list) else [runs])]
+        else:
+            with get_client(sync_client=True) as prefect:
+                targets = prefect.read_flow_runs(flow_run_filter=_filter(statuses=ACTIVE, tags=[RUN_TAG, f"experiment:{experiment_id}"]))
+        cancelled = 0
+        with get_client(sync_client=True) as prefect:
+            for flow_run in targets:
+                status = RunStatus.from_state(flow_run.state)
+                if status.is_terminal() or status == RunStatus.TERMINATING:
+                    continue
+                if flow_run.state.type == StateType.SCHEDULED:
+                    # Not picked up yet: nothing runs, so no hook will; end it and say so here.
+                    prefect.set_flow_run_state(flow_run.id, Cancelled(message="cancelled before it started"), force=True)
+                    emit(flow_run.name, RunEvent.CANCELED, "run cancelled before it started", flow_run_id=str(flow_run.id))
+                else:
+                    # The runner kills the flow process; the flow's hook stops the training worker.
+                    prefect.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by the user"), force=True)
+                cancelled += 1
+        flush()
+        return cancelled
+
+
+def get_events(training_run: "str | TrainingRun", follow: bool = False):
+    """The run's events, oldest first; with follow=True an iterator that ends at a terminal event."""
+    name = training_run.name if isinstance(training_run, TrainingRun) else training_run
+    if not follow:
+        with services.connected():
+            _flow_run(name)  # a clear error for an unknown run
+            return _read_events(name)
+    return _follow(name)
+
+
+def get_checkpoints(training_run: "str | TrainingRun") -> "builtins.list[str]":
+    """The run's `ep*-ba*` checkpoints as full URIs: in the MLflow artifact store once uploaded, else local."""
+    run = get(training_run) if not isinstance(training_run, TrainingRun) else training_run
+    record = RunRecord.load(run.name)
+    if run.run_id:
+        store = mlflow_client()
+        uploaded = [a for a in store.list_artifacts(run.run_id, artifact_dir(run.name)) if a.is_dir]
+        if uploaded:
+            base = store.get_run(run.run_id).info.artifact_uri.rstrip("/")
+            return sorted(f"{base}/{a.path}" for a in uploaded if a.path.split("/")[-1].startswith("ep"))
+    if record is None:
+        return []
+    return sorted(p.as_uri() for p in (record.dir / "checkpoints").glob("ep*-ba*") if p.is_dir())
+
+
+def get_models() -> "builtins.list[ModelInfo]":
+    """The catalog: name, display name, max context length, and whether the weights are on this machine."""
+    return _catalog()
+
+
+# --- reading runs back from Prefect -------------------------------------------------------------
+
+
+def _filter(names=None, statuses=None, tags=None, before=None, after=None) -> FlowRunFilter:
+    state_types = sorted({t for s in statuses for t in _STATE_TYPES[s]}) if statuses else None
+    return FlowRunFilter(
+        name=FlowRunFilterName(any_=names) if names else None,
+        tags=FlowRunFilterTags(all_=tags or [RUN_TAG]),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=state_types)) if state_types else None,
+        expected_start_time=FlowRunFilterExpectedStartTime(before_=before, after_=after) if before or after else None,
+    )
+
+
+def _flow_run(training_run: "str | TrainingRun"):
+    name = training_run.name if isinstance(training_run, TrainingRun) else training_run
+    with get_client(sync_client=True) as prefect:
+        found = prefect.read_flow_runs(flow_run_filter=_filter(names=[name]), limit=1)
+    if not found:
+        raise RunNotFoundError(f"no run named {name!r} on {services.prefect_api_url()}: see fm.list() for names")
+    return found[0]
+
+
+def _training_run(flow_run, include_details: bool) -> TrainingRun:
+    p = flow_run.parameters
+    status = RunStatus.from_state(flow_run.state)
+    record = RunRecord.load(flow_run.name)
+    run_id = p.get("mlflow_run_id") or (record.mlflow_run_id if record else None)
+    experiment_id = next((t.split(":", 1)[1] for t in flow_run.tags if t.startswith("experiment:")),
+                         record.experiment_id if record else None)
+    created_by = next((t.split(":", 1)[1] for t in flow_run.tags if t.startswith("created_by:")), "prefect")
+    estimated_end = None
+    details = flow_run.state.message if flow_run.state and status == RunStatus.FAILED else None
+    if include_details and status == RunStatus.RUNNING:
+        estimated_end = _estimated_end(flow_run.name)
+    return TrainingRun(
+        name=flow_run.name, status=status, created_by=created_by, model=p["model"],
+        train_data_path=p["train_data_path"], register_to=p["register_to"],
+        task_type=p.get("task_type", "CHAT_COMPLETION"), experiment_path=p.get("experiment_path") or "",
+        eval_data_path=p.get("eval_data_path"), eval_prompts=p.get("eval_prompts"),
+        custom_weights_path=p.get("custom_weights_path"), training_duration=p.get("training_duration") or "1ep",
+        learning_rate=p.get("learning_rate"), context_length=p.get("context_length"),
+        created_at=flow_run.created, started_at=flow_run.start_time,
+        completed_at=flow_run.end_time if status.is_terminal() else None, estimated_end_time=estimated_end,
+        experiment_id=experiment_id, run_id=run_id, details=details, flow_run_id=str(flow_run.id),
+    )
+
+
+def _estimated_end(name: str) -> datetime | None:
+    updates = [e for e in _read_events(name) if e.type == RunEvent.TRAIN_UPDATED and "elapsed_s" in e.payload]
+    if not updates:
+        return None
+    p = updates[-1].payload
+    done = p["batch"] / p["total_batches"] if p.get("total_batches") else 0
+    if done <= 0:
+        return None
+    from datetime import timedelta
+
+    return updates[-1].time + timedelta(seconds=p["elapsed_s"] * (1 - done) / done)
+
+
+def _read_events(name: str) -> "builtins.list[FineTuningEvent]":
+    event_filter = EventFilter(
+        resource=EventResourceFilter(id=[resource_id(name)]),
+        occurred=EventOccurredFilter(since=datetime(2020, 1, 1, tzinfo=timezone.utc)),
+        order=EventOrder.ASC,
+    )
+    events = []
+    with get_client(sync_client=True) as prefect:
+        page = prefect.read_events(filter=event_filter, limit=50)  # the server's page size cap
+        while True:
+            events += [
+                FineTuningEvent(e.payload.get("type", e.event), e.occurred, e.payload.get("message", ""), e.payload)
+                for e in page.events
+            ]
+            if not page.next_page:
+                break
+            page = prefect.read_events_page(page.next_page)
+    return sorted(events, key=lambda e: e.time)
+
+
+def _follow(name: str) -> Iterator[FineTuningEvent]:
+    seen: set[tuple] = set()
+    ended_at = None  # when Prefect first showed the run ended: its last events may still be on their way
+    with services.connected():
+        while True:
+            for event in _read_events(name):
+                key = (event.type, event.time, event.message)
+                if key in seen:
+                    continue
+                seen.add(key)
+                yield event
+                if RunEvent(event.type).is_terminal:
+                    return
+            if ended_at is None and RunStatus.from_state(_flow_run(name).state).is_terminal():
+                ended_at = time.monotonic()
+            if ended_at is not None and time.monotonic() - ended_at > FOLLOW_GRACE_S:
+                return  # ended without a terminal event (e.g. the runner itself was killed)
+            time.sleep(FOLLOW_POLL_S)
+
+
+def _parse_time(value: "str | datetime | None", field_name: str) -> datetime | None:
+    """A datetime, or the anchor's strings: %Y-%m-%d or %m-%d-%Y, optionally with %H:%M:%S."""
+    if value is None or isinstance(value, datetime):
+        return value.astimezone(timezone.utc) if isinstance(value, datetime) and value.tzinfo else (
+            value.replace(tzinfo=timezone.utc) if value else None)
+    for fmt in ("%Y-%m-%d", "%m-%d-%Y", "%Y-%m-%d %H:%M:%S", "%m-%d-%Y %H:%M:%S"):
+        try:
+            return datetime.strptime(value, fmt).replace(tzinfo=timezone.utc)
+        except ValueError:
+            continue
+    raise InvalidInputError(
+        f"{field_name}={value!r} is not a date: use a datetime or 'YYYY-MM-DD' / 'MM-DD-YYYY', "
+        "optionally followed by ' HH:MM:SS'"
+    )

@@ -1,0 +1,200 @@
+"""The embedded default: a local Prefect server, a runner serving the deployments, and the MLflow UI.
+
+Started once, detached, with pidfiles under TESSERA_HOME/services, the way `ray.init()` starts a local
+cluster. With PREFECT_API_URL set, Tessera uses that server and whoever serves its deployments instead.
+"""
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.errors import ServiceError
+from tasks.home import tessera_home
+from tasks.tracking import default_artifact_root, tracking_uri
+
+DEPLOYMENT = "finetune/default"
+STARTUP_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    port_env: str
+    default_port: int
+
+    @property
+    def port(self) -> int:
+        return int(os.environ.get(self.port_env, self.default_port))
+
+    @property
+    def pidfile(self) -> Path:
+        return services_dir() / f"{self.name}.pid"
+
+    @property
+    def log(self) -> Path:
+        return services_dir() / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        """The service's pid while its process lives."""
+        try:
+            pid = int(self.pidfile.read_text())
+            os.kill(pid, 0)
+            return pid
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            return None
+
+
+PREFECT = Service("prefect-server", "TESSERA_PREFECT_PORT", 4200)
+RUNNER = Service("runner", "TESSERA_PREFECT_PORT", 4200)  # no port of its own
+MLFLOW = Service("mlflow-ui", "TESSERA_MLFLOW_PORT", 5000)
+
+
+def services_dir() -> Path:
+    path = tessera_home() / "services"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def embedded() -> bool:
+    """True when Tessera runs its own Prefect server (no PREFECT_API_URL from the user)."""
+    return not os.environ.get("PREFECT_API_URL") or os.environ.get("TESSERA_EMBEDDED") == "1"
+
+
+def prefect_api_url() -> str:
+    if not embedded():
+        return os.environ["PREFECT_API_URL"]
+    return f"http://127.0.0.1:{PREFECT.port}/api"
+
+
+def prefect_ui_url() -> str:
+    return prefect_api_url().removesuffix("/api")
+
+
+def mlflow_ui_url() -> str | None:
+    return f"http://127.0.0.1:{MLFLOW.port}" if not os.environ.get("MLFLOW_TRACKING_URI") else None
+
+
+@contextmanager
+def connected():
+    """Ensure the services run, then talk to them: Prefect reads its settings at import, so set them here."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = ensure_started()
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url
+
+
+def ensure_started() -> str:
+    """Start whatever of the embedded services is not running; return the Prefect API URL."""
+    if not embedded():
+        return prefect_api_url()
+    url = prefect_api_url()
+    env = _service_env(url)
+    with open(services_dir() / "start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # many create() calls at once start one set of services
+        if not _healthy(f"{url}/health"):
+            _spawn(PREFECT, [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(PREFECT.port), "--analytics-off"], env)
+            _wait_for(lambda: _healthy(f"{url}/health"), PREFECT, "the Prefect server")
+        if RUNNER.pid() is None:
+            _spawn(RUNNER, [sys.executable, "-m", "deployments.serve"], env)
+            _wait_for(lambda: _deployment_ready(url), RUNNER, f"the runner serving {DEPLOYMENT}")
+        if mlflow_ui_url() and MLFLOW.pid() is None:
+            _spawn(MLFLOW, [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                            "--port", str(MLFLOW.port), "--backend-store-uri", tracking_uri(),
+                            "--default-artifact-root", default_artifact_root(), "--workers", "1"], env)
+    os.environ["PREFECT_API_URL"] = url
+    os.environ["TESSERA_EMBEDDED"] = "1"
+    return url
+
+
+def stop() -> list[str]:
+    """Stop the embedded services (runs in progress are killed with the runner); names what was stopped."""
+    stopped = []
+    for service in (RUNNER, MLFLOW, PREFECT):
+        pid = service.pid()
+        if pid is None:
+            continue
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        for _ in range(100):
+            if service.pid() is None:
+                break
+            time.sleep(0.1)
+        else:
+            os.killpg(pid, signal.SIGKILL)
+        service.pidfile.unlink(missing_ok=True)
+        stopped.append(service.name)
+    return stopped
+
+
+def status() -> dict[str, str]:
+    """Each embedded service: 'running (pid N) at URL' or 'stopped'."""
+    urls = {PREFECT.name: prefect_ui_url(), RUNNER.name: DEPLOYMENT, MLFLOW.name: mlflow_ui_url() or "-"}
+    return {
+        s.name: f"running (pid {s.pid()}) at {urls[s.name]}" if s.pid() else "stopped"
+        for s in (PREFECT, RUNNER, MLFLOW)
+    }
+
+
+def _service_env(url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "PREFECT_API_URL": url,
+        "PREFECT_HOME": str(tessera_home() / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_RUNNER_POLL_FREQUENCY": os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", "2"),
+        "TESSERA_HOME": str(tessera_home()),
+        "TESSERA_EMBEDDED": "1",
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda"),
+    })
+    return env
+
+
+def _has_cuda() -> bool:
+    return Path("/dev/nvidia0").exists()
+
+
+def _spawn(service: Service, cmd: list[str], env: dict[str, str]) -> None:
+    with open(service.log, "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=tessera_home())
+    service.pidfile.write_text(str(proc.pid))
+
+
+def _wait_for(ready, service: Service, what: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        if service.pid() is None:
+            break
+        time.sleep(0.5)
+    tail = service.log.read_text(errors="replace")[-2000:] if service.log.exists() else ""
+    raise ServiceError(f"{what} did not start (log: {service.log}):\n{tail}")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _deployment_ready(url: str) -> bool:
+    request = urllib.request.Request(f"{url}/deployments/name/{DEPLOYMENT}")
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False

@@ -1,0 +1,1 @@
+"""The steps of a Tessera run, one module each, and the packages they stand on."""

@@ -1,0 +1,126 @@
+"""RunConfig: everything one run needs, checked on construction so bad input fails before any compute."""
+
+import re
+import secrets
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+
+from tasks.errors import InvalidInputError
+
+
+class TaskType(StrEnum):
+    CHAT_COMPLETION = "CHAT_COMPLETION"
+    INSTRUCTION_FINETUNE = "INSTRUCTION_FINETUNE"
+    CONTINUED_PRETRAIN = "CONTINUED_PRETRAIN"
+
+
+DURATION_UNITS = {"ep": "epochs", "ba": "batches", "tok": "tokens"}
+_DURATION = re.compile(r"^(\d[\d_]*)(ep|ba|tok)$")
+# Unity Catalog style: catalog.schema or catalog.schema.model; run names (with '-') are valid model names.
+_REGISTER_TO = re.compile(r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+(\.[A-Za-z0-9_-]+)?$")
+
+
+@dataclass(frozen=True)
+class Duration:
+    value: int
+    unit: str  # "ep" | "ba" | "tok"
+
+    @classmethod
+    def parse(cls, text: str) -> "Duration":
+        """`3ep`, `200ba` or `1_000_000tok`, as the anchor writes them."""
+        match = _DURATION.match(str(text).strip())
+        if not match or int(match.group(1).replace("_", "")) <= 0:
+            raise InvalidInputError(
+                f"training_duration {text!r} is not a duration: write a positive integer followed by "
+                "ep (epochs), ba (batches) or tok (tokens), e.g. '3ep', '200ba' or '1_000_000tok'"
+            )
+        return cls(int(match.group(1).replace("_", "")), match.group(2))
+
+    def __str__(self) -> str:
+        return f"{self.value}{self.unit}"
+
+
+@dataclass
+class RunConfig:
+    """The arguments of `create()` (the anchor's), plus the engine knobs a recipe may set."""
+
+    model: str
+    train_data_path: str
+    register_to: str
+    task_type: str = TaskType.CHAT_COMPLETION.value
+    experiment_path: str = ""
+    eval_data_path: str | None = None
+    eval_prompts: list[str] | None = None
+    custom_weights_path: str | None = None
+    training_duration: str | None = "1ep"
+    learning_rate: float | None = 5e-5
+    context_length: int | None = None  # None: min(8192, the model's maximum), filled in by validate_paths
+    # Engine knobs: not in the anchor's signature; recipes set them.
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    warmup_steps: int | None = None  # None: 10% of the run, at most 20 steps
+    zero_stage: int = 0
+    seed: int = 17
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise InvalidInputError("model is empty: pass a catalog name (see get_models()) or a local model folder")
+        if not isinstance(self.train_data_path, str) or not self.train_data_path.strip():
+            raise InvalidInputError("train_data_path is empty: pass the path of a .jsonl file")
+        if self.task_type not in TaskType.__members__:
+            raise InvalidInputError(
+                f"task_type {self.task_type!r} is unknown: use one of {', '.join(TaskType)} (case-sensitive)"
+            )
+        if not _REGISTER_TO.match(self.register_to or ""):
+            raise InvalidInputError(
+                f"register_to {self.register_to!r} is malformed: write catalog.schema "
+                "(the model is registered as catalog.schema.<run_name>) or catalog.schema.model_name, "
+                "using letters, digits and underscores"
+            )
+        self.training_duration = str(Duration.parse(self.training_duration or "1ep"))
+        if self.learning_rate is None:
+            self.learning_rate = 5e-5
+        if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, int | float) or not (
+            self.learning_rate > 0
+        ):
+            raise InvalidInputError(f"learning_rate {self.learning_rate!r} must be a positive number, e.g. 5e-5")
+        self.learning_rate = float(self.learning_rate)
+        if self.context_length is not None and (
+            isinstance(self.context_length, bool) or not isinstance(self.context_length, int) or self.context_length < 8
+        ):
+            raise InvalidInputError(f"context_length {self.context_length!r} must be an integer of at least 8 tokens")
+        if self.eval_prompts is not None and (
+            not isinstance(self.eval_prompts, list) or not all(isinstance(p, str) and p for p in self.eval_prompts)
+        ):
+            raise InvalidInputError("eval_prompts must be a list of non-empty strings")
+        for knob in ("micro_batch_size", "global_batch_size"):
+            if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 1:
+                raise InvalidInputError(f"{knob} {getattr(self, knob)!r} must be a positive integer")
+        if self.global_batch_size % self.micro_batch_size:
+            raise InvalidInputError(
+                f"global_batch_size {self.global_batch_size} must be a multiple of micro_batch_size "
+                f"{self.micro_batch_size} (gradient accumulation takes whole micro batches)"
+            )
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise InvalidInputError(f"zero_stage {self.zero_stage!r} must be 0, 1, 2 or 3")
+
+    @property
+    def duration(self) -> Duration:
+        return Duration.parse(self.training_duration)
+
+    def registered_model_name(self, run_name: str) -> str:
+        """`catalog.schema.<run_name>` unless register_to names the model itself."""
+        return self.register_to if self.register_to.count(".") == 2 else f"{self.register_to}.{run_name}"
+
+    def to_params(self) -> dict:
+        """The flow's parameters: JSON, so `prefect deployment run --params` can send the same."""
+        return asdict(self)
+
+
+def run_name_for(model: str, task_type: str) -> str:
+    """The anchor's names: `ift-<model>-<6 chars>` or `contd-pretrain-<model>-<6 chars>`, RFC 1123, <= 63 chars."""
+    prefix = "contd-pretrain" if task_type == TaskType.CONTINUED_PRETRAIN else "ift"
+    base = re.sub(r"[^a-z0-9]+", "-", model.rstrip("/").split("/")[-1].lower()).strip("-") or "model"
+    suffix = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(6))
+    base = base[: 63 - len(prefix) - len(suffix) - 2].strip("-")
+    return f"{prefix}-{base}-{suffix}"

@@ -1,0 +1,53 @@
+"""Run events (CREATED … COMPLETED) as Prefect events on the resource `tessera.run.<name>`."""
+
+from enum import StrEnum
+
+from prefect.events import emit_event
+from prefect.events.worker import EventsWorker
+
+
+class RunEvent(StrEnum):
+    CREATED = "CREATED"
+    STARTED = "STARTED"
+    DATA_VALIDATED = "DATA_VALIDATED"
+    MODEL_INITIALIZED = "MODEL_INITIALIZED"
+    TRAIN_UPDATED = "TRAIN_UPDATED"
+    TRAIN_FINISHED = "TRAIN_FINISHED"
+    COMPLETED = "COMPLETED"
+    CANCELED = "CANCELED"
+    FAILED = "FAILED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (RunEvent.COMPLETED, RunEvent.CANCELED, RunEvent.FAILED)
+
+
+EVENT_PREFIX = "tessera.run."
+
+
+def resource_id(run_name: str) -> str:
+    return f"{EVENT_PREFIX}{run_name}"
+
+
+def emit(run_name: str, kind: RunEvent, message: str, flow_run_id: str | None = None, **payload) -> None:
+    """Send one run event; it shows in the Prefect UI's event feed, related to the flow run."""
+    if flow_run_id is None:
+        from prefect.runtime import flow_run
+
+        flow_run_id = flow_run.id
+    related = (
+        [{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}]
+        if flow_run_id
+        else []
+    )
+    emit_event(
+        event=f"{EVENT_PREFIX}{kind.value.lower().replace('_', '-')}",
+        resource={"prefect.resource.id": resource_id(run_name), "prefect.resource.name": run_name},
+        related=related,
+        payload={"type": kind.value, "message": message, **payload},
+    )
+
+
+def flush() -> None:
+    """Deliver queued events now: a short-lived process (the CLI, a hook) would otherwise drop them."""
+    EventsWorker.drain_all(timeout=10)

@@ -1,0 +1,31 @@
+"""Step 6: log the final model to the MLflow run and register it at `register_to`, tagged and aliased."""
+
+from importlib.metadata import version
+
+import mlflow
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.tracking import client
+
+ALIAS = "candidate"  # the newest trained version; promotion to "champion" is a decision for later
+
+
+@task(name="register-model", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def register_model(hf_dir: str, registered_name: str, mlflow_run_id: str, tags: dict[str, str]) -> int:
+    """Log the Hugging Face export as an MLflow transformers model and register a new version of it."""
+    mlflow_client = client()
+    with mlflow.start_run(run_id=mlflow_run_id):
+        info = mlflow.transformers.log_model(
+            transformers_model=hf_dir,  # a folder: logged as files, never loaded into this process
+            name="model",
+            task="text-generation",
+            # Without explicit requirements MLflow probes for torchvision and fails.
+            pip_requirements=[f"transformers=={version('transformers')}", f"torch=={version('torch').split('+')[0]}",
+                              f"accelerate=={version('accelerate')}"],
+        )
+    registered = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+    mlflow_client.set_registered_model_alias(registered_name, ALIAS, registered.version)
+    for key, value in tags.items():
+        mlflow_client.set_registered_model_tag(registered_name, key, value)
+    return int(registered.version)

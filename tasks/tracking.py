@@ -1,0 +1,53 @@
+"""The MLflow store: SQLite + local artifacts under TESSERA_HOME unless MLFLOW_TRACKING_URI says otherwise."""
+
+import os
+
+import mlflow
+from mlflow import MlflowClient
+
+from tasks.home import tessera_home
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{tessera_home() / 'mlflow' / 'mlflow.db'}"
+
+
+def default_artifact_root() -> str | None:
+    """Local artifacts beside the default SQLite store; a configured server decides its own."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return (tessera_home() / "mlflow" / "artifacts").as_uri()
+
+
+def client() -> MlflowClient:
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        (tessera_home() / "mlflow").mkdir(exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_registry_uri(tracking_uri())
+    return MlflowClient(tracking_uri(), registry_uri=tracking_uri())
+
+
+def ensure_experiment(path: str) -> str:
+    """The experiment's id, creating it (with our artifact root) on first use."""
+    mlflow_client = client()
+    experiment = mlflow_client.get_experiment_by_name(path)
+    if experiment is not None:
+        return experiment.experiment_id
+    root = default_artifact_root()
+    location = f"{root}/{path.strip('/').replace('/', '_')}" if root else None
+    try:
+        return mlflow_client.create_experiment(path, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # a concurrent create() won the race
+        return mlflow_client.get_experiment_by_name(path).experiment_id
+
+
+def start_run(params: dict, run_name: str, experiment_path: str, user: str) -> tuple[str, str]:
+    """An MLflow run for a Tessera run, its parameters logged: (experiment_id, run_id)."""
+    experiment_id = ensure_experiment(experiment_path)
+    run = client().create_run(
+        experiment_id, run_name=run_name, tags={"mlflow.user": user, "tessera.run_name": run_name}
+    )
+    client().log_batch(run.info.run_id, params=[
+        mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items() if v is not None
+    ])
+    return experiment_id, run.info.run_id

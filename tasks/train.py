@@ -1,0 +1,143 @@
+"""Step 4: run the DeepSpeed worker in its own process group; its progress becomes events and metrics."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.errors import InvalidInputError, TesseraError
+from tasks.events import RunEvent, emit
+from tasks.tracking import client
+from tasks.training.spec import TrainSpec
+
+PROTOCOL_PREFIX = "@@tessera "
+EVENT_EVERY_S = 2.0  # at most one TRAIN_UPDATED event per this many seconds (the last one always)
+PGID_FILE = "worker.pgid"
+
+
+class WorkerFailed(TesseraError):
+    """The training worker exited non-zero; the message is its own last words."""
+
+
+def train_message(p: dict, unit: str) -> str:
+    """`[epoch=1/2][batch=5/20][ETA=3min] Train loss: 1.71`, in the unit of the run's duration."""
+    eta = _eta(p)
+    if unit == "tok":
+        where = f"[token={p['tokens']}/{p['total_tokens']}]"
+    elif unit == "ba":
+        where = f"[batch={p['batch']}/{p['total_batches']}]"
+    else:
+        where = f"[epoch={p['epoch']}/{p['epochs']}][batch={p['batch']}/{p['total_batches']}]"
+    return f"{where}[ETA={eta}] Train loss: {p['loss']:.2f}"
+
+
+def _eta(p: dict) -> str:
+    done = p["tokens"] / p["total_tokens"] if p.get("total_tokens") else p["batch"] / p["total_batches"]
+    seconds = p["elapsed_s"] * (1 - done) / done if done > 0 else 0
+    if seconds < 60:
+        return f"{int(seconds)}s"
+    if seconds < 3600:
+        return f"{round(seconds / 60)}min"
+    return f"{int(seconds // 3600)}h{round(seconds % 3600 / 60)}min"
+
+
+def kill_worker(run_dir: Path, grace_s: float = 10.0) -> bool:
+    """Stop the worker's whole process group (DeepSpeed and any children); True if one was running."""
+    pgid_file = run_dir / PGID_FILE
+    if not pgid_file.exists():
+        return False
+    pgid = int(pgid_file.read_text())
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pgid_file.unlink(missing_ok=True)
+        return False
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    pgid_file.unlink(missing_ok=True)
+    return True
+
+
+def _retryable(task, task_run, state) -> bool:
+    """A dead worker is worth a retry (it resumes); bad input is not."""
+    return not isinstance(state.result(raise_on_failure=False), InvalidInputError)
+
+
+@task(name="train", retries=2, retry_delay_seconds=5, retry_condition_fn=_retryable, cache_policy=NO_CACHE)
+def train(spec_path: str, mlflow_run_id: str, duration_unit: str) -> str:
+    """Train until the duration is reached, resuming from the latest checkpoint on a retry; returns the HF export."""
+    spec = TrainSpec.from_json(spec_path)
+    run_dir = Path(spec_path).parent
+    log_path = run_dir / "logs" / "worker.log"
+    log_path.parent.mkdir(exist_ok=True)
+    mlflow_client = client()
+    generations: list[dict] = []
+    finished: dict | None = None
+    last_event = 0.0
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tasks.training.worker", "--run-name", spec.run_name, "--spec", spec_path],
+            stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
+            start_new_session=True,  # its own group: cancel and retry kill DeepSpeed and its children too
+        )
+        (run_dir / PGID_FILE).write_text(str(proc.pid))
+        try:
+            for line in proc.stdout:
+                if not line.startswith(PROTOCOL_PREFIX):
+                    log.write(line)
+                    continue
+                msg = json.loads(line[len(PROTOCOL_PREFIX):])
+                kind = msg["kind"]
+                if kind == "started" and msg.get("resumed_from"):
+                    emit(spec.run_name, RunEvent.TRAIN_UPDATED, f"resumed from {msg['resumed_from']}", **msg)
+                elif kind == "progress":
+                    now = time.monotonic()
+                    mlflow_client.log_batch(mlflow_run_id, metrics=[
+                        Metric(key, float(msg[key]), int(time.time() * 1000), msg["batch"])
+                        for key in ("loss", "lr", "grad_norm", "tokens_per_s") if msg.get(key) is not None
+                    ])
+                    if now - last_event >= EVENT_EVERY_S or msg["batch"] == msg["total_batches"]:
+                        emit(spec.run_name, RunEvent.TRAIN_UPDATED, train_message(msg, duration_unit), **msg)
+                        last_event = now
+                elif kind == "generations":
+                    generations += [
+                        {"batch": msg["batch"], "prompt": p, "response": r}
+                        for p, r in zip(msg["prompts"], msg["responses"])
+                    ]
+                    (run_dir / "eval_generations.json").write_text(json.dumps(generations, indent=1))
+                elif kind == "finished":
+                    finished = msg
+            returncode = proc.wait()
+        finally:
+            if proc.poll() is None:  # cancelled or crashed while training: take the worker down with us
+                kill_worker(run_dir)
+            (run_dir / PGID_FILE).unlink(missing_ok=True)
+    if generations:
+        mlflow_client.log_table(mlflow_run_id, data={k: [g[k] for g in generations] for k in generations[0]},
+                                artifact_file="eval_generations.json")
+    if returncode != 0 or finished is None:
+        raise WorkerFailed(f"training worker exited with code {returncode}: {_last_words(log_path)}")
+    emit(spec.run_name, RunEvent.TRAIN_FINISHED, f"training finished after {finished['batch']} batches", **finished)
+    return finished["hf_path"]
+
+
+def _last_words(log_path: Path) -> str:
+    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "no output; see the worker log"

@@ -1,0 +1,54 @@
+"""Step 5: copy the run's checkpoints into its MLflow artifact store (local or S3) and verify them."""
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.errors import TesseraError
+from tasks.tracking import client
+
+LATEST = "latest-sharded-rank0.symlink"
+
+
+def artifact_dir(run_name: str) -> str:
+    return f"{run_name}/checkpoints"
+
+
+@task(name="upload-checkpoints", retries=3, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def upload_checkpoints(run_name: str, checkpoints_dir: str, mlflow_run_id: str) -> list[str]:
+    """Upload every checkpoint folder; the latest symlink travels as a text file naming its target."""
+    mlflow_client = client()
+    root = Path(checkpoints_dir)
+    dest = artifact_dir(run_name)
+    for child in sorted(root.iterdir()):
+        if child.name == LATEST:
+            # Object stores have no symlinks; like Composer, store the target's name in a file.
+            marker = root.parent / "logs" / LATEST
+            marker.write_text(child.resolve().name)
+            mlflow_client.log_artifact(mlflow_run_id, str(marker), dest)
+        elif child.is_dir():
+            mlflow_client.log_artifacts(mlflow_run_id, str(child), f"{dest}/{child.name}")
+    _verify(mlflow_client, mlflow_run_id, root, dest)
+    base = mlflow_client.get_run(mlflow_run_id).info.artifact_uri.rstrip("/")
+    return [f"{base}/{dest}/{p.name}" for p in sorted(root.glob("ep*-ba*")) if p.is_dir()]
+
+
+def _verify(mlflow_client, run_id: str, root: Path, dest: str) -> None:
+    """Every local file is in the store with the same size."""
+    local = {
+        str(p.relative_to(root)): p.stat().st_size
+        for p in root.rglob("*")
+        if p.is_file() and LATEST not in p.parts
+    }
+    remote: dict[str, int] = {}
+    pending = [dest]
+    while pending:
+        for info in mlflow_client.list_artifacts(run_id, pending.pop()):
+            if info.is_dir:
+                pending.append(info.path)
+            else:
+                remote[info.path.removeprefix(dest + "/")] = info.file_size
+    missing = {name for name, size in local.items() if remote.get(name) != size}
+    if missing:
+        raise TesseraError(f"{len(missing)} checkpoint files did not reach the artifact store intact, e.g. {sorted(missing)[:3]}")
