@@ -102,7 +102,7 @@ def finetune(
         run_name=name, model_dir=model_dir, data_dir=train_rows, eval_data_dir=eval_rows,
         output_dir=str(record.dir / "checkpoints"), duration_value=config.duration.value,
         duration_unit=config.duration.unit, learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps, micro_batch_size=config.micro_batch_size,
+        warmup_steps=config.warmup_steps if config.warmup_steps is not None else 0, micro_batch_size=config.micro_batch_size,
         global_batch_size=config.global_batch_size, seed=config.seed, zero_stage=config.zero_stage,
         eval_prompts=config.eval_prompts or [], init_from=config.custom_weights_path,
         resume=True,  # a retry of the train task continues from the latest checkpoint

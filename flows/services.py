@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tasks.errors import ServiceError
 from tasks.home import tessera_home
-from tasks.tracking import default_artifact_root, tracking_uri
+from tasks import tracking
 
 DEPLOYMENT = "finetune/default"
 STARTUP_TIMEOUT_S = 120
@@ -78,7 +78,7 @@ def prefect_ui_url() -> str:
 
 
 def mlflow_ui_url() -> str | None:
-    return f"http://127.0.0.1:{MLFLOW.port}" if not os.environ.get("MLFLOW_TRACKING_URI") else None
+    return f"http://127.0.0.1:{MLFLOW.port}" if tracking.embedded() else None
 
 
 @contextmanager
@@ -108,8 +108,8 @@ def ensure_started() -> str:
             _wait_for(lambda: _deployment_ready(url), RUNNER, f"the runner serving {DEPLOYMENT}")
         if mlflow_ui_url() and MLFLOW.pid() is None:
             _spawn(MLFLOW, [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                            "--port", str(MLFLOW.port), "--backend-store-uri", tracking_uri(),
-                            "--default-artifact-root", default_artifact_root(), "--workers", "1"], env)
+                            "--port", str(MLFLOW.port), "--backend-store-uri", tracking.tracking_uri(),
+                            "--default-artifact-root", tracking.default_artifact_root(), "--workers", "1"], env)
     os.environ["PREFECT_API_URL"] = url
     os.environ["TESSERA_EMBEDDED"] = "1"
     return url

@@ -29,7 +29,7 @@ def resource_id(run_name: str) -> str:
     return f"{EVENT_PREFIX}{run_name}"
 
 
-def emit(run_name: str, kind: RunEvent, message: str, flow_run_id: str | None = None, **payload) -> None:
+def emit(run_name: str, kind: RunEvent, message: str, /, flow_run_id: str | None = None, **payload) -> None:
     """Send one run event; it shows in the Prefect UI's event feed, related to the flow run."""
     if flow_run_id is None:
         from prefect.runtime import flow_run

@@ -5,6 +5,7 @@ from importlib.metadata import version
 import mlflow
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasks.tracking import client
 
@@ -15,9 +16,12 @@ ALIAS = "candidate"  # the newest trained version; promotion to "champion" is a 
 def register_model(hf_dir: str, registered_name: str, mlflow_run_id: str, tags: dict[str, str]) -> int:
     """Log the Hugging Face export as an MLflow transformers model and register a new version of it."""
     mlflow_client = client()
+    # MLflow 3.17 can log a checkpoint folder without loading it, but that path breaks on transformers 5.23
+    # (pipeline classes became lazy strings), so log the loaded model and tokenizer.
+    model = {"model": AutoModelForCausalLM.from_pretrained(hf_dir), "tokenizer": AutoTokenizer.from_pretrained(hf_dir)}
     with mlflow.start_run(run_id=mlflow_run_id):
         info = mlflow.transformers.log_model(
-            transformers_model=hf_dir,  # a folder: logged as files, never loaded into this process
+            transformers_model=model,
             name="model",
             task="text-generation",
             # Without explicit requirements MLflow probes for torchvision and fails.

@@ -8,19 +8,26 @@ from mlflow import MlflowClient
 from tasks.home import tessera_home
 
 
+def _embedded_uri() -> str:
+    return f"sqlite:///{tessera_home() / 'mlflow' / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{tessera_home() / 'mlflow' / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or _embedded_uri()
+
+
+def embedded() -> bool:
+    """True for the default store. (mlflow.set_tracking_uri exports the variable, so compare, don't test.)"""
+    return tracking_uri() == _embedded_uri()
 
 
 def default_artifact_root() -> str | None:
     """Local artifacts beside the default SQLite store; a configured server decides its own."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return None
-    return (tessera_home() / "mlflow" / "artifacts").as_uri()
+    return (tessera_home() / "mlflow" / "artifacts").as_uri() if embedded() else None
 
 
 def client() -> MlflowClient:
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if embedded():
         (tessera_home() / "mlflow").mkdir(exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_registry_uri(tracking_uri())

@@ -1,5 +1,6 @@
 """Step 2: validate the data against the task type's format and turn it into packed training rows."""
 
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import task
@@ -19,7 +20,7 @@ def validate_data(
 ) -> str:
     """Refuse bad records with file, line, field and fix; otherwise return the prepared rows' folder."""
     prepared = prepare_dataset(data_path, Path(model_dir), task_type, context_length)
-    meta = prepared.meta
+    meta = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(prepared).items()}
     client().log_dict(mlflow_run_id, meta, f"data/{split}_stats.json")
     if split == "train":
         emit(

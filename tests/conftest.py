@@ -8,6 +8,7 @@ import pytest
 
 # Isolate every test session from the user's ~/.tessera and any running Prefect, before imports use them.
 _SESSION_HOME = Path(os.environ.get("TESSERA_TEST_HOME", "/tmp/tessera-test")) / f"s{os.getpid()}"
+_SESSION_HOME.mkdir(parents=True, exist_ok=True)
 os.environ["TESSERA_HOME"] = str(_SESSION_HOME)
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
 os.environ.pop("PREFECT_API_URL", None)

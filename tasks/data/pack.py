@@ -1,0 +1,87 @@
+"""Packing examples into rows of exactly context_length tokens.
+
+Each document in a row gets position ids that restart at 0. Given position_ids, no attention mask and no KV cache,
+transformers reads those restarts as document boundaries and builds a block-diagonal causal mask
+(masking_utils.find_packed_sequence_indices), so a packed document is computed as if it were alone. Training must
+therefore call the model with use_cache=False: the default (config.use_cache=True, even in train mode) creates a
+cache, which skips that detection and lets documents attend to each other. Padding fills the row's end as one more
+such document."""
+
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+import numpy as np
+
+from tasks.data.tokenize import IGNORE, Example
+
+OPEN_ROWS = 64  # rows kept open for first-fit; bounds memory while filling rows nearly full
+
+
+class Row(NamedTuple):
+    input_ids: np.ndarray  # int32 [context_length]
+    labels: np.ndarray  # int32 [context_length], IGNORE on padding and at each document's first token
+    position_ids: np.ndarray  # int32 [context_length], restarting at 0 where each document starts
+    num_tokens: int  # real tokens; the rest of the row is padding
+
+
+class _RowBuilder:
+    def __init__(self, context_length: int):
+        self.input_ids = np.empty(context_length, dtype=np.int32)
+        self.labels = np.empty(context_length, dtype=np.int32)
+        self.position_ids = np.empty(context_length, dtype=np.int32)
+        self.used = 0
+
+    @property
+    def room(self) -> int:
+        return len(self.input_ids) - self.used
+
+    def add(self, input_ids: np.ndarray, labels: np.ndarray) -> None:
+        start, end = self.used, self.used + len(input_ids)
+        self.input_ids[start:end] = input_ids
+        self.labels[start:end] = labels
+        # The token before a document belongs to another one: nothing in this row may predict its first token.
+        self.labels[start] = IGNORE
+        self.position_ids[start:end] = np.arange(end - start)
+        self.used = end
+
+    def finish(self, pad_id: int) -> Row:
+        self.input_ids[self.used:] = pad_id
+        self.labels[self.used:] = IGNORE
+        self.position_ids[self.used:] = np.arange(self.room)
+        return Row(self.input_ids, self.labels, self.position_ids, self.used)
+
+
+def pack_examples(examples: Iterable[Example], context_length: int, pad_id: int) -> Iterator[Row]:
+    """Whole examples (each at most context_length) into rows, first-fit over a bounded set of open rows."""
+    open_rows: list[_RowBuilder] = []
+    for example in examples:
+        row = next((r for r in open_rows if r.room >= len(example)), None)
+        if row is None:
+            if len(open_rows) == OPEN_ROWS:
+                fullest = max(open_rows, key=lambda r: r.used)
+                open_rows.remove(fullest)
+                yield fullest.finish(pad_id)
+            row = _RowBuilder(context_length)
+            open_rows.append(row)
+        row.add(example.input_ids, example.labels)
+        if row.room == 0:
+            open_rows.remove(row)
+            yield row.finish(pad_id)
+    for row in open_rows:
+        yield row.finish(pad_id)
+
+
+def pack_stream(examples: Iterable[Example], context_length: int, pad_id: int) -> Iterator[Row]:
+    """Examples end to end, cut into full rows wherever the row ends: continued pretraining's blocks."""
+    row = _RowBuilder(context_length)
+    for example in examples:
+        start = 0
+        while start < len(example):
+            end = start + min(row.room, len(example) - start)
+            row.add(example.input_ids[start:end], example.labels[start:end])
+            start = end
+            if row.room == 0:
+                yield row.finish(pad_id)
+                row = _RowBuilder(context_length)
+    if row.used:
+        yield row.finish(pad_id)

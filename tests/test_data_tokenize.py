@@ -1,0 +1,95 @@
+"""Token ids and loss labels per task type, with SmolLM2's real tokenizer and chat template."""
+
+import copy
+
+import numpy as np
+import pytest
+
+from tasks.data.formats import TaskType
+from tasks.data.tokenize import IGNORE, tokenize_chat, tokenize_documents, tokenize_instructions, tokenize_records
+from tasks.errors import InvalidInputError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def learned_spans(tokenizer, example) -> list[str]:
+    """The text of each run of consecutive tokens that carry loss."""
+    spans, run = [], []
+    for token, label in zip(example.input_ids.tolist(), example.labels.tolist()):
+        if label != IGNORE:
+            assert label == token
+            run.append(token)
+        elif run:
+            spans.append(tokenizer.decode(run))
+            run = []
+    return spans + ([tokenizer.decode(run)] if run else [])
+
+
+def msgs(*turns):
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+def test_chat_loss_is_on_assistant_replies_and_their_end_of_turn(tokenizer):
+    conversations = [
+        msgs(("user", "Hi there"), ("assistant", "Hello!"), ("user", "2+2?"), ("assistant", " 4 \n")),
+        msgs(("system", "Answer in French."), ("user", "Thanks"), ("assistant", "De rien.")),
+    ]
+    first, second = tokenize_chat(tokenizer, conversations, context_length=1000)
+    assert learned_spans(tokenizer, first) == ["Hello!<|im_end|>", " 4 \n<|im_end|>"]
+    assert learned_spans(tokenizer, second) == ["De rien.<|im_end|>"]
+    # The ids are the template's own rendering, tokenized once (SmolLM2 adds its default system prompt).
+    rendered = tokenizer.apply_chat_template(conversations[0], tokenize=False)
+    assert tokenizer.decode(first.input_ids) == rendered
+    assert rendered.startswith("<|im_start|>system\nYou are a helpful AI assistant")
+    assert not first.truncated and first.has_loss
+
+
+@pytest.mark.parametrize("template, expected", [
+    ("{{ messages | length }}{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}",
+     "renders earlier turns differently"),
+    (None, "has no chat template: use an instruct model"),
+])
+def test_chat_refuses_templates_it_cannot_label(tokenizer, template, expected):
+    other = copy.copy(tokenizer)
+    other.chat_template = template
+    with pytest.raises(InvalidInputError, match=expected):
+        tokenize_chat(other, [msgs(("user", "Hi"), ("assistant", "Hello"))], context_length=100)
+
+
+def test_instruction_loss_is_on_response_and_eos(tokenizer):
+    ift, alias = tokenize_instructions(
+        tokenizer, [{"prompt": "Q: capital of France?\nA:", "response": " Paris"},
+                    {"prompt": "Say hi.", "completion": " Hi"}], context_length=100)
+    assert learned_spans(tokenizer, ift) == [" Paris<|im_end|>"]
+    assert tokenizer.decode(ift.input_ids) == "Q: capital of France?\nA: Paris<|im_end|>"  # no template
+    assert learned_spans(tokenizer, alias) == [" Hi<|im_end|>"]
+
+
+def test_truncation_cuts_to_context_length_and_may_leave_no_loss(tokenizer):
+    long_answer, long_prompt = tokenize_instructions(
+        tokenizer, [{"prompt": "Q", "response": " word" * 50}, {"prompt": "word " * 50, "response": "A"}],
+        context_length=10)
+    assert len(long_answer) == 10 and long_answer.truncated and long_answer.has_loss
+    assert len(long_prompt) == 10 and long_prompt.truncated and not long_prompt.has_loss
+    chat, = tokenize_chat(tokenizer, [msgs(("user", "Hi"), ("assistant", "Hello"))], context_length=8)
+    assert chat.truncated and not chat.has_loss  # the default system prompt alone fills 8 tokens
+
+
+def test_documents_are_whole_with_eos_and_loss_everywhere(tokenizer):
+    doc, empty = tokenize_documents(tokenizer, ["Tessera fine-tunes models. " * 100, ""])
+    assert len(doc) > 100 and not doc.truncated  # the packer cuts documents, not the tokenizer
+    assert doc.input_ids[-1] == tokenizer.eos_token_id
+    np.testing.assert_array_equal(doc.labels, doc.input_ids)
+    assert empty.input_ids.tolist() == [tokenizer.eos_token_id] and not empty.has_loss
+
+
+def test_records_are_tokenized_in_batches_in_order(tokenizer, monkeypatch):
+    monkeypatch.setattr("tasks.data.tokenize.BATCH", 3)
+    records = [{"prompt": f"Q{i}", "response": f" A{i}"} for i in range(7)]
+    examples = list(tokenize_records(records, tokenizer, TaskType.INSTRUCTION_FINETUNE, context_length=100))
+    assert [tokenizer.decode(e.input_ids) for e in examples] == [f"Q{i} A{i}<|im_end|>" for i in range(7)]
