@@ -4,6 +4,7 @@ import sys
 from typing import Annotated, Literal
 
 from cyclopts import App, Parameter
+from rich.markup import escape
 from rich.table import Table
 
 from flows import foundation_model as fm
@@ -82,7 +83,7 @@ def events(name: str, *, follow_events: Annotated[bool, Parameter(name="--follow
         follow(name)
         return
     for event in fm.get_events(name):
-        console.print(f"[dim]{event.time:%H:%M:%S}[/dim] {event.type:<17} {event.message}")
+        console.print(f"[dim]{event.time:%H:%M:%S}[/dim] {event.type:<17} {escape(event.message)}")
 
 
 @app.command

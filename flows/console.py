@@ -1,6 +1,7 @@
 """Rendering runs for people: the event stream with a progress bar, and tables of runs."""
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -26,7 +27,7 @@ def follow(run: "fm.TrainingRun | str") -> "fm.FineTuningEvent | None":
                 progress.update(bar, completed=p["batch"], loss=f"loss {p['loss']:.3f}")
                 continue
             style = {"FAILED": "bold red", "CANCELED": "yellow", "COMPLETED": "bold green"}.get(event.type, "cyan")
-            progress.console.print(f"[dim]{event.time:%H:%M:%S}[/dim] [{style}]{event.type:<17}[/{style}] {event.message}")
+            progress.console.print(f"[dim]{event.time:%H:%M:%S}[/dim] [{style}]{event.type:<17}[/{style}] {escape(event.message)}")
     return last
 
 

@@ -1,11 +1,13 @@
 """One fine-tuning run as a Prefect flow: the six steps in plain order, and hooks for the ways it can end."""
 
 from dataclasses import asdict
+from pathlib import Path
 
 from prefect import flow, get_client
 from prefect.runtime import flow_run as current_flow_run
 
 from tasks.config import RunConfig, run_name_for
+from tasks.data.prepare import PreparedDataset
 from tasks.events import RunEvent, emit, flush
 from tasks.init_model import init_model
 from tasks.models import resolve_model
@@ -13,6 +15,7 @@ from tasks.register_model import register_model
 from tasks.run_record import RunRecord, current_user
 from tasks.tracking import client, start_run
 from tasks.train import kill_worker, train
+from tasks.training.schedule import plan_duration
 from tasks.training.spec import TrainSpec
 from tasks.upload_checkpoints import upload_checkpoints
 from tasks.validate_data import validate_data
@@ -98,11 +101,15 @@ def finetune(
         if config.eval_data_path else None
     )
     model_dir = init_model(name, config.model, mlflow_id)
+    rows = PreparedDataset.load(Path(train_rows))
+    plan = plan_duration(config.duration.value, config.duration.unit, rows.num_rows, rows.context_length,
+                         config.global_batch_size)
     spec = TrainSpec(
         run_name=name, model_dir=model_dir, data_dir=train_rows, eval_data_dir=eval_rows,
         output_dir=str(record.dir / "checkpoints"), duration_value=config.duration.value,
         duration_unit=config.duration.unit, learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps if config.warmup_steps is not None else 0, micro_batch_size=config.micro_batch_size,
+        warmup_steps=config.warmup_steps if config.warmup_steps is not None else default_warmup(plan.total_batches),
+        micro_batch_size=config.micro_batch_size,
         global_batch_size=config.global_batch_size, seed=config.seed, zero_stage=config.zero_stage,
         eval_prompts=config.eval_prompts or [], init_from=config.custom_weights_path,
         resume=True,  # a retry of the train task continues from the latest checkpoint
@@ -122,6 +129,11 @@ def finetune(
     return {"run_name": name, "registered_model": registered, "version": version}
 
 
+def default_warmup(total_batches: int) -> int:
+    """10% of the run, within Nova's 1-20 steps."""
+    return min(20, max(1, total_batches // 10))
+
+
 def _name_run(config: RunConfig, run_name: str | None, mlflow_run_id: str | None) -> RunRecord:
     """The run's record; a run started straight from the deployment gets its name and MLflow run here."""
     flow_run_id = str(current_flow_run.id)
@@ -129,6 +141,7 @@ def _name_run(config: RunConfig, run_name: str | None, mlflow_run_id: str | None
         run_name = run_name_for(config.model, config.task_type)
         with get_client(sync_client=True) as prefect:
             prefect.update_flow_run(flow_run_id, name=run_name)
+        emit(run_name, RunEvent.CREATED, f"run {run_name} created from deployment {current_flow_run.deployment_id}")
     experiment_path = config.experiment_path or f"/Users/{current_user()}/{run_name}"
     if mlflow_run_id is None:
         experiment_id, mlflow_run_id = start_run(asdict(config), run_name, experiment_path, current_user())

@@ -39,6 +39,7 @@ from tasks.upload_checkpoints import artifact_dir
 from tasks.validate_paths import check_paths
 
 RUN_TAG = "tessera"
+PAGE = 200
 FOLLOW_POLL_S = 2.0
 FOLLOW_GRACE_S = 15.0
 
@@ -214,11 +215,9 @@ def list(
     with services.connected(), get_client(sync_client=True) as prefect:
         runs = []
         for email in user_emails or [None]:
-            runs += prefect.read_flow_runs(
-                flow_run_filter=_filter(names, wanted, tags + ([f"created_by:{email}"] if email else []),
-                                        _parse_time(before, "before"), _parse_time(after, "after")),
-                sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit,
-            )
+            run_filter = _filter(names, wanted, tags + ([f"created_by:{email}"] if email else []),
+                                 _parse_time(before, "before"), _parse_time(after, "after"))
+            runs += _read_flow_runs(prefect, run_filter, limit)
         result = [_training_run(r, include_details) for r in runs]
     result = [r for r in result if wanted is None or r.status in wanted]
     return sorted(result, key=lambda r: r.created_at, reverse=True)[:limit]
@@ -234,7 +233,8 @@ def cancel(runs: "str | TrainingRun | builtins.list[str | TrainingRun] | None" =
             targets = [_flow_run(r) for r in (runs if isinstance(runs, builtins.list) else [runs])]
         else:
             with get_client(sync_client=True) as prefect:
-                targets = prefect.read_flow_runs(flow_run_filter=_filter(statuses=ACTIVE, tags=[RUN_TAG, f"experiment:{experiment_id}"]))
+                targets = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[RUN_TAG, f"experiment:{experiment_id}"]),
+                                          limit=10_000)
         cancelled = 0
         with get_client(sync_client=True) as prefect:
             for flow_run in targets:
@@ -294,6 +294,18 @@ def _filter(names=None, statuses=None, tags=None, before=None, after=None) -> Fl
         state=FlowRunFilterState(type=FlowRunFilterStateType(any_=state_types)) if state_types else None,
         expected_start_time=FlowRunFilterExpectedStartTime(before_=before, after_=after) if before or after else None,
     )
+
+
+def _read_flow_runs(prefect, run_filter: FlowRunFilter, limit: int) -> builtins.list:
+    """Up to `limit` flow runs, newest first, in the server's pages of at most 200."""
+    runs: builtins.list = []
+    while len(runs) < limit:
+        page = prefect.read_flow_runs(flow_run_filter=run_filter, sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                                      limit=min(PAGE, limit - len(runs)), offset=len(runs))
+        runs += page
+        if len(page) < PAGE:
+            break
+    return runs
 
 
 def _flow_run(training_run: "str | TrainingRun"):

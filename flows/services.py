@@ -107,6 +107,7 @@ def ensure_started() -> str:
             _spawn(RUNNER, [sys.executable, "-m", "deployments.serve"], env)
             _wait_for(lambda: _deployment_ready(url), RUNNER, f"the runner serving {DEPLOYMENT}")
         if mlflow_ui_url() and MLFLOW.pid() is None:
+            tracking.client().search_experiments(max_results=1)  # create the tables first: the UI would race create()
             _spawn(MLFLOW, [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
                             "--port", str(MLFLOW.port), "--backend-store-uri", tracking.tracking_uri(),
                             "--default-artifact-root", tracking.default_artifact_root(), "--workers", "1"], env)

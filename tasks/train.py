@@ -15,15 +15,18 @@ from prefect.cache_policies import NO_CACHE
 from tasks.errors import InvalidInputError, TesseraError
 from tasks.events import RunEvent, emit
 from tasks.tracking import client
+from tasks.training import protocol
 from tasks.training.spec import TrainSpec
 
-PROTOCOL_PREFIX = "@@tessera "
 EVENT_EVERY_S = 2.0  # at most one TRAIN_UPDATED event per this many seconds (the last one always)
 PGID_FILE = "worker.pgid"
 
 
 class WorkerFailed(TesseraError):
     """The training worker exited non-zero; the message is its own last words."""
+
+
+BAD_INPUT_EXIT = 2  # the worker's exit code for a spec or data it refuses: retrying cannot help
 
 
 def train_message(p: dict, unit: str) -> str:
@@ -85,37 +88,38 @@ def train(spec_path: str, mlflow_run_id: str, duration_unit: str) -> str:
     """Train until the duration is reached, resuming from the latest checkpoint on a retry; returns the HF export."""
     spec = TrainSpec.from_json(spec_path)
     run_dir = Path(spec_path).parent
-    log_path = run_dir / "logs" / "worker.log"
-    log_path.parent.mkdir(exist_ok=True)
+    logs = run_dir / "logs"
+    logs.mkdir(exist_ok=True)
     mlflow_client = client()
     generations: list[dict] = []
     finished: dict | None = None
     last_event = 0.0
-    with open(log_path, "a") as log:
+    # stderr apart from stdout: its last line is the worker's reason when it fails.
+    with open(logs / "worker.log", "a") as log, open(logs / "worker.stderr.log", "a") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tasks.training.worker", "--run-name", spec.run_name, "--spec", spec_path],
-            stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
+            stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
             start_new_session=True,  # its own group: cancel and retry kill DeepSpeed and its children too
         )
         (run_dir / PGID_FILE).write_text(str(proc.pid))
         try:
             for line in proc.stdout:
-                if not line.startswith(PROTOCOL_PREFIX):
+                msg = protocol.parse(line)
+                if msg is None:
                     log.write(line)
                     continue
-                msg = json.loads(line[len(PROTOCOL_PREFIX):])
                 kind = msg["kind"]
                 if kind == "started" and msg.get("resumed_from"):
                     emit(spec.run_name, RunEvent.TRAIN_UPDATED, f"resumed from {msg['resumed_from']}", **msg)
                 elif kind == "progress":
+                    _log_metrics(mlflow_client, mlflow_run_id, msg["batch"],
+                                 {k: msg.get(k) for k in ("loss", "lr", "grad_norm", "tokens_per_s")})
                     now = time.monotonic()
-                    mlflow_client.log_batch(mlflow_run_id, metrics=[
-                        Metric(key, float(msg[key]), int(time.time() * 1000), msg["batch"])
-                        for key in ("loss", "lr", "grad_norm", "tokens_per_s") if msg.get(key) is not None
-                    ])
                     if now - last_event >= EVENT_EVERY_S or msg["batch"] == msg["total_batches"]:
                         emit(spec.run_name, RunEvent.TRAIN_UPDATED, train_message(msg, duration_unit), **msg)
                         last_event = now
+                elif kind == "eval":
+                    _log_metrics(mlflow_client, mlflow_run_id, msg["batch"], {"eval_loss": msg["loss"]})
                 elif kind == "generations":
                     generations += [
                         {"batch": msg["batch"], "prompt": p, "response": r}
@@ -132,10 +136,17 @@ def train(spec_path: str, mlflow_run_id: str, duration_unit: str) -> str:
     if generations:
         mlflow_client.log_table(mlflow_run_id, data={k: [g[k] for g in generations] for k in generations[0]},
                                 artifact_file="eval_generations.json")
+    if returncode == BAD_INPUT_EXIT:
+        raise InvalidInputError(_last_words(logs / "worker.stderr.log"))
     if returncode != 0 or finished is None:
-        raise WorkerFailed(f"training worker exited with code {returncode}: {_last_words(log_path)}")
+        raise WorkerFailed(f"training worker exited with code {returncode}: {_last_words(logs / 'worker.stderr.log')}")
     emit(spec.run_name, RunEvent.TRAIN_FINISHED, f"training finished after {finished['batch']} batches", **finished)
     return finished["hf_path"]
+
+
+def _log_metrics(mlflow_client, run_id: str, step: int, values: dict) -> None:
+    now_ms = int(time.time() * 1000)
+    mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), now_ms, step) for k, v in values.items() if v is not None])
 
 
 def _last_words(log_path: Path) -> str:

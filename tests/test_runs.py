@@ -185,4 +185,16 @@ def test_prefect_deployment_run_starts_the_same_flow(fm, tiny_model_dir, chat_fi
     run = named[0]
     assert run.status == fm.RunStatus.COMPLETED, run.details
     assert run.name.startswith("ift-tiny-llama")  # the flow named itself like create() would
-    assert "COMPLETED" in [e.type for e in fm.get_events(run.name)]
+    events = [e.type for e in fm.get_events(run.name, follow=True)]  # the server stores events a few s late
+    assert events[0] == "CREATED" and events[-1] == "COMPLETED", events
+
+
+def test_the_bundled_smollm2_fine_tunes_and_registers(fm, chat_file):
+    run = fm.create(model="HuggingFaceTB/SmolLM2-135M-Instruct", train_data_path=chat_file, register_to="main.smol",
+                    training_duration="2ba", learning_rate=1e-4, context_length=128, eval_prompts=["What is Tessera?"])
+    events = list(fm.get_events(run, follow=True))
+    assert events[-1].type == "COMPLETED", events[-1].message
+    assert events[-1].payload["registered_model"] == f"main.smol.{run.name}"
+    run.refresh()
+    table = mlflow.load_table("eval_generations.json", run_ids=[run.run_id])
+    assert sorted(set(table["batch"])) == [0, 2] and all(table["response"].str.len() > 0)

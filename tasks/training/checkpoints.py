@@ -1,0 +1,95 @@
+"""The checkpoint folder of a run, and loading weights from one.
+
+output_dir/
+  ep{E}-ba{B}/                   DeepSpeed's checkpoint: weights, optimizer, step, data position, RNG
+  huggingface/ba{B}/             save_pretrained of the model and tokenizer at that step
+  latest-sharded-rank0.symlink   -> the newest complete ep*-ba* folder (relative, replaced atomically)
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from tasks.errors import InvalidInputError
+
+LATEST = "latest-sharded-rank0.symlink"
+
+
+def checkpoint_tag(step: int, batches_per_epoch: int) -> str:
+    """Named like the anchor's checkpoints: completed epochs, then optimizer steps."""
+    return f"ep{step // batches_per_epoch}-ba{step}"
+
+
+def latest_tag(output_dir: Path) -> str | None:
+    """The tag the latest link points at, or None when the run has not checkpointed yet."""
+    link = output_dir / LATEST
+    if not link.is_symlink():
+        return None
+    tag = Path(os.readlink(link)).name
+    if not (output_dir / tag).is_dir():
+        raise InvalidInputError(
+            f"{link} points at {tag}, which does not exist: remove the link to start over, or restore the folder"
+        )
+    return tag
+
+
+def point_latest(output_dir: Path, tag: str) -> None:
+    """Repoint the latest link at `tag` in one rename, so a reader never sees it missing or half-written."""
+    staging = output_dir / f".{LATEST}.partial"
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(tag)
+    os.replace(staging, output_dir / LATEST)
+
+
+def save_huggingface(engine, tokenizer, path: Path, zero_stage: int, master: bool) -> None:
+    """A plain HF folder (loadable with from_pretrained) of the current weights; every rank must call it."""
+    # ZeRO-3 splits each weight over the ranks: gathering them is a collective, so all ranks take part.
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    if not master:
+        return
+    staging = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    engine.module.save_pretrained(staging, state_dict=state_dict)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(path, ignore_errors=True)  # left by a run that died before it moved the latest link
+    staging.rename(path)
+
+
+def load_weights(source: Path) -> dict[str, torch.Tensor]:
+    """The model weights of an ep*-ba* checkpoint folder (or the latest link), whatever its ZeRO stage."""
+    folder = source.resolve()
+    if any(folder.glob("zero_pp_rank_*_optim_states.pt")):
+        # ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer states: merge them.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    if (folder / "mp_rank_00_model_states.pt").is_file():  # ZeRO 0: the whole model in one file
+        states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+        return states["module"]
+    raise InvalidInputError(
+        f"init_from {source} is not a DeepSpeed checkpoint folder (no *_model_states.pt): "
+        f"pass an ep*-ba* folder or a {LATEST}"
+    )
+
+
+def check_same_architecture(
+    weights: dict[str, torch.Tensor], model: torch.nn.Module, source: Path, model_dir: Path
+) -> None:
+    """Refuse weights that do not fit the model, naming what differs, before load_state_dict fails cryptically."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in weights.items()}
+    problems = [
+        f"{k} is {list(have[k])} there but {list(want[k])} here"
+        for k in sorted(want.keys() & have.keys())
+        if want[k] != have[k]
+    ]
+    problems += [f"{k} is missing" for k in sorted(want.keys() - have.keys())]
+    problems += [f"{k} is unexpected" for k in sorted(have.keys() - want.keys())]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise InvalidInputError(
+            f"init_from {source} holds another architecture than model_dir {model_dir} ({shown}): "
+            "initialise from a checkpoint of a run on the same base model"
+        )

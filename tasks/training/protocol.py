@@ -1,0 +1,35 @@
+"""The worker's machine-readable output: one JSON object per stdout line, after a fixed prefix.
+
+Everything else the worker, DeepSpeed or transformers print is free-form log. Only rank 0 writes them:
+
+  started      epochs, batches_per_epoch, total_batches, total_tokens, resumed_from (a tag or null)
+  generations  batch, prompts, responses: before training (batch 0, not on resume) and after each checkpoint
+  progress     epoch (1-based, current), epochs, batch (optimizer steps done), total_batches, tokens,
+               total_tokens, loss (mean over the loss tokens of the steps since the last progress line),
+               lr and grad_norm (of the last step), tokens_per_s (since the last progress line),
+               elapsed_s (training seconds of the run so far, carried across resumes)
+  checkpoint   tag ("ep{E}-ba{B}", E = completed epochs), path, hf_path: written and complete
+  eval         batch, loss (mean over eval_data_dir's loss tokens), tokens: after each checkpoint, when
+               the spec has eval data
+  finished     batch, hf_path of the final export
+
+Tokens count every position of a row (rows x context length), padding included.
+"""
+
+import json
+import sys
+
+PREFIX = "@@tessera "
+
+
+def emit(kind: str, **fields) -> None:
+    """Write one protocol line in a single write, so it cannot interleave with other output."""
+    sys.stdout.write(PREFIX + json.dumps({"kind": kind, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def parse(line: str) -> dict | None:
+    """The object on a protocol line, or None for a log line."""
+    if not line.startswith(PREFIX):
+        return None
+    return json.loads(line[len(PREFIX) :])

@@ -1,0 +1,51 @@
+"""How long a run is and what learning rate each step uses: pure arithmetic, no torch."""
+
+import math
+from dataclasses import dataclass
+
+from tasks.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class Plan:
+    epochs: int  # epochs started, the last one possibly partial
+    batches_per_epoch: int  # optimizer steps per pass over the rows (a last partial global batch is dropped)
+    total_batches: int  # optimizer steps in the run
+    tokens_per_batch: int  # rows x context length: every position of a row counts, padding included
+
+    @property
+    def total_tokens(self) -> int:
+        return self.total_batches * self.tokens_per_batch
+
+
+def plan_duration(value: int, unit: str, rows: int, context_length: int, global_batch_size: int) -> Plan:
+    """Turn a duration like 3 "ep", 100 "ba" or 2_000_000 "tok" into optimizer steps."""
+    batches_per_epoch = rows // global_batch_size
+    if batches_per_epoch == 0:
+        raise InvalidInputError(
+            f"the training data has {rows} rows, fewer than global_batch_size ({global_batch_size}): "
+            "lower global_batch_size or add data"
+        )
+    tokens_per_batch = global_batch_size * context_length
+    if unit == "ep":
+        total = value * batches_per_epoch
+    elif unit == "ba":
+        total = value
+    else:  # "tok": enough whole steps to see at least that many tokens
+        total = math.ceil(value / tokens_per_batch)
+    return Plan(
+        epochs=math.ceil(total / batches_per_epoch),
+        batches_per_epoch=batches_per_epoch,
+        total_batches=total,
+        tokens_per_batch=tokens_per_batch,
+    )
+
+
+def cosine_with_warmup(
+    step: int, peak_lr: float, warmup_steps: int, total_steps: int, final_ratio: float = 0.1
+) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warmup, then cosine decay to final_ratio * peak."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps  # (step + 1): the first step already learns
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return peak_lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -1,0 +1,110 @@
+"""What one training run does: the contract between the train task and the worker it launches.
+
+The train task writes a `TrainSpec` to JSON and starts `python -m tasks.training.worker --spec ...`;
+the worker reads it back. Every value is checked when the spec is built, on either side, so a bad
+value fails with a message that names the field instead of deep inside DeepSpeed.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+from tasks.errors import InvalidInputError
+
+DurationUnit = Literal["ep", "ba", "tok"]
+DURATION_UNITS = ("ep", "ba", "tok")  # epochs over the rows, optimizer steps, tokens seen
+
+
+@dataclass
+class TrainSpec:
+    run_name: str
+    model_dir: Path  # a Hugging Face model folder (config.json, weights, tokenizer)
+    data_dir: Path  # a prepared dataset: input_ids.npy, labels.npy, position_ids.npy, meta.json
+    output_dir: Path  # checkpoints root: ep{E}-ba{B}/, huggingface/ba{B}/, latest-sharded-rank0.symlink
+    duration_value: int = 1
+    duration_unit: DurationUnit = "ep"
+    learning_rate: float = 5e-5  # peak, reached after warmup_steps
+    warmup_steps: int = 0
+    micro_batch_size: int = 1  # rows per forward/backward on each rank
+    global_batch_size: int = 8  # rows per optimizer step over all ranks; accumulation makes up the rest
+    seed: int = 42
+    zero_stage: int = 0
+    gradient_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    eval_data_dir: Path | None = None  # same format as data_dir; its loss is reported at each checkpoint
+    eval_prompts: list[str] = field(default_factory=list)  # answered before training and at each checkpoint
+    save_every_n_batches: int | None = None  # None: at the end of each epoch (and always at the end)
+    log_every_n_batches: int = 1
+    init_from: Path | None = None  # an ep*-ba* folder (or the symlink) to take the weights from
+    resume: bool = True  # continue from output_dir/latest-sharded-rank0.symlink when it exists
+
+    def __post_init__(self):
+        if not isinstance(self.run_name, str) or not self.run_name.strip() or "\n" in self.run_name:
+            raise InvalidInputError(f"run_name must be a non-empty single-line string, got {self.run_name!r}")
+        for name in ("model_dir", "data_dir", "output_dir", "eval_data_dir", "init_from"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (str, Path)) or not str(value):
+                    raise InvalidInputError(f"{name} must be a path, got {value!r}")
+                setattr(self, name, Path(value))
+        if self.duration_unit not in DURATION_UNITS:
+            raise InvalidInputError(
+                f"duration_unit must be one of {', '.join(DURATION_UNITS)} (epochs, batches, tokens), "
+                f"got {self.duration_unit!r}"
+            )
+        _require_int("duration_value", self.duration_value, minimum=1)
+        _require_int("warmup_steps", self.warmup_steps, minimum=0)
+        _require_int("micro_batch_size", self.micro_batch_size, minimum=1)
+        _require_int("global_batch_size", self.global_batch_size, minimum=1)
+        _require_int("seed", self.seed, minimum=0)
+        _require_int("log_every_n_batches", self.log_every_n_batches, minimum=1)
+        if self.save_every_n_batches is not None:
+            _require_int("save_every_n_batches", self.save_every_n_batches, minimum=1)
+        if self.global_batch_size % self.micro_batch_size:
+            raise InvalidInputError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size}): the difference is made up by gradient accumulation"
+            )
+        if not isinstance(self.zero_stage, int) or isinstance(self.zero_stage, bool) or self.zero_stage not in range(4):
+            raise InvalidInputError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if not _is_number(self.learning_rate) or not 0 < self.learning_rate < 1:
+            raise InvalidInputError(f"learning_rate must be a number in (0, 1), e.g. 5e-5; got {self.learning_rate!r}")
+        if not _is_number(self.gradient_clip) or self.gradient_clip < 0:
+            raise InvalidInputError(f"gradient_clip must be >= 0 (0 turns clipping off), got {self.gradient_clip!r}")
+        if not isinstance(self.eval_prompts, list) or not all(isinstance(p, str) and p for p in self.eval_prompts):
+            raise InvalidInputError(f"eval_prompts must be a list of non-empty strings, got {self.eval_prompts!r}")
+        if not isinstance(self.resume, bool):
+            raise InvalidInputError(f"resume must be true or false, got {self.resume!r}")
+
+    def to_json(self, path: Path | str) -> None:
+        values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        Path(path).write_text(json.dumps(values, indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: Path | str) -> "TrainSpec":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise InvalidInputError(f"cannot read the training spec {path}: {e}") from e
+        if not isinstance(values, dict):
+            raise InvalidInputError(f"the training spec {path} must hold a JSON object")
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(values.keys() - known):
+            raise InvalidInputError(
+                f"unknown field(s) {', '.join(unknown)} in {path}: known are {', '.join(sorted(known))}"
+            )
+        try:
+            return cls(**values)
+        except TypeError as e:  # a required field is missing
+            raise InvalidInputError(f"the training spec {path} is incomplete: {e}") from e
+
+
+def _require_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InvalidInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,376 @@
+"""The training worker: one process per rank, started by the train task or by the deepspeed launcher.
+
+    python -m tasks.training.worker --run-name NAME --spec /path/spec.json
+
+It reads a TrainSpec, trains the model with DeepSpeed, checkpoints under spec.output_dir and reports on
+stdout in protocol lines (see protocol.py). Exit 0 on success; otherwise the last stderr line says why.
+"""
+
+import argparse
+import math
+import os
+import socket
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tasks.errors import InvalidInputError
+from tasks.training.checkpoints import (
+    check_same_architecture,
+    checkpoint_tag,
+    latest_tag,
+    load_weights,
+    point_latest,
+    save_huggingface,
+)
+from tasks.training.data import IGNORE, MicroBatch, PackedRows, Prefetcher, StepBatch, eval_batches, step_batches
+from tasks.training.protocol import emit
+from tasks.training.schedule import cosine_with_warmup, plan_duration
+from tasks.training.spec import TrainSpec
+
+# DeepSpeed calls torch.distributed functions that torch has renamed; the warning would repeat every step.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
+def train(spec: TrainSpec) -> None:
+    # Inputs first: a wrong folder should fail before the model loads and DeepSpeed starts.
+    data = PackedRows(spec.data_dir, "data_dir")
+    eval_data = PackedRows(spec.eval_data_dir, "eval_data_dir") if spec.eval_data_dir else None
+    if not (spec.model_dir / "config.json").is_file():
+        raise InvalidInputError(f"model_dir {spec.model_dir} has no config.json: pass a Hugging Face model folder")
+    plan = plan_duration(
+        spec.duration_value, spec.duration_unit, data.rows, data.context_length, spec.global_batch_size
+    )
+    output_dir = spec.output_dir.resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # One process per rank; the deepspeed launcher sets these variables, a lone worker is rank 0 of 1.
+    _single_process_defaults()
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    master = rank == 0  # the one rank that reports and writes the Hugging Face exports
+    rows_per_micro_step = spec.micro_batch_size * world_size
+    if spec.global_batch_size % rows_per_micro_step:
+        raise InvalidInputError(
+            f"global_batch_size ({spec.global_batch_size}) must be a multiple of micro_batch_size "
+            f"({spec.micro_batch_size}) x processes ({world_size}) = {rows_per_micro_step}"
+        )
+    grad_accum = spec.global_batch_size // rows_per_micro_step
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    # The same seed on every rank keeps their RNG streams identical, so rank 0's state stands for all in a checkpoint.
+    torch.manual_seed(spec.seed)
+
+    # The model, from the base folder or, for a fresh run, with the weights of another run's checkpoint.
+    # Loaded in fp32 on every rank; with bf16, DeepSpeed keeps fp32 master weights in the optimizer.
+    resume_tag = latest_tag(output_dir) if spec.resume else None
+    tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
+    if spec.init_from and not resume_tag:
+        weights = load_weights(spec.init_from)
+        check_same_architecture(weights, model, spec.init_from, spec.model_dir)
+        model.load_state_dict(weights)
+        del weights
+    model.to(device)
+    # llm-foundry's fine-tuning optimizer settings; the learning rate is set every step below.
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=spec.learning_rate, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=cuda
+    )
+    # DeepSpeed reports the grad norm only from its ZeRO and mixed-precision optimizers; in plain fp32
+    # stage 0 we clip ourselves (clip_grad_norm_ returns the norm).
+    clip_here = spec.zero_stage == 0 and not bf16
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        config={
+            "train_batch_size": spec.global_batch_size,
+            "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+            "gradient_accumulation_steps": grad_accum,
+            "zero_optimization": {"stage": spec.zero_stage},
+            "gradient_clipping": 0.0 if clip_here else spec.gradient_clip,
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 2**31 - 1,  # progress is ours to report
+        },
+    )
+
+    # Resume: weights, optimizer, step and RNG from the latest checkpoint; the data order follows from the step.
+    step, elapsed_before = 0, 0.0  # elapsed_s counts the run's training time across resumes
+    if resume_tag:
+        loaded, client_state = engine.load_checkpoint(output_dir, tag=resume_tag)
+        if loaded is None:  # DeepSpeed logs why and returns None rather than raising
+            raise InvalidInputError(
+                f"cannot resume from {output_dir / resume_tag}: DeepSpeed could not load it (see the log above)"
+            )
+        saved = client_state["tessera"]
+        ours = {"rows": data.rows, "global_batch_size": spec.global_batch_size, "seed": spec.seed}
+        if changed := {k: (saved[k], v) for k, v in ours.items() if saved[k] != v}:
+            said = ", ".join(f"{k} {was} -> {now}" for k, (was, now) in changed.items())
+            raise InvalidInputError(
+                f"cannot resume from {output_dir / resume_tag}: the data order has changed ({said}); "
+                "use the original settings, or set resume=false with a fresh output_dir"
+            )
+        step, elapsed_before = saved["step"], saved["elapsed_s"]
+        torch.set_rng_state(saved["rng"])
+        if cuda:
+            torch.cuda.set_rng_state(saved["cuda_rng"])
+
+    if master:
+        print(
+            f"tessera worker {spec.run_name}: {data.rows} rows x {data.context_length} tokens, {world_size} "
+            f"process(es) on {device.type}{' bf16' if bf16 else ''}, ZeRO {spec.zero_stage}, "
+            f"{spec.micro_batch_size} rows x {grad_accum} accumulation steps per rank, starting at step {step}",
+            flush=True,
+        )
+        emit(
+            "started",
+            epochs=plan.epochs,
+            batches_per_epoch=plan.batches_per_epoch,
+            total_batches=plan.total_batches,
+            total_tokens=plan.total_tokens,
+            resumed_from=resume_tag,
+        )
+    # ZeRO-3 generation is a collective: ranks must keep stepping until the longest answer is done.
+    synced_generate = spec.zero_stage == 3 and world_size > 1
+    if spec.eval_prompts and step == 0:
+        responses = answer(engine, tokenizer, spec.eval_prompts, spec.seed, device, synced_generate)
+        if master:
+            emit("generations", batch=0, prompts=spec.eval_prompts, responses=responses)
+
+    batches = iter(
+        Prefetcher(
+            step_batches(
+                data,
+                seed=spec.seed,
+                start_step=step,
+                total_steps=plan.total_batches,
+                batches_per_epoch=plan.batches_per_epoch,
+                global_batch_size=spec.global_batch_size,
+                micro_batch_size=spec.micro_batch_size,
+                rank=rank,
+                world_size=world_size,
+            ),
+            pin_memory=cuda,
+        )
+    )
+    engine.train()
+    # Loss accumulates on the device between log points: reading it is the loop's only host sync.
+    window_loss, window_tokens, window_steps = torch.zeros((), device=device), 0, 0
+    loop_start = window_start = time.time()
+    while step < plan.total_batches:
+        lr = cosine_with_warmup(step, spec.learning_rate, spec.warmup_steps, plan.total_batches)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = next(batches)
+        loss_sum, grad_norm = train_step(engine, batch, device, world_size, spec.gradient_clip if clip_here else None)
+        window_loss += loss_sum
+        window_tokens += batch.loss_tokens
+        window_steps += 1
+        step += 1
+
+        if step % spec.log_every_n_batches == 0 or step == plan.total_batches:
+            if world_size > 1:
+                dist.all_reduce(window_loss)
+            loss = window_loss.item() / max(1, window_tokens)  # mean over the window's loss tokens
+            now = time.time()
+            if master:
+                emit(
+                    "progress",
+                    epoch=(step - 1) // plan.batches_per_epoch + 1,
+                    epochs=plan.epochs,
+                    batch=step,
+                    total_batches=plan.total_batches,
+                    tokens=step * plan.tokens_per_batch,
+                    total_tokens=plan.total_tokens,
+                    loss=loss,
+                    lr=lr,
+                    grad_norm=float(grad_norm),
+                    tokens_per_s=window_steps * plan.tokens_per_batch / (now - window_start),
+                    elapsed_s=elapsed_before + now - loop_start,
+                )
+            window_loss.zero_()
+            window_tokens, window_steps, window_start = 0, 0, now
+
+        if checkpoint_due(step, plan.batches_per_epoch, plan.total_batches, spec.save_every_n_batches):
+            pause_start = time.time()
+            tag = checkpoint_tag(step, plan.batches_per_epoch)
+            rng = {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if cuda else None}
+            engine.save_checkpoint(
+                output_dir,
+                tag=tag,
+                client_state={"tessera": {
+                    "step": step, "elapsed_s": elapsed_before + pause_start - loop_start, **rng,
+                    "rows": data.rows, "global_batch_size": spec.global_batch_size, "seed": spec.seed,
+                }},
+                save_latest=False,  # the latest link below is ours, moved only once the export is written too
+            )
+            hf_path = output_dir / "huggingface" / f"ba{step}"
+            save_huggingface(engine, tokenizer, hf_path, spec.zero_stage, master)
+            dist.barrier()  # every rank's shard is on disk before the link says the checkpoint exists
+            if master:
+                point_latest(output_dir, tag)
+                emit("checkpoint", tag=tag, path=str(output_dir / tag), hf_path=str(hf_path))
+            if eval_data:
+                eval_loss, eval_tokens = evaluate(engine, eval_data, spec.micro_batch_size, rank, world_size, device)
+                if master:
+                    emit("eval", batch=step, loss=eval_loss, tokens=eval_tokens)
+            if spec.eval_prompts:
+                responses = answer(engine, tokenizer, spec.eval_prompts, spec.seed, device, synced_generate)
+                if master:
+                    emit("generations", batch=step, prompts=spec.eval_prompts, responses=responses)
+            window_start += time.time() - pause_start  # tokens_per_s measures training, not checkpointing
+
+    if master:
+        emit("finished", batch=step, hf_path=str(output_dir / "huggingface" / f"ba{step}"))
+    dist.destroy_process_group()
+
+
+def train_step(engine, batch: StepBatch, device: torch.device, world_size: int, clip: float | None):
+    """One optimizer step over this rank's micro batches; returns its summed token loss and the grad norm.
+
+    The loss is the mean over all loss tokens of the global batch (every micro batch, every rank), so each
+    token weighs the same however tokens fall into micro batches: each micro batch's summed token loss is
+    divided by the global count. DeepSpeed averages gradients over ranks, so multiply by world_size to get
+    their sum, and scale_wrt_gas=False stops it dividing by the accumulation steps as well.
+    `clip` is set when we clip ourselves (see train); the loss stays on the device.
+    """
+    loss_sum = torch.zeros((), device=device)
+    grad_norm = None
+    last = len(batch.micro_batches) - 1
+    for i, micro_batch in enumerate(batch.micro_batches):
+        micro_batch = micro_batch.to(device)
+        token_loss = F.cross_entropy(
+            logits_of(engine, micro_batch).flatten(0, 1), micro_batch.targets.flatten(), ignore_index=IGNORE,
+            reduction="sum",
+        )
+        engine.backward(token_loss * (world_size / max(1, batch.loss_tokens)), scale_wrt_gas=False)
+        if clip is not None and i == last:  # the last backward has reduced the gradients across ranks
+            grad_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip or math.inf)
+        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        loss_sum += token_loss.detach()
+    return loss_sum, grad_norm if clip is not None else engine.get_global_grad_norm()
+
+
+def logits_of(model, micro_batch: MicroBatch) -> torch.Tensor:
+    """fp32 logits of packed rows, each document attending only to itself.
+
+    Given position_ids and no attention_mask, HF builds per-document masks from where the positions
+    restart, but only without a KV cache: with use_cache left at the config's True it silently falls back
+    to one causal mask over the whole row.
+    """
+    output = model(input_ids=micro_batch.input_ids, position_ids=micro_batch.position_ids, use_cache=False)
+    return output.logits.float()
+
+
+def checkpoint_due(step: int, batches_per_epoch: int, total_batches: int, every: int | None) -> bool:
+    if step == total_batches:
+        return True
+    return step % batches_per_epoch == 0 if every is None else step % every == 0
+
+
+@torch.no_grad()
+def evaluate(engine, data: PackedRows, micro_batch_size: int, rank: int, world_size: int, device: torch.device):
+    """Mean token loss over all eval rows (and their loss-token count), the same on every rank."""
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, loss tokens
+    for micro_batch in eval_batches(data, micro_batch_size, rank, world_size):
+        micro_batch = micro_batch.to(device)
+        targets = micro_batch.targets.flatten()
+        totals[0] += F.cross_entropy(
+            logits_of(engine, micro_batch).flatten(0, 1), targets, ignore_index=IGNORE, reduction="sum"
+        )
+        totals[1] += (targets != IGNORE).sum()
+    if world_size > 1:
+        dist.all_reduce(totals)
+    engine.train()
+    loss, tokens = totals.tolist()
+    return loss / max(1.0, tokens), int(tokens)
+
+
+@torch.no_grad()
+def answer(engine, tokenizer, prompts: list[str], seed: int, device: torch.device, synced: bool) -> list[str]:
+    """Sample an answer to each prompt with the anchor's settings, seeded, leaving the training RNG untouched.
+
+    The same seed at every checkpoint makes answers differ only because the weights did.
+    """
+    engine.eval()
+    responses = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for prompt in prompts:
+            if tokenizer.chat_template:
+                messages = [{"role": "user", "content": prompt}]
+                inputs = tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+                )
+            else:
+                inputs = tokenizer(prompt, return_tensors="pt")
+            inputs = inputs.to(device)
+            output = engine.module.generate(
+                **inputs,
+                max_new_tokens=100,
+                do_sample=True,
+                temperature=1.0,
+                top_k=50,
+                top_p=0.95,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                synced_gpus=synced,
+            )
+            responses.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    engine.train()
+    return responses
+
+
+def _single_process_defaults() -> None:
+    """Launched alone rather than by the deepspeed launcher: be rank 0 of 1, on a free local port."""
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.training.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--run-name", required=True, help="the run this process trains (shown by ps)")
+    parser.add_argument("--spec", required=True, type=Path, help="the TrainSpec JSON written by the train task")
+    # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        spec = TrainSpec.from_json(args.spec)
+        if spec.run_name != args.run_name:
+            raise InvalidInputError(
+                f"--run-name {args.run_name} does not match run_name {spec.run_name} in {args.spec}"
+            )
+        train(spec)
+    except InvalidInputError as e:
+        return _fail(str(e), 2)
+    except Exception as e:
+        traceback.print_exc()
+        return _fail(f"training failed: {type(e).__name__}: {e}", 1)
+    return 0
+
+
+def _fail(reason: str, code: int) -> int:
+    """Make the reason the last line on stderr, where the train task looks for it."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    print(" ".join(reason.split()), file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The training worker's parts, in process and without DeepSpeed: spec, schedule, rows, checkpoints, protocol."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.errors import InvalidInputError
+from tasks.training import protocol
+from tasks.training.checkpoints import LATEST, check_same_architecture, checkpoint_tag, latest_tag, point_latest
+from tasks.training.data import IGNORE, PackedRows, eval_batches, step_batches
+from tasks.training.schedule import cosine_with_warmup, plan_duration
+from tasks.training.spec import TrainSpec
+
+
+def write_rows(folder: Path, rows: int = 8, context_length: int = 32, seed: int = 0, repeated: bool = False) -> Path:
+    """A prepared dataset: two packed documents per row, an uneven prompt (no loss) at the start of each."""
+    rng = np.random.default_rng(seed)
+    input_ids = np.zeros((rows, context_length), np.int32)
+    labels = np.full((rows, context_length), IGNORE, np.int32)
+    position_ids = np.zeros((rows, context_length), np.int32)
+    same = rng.integers(3, 500, size=context_length)
+    for r in range(rows):
+        tokens = same if repeated else rng.integers(3, 500, size=context_length)
+        cut = context_length // 2 - 4 + r % 5  # where the second document starts
+        input_ids[r] = tokens
+        position_ids[r, :cut] = np.arange(cut)
+        position_ids[r, cut:] = np.arange(context_length - cut)
+        labels[r, 3 + r % 3 : cut] = tokens[3 + r % 3 : cut]
+        labels[r, cut + 2 + r % 4 :] = tokens[cut + 2 + r % 4 :]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in (("input_ids", input_ids), ("labels", labels), ("position_ids", position_ids)):
+        np.save(folder / f"{name}.npy", array)
+    (folder / "meta.json").write_text(json.dumps({"rows": rows, "context_length": context_length}))
+    return folder
+
+
+def spec_for(tmp_path: Path, **overrides) -> TrainSpec:
+    values = dict(run_name="r", model_dir=tmp_path / "m", data_dir=tmp_path / "d", output_dir=tmp_path / "o")
+    return TrainSpec(**{**values, **overrides})
+
+
+# --- TrainSpec -------------------------------------------------------------------------------------
+
+
+def test_spec_round_trips_through_json(tmp_path):
+    spec = spec_for(tmp_path, duration_value=3, duration_unit="ba", eval_prompts=["hi"], init_from=str(tmp_path / "c"))
+    spec.to_json(tmp_path / "spec.json")
+    again = TrainSpec.from_json(tmp_path / "spec.json")
+    assert again == spec
+    assert isinstance(again.model_dir, Path) and again.init_from == tmp_path / "c" and again.eval_data_dir is None
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (dict(duration_unit="epochs"), "duration_unit must be one of ep, ba, tok"),
+        (dict(duration_value=0), "duration_value must be an integer >= 1"),
+        (dict(duration_value=1.5), "duration_value must be an integer"),
+        (dict(global_batch_size=10, micro_batch_size=4), "multiple of micro_batch_size"),
+        (dict(zero_stage=4), "zero_stage must be 0, 1, 2 or 3"),
+        (dict(learning_rate=0), "learning_rate must be a number in (0, 1)"),
+        (dict(learning_rate=float("nan")), "learning_rate"),
+        (dict(gradient_clip=-1), "gradient_clip must be >= 0"),
+        (dict(save_every_n_batches=0), "save_every_n_batches must be an integer >= 1"),
+        (dict(micro_batch_size=True), "micro_batch_size must be an integer"),
+        (dict(eval_prompts="hi"), "eval_prompts must be a list"),
+        (dict(run_name=""), "run_name"),
+        (dict(resume="yes"), "resume must be true or false"),
+    ],
+)
+def test_spec_rejects_bad_values_naming_the_field(tmp_path, overrides, words):
+    with pytest.raises(InvalidInputError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        spec_for(tmp_path, **overrides)
+
+
+def test_spec_from_json_names_unknown_and_missing_fields(tmp_path):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"run_name": "r", "model_dir": "m", "data_dir": "d", "output_dir": "o", "lr": 1}))
+    with pytest.raises(InvalidInputError, match="unknown field.*lr"):
+        TrainSpec.from_json(path)
+    path.write_text(json.dumps({"run_name": "r"}))
+    with pytest.raises(InvalidInputError, match="incomplete"):
+        TrainSpec.from_json(path)
+
+
+# --- schedule --------------------------------------------------------------------------------------
+
+
+def test_plan_turns_durations_into_steps():
+    # 10 rows, global batch 4: 2 steps per epoch (the last 2 rows of each shuffle are dropped); 4 x 16 tokens a step.
+    assert plan_duration(3, "ep", 10, 16, 4) == plan_duration(6, "ba", 10, 16, 4)
+    plan = plan_duration(5, "ba", 10, 16, 4)
+    assert (plan.epochs, plan.batches_per_epoch, plan.total_batches, plan.total_tokens) == (3, 2, 5, 320)
+    assert plan_duration(129, "tok", 10, 16, 4).total_batches == 3  # whole steps, at least that many tokens
+    with pytest.raises(InvalidInputError, match="fewer than global_batch_size"):
+        plan_duration(1, "ep", 3, 16, 4)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_a_tenth():
+    lrs = [cosine_with_warmup(s, 1.0, warmup_steps=4, total_steps=104) for s in range(104)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[54] == pytest.approx(0.55)  # halfway down
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert cosine_with_warmup(500, 1.0, 4, 104) == pytest.approx(0.1)  # past the end: stays at the floor
+    assert cosine_with_warmup(0, 2e-5, 0, 10) == 2e-5  # no warmup
+
+
+# --- rows and batches ------------------------------------------------------------------------------
+
+
+def test_packed_rows_name_what_is_missing_or_wrong(tmp_path):
+    folder = write_rows(tmp_path / "d")
+    (folder / "labels.npy").unlink()
+    with pytest.raises(InvalidInputError, match=r"data_dir .* has no labels\.npy"):
+        PackedRows(folder, "data_dir")
+    np.save(folder / "labels.npy", np.zeros((8, 32), np.int64))
+    with pytest.raises(InvalidInputError, match=r"labels\.npy must be int32"):
+        PackedRows(folder, "data_dir")
+    with pytest.raises(InvalidInputError, match="eval_data_dir .* does not exist"):
+        PackedRows(tmp_path / "nowhere", "eval_data_dir")
+
+
+def test_targets_shift_labels_and_never_cross_a_document_boundary(tmp_path):
+    data = PackedRows(write_rows(tmp_path / "d"), "data_dir")
+    targets = data.targets(np.array([0]))[0]
+    labels, positions = data.labels[0], data.position_ids[0]
+    cut = int(np.flatnonzero(positions == 0)[1])
+    assert (targets[:-1][positions[1:] != 0] == labels[1:][positions[1:] != 0]).all()
+    assert targets[cut - 1] == IGNORE and targets[-1] == IGNORE  # nothing predicts the next document's start
+
+
+def test_batches_shard_the_global_batch_over_ranks_and_resume_mid_epoch(tmp_path):
+    data = PackedRows(write_rows(tmp_path / "d", rows=10), "data_dir")
+    common = dict(seed=3, total_steps=6, batches_per_epoch=2, global_batch_size=4, micro_batch_size=1)
+    alone = list(step_batches(data, start_step=0, rank=0, world_size=1, **common))
+    assert len(alone) == 6 and all(len(b.micro_batches) == 4 for b in alone)
+    ranks = [list(step_batches(data, start_step=0, rank=r, world_size=2, **common)) for r in (0, 1)]
+    for step, batch in enumerate(alone):
+        rows = lambda b: {tuple(mb.input_ids[0].tolist()) for mb in b.micro_batches}  # noqa: E731
+        assert rows(ranks[0][step]) | rows(ranks[1][step]) == rows(batch)  # together: the same rows, once each
+        assert ranks[0][step].loss_tokens == ranks[1][step].loss_tokens == batch.loss_tokens
+        assert batch.loss_tokens == sum(int((mb.targets != IGNORE).sum()) for mb in batch.micro_batches)
+    epoch_rows = [
+        sorted(tuple(mb.input_ids[0].tolist()) for b in alone[e * 2 : e * 2 + 2] for mb in b.micro_batches)
+        for e in range(3)
+    ]
+    assert epoch_rows[0] != epoch_rows[1]  # a fresh shuffle each epoch
+    resumed = list(step_batches(data, start_step=3, rank=0, world_size=1, **common))
+    for a, b in zip(alone[3:], resumed, strict=True):
+        assert all((x.input_ids == y.input_ids).all() for x, y in zip(a.micro_batches, b.micro_batches))
+
+
+def test_eval_batches_give_every_rank_the_same_number_of_forwards(tmp_path):
+    data = PackedRows(write_rows(tmp_path / "d", rows=5), "data_dir")
+    per_rank = [list(eval_batches(data, 2, rank, 2)) for rank in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 2
+    rows = sum(len(mb.input_ids) for mbs in per_rank for mb in mbs if (mb.targets != IGNORE).any())
+    assert rows == 5
+
+
+# --- checkpoints and protocol ----------------------------------------------------------------------
+
+
+def test_latest_link_is_relative_and_replaced(tmp_path):
+    assert latest_tag(tmp_path) is None
+    for step in (4, 8):
+        (tmp_path / checkpoint_tag(step, 4)).mkdir()
+        point_latest(tmp_path, checkpoint_tag(step, 4))
+    assert (tmp_path / LATEST).is_symlink() and str((tmp_path / LATEST).readlink()) == "ep2-ba8"
+    assert latest_tag(tmp_path) == "ep2-ba8" and checkpoint_tag(6, 4) == "ep1-ba6"
+    (tmp_path / "ep2-ba8").rmdir()
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        latest_tag(tmp_path)
+
+
+def test_weights_of_another_architecture_are_refused_by_name(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    weights = dict(model.state_dict())
+    check_same_architecture(weights, model, Path("ck"), tiny_model_dir)
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"][:, :32]
+    del weights["model.norm.weight"]
+    with pytest.raises(InvalidInputError, match=r"another architecture.*embed_tokens.weight is \[49152, 32\] there"):
+        check_same_architecture(weights, model, Path("ck"), tiny_model_dir)
+
+
+def test_protocol_lines_parse_back(capsys):
+    protocol.emit("progress", batch=3, loss=math.pi)
+    line = capsys.readouterr().out
+    assert line.startswith("@@tessera ") and line.count("\n") == 1
+    assert protocol.parse(line) == {"kind": "progress", "batch": 3, "loss": math.pi}
+    assert protocol.parse("DeepSpeed says hello") is None

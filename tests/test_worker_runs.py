@@ -1,0 +1,178 @@
+"""The worker as the train task runs it: `python -m tasks.training.worker` in its own process group.
+
+Each worker start costs seconds (torch, transformers, DeepSpeed), so there are few runs and each is
+asserted on at length: a full run (protocol, checkpoints, HF export, learning); a run with the same
+seed killed mid-way and resumed (same losses, right total); a run that fails on a bad input.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tasks.training.checkpoints import LATEST, load_weights
+from tasks.training.protocol import parse
+from tasks.training.spec import TrainSpec
+from test_worker import write_rows
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Worker:
+    """A worker process in its own session; stdout and stderr go to files, read back while it runs."""
+
+    def __init__(self, spec: TrainSpec, folder: Path, label: str):
+        spec.to_json(folder / f"{label}.json")
+        self.stdout, self.stderr = folder / f"{label}.stdout", folder / f"{label}.stderr"
+        with open(self.stdout, "w") as stdout, open(self.stderr, "w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tasks.training.worker", "--run-name", spec.run_name,
+                 "--spec", str(folder / f"{label}.json")],
+                cwd=REPO, stdout=stdout, stderr=stderr, start_new_session=True,
+                # Two workers share two cores here: one thread each, or their OpenMP threads spin against each other.
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+
+    def messages(self) -> list[dict]:
+        lines = self.stdout.read_text().split("\n")[:-1]  # complete lines only
+        return [m for m in map(parse, lines) if m is not None]
+
+    def kill_when(self, condition, timeout: float = 300) -> None:
+        """SIGKILL the worker's process group as soon as a message meets `condition`."""
+        deadline = time.monotonic() + timeout
+        while not any(map(condition, self.messages())):
+            assert self.process.poll() is None and time.monotonic() < deadline, self.stderr.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(self.process.pid, signal.SIGKILL)
+
+    def finish(self, returncode: int = 0) -> list[dict]:
+        assert self.process.wait(timeout=300) == returncode, self.stderr.read_text()[-3000:]
+        return self.messages()
+
+
+def losses(lines: list[dict]) -> dict[int, float]:
+    return {m["batch"]: m["loss"] for m in lines if m["kind"] == "progress"}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """Two runs of 2 epochs x 4 steps (global batch 4 as 2 micro batches of 2) on 16 copies of one row,
+    started together so their start-ups overlap on two cores:
+    "full" with eval data and an eval prompt, checkpointing per epoch;
+    "killed", the same training checkpointing every 3 steps, SIGKILLed at step 4 and run again.
+    """
+    folder = tmp_path_factory.mktemp("runs")
+    settings = dict(
+        model_dir=tiny_model_dir, data_dir=write_rows(folder / "train", rows=16, context_length=64, repeated=True),
+        duration_value=2, duration_unit="ep", learning_rate=3e-3, warmup_steps=2,
+        micro_batch_size=2, global_batch_size=4,
+    )
+    full = TrainSpec(
+        run_name="full", output_dir=folder / "full", eval_prompts=["What is Tessera?"],
+        eval_data_dir=write_rows(folder / "eval", rows=3, context_length=64, repeated=True),  # the rows it learns
+        **settings,
+    )
+    killed = TrainSpec(run_name="killed", output_dir=folder / "killed", save_every_n_batches=3, **settings)
+    full_worker, killed_worker = Worker(full, folder, "full"), Worker(killed, folder, "killed")
+    killed_worker.kill_when(lambda m: m["kind"] == "progress" and m["batch"] == 4)
+    before = killed_worker.finish(returncode=-signal.SIGKILL)
+    latest_at_kill = os.readlink(killed.output_dir / LATEST)
+    after = Worker(killed, folder, "resumed").finish()
+    return SimpleNamespace(full=full, full_lines=full_worker.finish(), killed=killed,
+                           before=before, latest_at_kill=latest_at_kill, after=after)
+
+
+def test_full_run_reports_checkpoints_exports_and_learns(runs):
+    lines, out = runs.full_lines, runs.full.output_dir
+    assert lines[0] == {"kind": "started", "epochs": 2, "batches_per_epoch": 4, "total_batches": 8,
+                        "total_tokens": 8 * 4 * 64, "resumed_from": None}
+    assert [m["kind"] for m in lines[1:3]] == ["generations", "progress"] and lines[1]["batch"] == 0
+
+    progress = [m for m in lines if m["kind"] == "progress"]
+    assert [m["batch"] for m in progress] == list(range(1, 9))
+    assert [m["epoch"] for m in progress] == [1] * 4 + [2] * 4
+    assert [m["tokens"] for m in progress] == [b * 4 * 64 for b in range(1, 9)]
+    assert all((m["epochs"], m["total_batches"], m["total_tokens"]) == (2, 8, 2048) for m in progress)
+    assert [m["lr"] for m in progress[:3]] == pytest.approx([1.5e-3, 3e-3, 3e-3])  # warmup, then cosine down
+    assert progress[-1]["lr"] < progress[3]["lr"] < 3e-3
+    assert all(m["grad_norm"] > 0 and m["tokens_per_s"] > 0 and m["elapsed_s"] > 0 for m in progress)
+    assert progress[-1]["loss"] < progress[0]["loss"] - 1.0, [m["loss"] for m in progress]  # it learns
+
+    checkpoints = [m for m in lines if m["kind"] == "checkpoint"]
+    assert checkpoints == [
+        {"kind": "checkpoint", "tag": f"ep{e}-ba{b}", "path": str(out / f"ep{e}-ba{b}"),
+         "hf_path": str(out / f"huggingface/ba{b}")}
+        for e, b in ((1, 4), (2, 8))
+    ]
+    evals = [m for m in lines if m["kind"] == "eval"]
+    assert [(m["batch"], m["tokens"]) for m in evals] == [(4, evals[0]["tokens"]), (8, evals[0]["tokens"])]
+    assert evals[1]["loss"] < evals[0]["loss"]
+    generations = [m for m in lines if m["kind"] == "generations"]
+    assert [m["batch"] for m in generations] == [0, 4, 8]
+    assert all(m["prompts"] == runs.full.eval_prompts and len(m["responses"]) == 1 for m in generations)
+    assert lines[-1] == {"kind": "finished", "batch": 8, "hf_path": str(out / "huggingface/ba8")}
+
+    assert os.readlink(out / LATEST) == "ep2-ba8"
+    assert (out / "ep2-ba8" / "mp_rank_00_model_states.pt").is_file()
+    assert sorted(p.name for p in (out / "huggingface").iterdir()) == ["ba4", "ba8"]
+
+
+def test_hf_export_loads_generates_and_matches_the_checkpoint(runs):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = runs.full.output_dir / "huggingface/ba8"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert tokenizer.chat_template
+    inputs = tokenizer("Tessera is", return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert output.shape[1] == inputs["input_ids"].shape[1] + 5
+    saved = load_weights(runs.full.output_dir / LATEST)  # what init_from would load
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+
+
+def test_same_seed_gives_the_same_losses(runs):
+    # The killed run differs only in checkpoint cadence and has no prompts or eval data: none may change training.
+    before, expected = losses(runs.before), losses(runs.full_lines)
+    assert len(before) >= 4
+    for batch, loss in before.items():
+        assert loss == pytest.approx(expected[batch], rel=1e-6), batch
+
+
+def test_killed_run_resumes_from_its_last_checkpoint_and_completes(runs):
+    saved = [m["tag"] for m in runs.before if m["kind"] == "checkpoint"]
+    assert saved[0] == "ep0-ba3" and runs.latest_at_kill == saved[-1]  # killed mid-run, after a checkpoint
+    assert not any(m["kind"] == "finished" for m in runs.before)
+    resumed_at = int(saved[-1].split("-ba")[1])
+
+    after = runs.after
+    assert after[0] == {"kind": "started", "epochs": 2, "batches_per_epoch": 4, "total_batches": 8,
+                        "total_tokens": 2048, "resumed_from": saved[-1]}
+    assert list(losses(after)) == list(range(resumed_at + 1, 9))
+    elapsed_at_checkpoint = next(m["elapsed_s"] for m in runs.before if m.get("batch") == resumed_at)
+    assert next(m for m in after if m["kind"] == "progress")["elapsed_s"] > elapsed_at_checkpoint  # carried over
+    assert [m["tag"] for m in after if m["kind"] == "checkpoint"][-1] == "ep2-ba8"
+    assert after[-1] == {"kind": "finished", "batch": 8, "hf_path": str(runs.killed.output_dir / "huggingface/ba8")}
+    assert os.readlink(runs.killed.output_dir / LATEST) == "ep2-ba8"
+    # Weights, optimizer state, LR step and data order all came back: the losses are the uninterrupted run's.
+    expected = losses(runs.full_lines)
+    for batch, loss in losses(after).items():
+        assert loss == pytest.approx(expected[batch], rel=1e-6), batch
+
+
+def test_a_bad_input_fails_with_the_reason_last_on_stderr(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    spec = TrainSpec(run_name="bad", model_dir=tiny_model_dir, data_dir=empty, output_dir=tmp_path / "out")
+    worker = Worker(spec, tmp_path, "bad")
+    assert worker.finish(returncode=2) == []
+    assert worker.stderr.read_text().strip().splitlines()[-1] == (
+        f"data_dir {empty} has no input_ids.npy: point it at a folder written by the data preparation step"
+    )
