@@ -7,13 +7,12 @@ the public API, streams its events, then shows the answers before and after and 
 import time
 from pathlib import Path
 
-import mlflow
 from rich.table import Table
 
 from flows import foundation_model as fm
 from flows import services
 from flows.console import console, follow
-from tasks.tracking import tracking_uri
+from tasks import tracking
 
 DATA = Path(__file__).parent / "data"
 
@@ -43,8 +42,7 @@ def main() -> int:
         console.print(f"[bold red]run ended {run.status.display_name}[/bold red]: {run.details or (last and last.message)}")
         return 1
 
-    mlflow.set_tracking_uri(tracking_uri())
-    answers = mlflow.load_table("eval_generations.json", run_ids=[run.run_id])
+    answers = tracking.client().load_table(run.experiment_id, "eval_generations.json", run_ids=[run.run_id])
     first, final = answers["batch"].min(), answers["batch"].max()
     table = Table("prompt", f"before (batch {first})", f"after (batch {final})", show_lines=True)
     for prompt in prompts:

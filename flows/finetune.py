@@ -141,7 +141,7 @@ def _name_run(config: RunConfig, run_name: str | None, mlflow_run_id: str | None
         run_name = run_name_for(config.model, config.task_type)
         with get_client(sync_client=True) as prefect:
             prefect.update_flow_run(flow_run_id, name=run_name)
-        emit(run_name, RunEvent.CREATED, f"run {run_name} created from deployment {current_flow_run.deployment_id}")
+        emit(run_name, RunEvent.CREATED, f"run {run_name} created from its deployment")
     experiment_path = config.experiment_path or f"/Users/{current_user()}/{run_name}"
     if mlflow_run_id is None:
         experiment_id, mlflow_run_id = start_run(asdict(config), run_name, experiment_path, current_user())

@@ -7,30 +7,27 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import RunConfig, TaskType
+from tasks.data.sources import local_path
 from tasks.errors import InvalidInputError
 from tasks.models import check_model
 
 DEFAULT_MAX_CONTEXT = 8192
 
 
-def local_path(uri: str, field: str) -> Path:
-    """A local file or folder for a path or file:// URI; other schemes are named as unsupported."""
-    if uri.startswith("file://"):
-        uri = uri.removeprefix("file://")
-    elif "://" in uri or uri.startswith("dbfs:"):
-        raise InvalidInputError(
-            f"{field} {uri!r}: this Tessera reads local paths and file:// URIs only; copy the data to a local path"
-        )
-    return Path(uri).expanduser()
+def _local(uri: str, field: str) -> Path:
+    try:
+        return local_path(uri)
+    except InvalidInputError as e:  # name the argument the user got wrong
+        raise InvalidInputError(f"{field} {e}") from None
 
 
 def check_paths(config: RunConfig) -> RunConfig:
     """The config with its context length resolved, or an InvalidInputError saying what to fix."""
     max_context = check_model(config.model)
-    train = local_path(config.train_data_path, "train_data_path")
+    train = _local(config.train_data_path, "train_data_path")
     _check_data(train, "train_data_path", config.task_type)
     if config.eval_data_path:
-        _check_data(local_path(config.eval_data_path, "eval_data_path"), "eval_data_path", config.task_type)
+        _check_data(_local(config.eval_data_path, "eval_data_path"), "eval_data_path", config.task_type)
     if config.custom_weights_path and not Path(config.custom_weights_path).expanduser().exists():
         raise InvalidInputError(
             f"custom_weights_path {config.custom_weights_path} does not exist: pass a checkpoint folder "

@@ -5,7 +5,7 @@ import copy
 import numpy as np
 import pytest
 
-from tasks.data.formats import TaskType
+from tasks.config import TaskType
 from tasks.data.tokenize import IGNORE, tokenize_chat, tokenize_documents, tokenize_instructions, tokenize_records
 from tasks.errors import InvalidInputError
 

@@ -196,5 +196,5 @@ def test_the_bundled_smollm2_fine_tunes_and_registers(fm, chat_file):
     assert events[-1].type == "COMPLETED", events[-1].message
     assert events[-1].payload["registered_model"] == f"main.smol.{run.name}"
     run.refresh()
-    table = mlflow.load_table("eval_generations.json", run_ids=[run.run_id])
+    table = mlflow.MlflowClient().load_table(run.experiment_id, "eval_generations.json", run_ids=[run.run_id])
     assert sorted(set(table["batch"])) == [0, 2] and all(table["response"].str.len() > 0)

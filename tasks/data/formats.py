@@ -1,22 +1,16 @@
 """The record format of each task type, as the anchor defines it, and validation against it."""
 
 from collections.abc import Callable, Iterable, Iterator
-from enum import StrEnum
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tasks.data.report import DataReport, Problem
 from tasks.data.sources import Unparsable, local_path, read_documents, read_jsonl, text_files
+from tasks.config import TaskType
 from tasks.errors import InvalidInputError
 
 ROLES = ("system", "user", "assistant")
-
-
-class TaskType(StrEnum):
-    CHAT_COMPLETION = "CHAT_COMPLETION"
-    INSTRUCTION_FINETUNE = "INSTRUCTION_FINETUNE"
-    CONTINUED_PRETRAIN = "CONTINUED_PRETRAIN"
 
 
 def parse_task_type(value: str) -> TaskType:

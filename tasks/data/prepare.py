@@ -15,7 +15,8 @@ from typing import Any, Self
 import numpy as np
 from transformers import AutoTokenizer
 
-from tasks.data.formats import TaskType, parse_task_type, raise_if_invalid, validate_data_file
+from tasks.config import TaskType
+from tasks.data.formats import parse_task_type, raise_if_invalid, validate_data_file
 from tasks.data.pack import pack_examples, pack_stream
 from tasks.data.sources import local_path, read_documents, read_jsonl, text_files
 from tasks.data.tokenize import IGNORE, Example, tokenize_records

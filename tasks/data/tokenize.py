@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from tasks.data.formats import TaskType
+from tasks.config import TaskType
 from tasks.errors import InvalidInputError
 
 IGNORE = -100  # the label of tokens the loss skips (cross-entropy's ignore_index)
