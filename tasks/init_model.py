@@ -7,10 +7,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tasks.events import RunEvent, emit
 from tasks.models import resolve_model
+from tasks.retries import unless_bad_input
 from tasks.tracking import client
 
 
-@task(name="init-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="init-model", retries=2, retry_delay_seconds=5, retry_condition_fn=unless_bad_input, cache_policy=NO_CACHE)
 def init_model(run_name: str, model: str, mlflow_run_id: str) -> str:
     """Resolve the model to a local folder (converting bundled weights once) and count its parameters."""
     model_dir = resolve_model(model)

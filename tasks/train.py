@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import InvalidInputError, TesseraError
 from tasks.events import RunEvent, emit
+from tasks.retries import unless_bad_input
 from tasks.tracking import client
 from tasks.training import protocol
 from tasks.training.spec import TrainSpec
@@ -78,12 +79,8 @@ def kill_worker(run_dir: Path, grace_s: float = 10.0) -> bool:
     return True
 
 
-def _retryable(task, task_run, state) -> bool:
-    """A dead worker is worth a retry (it resumes); bad input is not."""
-    return not isinstance(state.result(raise_on_failure=False), InvalidInputError)
-
-
-@task(name="train", retries=2, retry_delay_seconds=5, retry_condition_fn=_retryable, cache_policy=NO_CACHE)
+# A retry resumes from the latest checkpoint: the worker finds it through latest-sharded-rank0.symlink.
+@task(name="train", retries=2, retry_delay_seconds=5, retry_condition_fn=unless_bad_input, cache_policy=NO_CACHE)
 def train(spec_path: str, mlflow_run_id: str, duration_unit: str) -> str:
     """Train until the duration is reached, resuming from the latest checkpoint on a retry; returns the HF export."""
     spec = TrainSpec.from_json(spec_path)
