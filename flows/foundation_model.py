@@ -10,6 +10,7 @@ import builtins
 import fcntl
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -159,6 +160,9 @@ def create(
     data_prep_cluster_id: str | None = None,
 ) -> TrainingRun:
     """Submit a fine-tuning run and return at once; it goes on after this process exits."""
+    if data_prep_cluster_id is not None:
+        warnings.warn("data_prep_cluster_id is ignored: Tessera prepares data inside the run, no cluster needed",
+                      stacklevel=2)
     config = RunConfig(
         model=model, train_data_path=train_data_path, register_to=register_to, task_type=task_type,
         experiment_path=experiment_path, eval_data_path=eval_data_path, eval_prompts=eval_prompts,
@@ -180,12 +184,16 @@ def create(
                     "(fm.cancel(name)) or wait for one to finish, then create again"
                 )
             experiment_id, mlflow_run_id = start_run(config.to_params(), name, config.experiment_path, current_user())
-            flow_run = run_deployment(
-                services.DEPLOYMENT,
-                parameters={**config.to_params(), "run_name": name, "mlflow_run_id": mlflow_run_id},
-                flow_run_name=name, timeout=0, as_subflow=False,
-                tags=[RUN_TAG, f"created_by:{current_user()}", f"experiment:{experiment_id}"],
-            )
+            try:
+                flow_run = run_deployment(
+                    services.DEPLOYMENT,
+                    parameters={**config.to_params(), "run_name": name, "mlflow_run_id": mlflow_run_id},
+                    flow_run_name=name, timeout=0, as_subflow=False,
+                    tags=[RUN_TAG, f"created_by:{current_user()}", f"experiment:{experiment_id}"],
+                )
+            except Exception:
+                mlflow_client().set_terminated(mlflow_run_id, "FAILED")  # no MLflow run without its flow run
+                raise
         emit(name, RunEvent.CREATED, f"run {name} created", flow_run_id=str(flow_run.id))
         flush()
         return _training_run(flow_run, include_details=False)
@@ -210,7 +218,7 @@ def list(
 ) -> "builtins.list[TrainingRun]":
     """Runs, newest first, filtered as the anchor's list() filters them."""
     names = [r.name if isinstance(r, TrainingRun) else r for r in training_runs] if training_runs else None
-    wanted = [RunStatus(s) for s in statuses] if statuses else None
+    wanted = [_status(s) for s in statuses] if statuses else None
     tags = [RUN_TAG] + ([f"experiment:{experiment_id}"] if experiment_id else [])
     with services.connected(), get_client(sync_client=True) as prefect:
         runs = []
@@ -393,6 +401,13 @@ def _follow(name: str) -> Iterator[FineTuningEvent]:
             if ended_at is not None and time.monotonic() - ended_at > FOLLOW_GRACE_S:
                 return  # ended without a terminal event (e.g. the runner itself was killed)
             time.sleep(FOLLOW_POLL_S)
+
+
+def _status(value: "str | RunStatus") -> RunStatus:
+    try:
+        return RunStatus(value)
+    except ValueError:
+        raise InvalidInputError(f"status {value!r} is unknown: use one of {', '.join(RunStatus)}") from None
 
 
 def _parse_time(value: "str | datetime | None", field_name: str) -> datetime | None:

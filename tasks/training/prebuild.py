@@ -2,7 +2,7 @@
 
 DeepSpeed JIT-compiles this op (40-95 s) the first time a process group starts on the CPU accelerator;
 doing it at setup keeps that out of the first training run. The result is cached under
-~/.cache/torch_extensions, so a second call only loads it. This never fails: where the op does not
+~/.cache/torch_extensions, so a second call only loads it (another venv's DeepSpeed rebuilds it once). This never fails: where the op does not
 apply, DeepSpeed uses plain gloo; where it cannot be built, this says why and leaves it to run time.
 """
 
@@ -27,14 +27,12 @@ def main() -> int:
             print("prebuild: DeepSpeed's shared-memory comm op does not fit this machine; training will use plain gloo")
             return 0
         build_dir = Path(_get_build_directory(builder.NAME, verbose=False))
-        cached = any(build_dir.glob("*.so"))
-        builder.load(verbose=False)
+        builder.load(verbose=False)  # compiles unless this DeepSpeed's build is cached already
     except Exception as e:  # must not stop `make setup`; the first training run will show the same error
         print(f"prebuild: could not build DeepSpeed's shared-memory comm op ({type(e).__name__}: {e}); "
               "DeepSpeed will try again when the first CPU training run starts")
         return 0
-    done = "was built already, loaded" if cached else "built"
-    print(f"prebuild: DeepSpeed's shared-memory comm op {done} in {time.time() - started:.1f} s ({build_dir})")
+    print(f"prebuild: DeepSpeed's shared-memory comm op ready in {time.time() - started:.1f} s ({build_dir})")
     return 0
 
 
