@@ -197,4 +197,5 @@ def test_the_bundled_smollm2_fine_tunes_and_registers(fm, chat_file):
     assert events[-1].payload["registered_model"] == f"main.smol.{run.name}"
     run.refresh()
     table = mlflow.MlflowClient().load_table(run.experiment_id, "eval_generations.json", run_ids=[run.run_id])
-    assert sorted(set(table["batch"])) == [0, 2] and all(table["response"].str.len() > 0)
+    assert (table["batch"].min(), table["batch"].max()) == (0, 2)  # before training, and at the last checkpoint
+    assert all(table["response"].str.len() > 0)
