@@ -45,3 +45,10 @@ def tiny_model_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(target)
     return target
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_session_home():
+    """Runs leave GBs of checkpoints behind (SmolLM2: 1.6 GB each); a test session removes its own."""
+    yield
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
