@@ -199,3 +199,14 @@ def test_the_bundled_smollm2_fine_tunes_and_registers(fm, chat_file):
     table = mlflow.MlflowClient().load_table(run.experiment_id, "eval_generations.json", run_ids=[run.run_id])
     assert (table["batch"].min(), table["batch"].max()) == (0, 2)  # before training, and at the last checkpoint
     assert all(table["response"].str.len() > 0)
+
+
+def test_bad_records_fail_the_run_with_file_line_and_field(fm, tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(CHAT[0]) + "\n" + json.dumps({"messages": [{"role": "bot", "content": "hi"}]}) + "\n")
+    run = fm.create(model=str(tiny_model_dir), train_data_path=str(bad), register_to="main.test", context_length=64)
+    events = list(fm.get_events(run, follow=True))
+    assert events[-1].type == "FAILED"
+    assert "bad.jsonl line 2, field messages[0].role: found 'bot'" in events[-1].message
+    assert "DATA_VALIDATED" not in [e.type for e in events]  # nothing past validation ran
+    assert _wait(fm, run, {fm.RunStatus.FAILED}).status == fm.RunStatus.FAILED
