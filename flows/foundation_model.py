@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 
 from prefect import get_client
@@ -358,8 +358,6 @@ def _estimated_end(name: str) -> datetime | None:
     done = p["batch"] / p["total_batches"] if p.get("total_batches") else 0
     if done <= 0:
         return None
-    from datetime import timedelta
-
     return updates[-1].time + timedelta(seconds=p["elapsed_s"] * (1 - done) / done)
 
 

@@ -1,6 +1,8 @@
 """The run folder's record of a run (names and ids), read by hooks and the API without a server round trip."""
 
+import getpass
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +32,4 @@ class RunRecord:
 
 def current_user() -> str:
     """Who creates runs: `TESSERA_USER` (an email, as the anchor records), else the login name."""
-    import getpass
-    import os
-
     return os.environ.get("TESSERA_USER") or getpass.getuser()
