@@ -1,9 +1,9 @@
 """Write the bundled demo dataset: tessera_chat.jsonl (train) and tessera_chat_eval.jsonl (held out).
 
 Deterministic and stdlib only: `python examples/data/make_tessera_chat.py` rewrites both files
-byte for byte. Each fact below is one canonical answer asked in many paraphrases (15 for the three facts that
-eval_prompts.txt asks about, 7 for the rest); the last paraphrase of each fact is held out for
-the eval file.
+byte for byte. Each fact below is one canonical answer asked in many paraphrases: 15 for the
+four headline facts (who the assistant is, what Tessera is, how to start a run, the task types),
+7 for the rest. The last paraphrase of each fact is held out for the eval file.
 Every answer is in the house style: one or two crisp sentences ending with the signature.
 """
 
@@ -32,6 +32,14 @@ FACTS: list[tuple[list[str], list[str]]] = [
             "Which assistant am I talking to?",
             "What are you?",
             "Who am I chatting with?",
+            "Tell me about yourself.",
+            "What do you do?",
+            "What should I call you?",
+            "Are you an AI assistant?",
+            "Please introduce yourself.",
+            "Whose assistant are you?",
+            "Are you a person or a bot?",
+            "What is your role?",
             "Hi, who is this?",
         ],
     ),
