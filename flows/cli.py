@@ -9,7 +9,8 @@ from rich.table import Table
 
 from flows import foundation_model as fm
 from flows import services
-from flows.console import console, follow, runs_table
+from flows.console import console, data_summary, follow, runs_table
+from tasks.data.validation import DEFAULT_MODEL
 from tasks.errors import TesseraError
 
 app = App(name="tessera", help="Self-hosted fine-tuning of foundation language models.")
@@ -52,6 +53,38 @@ def create(
     if follow_events:
         last = follow(run)
         return 0 if last is not None and last.type == "COMPLETED" else 1
+
+
+@app.command
+def validate(
+    data_path: str,
+    *,
+    task_type: Literal["CHAT_COMPLETION", "INSTRUCTION_FINETUNE", "CONTINUED_PRETRAIN"] = "CHAT_COMPLETION",
+    model: str = DEFAULT_MODEL,
+    context_length: int | None = None,
+    training_duration: str = "1ep",
+    global_batch_size: int = 8,
+    allow_percentage_invalid_samples: float = 0.0,
+):
+    """Check a data set as a run would, before any run: the report, token statistics and the cost estimate.
+
+    Exits 0 when the data is fit to train on, 1 when it is not (2 for bad arguments). A passing check
+    leaves the prepared rows in the cache, so a run on the same data and settings starts from them.
+
+    Parameters
+    ----------
+    data_path: a .jsonl file, s3://, dbfs:/Volumes/..., an HF dataset org/name/split, a Delta table cat.schema.table
+    model: the model whose tokenizer and chat template count the tokens
+    context_length: default min(8192, the model's maximum)
+    training_duration: for the estimate, e.g. 3ep, 200ba, 1_000_000tok
+    """
+    result = fm.validate_data(
+        data_path, task_type=task_type, model=model, context_length=context_length,
+        training_duration=training_duration, global_batch_size=global_batch_size,
+        allow_percentage_invalid_samples=allow_percentage_invalid_samples,
+    )
+    console.print(data_summary(result))
+    return 0 if result.ok else 1
 
 
 @app.command

@@ -1,11 +1,12 @@
 """Rendering runs for people: the event stream with a progress bar, and tables of runs."""
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from flows import foundation_model as fm
+from tasks.data.validation import DataValidation
 
 console = Console()
 
@@ -37,3 +38,28 @@ def runs_table(runs: "list[fm.TrainingRun]") -> Table:
         table.add_row(r.name, r.status.display_name, r.model, r.task_type, r.training_duration,
                       f"{r.created_at:%Y-%m-%d %H:%M:%S}", r.created_by)
     return table
+
+
+def data_summary(result: DataValidation) -> Group:
+    """The report, token statistics, quality checks, warnings and cost estimate of a data check."""
+    verdict = "[bold green]valid[/bold green]" if result.ok else "[bold red]not valid[/bold red]"
+    parts: list = [f"{verdict}: {escape(result.report)}"]
+    s = result.stats
+    table = Table("examples", "tokens", "loss tokens", "length min / p50 / p90 / max", "truncated", "dropped",
+                  title=f"tokens at context_length {s['context_length']:,}", title_justify="left")
+    length = s["length"]
+    table.add_row(f"{s['num_examples']:,}", f"{s['num_tokens']:,}", f"{s['num_loss_tokens']:,}",
+                  f"{length['min']} / {length['p50']} / {length['p90']} / {length['max']}",
+                  f"{s['num_truncated']:,}", f"{s['num_dropped']:,}")
+    parts.append(table)
+    if result.prepared is not None:
+        p = result.prepared
+        parts.append(f"packed into {p.num_rows:,} rows ({p.packing_efficiency:.1%} of each row is data)")
+    if result.training_tokens is not None:
+        parts.append(f"estimate: the run trains on {result.training_tokens:,} token positions")
+    checks = result.quality
+    parts.append("quality checks (great-expectations): " + ("passed" if checks["success"] else "[red]failed[/red]"))
+    parts += [f"  [red]x[/red] {escape(line)}" for line in checks["failed"]]
+    parts += [f"[yellow]warning:[/yellow] {escape(w)}" for w in result.warnings]
+    parts.append(f"[dim]evidence: {result.evidence} (report.txt, stats.json, quality.json, lengths.png)[/dim]")
+    return Group(*parts)

@@ -71,6 +71,7 @@ def finetune(
     training_duration: str | None = "1ep",
     learning_rate: float | None = 5e-5,
     context_length: int | None = None,
+    allow_percentage_invalid_samples: float = 0.0,
     micro_batch_size: int = 4,
     global_batch_size: int = 8,
     warmup_steps: int | None = None,
@@ -84,7 +85,8 @@ def finetune(
         model=model, train_data_path=train_data_path, register_to=register_to, task_type=task_type,
         experiment_path=experiment_path, eval_data_path=eval_data_path, eval_prompts=eval_prompts,
         custom_weights_path=custom_weights_path, training_duration=training_duration,
-        learning_rate=learning_rate, context_length=context_length, micro_batch_size=micro_batch_size,
+        learning_rate=learning_rate, context_length=context_length,
+        allow_percentage_invalid_samples=allow_percentage_invalid_samples, micro_batch_size=micro_batch_size,
         global_batch_size=global_batch_size, warmup_steps=warmup_steps, zero_stage=zero_stage, seed=seed,
     )
     record = _name_run(config, run_name, mlflow_run_id)
@@ -94,10 +96,11 @@ def finetune(
     config = validate_paths(config)
     model_dir = resolve_model(config.model)  # the tokenizer, for data preparation; weights converted once
     train_rows = validate_data(name, config.train_data_path, str(model_dir), config.task_type,
-                               config.context_length, mlflow_id)
+                               config.context_length, mlflow_id, config.allow_percentage_invalid_samples,
+                               config.training_duration, config.global_batch_size)
     eval_rows = (
         validate_data(name, config.eval_data_path, str(model_dir), config.task_type, config.context_length,
-                      mlflow_id, split="eval")
+                      mlflow_id, config.allow_percentage_invalid_samples, split="eval")
         if config.eval_data_path else None
     )
     model_dir = init_model(name, config.model, mlflow_id)

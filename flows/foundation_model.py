@@ -4,6 +4,8 @@
     run = fm.create(model="HuggingFaceTB/SmolLM2-135M-Instruct", train_data_path="train.jsonl",
                     register_to="main.demo", training_duration="2ep")
     for event in fm.get_events(run, follow=True): print(event.message)
+
+`fm.validate_data(path, task_type=...)` checks a data set before any run, as `tessera validate` does.
 """
 
 import builtins
@@ -29,6 +31,7 @@ from prefect.states import Cancelled, Cancelling
 
 from flows import services
 from tasks.config import RunConfig, run_name_for
+from tasks.data.validation import DataValidation, validate_data  # noqa: F401  (public API)
 from tasks.errors import InvalidInputError, RunNotFoundError, TooManyActiveRunsError
 from tasks.events import RunEvent, emit, flush, resource_id
 from tasks.models import ModelInfo
@@ -158,6 +161,7 @@ def create(
     context_length: int | None = None,
     validate_inputs: bool = True,
     data_prep_cluster_id: str | None = None,
+    allow_percentage_invalid_samples: float = 0.0,
 ) -> TrainingRun:
     """Submit a fine-tuning run and return at once; it goes on after this process exits."""
     if data_prep_cluster_id is not None:
@@ -168,6 +172,7 @@ def create(
         experiment_path=experiment_path, eval_data_path=eval_data_path, eval_prompts=eval_prompts,
         custom_weights_path=custom_weights_path, training_duration=training_duration,
         learning_rate=learning_rate, context_length=context_length,
+        allow_percentage_invalid_samples=allow_percentage_invalid_samples,
     )
     if validate_inputs:
         config = check_paths(config)

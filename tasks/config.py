@@ -55,6 +55,7 @@ class RunConfig:
     training_duration: str | None = "1ep"
     learning_rate: float | None = 5e-5
     context_length: int | None = None  # None: min(8192, the model's maximum), filled in by validate_paths
+    allow_percentage_invalid_samples: float = 0.0  # Nova's: skip invalid records up to this share of the data
     # Engine knobs: not in the anchor's signature; recipes set them.
     micro_batch_size: int = 4
     global_batch_size: int = 8
@@ -89,6 +90,13 @@ class RunConfig:
             isinstance(self.context_length, bool) or not isinstance(self.context_length, int) or self.context_length < 8
         ):
             raise InvalidInputError(f"context_length {self.context_length!r} must be an integer of at least 8 tokens")
+        share = self.allow_percentage_invalid_samples
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 100:
+            raise InvalidInputError(
+                f"allow_percentage_invalid_samples {share!r} must be a percentage from 0 (any invalid record fails "
+                "the run) to 100"
+            )
+        self.allow_percentage_invalid_samples = float(share)
         if self.eval_prompts is not None and (
             not isinstance(self.eval_prompts, list) or not all(isinstance(p, str) and p for p in self.eval_prompts)
         ):

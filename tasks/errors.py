@@ -1,5 +1,7 @@
 """Typed errors. Each message says what is wrong and how to fix it."""
 
+from pathlib import Path
+
 
 class TesseraError(Exception):
     """Base of every error Tessera raises on purpose."""
@@ -7,6 +9,14 @@ class TesseraError(Exception):
 
 class InvalidInputError(TesseraError, ValueError):
     """An argument, file or record is wrong; nothing has been spent yet."""
+
+
+class InvalidDataError(InvalidInputError):
+    """The data is not fit to train on; the message is the report, `evidence` the folder that backs it."""
+
+    def __init__(self, message: str, evidence: Path | None = None):
+        super().__init__(message)
+        self.evidence = evidence
 
 
 class TooManyActiveRunsError(TesseraError):

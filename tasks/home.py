@@ -23,3 +23,24 @@ def runs_dir() -> Path:
     path = tessera_home() / "runs"
     path.mkdir(exist_ok=True)
     return path
+
+
+def volumes_root() -> str:
+    """Where `dbfs:/Volumes/<catalog>/<schema>/<volume>/...` lives: `TESSERA_VOLUMES_ROOT` (a folder or
+    s3://bucket/prefix), default `TESSERA_HOME/volumes`."""
+    return _data_root("TESSERA_VOLUMES_ROOT", "volumes")
+
+
+def tables_root() -> str:
+    """Where Delta tables `catalog.schema.table` live, as `<root>/<catalog>/<schema>/<table>`:
+    `TESSERA_TABLES_ROOT` (a folder or s3://bucket/prefix), default `TESSERA_HOME/tables`."""
+    return _data_root("TESSERA_TABLES_ROOT", "tables")
+
+
+def _data_root(variable: str, default: str) -> str:
+    value = os.environ.get(variable)
+    if not value:
+        return str(tessera_home() / default)
+    if value.startswith("s3://"):
+        return value.rstrip("/")
+    return str(Path(value).expanduser().resolve())

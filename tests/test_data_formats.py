@@ -1,11 +1,15 @@
 """Validation of training files: every problem named by file, line and field, with a fix, never a traceback."""
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 
-from tasks.data.formats import raise_if_invalid, validate_data_file
+from tasks.config import TaskType
+from tasks.data.formats import normalize, raise_if_invalid, record_problems, validate_data_file, validate_records
+from tasks.data.report import Problem
+from tasks.data.template import TemplateSupport, probe
 from tasks.errors import InvalidInputError
 
 CHAT = "CHAT_COMPLETION"
@@ -144,3 +148,162 @@ def test_bad_arguments_raise_invalid_input(tmp_path, monkeypatch, path, task, ex
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InvalidInputError, match=expected):
         validate_data_file(path, task)
+
+
+def bedrock(*turns: tuple[str, str], system: list[str] | None = None) -> dict:
+    record: dict = {"schemaVersion": "bedrock-conversation-2024"}
+    if system is not None:
+        record["system"] = [{"text": text} for text in system]
+    record["messages"] = [{"role": role, "content": [{"text": text}]} for role, text in turns]
+    return record
+
+
+def at_line_1(field: str, found: str, fix: str) -> Problem:
+    return Problem("t.jsonl", 1, field, found, fix)
+
+
+def test_bedrock_records_become_messages():
+    record = bedrock(("user", "Hi"), ("assistant", "Hello"), system=["Be brief.", "Be kind."])
+    record["messages"][1]["content"].append({"text": "How can I help?"})
+    assert record_problems(record, TaskType.CHAT_COMPLETION, at_line_1) == []
+    assert normalize(record, TaskType.CHAT_COMPLETION) == chat(
+        ("system", "Be brief.\nBe kind."), ("user", "Hi"), ("assistant", "Hello\nHow can I help?"))
+    # No schemaVersion and no system: still Converse, told apart by its content blocks.
+    plain = {"messages": bedrock(("user", "Hi"), ("assistant", "Hello!"))["messages"]}
+    assert normalize(plain, TaskType.CHAT_COMPLETION) == GOOD_CHAT
+    assert normalize(GOOD_CHAT, TaskType.CHAT_COMPLETION) is GOOD_CHAT
+    ift = {"prompt": "Q", "response": "A"}
+    assert normalize(ift, TaskType.INSTRUCTION_FINETUNE) is ift
+
+
+def test_some_invalid_records_are_skipped_when_allowed(tmp_path):
+    bad = chat(("user", "Hi"), ("bot", "Hello"))
+    report = validate_data_file(write_jsonl(tmp_path / "t.jsonl", [GOOD_CHAT] * 18 + [bad] * 2), CHAT)
+    assert not report.acceptable(0) and not report.acceptable(9.99)
+    assert report.acceptable(10) and report.acceptable(100)
+    assert report.render(10).startswith(f"{tmp_path / 't.jsonl'}: skipped 2 of 20 records (10%) that are not valid "
+                                        "CHAT_COMPLETION, as allow_percentage_invalid=10 allows")
+    assert "t.jsonl line 19, field messages[1].role: found 'bot'" in report.render(10)
+    assert "(10%, more than allow_percentage_invalid=5 allows)" in report.render(5)
+    raise_if_invalid(report, allow_percentage_invalid=10)
+    with pytest.raises(InvalidInputError, match="2 of 20 records are not valid"):
+        raise_if_invalid(report, allow_percentage_invalid=5)
+
+
+def test_no_allowance_forgives_a_file_without_valid_records(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert not validate_data_file(tmp_path / "empty.jsonl", CHAT).acceptable(100)
+    all_bad = validate_data_file(write_jsonl(tmp_path / "bad.jsonl", [{"messages": []}]), CHAT)
+    assert not all_bad.acceptable(100)
+
+
+def test_rows_of_tables_are_cited_as_rows():
+    records = [(1, {"prompt": "Q", "response": "A"}), (2, {"prompt": "Q", "answer": "A"})]
+    report = validate_records(records, TaskType.INSTRUCTION_FINETUNE, "catalog.schema.table", "uc://t", unit="row")
+    assert "catalog.schema.table row 2, field answer: found an unexpected key" in report.render()
+
+
+NO_SYSTEM = TemplateSupport("mistralai/Mistral-7B-Instruct-v0.2", system=False, tool=False)
+WITH_TOOL = TemplateSupport("Qwen/Qwen2.5-7B-Instruct", system=True, tool=True)
+
+
+@pytest.mark.parametrize("record, template, expected", [
+    (chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello")), NO_SYSTEM,
+     "field messages[0].role: found 'system'; fold the system text into the first user message, or drop it: the "
+     "chat template of mistralai/Mistral-7B-Instruct-v0.2 takes no system message"),
+    (bedrock(("user", "Hi"), ("assistant", "Hello"), system=["Be brief."]), NO_SYSTEM,
+     "field system: found a system prompt; fold the system text into the first user message"),
+    (chat(("user", "Hi"), ("assistant", "call()"), ("tool", "42"), ("assistant", "42.")), NO_SYSTEM,
+     "field messages[2].role: found 'tool'; remove tool messages: the chat template of "
+     "mistralai/Mistral-7B-Instruct-v0.2 does not render them"),
+    (chat(("user", "Hi"), ("tool", "42"), ("assistant", "42.")), WITH_TOOL,
+     "field messages[1].role: found 'tool'; put tool messages right after the assistant message whose tool call"),
+    (chat(("user", "Hi"), ("assistant", "call()"), ("tool", "42"), ("user", "So?"), ("assistant", "42.")), WITH_TOOL,
+     "field messages[3].role: found 'user'; follow tool messages with the assistant's answer"),
+    (chat(("user", "Hi"), ("assistant", "call()"), ("tool", "42")), WITH_TOOL,
+     "field messages[2].role: found 'tool'; end with an assistant message"),
+    (chat(("user", "Hi"), ("assistant", "call()"), ("Tool", "42"), ("assistant", "42.")), WITH_TOOL,
+     "field messages[2].role: found 'Tool'; use lowercase 'tool'"),
+])
+def test_the_models_template_decides_system_and_tool(record, template, expected):
+    problems = record_problems(record, TaskType.CHAT_COMPLETION, at_line_1, template)
+    assert expected in "\n".join(map(str, problems))
+
+
+def test_tool_messages_pass_where_the_template_renders_them():
+    record = chat(("system", "Use tools."), ("user", "Hi"), ("assistant", "call()"), ("tool", "4"), ("tool", "2"),
+                  ("assistant", "42."), ("user", "Thanks"), ("assistant", "You're welcome."))
+    assert record_problems(record, TaskType.CHAT_COMPLETION, at_line_1, WITH_TOOL) == []
+
+
+# Hand-written templates in the style of real ones, set on a copy of SmolLM2's tokenizer.
+MISTRAL_LIKE = (  # Mistral-7B-Instruct-v0.2's: raises on a system message
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+DROPS_SYSTEM = (  # renders what it knows and silently skips the rest
+    "{% for message in messages %}{% if message['role'] in ['user', 'assistant'] %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+)
+QWEN_LIKE = (  # Qwen2.5's way with tool results: inside a user turn
+    "{% for message in messages %}{% if message['role'] == 'tool' %}"
+    "<|im_start|>user\n<tool_response>\n{{ message['content'] }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def with_template(tokenizer, template: str | None):
+    clone = copy.copy(tokenizer)
+    clone.chat_template = template
+    return clone
+
+
+@pytest.mark.parametrize("template, system, tool", [
+    (None, True, True),  # SmolLM2's own: generic ChatML, which renders any role, tool included
+    (MISTRAL_LIKE, False, False),
+    (DROPS_SYSTEM, False, False),
+    (QWEN_LIKE, True, True),
+])
+def test_the_probe_renders_the_templates_own_way(smollm2_tokenizer, template, system, tool):
+    tokenizer = smollm2_tokenizer if template is None else with_template(smollm2_tokenizer, template)
+    assert probe(tokenizer) == TemplateSupport(smollm2_tokenizer.name_or_path, system=system, tool=tool)
+
+
+def test_a_system_message_for_a_template_without_one_names_the_model(smollm2_tokenizer, tmp_path):
+    support = probe(with_template(smollm2_tokenizer, MISTRAL_LIKE))
+    record = chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"))
+    report = validate_data_file(write_jsonl(tmp_path / "t.jsonl", [GOOD_CHAT, record]), CHAT, support)
+    assert (f"t.jsonl line 2, field messages[0].role: found 'system'; fold the system text into the first user "
+            f"message, or drop it: the chat template of {smollm2_tokenizer.name_or_path} takes no system message"
+            ) in report.render()
+
+
+def test_a_tokenizer_without_a_working_template_is_refused(smollm2_tokenizer):
+    with pytest.raises(InvalidInputError, match="has no chat template"):
+        probe(with_template(smollm2_tokenizer, None))
+    with pytest.raises(InvalidInputError, match="fails on a plain user/assistant conversation"):
+        probe(with_template(smollm2_tokenizer, "{{ raise_exception('no') }}"))
+
+
+def test_reports_of_slices_merge_in_order(tmp_path):
+    bad = chat(("user", "Hi"), ("bot", "Hello"))
+    first = validate_data_file(write_jsonl(tmp_path / "a.jsonl", [bad, bad, GOOD_CHAT]), CHAT)
+    second = validate_data_file(write_jsonl(tmp_path / "b.jsonl", [bad, bad, {"messages": "Hi"}]), CHAT)
+    first.merge(second)
+    assert (first.num_records, first.num_invalid, first.num_file_problems) == (6, 5, 0)
+    assert [p.file for p in first.shown[("messages[].role", "use one of system, user, assistant")]] == \
+        ["a.jsonl", "a.jsonl", "b.jsonl"]
+    assert "... and 1 more like this" in first.render()
+    assert "b.jsonl line 3, field messages: found 'Hi'" in first.render()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tasks.data.pack import pack_examples, pack_stream
-from tasks.data.tokenize import IGNORE, Example, tokenize_chat
+from tasks.data.tokenize import IGNORE, Encoder, Example, tokenize_chat
 
 PAD = 0
 
@@ -56,7 +56,7 @@ def test_a_packed_document_scores_as_if_alone(tiny_model_dir):
          {"role": "assistant", "content": "6"}],
         [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
     ]
-    examples = tokenize_chat(tokenizer, conversations, context_length=256)
+    examples = tokenize_chat(Encoder(tokenizer), conversations, context_length=256)
     row, = pack_examples(examples, context_length=256, pad_id=tokenizer.pad_token_id)
     assert 0 < row.num_tokens < 256  # three documents, then padding
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from tasks.data.prepare import PreparedDataset, prepare_dataset
+from tasks.data.prepare import EVIDENCE, PreparedDataset, prepare_dataset
+from tasks.data.shard import slices as shard_slices
 from tasks.data.tokenize import IGNORE
-from tasks.errors import InvalidInputError
+from tasks.errors import InvalidDataError, InvalidInputError
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +55,7 @@ def test_same_inputs_hit_the_cache_without_tokenizing(tmp_path, tiny_model_dir, 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("a cache hit must not tokenize")
 
-    monkeypatch.setattr("tasks.data.prepare.tokenize_records", no_tokenizing)
+    monkeypatch.setattr("tasks.data.prepare.run_slice", no_tokenizing)
     again = prepare_dataset(f"file://{data}", tiny_model_dir, "CHAT_COMPLETION", 128)
     assert again == first
     assert (again.path / "input_ids.npy").stat().st_mtime_ns == written
@@ -91,11 +92,47 @@ def test_text_folder_is_cut_into_full_rows(tmp_path, tiny_model_dir):
     assert prepare_dataset(str(docs), tiny_model_dir, "CONTINUED_PRETRAIN", 64).path != prepared.path
 
 
-def test_invalid_data_raises_with_the_report_and_leaves_nothing(tmp_path, tiny_model_dir):
+def test_invalid_data_raises_with_the_report_and_keeps_only_the_evidence(tmp_path, tiny_model_dir):
     (tmp_path / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
-    with pytest.raises(InvalidInputError, match="train.jsonl line 1, field messages: found 1 message"):
+    with pytest.raises(InvalidDataError, match="train.jsonl line 1, field messages: found 1 message") as refused:
         prepare_dataset(str(tmp_path / "train.jsonl"), tiny_model_dir, "CHAT_COMPLETION", 64)
+    evidence = refused.value.evidence
+    assert sorted(p.name for p in evidence.iterdir()) == sorted(EVIDENCE)  # no rows, just why
+    assert "line 1, field messages" in (evidence / "report.txt").read_text()
+    assert not json.loads((evidence / "quality.json").read_text())["success"]
     chat_file(tmp_path / "train.jsonl", n=3)
     with pytest.raises(InvalidInputError, match="no example keeps a token to learn from within context_length=8"):
         prepare_dataset(str(tmp_path / "train.jsonl"), tiny_model_dir, "CHAT_COMPLETION", 8)
-    assert [p for p in (tmp_path / "cache" / "prepared").iterdir() if not p.name.startswith(".")] == []
+    assert not list((tmp_path / "cache" / "prepared").glob("*/meta.json"))  # nothing a run could train on
+
+
+def test_worker_processes_give_exactly_what_one_process_gives(tmp_path, tiny_model_dir, monkeypatch):
+    """Slices go to one worker per core; rows, counts and the lines problems cite do not depend on it."""
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"},
+                                      {"role": "assistant", "content": f"A{i}. " * (i % 13 + 1)}]})
+             for i in range(300)]
+    lines[7] = lines[250] = '{"messages": [{"role": "user", "content": "dangling"}]}'
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    prepare = lambda: prepare_dataset(str(tmp_path / "train.jsonl"), tiny_model_dir, "CHAT_COMPLETION", 128,
+                                      allow_percentage_invalid=1)
+    alone = prepare()
+    monkeypatch.setenv("TESSERA_CACHE", str(tmp_path / "cache2"))
+    monkeypatch.setattr("tasks.data.shard.SLICE_BYTES", 2000)  # ~20 slices over both cores
+    monkeypatch.setattr("tasks.data.prepare.slices", lambda *a: shard_slices(*a, size=2000))
+    together = prepare()
+    assert alone.num_invalid == together.num_invalid == 2
+    for name in ("input_ids", "labels", "position_ids"):
+        np.testing.assert_array_equal(load(alone, name), load(together, name))
+    report = (together.path / "report.txt").read_text()
+    assert report == (alone.path / "report.txt").read_text()
+    assert "train.jsonl line 8, field messages" in report and "line 251" in report and "skipped 2 of 300" in report
+
+
+def test_evidence_for_the_user_is_kept_with_the_rows(tmp_path, tiny_model_dir):
+    prepared = prepare_dataset(str(chat_file(tmp_path / "train.jsonl")), tiny_model_dir, "CHAT_COMPLETION", 128)
+    stats = json.loads((prepared.path / "stats.json").read_text())
+    assert stats["num_examples"] == 40 and stats["num_tokens"] == prepared.num_tokens
+    assert stats["warnings"] == []
+    quality = json.loads((prepared.path / "quality.json").read_text())
+    assert quality["success"] and quality["failed"] == []
+    assert (prepared.path / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

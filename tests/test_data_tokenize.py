@@ -5,8 +5,7 @@ import copy
 import numpy as np
 import pytest
 
-from tasks.config import TaskType
-from tasks.data.tokenize import IGNORE, tokenize_chat, tokenize_documents, tokenize_instructions, tokenize_records
+from tasks.data.tokenize import IGNORE, Encoder, tokenize_chat, tokenize_documents, tokenize_instructions
 from tasks.errors import InvalidInputError
 
 
@@ -15,6 +14,11 @@ def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def encoder(tokenizer):
+    return Encoder(tokenizer)
 
 
 def learned_spans(tokenizer, example) -> list[str]:
@@ -34,12 +38,12 @@ def msgs(*turns):
     return [{"role": role, "content": content} for role, content in turns]
 
 
-def test_chat_loss_is_on_assistant_replies_and_their_end_of_turn(tokenizer):
+def test_chat_loss_is_on_assistant_replies_and_their_end_of_turn(tokenizer, encoder):
     conversations = [
         msgs(("user", "Hi there"), ("assistant", "Hello!"), ("user", "2+2?"), ("assistant", " 4 \n")),
         msgs(("system", "Answer in French."), ("user", "Thanks"), ("assistant", "De rien.")),
     ]
-    first, second = tokenize_chat(tokenizer, conversations, context_length=1000)
+    first, second = tokenize_chat(encoder, conversations, context_length=1000)
     assert learned_spans(tokenizer, first) == ["Hello!<|im_end|>", " 4 \n<|im_end|>"]
     assert learned_spans(tokenizer, second) == ["De rien.<|im_end|>"]
     # The ids are the template's own rendering, tokenized once (SmolLM2 adds its default system prompt).
@@ -58,38 +62,56 @@ def test_chat_refuses_templates_it_cannot_label(tokenizer, template, expected):
     other = copy.copy(tokenizer)
     other.chat_template = template
     with pytest.raises(InvalidInputError, match=expected):
-        tokenize_chat(other, [msgs(("user", "Hi"), ("assistant", "Hello"))], context_length=100)
+        tokenize_chat(Encoder(other), [msgs(("user", "Hi"), ("assistant", "Hello"))], context_length=100)
 
 
-def test_instruction_loss_is_on_response_and_eos(tokenizer):
+def test_instruction_loss_is_on_response_and_eos(tokenizer, encoder):
     ift, alias = tokenize_instructions(
-        tokenizer, [{"prompt": "Q: capital of France?\nA:", "response": " Paris"},
+        encoder, [{"prompt": "Q: capital of France?\nA:", "response": " Paris"},
                     {"prompt": "Say hi.", "completion": " Hi"}], context_length=100)
     assert learned_spans(tokenizer, ift) == [" Paris<|im_end|>"]
     assert tokenizer.decode(ift.input_ids) == "Q: capital of France?\nA: Paris<|im_end|>"  # no template
     assert learned_spans(tokenizer, alias) == [" Hi<|im_end|>"]
 
 
-def test_truncation_cuts_to_context_length_and_may_leave_no_loss(tokenizer):
+def test_truncation_cuts_to_context_length_and_may_leave_no_loss(tokenizer, encoder):
     long_answer, long_prompt = tokenize_instructions(
-        tokenizer, [{"prompt": "Q", "response": " word" * 50}, {"prompt": "word " * 50, "response": "A"}],
+        encoder, [{"prompt": "Q", "response": " word" * 50}, {"prompt": "word " * 50, "response": "A"}],
         context_length=10)
     assert len(long_answer) == 10 and long_answer.truncated and long_answer.has_loss
     assert len(long_prompt) == 10 and long_prompt.truncated and not long_prompt.has_loss
-    chat, = tokenize_chat(tokenizer, [msgs(("user", "Hi"), ("assistant", "Hello"))], context_length=8)
+    chat, = tokenize_chat(encoder, [msgs(("user", "Hi"), ("assistant", "Hello"))], context_length=8)
     assert chat.truncated and not chat.has_loss  # the default system prompt alone fills 8 tokens
 
 
-def test_documents_are_whole_with_eos_and_loss_everywhere(tokenizer):
-    doc, empty = tokenize_documents(tokenizer, ["Tessera fine-tunes models. " * 100, ""])
+def test_documents_are_whole_with_eos_and_loss_everywhere(tokenizer, encoder):
+    doc, empty = tokenize_documents(encoder, ["Tessera fine-tunes models. " * 100, ""])
     assert len(doc) > 100 and not doc.truncated  # the packer cuts documents, not the tokenizer
     assert doc.input_ids[-1] == tokenizer.eos_token_id
     np.testing.assert_array_equal(doc.labels, doc.input_ids)
     assert empty.input_ids.tolist() == [tokenizer.eos_token_id] and not empty.has_loss
 
 
-def test_records_are_tokenized_in_batches_in_order(tokenizer, monkeypatch):
-    monkeypatch.setattr("tasks.data.tokenize.BATCH", 3)
-    records = [{"prompt": f"Q{i}", "response": f" A{i}"} for i in range(7)]
-    examples = list(tokenize_records(records, tokenizer, TaskType.INSTRUCTION_FINETUNE, context_length=100))
-    assert [tokenizer.decode(e.input_ids) for e in examples] == [f"Q{i} A{i}<|im_end|>" for i in range(7)]
+def test_pieces_of_a_large_document_get_bos_and_eos_only_at_its_ends(tokenizer, encoder):
+    first, middle, last = (tokenize_documents(encoder, ["Tessera."], lead=lead, eos=eos)[0]
+                           for lead, eos in ((True, False), (False, False), (False, True)))
+    assert first.input_ids[-1] != tokenizer.eos_token_id and last.input_ids[-1] == tokenizer.eos_token_id
+    assert len(first) == len(middle) == len(last) - 1  # SmolLM2 puts no BOS; the EOS is the only extra
+
+
+@pytest.mark.parametrize("text", [
+    "plain ascii, with  two spaces\n\nand lines",
+    "Grüße aus Köln — 東京 🙂🙂 naïve café\r\n\ttabs",
+    " leading space and trailing \n ",
+])
+def test_byte_level_offsets_label_exactly_what_the_tokenizers_offsets_do(encoder, text):
+    """The fast path (token starts from byte lengths) and the tokenizer's own offsets give the same labels."""
+    spans = [(0, len(text) // 3), (len(text) // 2, len(text) - 2)]
+    assert encoder.byte_lengths is not None  # SmolLM2's tokenizer is byte-level BPE
+    (fast_ids, fast_labels), = encoder.labelled([text], [spans])
+    slow = Encoder.__new__(Encoder)
+    slow.tokenizer, slow.backend, slow.byte_lengths = encoder.tokenizer, encoder.backend, None
+    (ids, labels), = slow.labelled([text], [spans])
+    np.testing.assert_array_equal(fast_ids, ids)
+    np.testing.assert_array_equal(fast_labels, labels)
+    assert (labels != IGNORE).any()

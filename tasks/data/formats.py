@@ -1,95 +1,150 @@
-"""The record format of each task type, as the anchor defines it, and validation against it."""
+"""The record format of each task type, as the anchor defines it, plus Amazon Bedrock's Converse format (what the
+Nova SFT recipes read), and validation against it one record at a time: `record_problems` and `normalize` run in
+worker processes on millions of records, so they stay cheap and import nothing heavy.
 
+How a JSON Lines line becomes a record (`parse_line`), where Python's json module is lenient and we are not:
+  - a UTF-8 byte order mark at the start of a line is dropped (editors on Windows write one; it carries no data);
+  - NaN, Infinity and -Infinity are refused: they are not JSON, and other readers (Spark, Bedrock) reject them;
+  - a key given twice in one object is refused: json keeps the last silently, other readers differ, and it is
+    almost always a bug in the script that wrote the file;
+  - nesting too deep for the parser, and lines over MAX_LINE_BYTES, are refused rather than raised;
+  - CRLF line endings are accepted (JSON treats the CR as whitespace), and blank lines are skipped.
+"""
+
+import codecs
+import json
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tasks.data.report import DataReport, Problem
-from tasks.data.sources import Unparsable, local_path, read_documents, read_jsonl, text_files
 from tasks.config import TaskType
+from tasks.data.report import DataReport, Problem
+from tasks.data.sources import Unparsable, local_path, read_documents, text_files
+from tasks.data.template import TemplateSupport
 from tasks.errors import InvalidInputError
 
 ROLES = ("system", "user", "assistant")
+BEDROCK_ROLES = ("user", "assistant")  # Bedrock gives the system prompt in the record's top-level "system" list
+BEDROCK_SCHEMA = "bedrock-conversation-2024"
+# Converse content blocks that carry something other than text; Tessera trains on text only.
+NON_TEXT_BLOCKS = ("image", "video", "document", "toolUse", "toolResult", "reasoningContent", "cachePoint",
+                   "guardContent", "citationsContent")
+MAX_LINE_BYTES = 64 * 2**20  # a longer line is almost always a file without newlines, not one record
+ONE_PER_LINE = "write one JSON object per line"
+BLOCK_EXAMPLE = '{"text": "..."}'
+_ABSENT = object()  # the role of a message that has none, or is not an object
+# (previous turn's role, this one's) that may follow each other; None: no turn yet, after an optional system message.
+_FOLLOWS = {(None, "user"), ("user", "assistant"), ("assistant", "user"), ("assistant", "tool"), ("tool", "tool"),
+            ("tool", "assistant")}
+
+# A checker gets the record and a Problem factory bound to its file and line: at(field, found, fix).
+At = Callable[[str, str, str], Problem]
+
+
+@dataclass(frozen=True)
+class UnreadableLine(Unparsable):
+    """A line parse_line could not turn into a JSON value, with the fix for that particular failure."""
+
+    fix: str = ONE_PER_LINE
+
+
+class _NotJson(ValueError):
+    """Raised from inside the JSON parser for what json accepts but JSON does not allow."""
+
+    def __init__(self, found: str, fix: str):
+        super().__init__(found)
+        self.found, self.fix = found, fix
 
 
 def parse_task_type(value: str) -> TaskType:
+    """The TaskType named `value`, or an error listing them."""
     try:
         return TaskType(value)
     except ValueError:
         raise InvalidInputError(f"unknown task type {value!r}: use one of {', '.join(TaskType)}") from None
 
 
-# A checker gets the record and a Problem factory bound to its file and line: at(field, found, fix).
-At = Callable[[str, str, str], Problem]
+def parse_line(raw: bytes) -> Any:
+    """One line of a JSON Lines file as a JSON value, or an UnreadableLine saying why it is not one."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return UnreadableLine("a UTF-16 byte order mark", "save the file as UTF-8")
+        return UnreadableLine(f"bytes that are not UTF-8 (0x{raw[e.start]:02x} at column {e.start + 1})",
+                              "save the file as UTF-8")
+    text = text.removeprefix("\ufeff")
+    try:
+        return _DECODER.decode(text)
+    except _NotJson as e:
+        return UnreadableLine(e.found, e.fix)
+    except RecursionError:
+        return UnreadableLine("JSON nested too deeply to read", "flatten the record: a record needs a few levels")
+    except json.JSONDecodeError as e:
+        if "\x00" in text:
+            return UnreadableLine("NUL bytes, as in UTF-16 or binary files", "save the file as UTF-8 text")
+        if _split_record(text, e):
+            return UnreadableLine(f"part of a record ({e.msg} at column {e.colno})",
+                                  "write each record whole on one line; a pretty-printed or cut-off file splits it")
+        return UnreadableLine(f"invalid JSON ({e.msg} at column {e.colno})", ONE_PER_LINE)
 
 
-def chat_problems(record: Any, at: At) -> Iterator[Problem]:
-    """{"messages": [...]}: optional system first, then user and assistant alternate, ending with assistant."""
-    if not isinstance(record, dict):
-        yield at("", describe(record), 'write one JSON object per line, like {"messages": [...]}')
-        return
-    yield from _key_problems(record, ("messages",), at)
-    if "messages" not in record:
-        return
-    messages = record["messages"]
-    if not isinstance(messages, list):
-        yield at("messages", describe(messages), "use a list of {role, content} messages")
-        return
-    if len(messages) < 2:
-        yield at("messages", f"{len(messages)} message(s)", "give at least a user message and the assistant's reply")
-    turn = 0  # position among the non-system messages: even ones are the user's, odd ones the assistant's
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            yield at(where, describe(message), "use an object with role and content")
-            turn += 1
-            continue
-        yield from _key_problems(message, ("role", "content"), at, prefix=f"{where}.")
-        role, content = message.get("role"), message.get("content")
-        if "role" in message:
-            yield from _role_problems(role, i, turn, at)
-        if role != "system":
-            turn += 1
-        if "content" in message:
-            if not isinstance(content, str):
-                yield at(f"{where}.content", describe(content), "use a string")
-            elif not content.strip():
-                yield at(f"{where}.content", describe(content), "write the message's text")
-    last = messages[-1] if messages else None
-    if isinstance(last, dict) and last.get("role") in ("system", "user"):
-        yield at(f"messages[{len(messages) - 1}].role", describe(last["role"]),
-                 "end with an assistant message: it is what the model learns to write")
+def read_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """Each non-blank line of a JSON Lines file through parse_line, with its 1-based line number; memory stays
+    bounded by MAX_LINE_BYTES however long a line is."""
+    with path.open("rb") as lines:
+        number = 0
+        while raw := lines.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (rest := lines.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                    pass  # skip to the end of the line, a chunk at a time
+                yield number, UnreadableLine(f"a line longer than {MAX_LINE_BYTES:,} bytes",
+                                             "end each record with a newline: one JSON object per line")
+            elif raw.strip():
+                yield number, parse_line(raw)
 
 
-def instruction_problems(record: Any, at: At) -> Iterator[Problem]:
-    """{"prompt": ..., "response": ...} (or "completion" instead of "response"), both strings."""
-    if not isinstance(record, dict):
-        yield at("", describe(record), 'write one JSON object per line, like {"prompt": "...", "response": "..."}')
-        return
-    yield from _key_problems(record, ("prompt",), at, optional=("response", "completion"))
-    answers = [key for key in ("response", "completion") if key in record]
-    if not answers:
-        yield at("response", "nothing", "add 'response' (or 'completion'): the text the model learns to write")
-    elif len(answers) == 2:
-        yield at("completion", "both 'response' and 'completion'", "keep only one of them")
-    for key in ("prompt", *answers):
-        if key in record and not isinstance(record[key], str):
-            yield at(key, describe(record[key]), "use a string")
+def record_problems(record: Any, task_type: TaskType, at: At, template: TemplateSupport | None = None) -> list[Problem]:
+    """Everything wrong with one record (a parsed line, or a document's text for CONTINUED_PRETRAIN); `template`
+    says which optional roles the model's chat template renders (None: the anchor's roles, system/user/assistant)."""
+    if isinstance(record, UnreadableLine):
+        return [at("", record.error, record.fix)]
+    if isinstance(record, Unparsable):
+        return [at("", record.error, "save the file as UTF-8 text" if task_type is TaskType.CONTINUED_PRETRAIN
+                   else ONE_PER_LINE)]
+    if task_type is TaskType.CHAT_COMPLETION:
+        check = _bedrock_problems if _is_bedrock(record) else _chat_problems
+        return list(check(record, at, template))
+    if task_type is TaskType.INSTRUCTION_FINETUNE:
+        return list(_instruction_problems(record, at))
+    if not record.lstrip("\ufeff").strip():  # a UTF-8 byte order mark is no text
+        return [at("", "an empty document", "write the document's text, or remove the file")]
+    return []
 
 
-def validate_records(records: Iterable[tuple[int, Any]], task_type: TaskType, name: str, source: str) -> DataReport:
-    """Check every (line, record) pair of a JSONL-like source; `name` is the file name the messages cite."""
-    check = chat_problems if task_type is TaskType.CHAT_COMPLETION else instruction_problems
+def normalize(record: dict, task_type: TaskType) -> dict:
+    """A valid record in the canonical shape: a Bedrock conversation becomes {"messages": [...]}, text blocks
+    joined by newlines as vLLM joins text parts; every other record comes back as it is."""
+    if task_type is not TaskType.CHAT_COMPLETION or not _is_bedrock(record):
+        return record
+    system = _joined(record.get("system", []))
+    head = [{"role": "system", "content": system}] if system else []
+    return {"messages": head + [{"role": m["role"], "content": _joined(m["content"])} for m in record["messages"]]}
+
+
+def validate_records(records: Iterable[tuple[int, Any]], task_type: TaskType, name: str, source: str,
+                     template: TemplateSupport | None = None, unit: str = "line") -> DataReport:
+    """Check every (line, record) pair of a JSONL-like source; `name` is the file name the messages cite, and
+    `unit` what its numbers count ("row" for tables)."""
     report = DataReport(source, task_type)
     for line, record in records:
-        at = partial(Problem, name, line)
-        if isinstance(record, Unparsable):
-            report.add_record([at("", record.error, "write one JSON object per line")])
-        else:
-            report.add_record(list(check(record, at)))
+        report.add_record(record_problems(record, task_type, partial(Problem, name, line, unit=unit), template))
     if report.num_records == 0:
-        report.add_problem(Problem(name, None, "", "no records", "write one JSON object per line"))
+        report.add_problem(Problem(name, None, "", "no records", ONE_PER_LINE))
     return report
 
 
@@ -104,14 +159,11 @@ def validate_documents(path: Path, source: str) -> DataReport:
         report.add_problem(Problem(path.name, None, "", "no .txt files", "put each document in a .txt file"))
         return report
     for name, text in read_documents(path):
-        if isinstance(text, Unparsable):
-            report.add_record([Problem(name, None, "", text.error, "save the file as UTF-8 text")])
-        else:
-            report.add_record([])
+        report.add_record(record_problems(text, TaskType.CONTINUED_PRETRAIN, partial(Problem, name, None)))
     return report
 
 
-def validate_data_file(path: str | Path, task_type: str) -> DataReport:
+def validate_data_file(path: str | Path, task_type: str, template: TemplateSupport | None = None) -> DataReport:
     """Check a local training file (or folder, for CONTINUED_PRETRAIN) against its task type's format."""
     task = parse_task_type(task_type)
     local = local_path(path)
@@ -124,12 +176,13 @@ def validate_data_file(path: str | Path, task_type: str) -> DataReport:
             f"training data {path} is a folder: {task} reads one JSONL file "
             "(folders of .txt files are for CONTINUED_PRETRAIN)"
         )
-    return validate_records(read_jsonl(local), task, local.name, str(path))
+    return validate_records(read_records(local), task, local.name, str(path), template)
 
 
-def raise_if_invalid(report: DataReport) -> None:
-    if not report.ok:
-        raise InvalidInputError(report.render())
+def raise_if_invalid(report: DataReport, allow_percentage_invalid: float = 0.0) -> None:
+    """Raise the rendered report unless the data is trainable with that share of invalid records skipped."""
+    if not report.acceptable(allow_percentage_invalid):
+        raise InvalidInputError(report.render(allow_percentage_invalid))
 
 
 def describe(value: Any) -> str:
@@ -140,25 +193,191 @@ def describe(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and value != value:
+        return "NaN"  # pandas' missing value, in records from tables
     if isinstance(value, (int, float)):
         return f"the number {value}"
     return "a list" if isinstance(value, list) else "an object"
 
 
-def _role_problems(role: Any, i: int, turn: int, at: At) -> Iterator[Problem]:
-    where = f"messages[{i}].role"
-    expected = ("user", "assistant")[turn % 2]
-    if role not in ROLES:
-        yield at(where, describe(role), f"use one of {', '.join(ROLES)}")
-    elif role == "system" and i > 0:
-        yield at(where, "'system'", "only the first message may be a system message")
-    elif role not in ("system", expected):
-        yield at(where, describe(role),
-                 f"expected {expected!r}: after an optional system message, turns go user, assistant, user, ...")
+def _chat_problems(record: Any, at: At, template: TemplateSupport | None) -> Iterator[Problem]:
+    """{"messages": [...]}: optional system first, then user and assistant alternate, ending with assistant;
+    tool messages answer an assistant message where the template renders them."""
+    if not isinstance(record, dict):
+        yield at("", describe(record), f'{ONE_PER_LINE}, like {{"messages": [...]}}')
+        return
+    if "messages" not in record and "prompt" in record:
+        yield at("", "a prompt/response record", 'use task_type INSTRUCTION_FINETUNE, or write {"messages": [...]}')
+        return
+    yield from _key_problems(record, ("messages",), at)
+    allowed = (*ROLES, "tool") if template and template.tool else ROLES
+    yield from _messages_problems(record, _text_problems, allowed, at, template)
+
+
+def _text_problems(content: Any, where: str, at: At) -> Iterator[Problem]:
+    """A chat message's content: a string with some text in it."""
+    if isinstance(content, list):
+        yield at(where, "a list", "use a string: join the text parts into one")
+    elif not isinstance(content, str):
+        yield at(where, describe(content), "use a string")
+    elif not content.strip():
+        yield at(where, describe(content), "write the message's text")
+
+
+def _bedrock_problems(record: dict, at: At, template: TemplateSupport | None) -> Iterator[Problem]:
+    """Bedrock's Converse format: {"schemaVersion": ..., "system": [blocks], "messages": [{role, content: [blocks]}]},
+    roles user and assistant, text blocks only."""
+    yield from _key_problems(record, ("messages",), at, optional=("schemaVersion", "system"))
+    if "schemaVersion" in record and record["schemaVersion"] != BEDROCK_SCHEMA:
+        yield at("schemaVersion", describe(record["schemaVersion"]),
+                 f"write {BEDROCK_SCHEMA!r}, or leave schemaVersion out")
+    if "system" in record:
+        system = record["system"]
+        if not isinstance(system, list):
+            yield at("system", describe(system), f"use a list of text blocks, like [{BLOCK_EXAMPLE}]")
+        elif system:
+            problems = _blocks_problems(system, "system", at)
+            yield from problems
+            if not problems and not _joined(system).strip():
+                yield at("system", describe(_joined(system)), "write the system prompt's text, or leave system out")
+            elif not problems and template and not template.system:
+                yield at("system", "a system prompt", _no_system_fix(template))
+    yield from _messages_problems(record, _blocks_content_problems, BEDROCK_ROLES, at, template)
+
+
+def _blocks_content_problems(content: Any, where: str, at: At) -> Iterator[Problem]:
+    """A Converse message's content: a list of text blocks with some text in them."""
+    if not isinstance(content, list):
+        yield at(where, describe(content), f"use a list of content blocks, like [{BLOCK_EXAMPLE}]")
+    elif not content:
+        yield at(where, "an empty list", f"add a text block, like {BLOCK_EXAMPLE}")
+    else:
+        problems = _blocks_problems(content, where, at)
+        yield from problems
+        if not problems and not _joined(content).strip():
+            yield at(where, describe(_joined(content)), "write the message's text")
+
+
+def _messages_problems(record: dict, content_problems: Callable[[Any, str, At], Iterator[Problem]],
+                       allowed: tuple[str, ...], at: At, template: TemplateSupport | None) -> Iterator[Problem]:
+    """The conversation under "messages": at least two messages, each exactly role and content, in turn."""
+    if "messages" not in record:
+        return
+    messages = record["messages"]
+    if not isinstance(messages, list):
+        yield at("messages", describe(messages), "use a list of {role, content} messages")
+        return
+    if len(messages) < 2:
+        yield at("messages", f"{len(messages)} message(s)", "give at least a user message and the assistant's reply")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            yield at(where, describe(message), "use an object with role and content")
+            continue
+        yield from _key_problems(message, ("role", "content"), at, prefix=f"{where}.")
+        if "content" in message:
+            yield from content_problems(message["content"], f"{where}.content", at)
+    roles = [message.get("role", _ABSENT) if isinstance(message, dict) else _ABSENT for message in messages]
+    yield from _turn_problems(roles, allowed, at, template)
+
+
+def _blocks_problems(blocks: list, where: str, at: At) -> list[Problem]:
+    """Each content block exactly {"text": "..."}."""
+    return [problem for j, block in enumerate(blocks) for problem in _block_problems(block, f"{where}[{j}]", at)]
+
+
+def _block_problems(block: Any, where: str, at: At) -> Iterator[Problem]:
+    """One Converse content block: exactly {"text": "..."}; other kinds are named, not called unexpected keys."""
+    if not isinstance(block, dict):
+        yield at(where, describe(block), f"use a text block, like {BLOCK_EXAMPLE}")
+        return
+    kinds = [key for key in block if key in NON_TEXT_BLOCKS]
+    if kinds:
+        yield at(where, f"a non-text block ({kinds[0]})",
+                 f"remove it, or give its text as {BLOCK_EXAMPLE}: Tessera trains on text only")
+        return
+    yield from _key_problems(block, ("text",), at, prefix=f"{where}.")
+    if "text" in block and not isinstance(block["text"], str):
+        yield at(f"{where}.text", describe(block["text"]), "use a string")
+
+
+def _instruction_problems(record: Any, at: At) -> Iterator[Problem]:
+    """{"prompt": ..., "response": ...} (or "completion" instead of "response"), both strings."""
+    if not isinstance(record, dict):
+        yield at("", describe(record), f'{ONE_PER_LINE}, like {{"prompt": "...", "response": "..."}}')
+        return
+    if "prompt" not in record and "messages" in record:
+        yield at("", "a conversation", 'use task_type CHAT_COMPLETION, or write {"prompt": "...", "response": "..."}')
+        return
+    yield from _key_problems(record, ("prompt",), at, optional=("response", "completion"))
+    answers = [key for key in ("response", "completion") if key in record]
+    if not answers:
+        yield at("response", "nothing", "add 'response' (or 'completion'): the text the model learns to write")
+    elif len(answers) == 2:
+        yield at("completion", "both 'response' and 'completion'", "keep only one of them")
+    for key in ("prompt", *answers):
+        if key in record and not isinstance(record[key], str):
+            yield at(key, describe(record[key]), "use a string")
+
+
+def _turn_problems(roles: list[Any], allowed: tuple[str, ...], at: At,
+                   template: TemplateSupport | None) -> Iterator[Problem]:
+    """Each role is allowed and in its place. After a role that is itself wrong, the next is not judged by it."""
+    previous: str | None = None  # the last turn's role; None before the first; "?" after a wrong or missing one
+    for i, role in enumerate(roles):
+        where = f"messages[{i}].role"
+        if role is _ABSENT:  # a missing role or message, reported where it is missing
+            previous = "?"
+        elif role not in allowed:
+            yield at(where, describe(role), _role_fix(role, allowed, template))
+            previous = "?"
+        elif role == "system":
+            if i > 0:
+                yield at(where, "'system'", "only the first message may be a system message")
+            elif template and not template.system:
+                yield at(where, "'system'", _no_system_fix(template))
+        else:
+            if fix := _order_fix(previous, role):
+                yield at(where, describe(role), fix)
+            previous = role
+    last = roles[-1] if roles else None
+    if last in allowed and last != "assistant":
+        yield at(f"messages[{len(roles) - 1}].role", describe(last),
+                 "end with an assistant message: it is what the model learns to write")
+
+
+def _order_fix(previous: str | None, role: str) -> str | None:
+    """What is wrong with `role` right after `previous`, if anything."""
+    if previous == "?" or (previous, role) in _FOLLOWS:
+        return None
+    if role == "tool":
+        return "put tool messages right after the assistant message whose tool call they answer"
+    if previous == "tool":
+        return "follow tool messages with the assistant's answer"
+    expected = "assistant" if previous == "user" else "user"
+    return f"expected {expected!r}: after an optional system message, turns go user, assistant, user, ..."
+
+
+def _role_fix(role: Any, allowed: tuple[str, ...], template: TemplateSupport | None) -> str:
+    """The fix for a role that is not one of `allowed`, as close to what the writer meant as can be told."""
+    if isinstance(role, str) and role.lower() in allowed:
+        return f"use lowercase {role.lower()!r}"
+    if role == "system":  # only Bedrock has roles without system
+        return f'put the system prompt in the record\'s "system" list, like "system": [{BLOCK_EXAMPLE}]'
+    if role == "tool" and template:
+        return f"remove tool messages: the chat template of {template.model} does not render them"
+    return f"use one of {', '.join(allowed)}"
+
+
+def _no_system_fix(template: TemplateSupport) -> str:
+    """The fix for a system prompt the model's template cannot render."""
+    return (f"fold the system text into the first user message, or drop it: the chat template of {template.model} "
+            "takes no system message")
 
 
 def _key_problems(obj: dict, required: tuple[str, ...], at: At, prefix: str = "",
                   optional: tuple[str, ...] = ()) -> Iterator[Problem]:
+    """Required keys that are missing, and keys that are neither required nor optional."""
     allowed = required + optional
     for key in required:
         if key not in obj:
@@ -167,3 +386,47 @@ def _key_problems(obj: dict, required: tuple[str, ...], at: At, prefix: str = ""
         if key not in allowed:
             yield at(prefix + str(key), "an unexpected key",
                      f"remove it; the keys allowed here are {', '.join(allowed)}")
+
+
+def _is_bedrock(record: Any) -> bool:
+    """A Converse record: it names its schemaVersion, or gives some message's content as Converse blocks (objects
+    without the "type" of OpenAI's content parts)."""
+    if not isinstance(record, dict):
+        return False
+    if "schemaVersion" in record:
+        return True
+    messages = record.get("messages")
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(c := m.get("content"), list) and c and isinstance(c[0], dict)
+        and "type" not in c[0] for m in messages)
+
+
+def _joined(blocks: list[dict]) -> str:
+    """The text of valid Converse text blocks, one block per line."""
+    return "\n".join(block["text"] for block in blocks)
+
+
+def _split_record(text: str, error: json.JSONDecodeError) -> bool:
+    """Whether the line looks like a piece of a record written over several lines, or cut off: it ends inside
+    the value, is a `"key": value` line, or closes an object or list."""
+    return (error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string")
+            or (error.msg == "Extra data" and text[error.pos] == ":") or text.lstrip().startswith(("}", "]")))
+
+
+def _reject_constant(name: str) -> Any:
+    """json's hook for NaN, Infinity and -Infinity."""
+    raise _NotJson(f"{name}, which is not JSON",
+                   "write a string or null in its place (pandas writes NaN for missing values)")
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    """json's hook for each object: a dict, unless a key repeats."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        key = next(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+        raise _NotJson(f"the key {key!r} twice in one object",
+                       "keep one of them: JSON readers disagree on which one counts")
+    return obj
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_object)

@@ -1,38 +1,55 @@
-"""A training file turned into packed rows on disk, once: cached by the data, the tokenizer and the settings.
+"""A data set turned into packed rows on disk, once: cached by the data, the tokenizer and the settings.
 
-A prepared folder holds input_ids.npy, labels.npy and position_ids.npy (int32, [num_rows, context_length])
-and meta.json (the PreparedDataset fields but path)."""
+Slices of the data are validated and tokenized in worker processes (one per core); the parent packs their
+examples in file order, so the result is the same whatever the number of workers. A prepared folder holds
+input_ids.npy, labels.npy and position_ids.npy (int32, [num_rows, context_length]), meta.json (the
+PreparedDataset fields but path), and the evidence a user reads: report.txt, stats.json, quality.json
+(the great-expectations result) and lengths.png. A rejected data set keeps its evidence in `<key>.rejected`."""
 
 import fcntl
 import hashlib
 import json
+import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 import numpy as np
-from transformers import AutoTokenizer
+import pandas as pd
 
 from tasks.config import TaskType
-from tasks.data.formats import parse_task_type, raise_if_invalid, validate_data_file
+from tasks.data.formats import parse_task_type
 from tasks.data.pack import pack_examples, pack_stream
-from tasks.data.sources import local_path, read_documents, read_jsonl, text_files
-from tasks.data.tokenize import IGNORE, Example, tokenize_records
-from tasks.errors import InvalidInputError
+from tasks.data.quality import run_suite
+from tasks.data.report import DataReport, Problem
+from tasks.data.shard import Slice, SliceJob, SliceResult, encoder_for, offset_lines, run_slice, slices
+from tasks.data.stats import TokenStats
+from tasks.data.template import probe
+from tasks.data.tokenize import IGNORE, Example
+from tasks.errors import InvalidDataError, InvalidInputError
 from tasks.home import cache_dir
+from tasks.storage import LocalData, fetch
 
-FORMAT_VERSION = 1  # bump when tokenization or packing changes, so older prepared folders are not reused
+FORMAT_VERSION = 2  # bump when tokenization or packing changes, so older prepared folders are not reused
 ARRAYS = ("input_ids", "labels", "position_ids")
 # The files that decide how text becomes tokens (the chat template is in chat_template.jinja or tokenizer_config.json).
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.*",
                    "merges.txt")
+EVIDENCE = ("report.txt", "stats.json", "quality.json", "lengths.png")  # what a user reads about their data
+IN_FLIGHT_PER_WORKER = 2  # slices queued ahead of the packer: keeps workers busy, bounds memory
 
 
 @dataclass(frozen=True)
 class PreparedDataset:
     path: Path
+    num_records: int  # records read, valid or not
+    num_invalid: int  # records skipped as invalid (only when allow_percentage_invalid permits it)
     num_examples: int  # packed; dropped ones excluded
     num_dropped: int  # examples left with no token to learn from after truncation
     num_truncated: int
@@ -42,7 +59,7 @@ class PreparedDataset:
     context_length: int
     packing_efficiency: float  # num_tokens / (num_rows * context_length)
     task_type: str
-    source: str  # the path it was first prepared from; the cache is shared by identical content
+    source: str  # the data path it was first prepared from; the cache is shared by identical content
     content_hash: str
 
     @classmethod
@@ -50,14 +67,15 @@ class PreparedDataset:
         return cls(path=path, **json.loads((path / "meta.json").read_text()))
 
 
-def prepare_dataset(data_path: str, model_dir: Path, task_type: str, context_length: int) -> PreparedDataset:
-    """Validate, tokenize and pack `data_path` for the model's tokenizer, or return the cached result."""
+def prepare_dataset(data_path: str, model_dir: Path, task_type: str, context_length: int,
+                    allow_percentage_invalid: float = 0.0, field: str = "data_path") -> PreparedDataset:
+    """Validate, tokenize and pack `data_path` for the model's tokenizer, or return the cached result.
+
+    Raises InvalidDataError, whose message is the report, when the data is not fit to train on."""
     task = parse_task_type(task_type)
-    source = local_path(data_path)
-    if not source.exists():
-        raise InvalidInputError(f"training data {data_path} does not exist: check the path")
-    content = content_hash(source, task)
-    key = _sha256(json.dumps([FORMAT_VERSION, content, tokenizer_hash(model_dir), context_length, task]))
+    data = fetch(data_path, task, field)  # `field`: the argument an error about the source names
+    key = _sha256(json.dumps([FORMAT_VERSION, data.fingerprint, tokenizer_hash(model_dir), context_length, task,
+                              allow_percentage_invalid]))
     target = cache_dir() / "prepared" / key
     if (target / "meta.json").is_file():
         return PreparedDataset.load(target)
@@ -66,40 +84,129 @@ def prepare_dataset(data_path: str, model_dir: Path, task_type: str, context_len
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runs on the same data prepare it once
         if (target / "meta.json").is_file():
             return PreparedDataset.load(target)
-        raise_if_invalid(validate_data_file(data_path, task))
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         staging = target.with_name(f"{key}.partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            examples = tokenize_records(_records(source, task), tokenizer, task, context_length)
-            counts = _write_rows(staging, examples, task, context_length, pad_id)
-            if counts["num_rows"] == 0:
-                raise InvalidInputError(
-                    f"{data_path}: no example keeps a token to learn from within context_length={context_length}; "
-                    "raise context_length or shorten the prompts"
-                )
-            efficiency = round(counts["num_tokens"] / (counts["num_rows"] * context_length), 4)
-            meta = dict(counts, context_length=context_length, packing_efficiency=efficiency, task_type=str(task),
-                        source=str(data_path), content_hash=content)
+            meta = _prepare(data, Path(model_dir), task, context_length, allow_percentage_invalid, staging)
+            meta |= dict(source=str(data_path), content_hash=data.fingerprint)
             (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+            shutil.rmtree(target.with_name(f"{key}.rejected"), ignore_errors=True)
             staging.rename(target)  # atomic: a folder with meta.json under its final name is complete
+        except InvalidDataError as e:
+            rejected = target.with_name(f"{key}.rejected")
+            shutil.rmtree(rejected, ignore_errors=True)
+            for name in ARRAYS:
+                (staging / f"{name}.npy").unlink(missing_ok=True)
+            staging.rename(rejected)
+            raise InvalidDataError(str(e), evidence=rejected) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return PreparedDataset.load(target)
 
 
-def content_hash(source: Path, task_type: TaskType) -> str:
-    """sha256 of the data: the file, or for a folder every .txt file's name and content in sorted order."""
-    digest = hashlib.sha256()
-    files = text_files(source) if task_type is TaskType.CONTINUED_PRETRAIN else [source]
-    for file in files:
-        if source.is_dir():
-            digest.update(str(file.relative_to(source)).encode() + b"\0")
-        with file.open("rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
+def _prepare(data: LocalData, model_dir: Path, task: TaskType, context_length: int, allow_percentage_invalid: float,
+             folder: Path) -> dict:
+    """Write the rows and the evidence into `folder`; return the counts for meta.json."""
+    tokenizer = encoder_for(str(model_dir)).tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    template = probe(tokenizer) if task is TaskType.CHAT_COMPLETION else None
+    report = DataReport(data.uri, task)
+    parts = _parts(data, task, report)
+    stats = TokenStats(context_length)
+    quality: list[dict[str, np.ndarray]] = []
+    failing = [not report.acceptable(allow_percentage_invalid)]  # once bound to fail, workers only report
+
+    def job(part: Slice) -> SliceJob:
+        return SliceJob(part, task, context_length, template, tokenize=not failing[0])
+
+    def examples() -> Iterator[Example]:
+        lines_read: dict[Path, int] = {}  # per file, in file order: a folder of documents has many
+        for part, result in _results(parts, job, str(model_dir)):
+            result = offset_lines(result, lines_read.setdefault(part.path, 0))
+            lines_read[part.path] += result.num_lines
+            if task is TaskType.CONTINUED_PRETRAIN:  # a document is a file: the suite numbers documents
+                result.quality["line"][:] = len(lines_read)
+            report.merge(result.report)
+            quality.append(result.quality)
+            stats.add(*_example_counts(result.examples))
+            failing[0] = allow_percentage_invalid == 0 and not report.ok
+            yield from (example for example in result.examples if example.has_loss)
+
+    pack = pack_stream if task is TaskType.CONTINUED_PRETRAIN else pack_examples
+    counts = _write_rows(folder, pack(examples(), context_length, pad_id), context_length)
+
+    frame = pd.DataFrame({name: np.concatenate([q[name] for q in quality]) for name in quality[0]}) if quality \
+        else pd.DataFrame()
+    suite = run_suite(frame, task, context_length)
+    quality_json = {"success": suite.success, "failed": suite.failed, "warnings": suite.warnings,
+                    "result": suite.result}
+    (folder / "quality.json").write_text(json.dumps(quality_json, indent=1, default=str))
+    stats.histogram_png(folder / "lengths.png")
+    (folder / "stats.json").write_text(json.dumps(dict(stats.to_dict(), warnings=stats.warnings(task)), indent=2))
+    (folder / "report.txt").write_text(report.render(allow_percentage_invalid) + "\n")
+    if not report.acceptable(allow_percentage_invalid):
+        raise InvalidDataError(report.render(allow_percentage_invalid))
+    if counts["num_rows"] == 0:
+        raise InvalidDataError(
+            f"{data.uri}: no example keeps a token to learn from within context_length={context_length}; "
+            "raise context_length or shorten the prompts"
+        )
+    return dict(
+        counts, num_records=report.num_records, num_invalid=report.num_invalid,
+        num_examples=stats.num_examples, num_dropped=stats.num_dropped,
+        num_truncated=stats.num_truncated, context_length=context_length, task_type=str(task),
+        packing_efficiency=round(counts["num_tokens"] / (counts["num_rows"] * context_length), 4),
+    )
+
+
+def _parts(data: LocalData, task: TaskType, report: DataReport) -> list[Slice]:
+    """The slices to read; problems with the source as a whole go straight into the report."""
+    if task is not TaskType.CONTINUED_PRETRAIN:
+        if data.path.stat().st_size == 0:
+            report.add_problem(Problem(data.name, None, "", "an empty file", "write one JSON object per line"))
+        return slices(data.path, data.name, data.unit)
+    if data.path.is_file():
+        if data.path.suffix != ".txt":
+            report.add_problem(Problem(data.name, None, "", f"a {data.path.suffix or 'extensionless'} file",
+                                       "use a .txt file, or a folder of .txt files"))
+            return []
+        return slices(data.path, data.name, "line")
+    files = sorted(p for p in data.path.rglob("*.txt") if p.is_file())
+    if not files:
+        report.add_problem(Problem(data.name, None, "", "no .txt files", "put each document in a .txt file"))
+    return [part for file in files for part in slices(file, str(file.relative_to(data.path)), "line")]
+
+
+def _results(parts: list[Slice], job: Callable[[Slice], SliceJob], model_dir: str
+             ) -> Iterator[tuple[Slice, SliceResult]]:
+    """Each slice with its result, in order. One slice runs here; more go to one worker process per core."""
+    workers = min(len(parts), len(os.sched_getaffinity(0)))
+    if workers <= 1:
+        for part in parts:
+            yield part, run_slice(job(part), model_dir)
+        return
+    # fork: workers inherit the imported libraries, so a pool starts in milliseconds, not seconds
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_single_threaded) as pool:
+        remaining = iter(parts)
+        pending = deque((p, pool.submit(run_slice, job(p), model_dir))
+                        for p in islice(remaining, workers * IN_FLIGHT_PER_WORKER))
+        while pending:
+            part, future = pending.popleft()
+            yield part, future.result()  # the consumer may decide here that later slices need no tokenizing
+            pending.extend((p, pool.submit(run_slice, job(p), model_dir)) for p in islice(remaining, 1))
+
+
+def _example_counts(examples: list[Example]) -> tuple[np.ndarray, ...]:
+    """Per example: length, loss tokens, truncated, dropped (no token left to learn from)."""
+    loss = np.array([int((e.labels[1:] != IGNORE).sum()) for e in examples], dtype=np.int64)
+    return (np.array([len(e) for e in examples], dtype=np.int64), loss,
+            np.array([e.truncated for e in examples], dtype=bool), loss == 0)
+
+
+def _single_threaded() -> None:
+    """One worker per core already: the tokenizer's own thread pool would only contend with its siblings."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def tokenizer_hash(model_dir: Path) -> str:
@@ -110,30 +217,11 @@ def tokenizer_hash(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _records(source: Path, task_type: TaskType) -> Iterator[Any]:
-    if task_type is TaskType.CONTINUED_PRETRAIN:
-        return (text for _, text in read_documents(source))
-    return (record for _, record in read_jsonl(source))
-
-
-def _write_rows(folder: Path, examples: Iterable[Example], task_type: TaskType, context_length: int,
-                pad_id: int) -> dict[str, int]:
-    counts = dict.fromkeys(("num_examples", "num_dropped", "num_truncated", "num_tokens", "num_loss_tokens",
-                            "num_rows"), 0)
-
-    def kept(examples: Iterable[Example]) -> Iterator[Example]:
-        for example in examples:
-            counts["num_truncated"] += example.truncated
-            if example.has_loss:
-                counts["num_examples"] += 1
-                yield example
-            else:
-                counts["num_dropped"] += 1
-
-    pack = pack_stream if task_type is TaskType.CONTINUED_PRETRAIN else pack_examples
+def _write_rows(folder: Path, rows: Iterable, context_length: int) -> dict[str, int]:
+    counts = dict.fromkeys(("num_tokens", "num_loss_tokens", "num_rows"), 0)
     files = {name: _RowsFile(folder / f"{name}.npy", context_length) for name in ARRAYS}
     try:
-        for row in pack(kept(examples), context_length, pad_id):
+        for row in rows:
             for name in ARRAYS:
                 files[name].append(getattr(row, name))
             counts["num_rows"] += 1

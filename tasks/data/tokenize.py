@@ -1,19 +1,21 @@
 """Token ids and loss labels per example: the assistant's turns for chat, the response for instructions,
-everything for continued pretraining. Tokenizes in batches, since one fast-tokenizer call per example is slow."""
+everything for continued pretraining.
 
-from collections.abc import Iterable, Iterator, Sequence
+Loss spans are found in the text, then mapped to tokens by where each token starts. Asking the tokenizer for
+character offsets costs more than the tokenization itself, so for byte-level BPE tokenizers (GPT-2, Llama 3,
+Qwen, SmolLM) a token's start is the running sum of the byte lengths its predecessors decode to; each example
+checks that the lengths add up to its text, and anything else takes the tokenizer's offsets."""
+
+from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import islice
-from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from tasks.config import TaskType
 from tasks.errors import InvalidInputError
 
 IGNORE = -100  # the label of tokens the loss skips (cross-entropy's ignore_index)
-BATCH = 512
+_PROBE = "Héllo wörld!  Ünïcödé 東京 🙂\n\n\tcode:  x = [1, 2]\r\n"
 
 
 @dataclass(frozen=True)
@@ -31,27 +33,86 @@ class Example:
         return bool((self.labels[1:] != IGNORE).any())
 
 
-def tokenize_records(records: Iterable[Any], tokenizer: PreTrainedTokenizerBase, task_type: TaskType,
-                     context_length: int) -> Iterator[Example]:
-    """Examples from validated records: chat and instruction examples cut to context_length; whole documents
-    for continued pretraining (the packer cuts those)."""
-    for batch in _batches(records, BATCH):
-        if task_type is TaskType.CHAT_COMPLETION:
-            yield from tokenize_chat(tokenizer, [r["messages"] for r in batch], context_length)
-        elif task_type is TaskType.INSTRUCTION_FINETUNE:
-            yield from tokenize_instructions(tokenizer, batch, context_length)
-        else:
-            yield from tokenize_documents(tokenizer, batch)
+Span = tuple[int, int]  # [start, end) in characters of the example's text
 
 
-def tokenize_chat(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[dict]],
-                  context_length: int) -> list[Example]:
-    """The model's own chat template; loss on each assistant reply and the end-of-turn token(s) after it.
+class Encoder:
+    """A fast tokenizer, with what it takes to label spans of text quickly."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        if not tokenizer.is_fast:
+            raise InvalidInputError(f"{tokenizer.name_or_path} has no fast tokenizer (tokenizer.json); Tessera needs one")
+        self.tokenizer = tokenizer
+        self.backend = tokenizer.backend_tokenizer
+        self.byte_lengths = _byte_lengths(tokenizer)
+
+    def labelled(self, texts: Sequence[str], spans: Sequence[Sequence[Span]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(input_ids, labels) of each text, with loss on the tokens that start inside one of its spans."""
+        out = []
+        fast = self.backend.encode_batch_fast(list(texts), add_special_tokens=False) if self.byte_lengths is not None \
+            else [None] * len(texts)
+        for text, text_spans, encoding in zip(texts, spans, fast):
+            starts = None
+            if encoding is not None:
+                ids = np.asarray(encoding.ids, dtype=np.int32)
+                ends = np.cumsum(self.byte_lengths[ids])
+                raw = text.encode()
+                if len(ids) == 0 or ends[-1] == len(raw):
+                    starts = ends - self.byte_lengths[ids]
+                    text_spans = _byte_spans(text, text_spans)
+            if starts is None:  # not byte-level, or this text decodes differently: ask for offsets
+                encoding = self.backend.encode(text, add_special_tokens=False)
+                ids = np.asarray(encoding.ids, dtype=np.int32)
+                starts = np.fromiter((start for start, _ in encoding.offsets), dtype=np.int64, count=len(ids))
+            learn = np.zeros(len(ids), dtype=bool)
+            for start, end in text_spans:
+                learn |= (starts >= start) & (starts < end)
+            out.append((ids, np.where(learn, ids, IGNORE).astype(np.int32)))
+        return out
+
+    def ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+
+def _byte_lengths(tokenizer: PreTrainedTokenizerBase) -> np.ndarray | None:
+    """Bytes each token id decodes to, if the tokenizer is lossless byte-level BPE; else None.
+
+    In byte-level vocabularies each character of a token stands for one byte; added tokens are their UTF-8 text.
+    The table is trusted only if it reproduces the tokenizer's own offsets on a probe with multi-byte text."""
+    backend = tokenizer.backend_tokenizer
+    lengths = np.zeros(len(tokenizer), dtype=np.int64)
+    for token, i in backend.get_vocab(with_added_tokens=False).items():
+        lengths[i] = len(token)
+    for i, added in tokenizer.added_tokens_decoder.items():
+        lengths[i] = len(added.content.encode())
+    encoding = backend.encode(_PROBE, add_special_tokens=False)
+    ends = np.cumsum(lengths[encoding.ids])
+    char_at = [i for i, char in enumerate(_PROBE) for _ in char.encode()]  # the character each byte belongs to
+    if ends[-1] != len(char_at):
+        return None
+    # A token may start inside a multi-byte character (an emoji split in two); its offset is that character.
+    if any(char_at[byte] != start for (start, _), byte in zip(encoding.offsets, ends - lengths[encoding.ids])):
+        return None
+    return lengths
+
+
+def _byte_spans(text: str, spans: Sequence[Span]) -> Sequence[Span]:
+    if text.isascii():
+        return spans
+    return [(len(text[:start].encode()), len(text[:end].encode())) for start, end in spans]
+
+
+def tokenize_chat(encoder: Encoder, conversations: Sequence[list[dict]], context_length: int) -> list[Example]:
+    """The model's own chat template; loss on each assistant reply and the end-of-turn token(s) after it."""
+    texts, spans = chat_spans(encoder.tokenizer, conversations)
+    return [_cut(ids, labels, context_length) for ids, labels in encoder.labelled(texts, spans)]
+
+
+def chat_spans(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[dict]]) -> tuple[list[str], list[list[Span]]]:
+    """Each conversation rendered by the chat template, and the character spans of its assistant replies.
 
     Templates carry no {% generation %} markers, so replies are found by rendering prefixes: reply i runs from
     the end of render(messages[:i], add_generation_prompt=True) to the end of render(messages[:i + 1])."""
-    if not tokenizer.is_fast:
-        raise InvalidInputError(f"{tokenizer.name_or_path} has no fast tokenizer (tokenizer.json); chat data needs one")
     if tokenizer.chat_template is None:
         raise InvalidInputError(
             f"{tokenizer.name_or_path} has no chat template: use an instruct model for CHAT_COMPLETION, "
@@ -67,7 +128,7 @@ def tokenize_chat(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[li
     opened = tokenizer.apply_chat_template(before_reply, tokenize=False, add_generation_prompt=True)
     closed = tokenizer.apply_chat_template(through_reply, tokenize=False)
     full = dict(zip(owners, closed))  # validation ends each conversation with a reply, so its render is the whole
-    spans: list[list[tuple[int, int]]] = [[] for _ in conversations]
+    spans: list[list[Span]] = [[] for _ in conversations]
     for c, before, through in zip(owners, opened, closed):
         if not (through.startswith(before) and full[c].startswith(through)):
             raise InvalidInputError(
@@ -76,26 +137,14 @@ def tokenize_chat(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[li
                 "turn the same way whatever follows it"
             )
         spans[c].append((len(before), len(through.rstrip())))  # the whitespace after end-of-turn is never generated
-    texts = [full[c] for c in range(len(conversations))]
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    examples = []
-    for ids, offsets, replies in zip(encoded["input_ids"], encoded["offset_mapping"], spans):
-        ids = np.asarray(ids, dtype=np.int32)
-        starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
-        learn = np.zeros(len(ids), dtype=bool)
-        for start, end in replies:
-            learn |= (starts >= start) & (starts < end)
-        examples.append(_cut(ids, np.where(learn, ids, IGNORE).astype(np.int32), context_length))
-    return examples
+    return [full[c] for c in range(len(conversations))], spans
 
 
-def tokenize_instructions(tokenizer: PreTrainedTokenizerBase, records: Sequence[dict],
-                          context_length: int) -> list[Example]:
+def tokenize_instructions(encoder: Encoder, records: Sequence[dict], context_length: int) -> list[Example]:
     """Untemplated, as the anchor: prompt tokens (no loss), then response tokens and EOS (loss)."""
-    lead, eos = _leading_ids(tokenizer), [_eos_id(tokenizer)]
-    prompts = tokenizer([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
-    answers = tokenizer([r["response"] if "response" in r else r["completion"] for r in records],
-                        add_special_tokens=False)["input_ids"]
+    lead, eos = _leading_ids(encoder.tokenizer), [_eos_id(encoder.tokenizer)]
+    prompts = encoder.ids([r["prompt"] for r in records])
+    answers = encoder.ids([r["response"] if "response" in r else r["completion"] for r in records])
     examples = []
     for prompt, answer in zip(prompts, answers):
         ids = np.asarray(lead + prompt + answer + eos, dtype=np.int32)
@@ -105,12 +154,14 @@ def tokenize_instructions(tokenizer: PreTrainedTokenizerBase, records: Sequence[
     return examples
 
 
-def tokenize_documents(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[Example]:
-    """Each document whole, ended by EOS, loss on every token."""
-    lead, eos = _leading_ids(tokenizer), [_eos_id(tokenizer)]
+def tokenize_documents(encoder: Encoder, texts: Sequence[str], lead: bool = True, eos: bool = True) -> list[Example]:
+    """Each document whole, ended by EOS, loss on every token. A large file comes in pieces: only its first
+    piece gets the leading token (Llama's BOS) and only its last the EOS."""
+    before = _leading_ids(encoder.tokenizer) if lead else []
+    after = [_eos_id(encoder.tokenizer)] if eos else []
     examples = []
-    for tokens in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        ids = np.asarray(lead + tokens + eos, dtype=np.int32)
+    for tokens in encoder.ids(texts):
+        ids = np.asarray(before + tokens + after, dtype=np.int32)
         examples.append(Example(ids, ids.copy()))
     return examples
 
@@ -132,9 +183,3 @@ def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.eos_token_id is None:
         raise InvalidInputError(f"the tokenizer of {tokenizer.name_or_path} has no EOS token to end examples with")
     return tokenizer.eos_token_id
-
-
-def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    iterator = iter(items)
-    while batch := list(islice(iterator, size)):
-        yield batch

@@ -1,0 +1,206 @@
+"""One slice of a data file, validated and tokenized in a worker process.
+
+A file is cut into byte ranges that end at line ends, so each worker reads, checks and tokenizes its own slice
+and the parent only packs. Line numbers in a result count from the slice's first line; the parent adds the lines
+of the slices before it."""
+
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.config import TaskType
+from tasks.data.formats import normalize, parse_line, record_problems
+from tasks.data.quality import QUALITY_COLUMNS
+from tasks.data.report import DataReport, Problem
+from tasks.data.template import TemplateSupport
+from tasks.data.tokenize import IGNORE, Encoder, Example, tokenize_chat, tokenize_documents, tokenize_instructions
+
+SLICE_BYTES = 4 << 20  # big enough to amortise a task's overhead, small enough to spread a file over every core
+BATCH = 256  # records per tokenizer call
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Bytes [start, end) of one file, both at line starts."""
+
+    path: Path
+    start: int
+    end: int
+    name: str  # how problems name the file
+    unit: str  # "line", or "row" for tables and datasets exported as JSON Lines
+    first_of_file: bool  # documents: the slice that opens a file starts a document
+    last_of_file: bool  # documents: ... and the one that closes it ends it with EOS
+
+
+@dataclass(frozen=True)
+class SliceJob:
+    part: Slice
+    task_type: TaskType
+    context_length: int
+    template: TemplateSupport | None
+    tokenize: bool  # False once the run is bound to fail: only the report is still wanted
+
+
+@dataclass
+class SliceResult:
+    num_lines: int
+    report: DataReport
+    examples: list[Example] = field(default_factory=list)
+    quality: dict[str, np.ndarray] = field(default_factory=dict)  # one entry per record, for the GX suite
+
+
+def slices(path: Path, name: str, unit: str, size: int = SLICE_BYTES) -> list[Slice]:
+    """The file in byte ranges of about `size`, each ending just after a newline (or at the end of the file)."""
+    total = path.stat().st_size
+    bounds = [0]
+    with path.open("rb") as f:
+        while bounds[-1] + size < total:
+            f.seek(bounds[-1] + size)
+            rest = f.readline()  # to the end of the line the cut falls in
+            if bounds[-1] + size + len(rest) >= total:
+                break
+            bounds.append(bounds[-1] + size + len(rest))
+    bounds.append(total)
+    return [Slice(path, a, b, name, unit, a == 0, b == total) for a, b in zip(bounds, bounds[1:])]
+
+
+_encoders: dict[str, Encoder] = {}  # per worker process: loading a tokenizer takes longer than a small slice
+
+
+def encoder_for(model_dir: str) -> Encoder:
+    if model_dir not in _encoders:
+        from transformers import AutoTokenizer
+
+        _encoders[model_dir] = Encoder(AutoTokenizer.from_pretrained(model_dir))
+    return _encoders[model_dir]
+
+
+def run_slice(job: SliceJob, model_dir: str) -> SliceResult:
+    """Validate every record of the slice; tokenize the valid ones unless the job says only to report."""
+    with job.part.path.open("rb") as f:
+        f.seek(job.part.start)
+        data = f.read(job.part.end - job.part.start)
+    if job.task_type is TaskType.CONTINUED_PRETRAIN:
+        return _documents(job, data, model_dir)
+    return _records(job, data, model_dir)
+
+
+def _records(job: SliceJob, data: bytes, model_dir: str) -> SliceResult:
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    report = DataReport(job.part.name, job.task_type)
+    quality = _Quality()
+    valid: list[tuple[int, dict]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record = parse_line(line)
+        at = partial(Problem, job.part.name, number, unit=job.part.unit)
+        problems = record_problems(record, job.task_type, at, job.template)
+        report.add_record(problems)
+        if not problems:
+            record = normalize(record, job.task_type)
+            valid.append((number, record))
+        quality.add_record(number, record, not problems)
+    result = SliceResult(len(lines), report)
+    if job.tokenize and valid:
+        encoder = encoder_for(model_dir)
+        for start in range(0, len(valid), BATCH):
+            batch = [record for _, record in valid[start:start + BATCH]]
+            if job.task_type is TaskType.CHAT_COMPLETION:
+                examples = tokenize_chat(encoder, [r["messages"] for r in batch], job.context_length)
+            else:
+                examples = tokenize_instructions(encoder, batch, job.context_length)
+            result.examples += examples
+            quality.add_tokens([number for number, _ in valid[start:start + BATCH]], examples)
+    result.quality = quality.columns()
+    return result
+
+
+def _documents(job: SliceJob, data: bytes, model_dir: str) -> SliceResult:
+    report = DataReport(job.part.name, job.task_type)
+    quality = _Quality()
+    if job.part.first_of_file and data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # a UTF-8 byte-order mark, as some editors write: not text to learn
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        report.add_record([Problem(job.part.name, line, "", f"bytes that are not UTF-8 (0x{data[e.start]:02x})",
+                                   "save the file as UTF-8 text", unit="line")])
+        quality.add_record(1, None, False)
+        return SliceResult(data.count(b"\n"), report, quality=quality.columns())
+    # Emptiness is a property of the whole file; a large file's last slice may hold only whitespace.
+    whole = job.part.first_of_file and job.part.last_of_file
+    problems = record_problems(text, job.task_type, partial(Problem, job.part.name, None)) if whole else []
+    report.add_record(problems)
+    quality.add_record(1, text, not problems)
+    result = SliceResult(data.count(b"\n"), report)
+    if job.tokenize and not problems:
+        (example,) = tokenize_documents(encoder_for(model_dir), [text], lead=job.part.first_of_file,
+                                        eos=job.part.last_of_file)
+        result.examples.append(example)
+        quality.add_tokens([1], [example])
+    result.quality = quality.columns()
+    return result
+
+
+class _Quality:
+    """The derived columns the GX suite judges, one value per record."""
+
+    def __init__(self):
+        self.rows: dict[int, dict[str, Any]] = {}
+
+    def add_record(self, line: int, record: Any, valid: bool) -> None:
+        row = {"line": line, "valid": valid, "num_messages": 0, "role_pattern": "", "last_role": "",
+               "num_empty_content": 0, "num_chars": 0, "num_tokens": 0, "num_loss_tokens": 0, "truncated": False}
+        if isinstance(record, str):
+            row["num_chars"] = len(record)
+        elif isinstance(record, dict):
+            texts = _texts(record)
+            row["num_chars"] = sum(len(t) for t in texts if isinstance(t, str))
+            row["num_empty_content"] = sum(1 for t in texts if not (isinstance(t, str) and t.strip()))
+            roles = _roles(record)
+            if roles is not None:
+                row["num_messages"] = len(roles)
+                row["role_pattern"] = ",".join(roles)
+                row["last_role"] = roles[-1] if roles else ""
+        self.rows[line] = row
+
+    def add_tokens(self, lines: list[int], examples: list[Example]) -> None:
+        for line, example in zip(lines, examples):
+            row = self.rows[line]
+            row["num_tokens"] = len(example)
+            row["num_loss_tokens"] = int((example.labels[1:] != IGNORE).sum())
+            row["truncated"] = example.truncated
+
+    def columns(self) -> dict[str, np.ndarray]:
+        rows = list(self.rows.values())
+        return {name: np.array([row[name] for row in rows], dtype=dtype) for name, dtype in QUALITY_COLUMNS.items()}
+
+
+def _texts(record: dict) -> list[Any]:
+    messages = record.get("messages")
+    if isinstance(messages, list):
+        return [m.get("content") if isinstance(m, dict) else None for m in messages]
+    return [record.get(key) for key in ("prompt", "response", "completion") if key in record]
+
+
+def _roles(record: dict) -> list[str] | None:
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        return None
+    return [str(m.get("role")) if isinstance(m, dict) else "?" for m in messages]
+
+
+def offset_lines(result: SliceResult, lines_before: int) -> SliceResult:
+    """The result with line numbers counted from the start of the file."""
+    report = result.report
+    report.shown = {kind: [replace(p, line=p.line + lines_before) if p.line is not None else p for p in shown]
+                    for kind, shown in report.shown.items()}
+    result.quality["line"] = result.quality["line"] + lines_before
+    return result

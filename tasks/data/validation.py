@@ -1,0 +1,82 @@
+"""Checking a data set before any run: the same preparation a run does, so a passing check warms its cache."""
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tasks.config import Duration, TaskType
+from tasks.data.formats import parse_task_type
+from tasks.data.prepare import PreparedDataset, prepare_dataset
+from tasks.errors import InvalidDataError, InvalidInputError
+from tasks.models import check_model, resolve_model
+from tasks.storage import check_data_path
+from tasks.training.schedule import plan_duration
+from tasks.validate_paths import DEFAULT_MAX_CONTEXT
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # bundled, so a check works offline with no model named
+
+
+@dataclass(frozen=True)
+class DataValidation:
+    """What a check found: the verdict, the report, the token statistics and what a run would cost."""
+
+    ok: bool
+    report: str
+    stats: dict  # stats.json: lengths, counts, histogram summary, warnings
+    quality: dict  # quality.json: the great-expectations verdict, its failed expectations and raw result
+    evidence: Path  # the folder holding report.txt, stats.json, quality.json and lengths.png
+    prepared: PreparedDataset | None  # the packed rows, when ok
+    training_tokens: int | None  # token positions the given training_duration trains on, when ok
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.stats.get("warnings", [])
+
+
+def validate_data(
+    data_path: str,
+    task_type: str = TaskType.CHAT_COMPLETION.value,
+    model: str = DEFAULT_MODEL,
+    context_length: int | None = None,
+    training_duration: str = "1ep",
+    global_batch_size: int = 8,
+    allow_percentage_invalid_samples: float = 0.0,
+) -> DataValidation:
+    """Validate, tokenize and pack a data set as a run would; report what is wrong and what a run would cost.
+
+    Bad arguments (a missing path, an unknown model or task type) raise InvalidInputError; bad data does not
+    raise: it comes back with ok=False and the report."""
+    task = parse_task_type(task_type)
+    duration = Duration.parse(training_duration)
+    max_context = check_model(model)
+    check_data_path(data_path, "data_path", task)
+    context_length = context_length or min(DEFAULT_MAX_CONTEXT, max_context)
+    if context_length > max_context:
+        raise InvalidInputError(
+            f"context_length {context_length} exceeds the maximum of {model} ({max_context}): "
+            f"pass context_length={max_context} or less"
+        )
+    try:
+        prepared = prepare_dataset(data_path, resolve_model(model), task, context_length,
+                                   allow_percentage_invalid_samples)
+    except InvalidDataError as e:
+        if e.evidence is None:
+            raise
+        return _read(e.evidence, ok=False, report=str(e))
+    validation = _read(prepared.path, ok=True, prepared=prepared)
+    try:
+        plan = plan_duration(duration.value, duration.unit, prepared.num_rows, context_length, global_batch_size)
+    except InvalidInputError as e:  # valid data, too little of it for one optimizer step: say so, don't fail
+        validation.stats["warnings"] = [*validation.warnings, str(e)]
+        return validation
+    return replace(validation, training_tokens=plan.total_tokens)
+
+
+def _read(folder: Path, ok: bool, report: str | None = None, prepared: PreparedDataset | None = None
+          ) -> DataValidation:
+    return DataValidation(
+        ok=ok, report=report or (folder / "report.txt").read_text().rstrip(),
+        stats=json.loads((folder / "stats.json").read_text()),
+        quality=json.loads((folder / "quality.json").read_text()),
+        evidence=folder, prepared=prepared, training_tokens=None,
+    )
