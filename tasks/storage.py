@@ -612,10 +612,14 @@ def _fetch_table(table: _Table, uri: str, field: str) -> LocalData:
 
 
 def _write_jsonl(batches: Iterable[pa.RecordBatch | pa.Table], target: Path) -> None:
-    """One JSON object per row, columns as keys in table order, so row N of the source is line N."""
+    """One JSON object per row, columns as keys in table order, so row N of the source is line N.
+
+    A null column is left out of its row: a table has every column in every row, so rows written with
+    `response` and rows written with `completion` share both columns, each null where the other is set."""
     with target.open("w", encoding="utf-8") as out:
         for batch in batches:
             for row in batch.to_pylist():
+                row = {key: value for key, value in row.items() if value is not None}
                 out.write(json.dumps(row, ensure_ascii=False, default=_json_value) + "\n")
 
 

@@ -8,7 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import Duration
-from tasks.data.prepare import EVIDENCE, PreparedDataset, prepare_dataset
+from tasks.data.prepare import EVIDENCE, prepare_dataset
 from tasks.errors import InvalidDataError
 from tasks.events import RunEvent, emit
 from tasks.tracking import client

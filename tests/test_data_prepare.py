@@ -107,7 +107,7 @@ def test_invalid_data_raises_with_the_report_and_keeps_only_the_evidence(tmp_pat
 
 
 def test_worker_processes_give_exactly_what_one_process_gives(tmp_path, tiny_model_dir, monkeypatch):
-    """Slices go to one worker per core; rows, counts and the lines problems cite do not depend on it."""
+    """Slices go to one worker process per core; rows, counts and the lines problems cite do not depend on it."""
     lines = [json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"},
                                       {"role": "assistant", "content": f"A{i}. " * (i % 13 + 1)}]})
              for i in range(300)]
@@ -115,10 +115,12 @@ def test_worker_processes_give_exactly_what_one_process_gives(tmp_path, tiny_mod
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     prepare = lambda: prepare_dataset(str(tmp_path / "train.jsonl"), tiny_model_dir, "CHAT_COMPLETION", 128,
                                       allow_percentage_invalid=1)
-    alone = prepare()
+    monkeypatch.setattr("tasks.data.prepare.slices", lambda *a: shard_slices(*a, size=2000))  # ~20 slices
+    with monkeypatch.context() as one_core:
+        one_core.setattr("tasks.data.prepare.os.sched_getaffinity", lambda pid: {0})
+        alone = prepare()
     monkeypatch.setenv("TESSERA_CACHE", str(tmp_path / "cache2"))
-    monkeypatch.setattr("tasks.data.shard.SLICE_BYTES", 2000)  # ~20 slices over both cores
-    monkeypatch.setattr("tasks.data.prepare.slices", lambda *a: shard_slices(*a, size=2000))
+    monkeypatch.setattr("tasks.data.prepare.os.sched_getaffinity", lambda pid: {0, 1})
     together = prepare()
     assert alone.num_invalid == together.num_invalid == 2
     for name in ("input_ids", "labels", "position_ids"):

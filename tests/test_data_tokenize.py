@@ -115,3 +115,32 @@ def test_byte_level_offsets_label_exactly_what_the_tokenizers_offsets_do(encoder
     np.testing.assert_array_equal(fast_ids, ids)
     np.testing.assert_array_equal(fast_labels, labels)
     assert (labels != IGNORE).any()
+
+
+def test_replies_found_in_one_render_match_those_found_by_rendering_prefixes(tokenizer):
+    """The fast way (find each message in the full render, framed by the template's marks) and the slow way
+    (render every prefix) agree, including where a reply's text also appears earlier in the conversation."""
+    from tasks.data.tokenize import _marked_spans, _prefix_spans, chat_spans, turn_marks
+
+    conversations = [
+        msgs(("user", "You"), ("assistant", "You")),  # "You" is in SmolLM2's default system prompt too
+        msgs(("user", "Say Paris"), ("assistant", "Paris"), ("user", "Again"), ("assistant", "Paris")),
+        msgs(("system", "Terse."), ("user", "2+2?"), ("assistant", " 4 \n")),
+        msgs(("user", "<|im_end|>"), ("assistant", "<|im_start|>assistant\nodd")),
+    ]
+    texts = tokenizer.apply_chat_template(conversations, tokenize=False)
+    marks = turn_marks(tokenizer)
+    assert marks == ("<|im_start|>assistant\n", "<|im_end|>\n")
+    fast = [_marked_spans(text, messages, marks) for text, messages in zip(texts, conversations)]
+    slow = _prefix_spans(tokenizer, conversations, texts)
+    assert fast[0] is None  # the user's "You" is first found in the system prompt: unsure, so prefixes decide
+    assert fast[1:] == slow[1:]
+    assert chat_spans(tokenizer, conversations) == (texts, slow)
+
+
+def test_a_template_that_rewrites_text_falls_back_to_rendering_prefixes(tokenizer, encoder):
+    other = copy.copy(tokenizer)
+    other.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+                           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (example,) = tokenize_chat(Encoder(other), [msgs(("user", "Hi"), ("assistant", "  Hello  "))], context_length=100)
+    assert learned_spans(other, example) == ["Hello<|im_end|>"]

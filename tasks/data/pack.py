@@ -7,14 +7,13 @@ therefore call the model with use_cache=False: the default (config.use_cache=Tru
 cache, which skips that detection and lets documents attend to each other. Padding fills the row's end as one more
 such document."""
 
-from collections.abc import Iterable, Iterator
+import bisect
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from tasks.data.tokenize import IGNORE, Example
-
-OPEN_ROWS = 64  # rows kept open for first-fit; bounds memory while filling rows nearly full
 
 
 class Row(NamedTuple):
@@ -22,6 +21,23 @@ class Row(NamedTuple):
     labels: np.ndarray  # int32 [context_length], IGNORE on padding and at each document's first token
     position_ids: np.ndarray  # int32 [context_length], restarting at 0 where each document starts
     num_tokens: int  # real tokens; the rest of the row is padding
+
+
+class RowBlock(NamedTuple):
+    """Rows stacked: int32 [rows, context_length] each, and the real tokens of each row."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    position_ids: np.ndarray
+    num_tokens: np.ndarray
+
+    @classmethod
+    def of(cls, rows: Sequence[Row], context_length: int) -> "RowBlock":
+        if not rows:
+            empty = np.empty((0, context_length), dtype=np.int32)
+            return cls(empty, empty, empty, np.empty(0, dtype=np.int64))
+        return cls(*(np.stack([getattr(r, name) for r in rows]) for name in ("input_ids", "labels", "position_ids")),
+                   np.array([r.num_tokens for r in rows], dtype=np.int64))
 
 
 class _RowBuilder:
@@ -51,24 +67,25 @@ class _RowBuilder:
         return Row(self.input_ids, self.labels, self.position_ids, self.used)
 
 
-def pack_examples(examples: Iterable[Example], context_length: int, pad_id: int) -> Iterator[Row]:
-    """Whole examples (each at most context_length) into rows, first-fit over a bounded set of open rows."""
-    open_rows: list[_RowBuilder] = []
-    for example in examples:
-        row = next((r for r in open_rows if r.room >= len(example)), None)
-        if row is None:
-            if len(open_rows) == OPEN_ROWS:
-                fullest = max(open_rows, key=lambda r: r.used)
-                open_rows.remove(fullest)
-                yield fullest.finish(pad_id)
-            row = _RowBuilder(context_length)
-            open_rows.append(row)
-        row.add(example.input_ids, example.labels)
-        if row.room == 0:
-            open_rows.remove(row)
-            yield row.finish(pad_id)
-    for row in open_rows:
-        yield row.finish(pad_id)
+def pack_best_fit(examples: Sequence[Example], context_length: int, pad_id: int) -> list[Row]:
+    """Whole examples (each at most context_length) into rows, best-fit decreasing: longest first, each into the
+    fullest row it fits. Rows come out in the order they were opened; each slice of a data set is packed alone,
+    so only its last few rows are partly empty."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
+    rows: list[_RowBuilder] = []
+    by_room: list[tuple[int, int]] = []  # (room, row index) of rows with room left, ascending
+    for i in order:
+        example = examples[i]
+        at = bisect.bisect_left(by_room, (len(example), -1))
+        if at == len(by_room):
+            rows.append(_RowBuilder(context_length))
+            index = len(rows) - 1
+        else:
+            index = by_room.pop(at)[1]
+        rows[index].add(example.input_ids, example.labels)
+        if rows[index].room:
+            bisect.insort(by_room, (rows[index].room, index))
+    return [row.finish(pad_id) for row in rows]
 
 
 def pack_stream(examples: Iterable[Example], context_length: int, pad_id: int) -> Iterator[Row]:

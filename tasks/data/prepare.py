@@ -25,14 +25,14 @@ import pandas as pd
 
 from tasks.config import TaskType
 from tasks.data.formats import parse_task_type
-from tasks.data.pack import pack_examples, pack_stream
+from tasks.data.pack import RowBlock, pack_stream
 from tasks.data.quality import run_suite
 from tasks.data.report import DataReport, Problem
 from tasks.data.shard import Slice, SliceJob, SliceResult, encoder_for, offset_lines, run_slice, slices
 from tasks.data.stats import TokenStats
 from tasks.data.template import probe
-from tasks.data.tokenize import IGNORE, Example
-from tasks.errors import InvalidDataError, InvalidInputError
+from tasks.data.tokenize import IGNORE
+from tasks.errors import InvalidDataError
 from tasks.home import cache_dir
 from tasks.storage import LocalData, fetch
 
@@ -118,9 +118,9 @@ def _prepare(data: LocalData, model_dir: Path, task: TaskType, context_length: i
     failing = [not report.acceptable(allow_percentage_invalid)]  # once bound to fail, workers only report
 
     def job(part: Slice) -> SliceJob:
-        return SliceJob(part, task, context_length, template, tokenize=not failing[0])
+        return SliceJob(part, task, context_length, pad_id, template, tokenize=not failing[0])
 
-    def examples() -> Iterator[Example]:
+    def results() -> Iterator[SliceResult]:
         lines_read: dict[Path, int] = {}  # per file, in file order: a folder of documents has many
         for part, result in _results(parts, job, str(model_dir)):
             result = offset_lines(result, lines_read.setdefault(part.path, 0))
@@ -129,12 +129,16 @@ def _prepare(data: LocalData, model_dir: Path, task: TaskType, context_length: i
                 result.quality["line"][:] = len(lines_read)
             report.merge(result.report)
             quality.append(result.quality)
-            stats.add(*_example_counts(result.examples))
+            stats.add(*result.counts)
             failing[0] = allow_percentage_invalid == 0 and not report.ok
-            yield from (example for example in result.examples if example.has_loss)
+            yield result
 
-    pack = pack_stream if task is TaskType.CONTINUED_PRETRAIN else pack_examples
-    counts = _write_rows(folder, pack(examples(), context_length, pad_id), context_length)
+    if task is TaskType.CONTINUED_PRETRAIN:  # documents run on across files, cut wherever a row ends
+        examples = (e for result in results() for e in result.examples if e.has_loss)
+        blocks = (RowBlock.of([row], context_length) for row in pack_stream(examples, context_length, pad_id))
+    else:  # whole examples, packed by the workers
+        blocks = (result.rows for result in results())
+    counts = _write_rows(folder, blocks, context_length)
 
     frame = pd.DataFrame({name: np.concatenate([q[name] for q in quality]) for name in quality[0]}) if quality \
         else pd.DataFrame()
@@ -197,13 +201,6 @@ def _results(parts: list[Slice], job: Callable[[Slice], SliceJob], model_dir: st
             pending.extend((p, pool.submit(run_slice, job(p), model_dir)) for p in islice(remaining, 1))
 
 
-def _example_counts(examples: list[Example]) -> tuple[np.ndarray, ...]:
-    """Per example: length, loss tokens, truncated, dropped (no token left to learn from)."""
-    loss = np.array([int((e.labels[1:] != IGNORE).sum()) for e in examples], dtype=np.int64)
-    return (np.array([len(e) for e in examples], dtype=np.int64), loss,
-            np.array([e.truncated for e in examples], dtype=bool), loss == 0)
-
-
 def _single_threaded() -> None:
     """One worker per core already: the tokenizer's own thread pool would only contend with its siblings."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -217,16 +214,16 @@ def tokenizer_hash(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_rows(folder: Path, rows: Iterable, context_length: int) -> dict[str, int]:
+def _write_rows(folder: Path, blocks: Iterable[RowBlock], context_length: int) -> dict[str, int]:
     counts = dict.fromkeys(("num_tokens", "num_loss_tokens", "num_rows"), 0)
     files = {name: _RowsFile(folder / f"{name}.npy", context_length) for name in ARRAYS}
     try:
-        for row in rows:
+        for block in blocks:
             for name in ARRAYS:
-                files[name].append(getattr(row, name))
-            counts["num_rows"] += 1
-            counts["num_tokens"] += row.num_tokens
-            counts["num_loss_tokens"] += int((row.labels != IGNORE).sum())
+                files[name].append(getattr(block, name))
+            counts["num_rows"] += len(block.num_tokens)
+            counts["num_tokens"] += int(block.num_tokens.sum())
+            counts["num_loss_tokens"] += int((block.labels != IGNORE).sum())
     finally:
         for file in files.values():
             file.close()
@@ -245,9 +242,9 @@ class _RowsFile:
         self.width = width
         self.rows = 0
 
-    def append(self, row: np.ndarray) -> None:
-        self.file.write(row.astype("<i4", copy=False).tobytes())
-        self.rows += 1
+    def append(self, rows: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(rows, dtype="<i4").tobytes())
+        self.rows += len(rows)
 
     def close(self) -> None:
         self.file.seek(0)

@@ -13,6 +13,7 @@ import numpy as np
 
 from tasks.config import TaskType
 from tasks.data.formats import normalize, parse_line, record_problems
+from tasks.data.pack import RowBlock, pack_best_fit
 from tasks.data.quality import QUALITY_COLUMNS
 from tasks.data.report import DataReport, Problem
 from tasks.data.template import TemplateSupport
@@ -40,6 +41,7 @@ class SliceJob:
     part: Slice
     task_type: TaskType
     context_length: int
+    pad_id: int
     template: TemplateSupport | None
     tokenize: bool  # False once the run is bound to fail: only the report is still wanted
 
@@ -48,7 +50,11 @@ class SliceJob:
 class SliceResult:
     num_lines: int
     report: DataReport
+    # Chat and instructions: the slice's examples packed here, in the worker. Documents: the examples themselves,
+    # which the parent packs as one stream across files.
+    rows: RowBlock | None = None
     examples: list[Example] = field(default_factory=list)
+    counts: tuple[np.ndarray, ...] = ()  # per example: length, loss tokens, truncated, dropped (TokenStats.add)
     quality: dict[str, np.ndarray] = field(default_factory=dict)  # one entry per record, for the GX suite
 
 
@@ -106,19 +112,20 @@ def _records(job: SliceJob, data: bytes, model_dir: str) -> SliceResult:
             record = normalize(record, job.task_type)
             valid.append((number, record))
         quality.add_record(number, record, not problems)
-    result = SliceResult(len(lines), report)
+    examples: list[Example] = []
     if job.tokenize and valid:
         encoder = encoder_for(model_dir)
         for start in range(0, len(valid), BATCH):
             batch = [record for _, record in valid[start:start + BATCH]]
             if job.task_type is TaskType.CHAT_COMPLETION:
-                examples = tokenize_chat(encoder, [r["messages"] for r in batch], job.context_length)
+                tokenized = tokenize_chat(encoder, [r["messages"] for r in batch], job.context_length)
             else:
-                examples = tokenize_instructions(encoder, batch, job.context_length)
-            result.examples += examples
-            quality.add_tokens([number for number, _ in valid[start:start + BATCH]], examples)
-    result.quality = quality.columns()
-    return result
+                tokenized = tokenize_instructions(encoder, batch, job.context_length)
+            examples += tokenized
+            quality.add_tokens([number for number, _ in valid[start:start + BATCH]], tokenized)
+    kept = [example for example in examples if example.has_loss]
+    rows = RowBlock.of(pack_best_fit(kept, job.context_length, job.pad_id), job.context_length)
+    return SliceResult(len(lines), report, rows=rows, counts=example_counts(examples), quality=quality.columns())
 
 
 def _documents(job: SliceJob, data: bytes, model_dir: str) -> SliceResult:
@@ -133,20 +140,19 @@ def _documents(job: SliceJob, data: bytes, model_dir: str) -> SliceResult:
         report.add_record([Problem(job.part.name, line, "", f"bytes that are not UTF-8 (0x{data[e.start]:02x})",
                                    "save the file as UTF-8 text", unit="line")])
         quality.add_record(1, None, False)
-        return SliceResult(data.count(b"\n"), report, quality=quality.columns())
+        return SliceResult(data.count(b"\n"), report, counts=example_counts([]), quality=quality.columns())
     # Emptiness is a property of the whole file; a large file's last slice may hold only whitespace.
     whole = job.part.first_of_file and job.part.last_of_file
     problems = record_problems(text, job.task_type, partial(Problem, job.part.name, None)) if whole else []
     report.add_record(problems)
     quality.add_record(1, text, not problems)
-    result = SliceResult(data.count(b"\n"), report)
+    examples = []
     if job.tokenize and not problems:
-        (example,) = tokenize_documents(encoder_for(model_dir), [text], lead=job.part.first_of_file,
-                                        eos=job.part.last_of_file)
-        result.examples.append(example)
-        quality.add_tokens([1], [example])
-    result.quality = quality.columns()
-    return result
+        examples = tokenize_documents(encoder_for(model_dir), [text], lead=job.part.first_of_file,
+                                      eos=job.part.last_of_file)
+        quality.add_tokens([1], examples)
+    return SliceResult(data.count(b"\n"), report, examples=examples, counts=example_counts(examples),
+                       quality=quality.columns())
 
 
 class _Quality:
@@ -204,3 +210,10 @@ def offset_lines(result: SliceResult, lines_before: int) -> SliceResult:
                     for kind, shown in report.shown.items()}
     result.quality["line"] = result.quality["line"] + lines_before
     return result
+
+
+def example_counts(examples: list[Example]) -> tuple[np.ndarray, ...]:
+    """Per example: length, loss tokens, truncated, dropped (no token left to learn from)."""
+    loss = np.array([int((e.labels[1:] != IGNORE).sum()) for e in examples], dtype=np.int64)
+    return (np.array([len(e) for e in examples], dtype=np.int64), loss,
+            np.array([e.truncated for e in examples], dtype=bool), loss == 0)

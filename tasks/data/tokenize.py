@@ -4,7 +4,8 @@ everything for continued pretraining.
 Loss spans are found in the text, then mapped to tokens by where each token starts. Asking the tokenizer for
 character offsets costs more than the tokenization itself, so for byte-level BPE tokenizers (GPT-2, Llama 3,
 Qwen, SmolLM) a token's start is the running sum of the byte lengths its predecessors decode to; each example
-checks that the lengths add up to its text, and anything else takes the tokenizer's offsets."""
+checks that the lengths add up to its text, and anything else takes the tokenizer's offsets. Such tokenizers
+are also run through their tiktoken twin (fast_bpe), checked against the original on one text of every batch."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from tasks.data import fast_bpe
+from tasks.data.fast_bpe import tiktoken_twin
 from tasks.errors import InvalidInputError
 
 IGNORE = -100  # the label of tokens the loss skips (cross-entropy's ignore_index)
@@ -45,16 +48,28 @@ class Encoder:
         self.tokenizer = tokenizer
         self.backend = tokenizer.backend_tokenizer
         self.byte_lengths = _byte_lengths(tokenizer)
+        self.twin = tiktoken_twin(tokenizer) if self.byte_lengths is not None else None
+        self.batches_checked = 0  # batches whose first text both encoded, to compare
+
+    def ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens added around it."""
+        texts = list(texts)
+        if self.twin is not None and texts:
+            ids = fast_bpe.encode(self.twin, texts)
+            self.batches_checked += 1
+            if ids[0] == self.backend.encode(texts[0], add_special_tokens=False).ids:
+                return ids
+            self.twin = None  # they differ on this data: the original from here on
+        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
 
     def labelled(self, texts: Sequence[str], spans: Sequence[Sequence[Span]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(input_ids, labels) of each text, with loss on the tokens that start inside one of its spans."""
         out = []
-        fast = self.backend.encode_batch_fast(list(texts), add_special_tokens=False) if self.byte_lengths is not None \
-            else [None] * len(texts)
-        for text, text_spans, encoding in zip(texts, spans, fast):
+        fast = self.ids(texts) if self.byte_lengths is not None else [None] * len(texts)
+        for text, text_spans, token_ids in zip(texts, spans, fast):
             starts = None
-            if encoding is not None:
-                ids = np.asarray(encoding.ids, dtype=np.int32)
+            if token_ids is not None:
+                ids = np.asarray(token_ids, dtype=np.int32)
                 ends = np.cumsum(self.byte_lengths[ids])
                 raw = text.encode()
                 if len(ids) == 0 or ends[-1] == len(raw):
@@ -69,9 +84,6 @@ class Encoder:
                 learn |= (starts >= start) & (starts < end)
             out.append((ids, np.where(learn, ids, IGNORE).astype(np.int32)))
         return out
-
-    def ids(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
 
 def _byte_lengths(tokenizer: PreTrainedTokenizerBase) -> np.ndarray | None:
@@ -109,15 +121,60 @@ def tokenize_chat(encoder: Encoder, conversations: Sequence[list[dict]], context
 
 
 def chat_spans(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[dict]]) -> tuple[list[str], list[list[Span]]]:
-    """Each conversation rendered by the chat template, and the character spans of its assistant replies.
-
-    Templates carry no {% generation %} markers, so replies are found by rendering prefixes: reply i runs from
-    the end of render(messages[:i], add_generation_prompt=True) to the end of render(messages[:i + 1])."""
+    """Each conversation rendered by the chat template, and the character spans of its assistant replies: from the
+    reply's first character through the template's end-of-turn mark after it."""
     if tokenizer.chat_template is None:
         raise InvalidInputError(
             f"{tokenizer.name_or_path} has no chat template: use an instruct model for CHAT_COMPLETION, "
             "or give prompt/response records with INSTRUCTION_FINETUNE"
         )
+    texts = tokenizer.apply_chat_template(list(conversations), tokenize=False)
+    marks = turn_marks(tokenizer)
+    spans = [_marked_spans(text, messages, marks) if marks else None for text, messages in zip(texts, conversations)]
+    unsure = [c for c, found in enumerate(spans) if found is None]
+    if unsure:
+        for c, found in zip(unsure, _prefix_spans(tokenizer, [conversations[c] for c in unsure], [texts[c] for c in unsure])):
+            spans[c] = found
+    return texts, spans
+
+
+def turn_marks(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str] | None:
+    """What the template writes right before an assistant reply and right after it, e.g. ChatML's
+    ("<|im_start|>assistant\\n", "<|im_end|>\\n"), learned from a probe conversation; None if it cannot tell."""
+    user, reply = [{"role": "user", "content": "Ping?"}], {"role": "assistant", "content": "Pong."}
+    try:
+        prompt = tokenizer.apply_chat_template(user, tokenize=False)
+        opened = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        closed = tokenizer.apply_chat_template([*user, reply], tokenize=False)
+    except Exception:  # a template that refuses the probe: fall back to rendering prefixes
+        return None
+    if not (opened.startswith(prompt) and len(opened) > len(prompt) and closed.startswith(opened + "Pong.")):
+        return None
+    return opened[len(prompt):], closed[len(opened) + len("Pong."):]
+
+
+def _marked_spans(text: str, messages: list[dict], marks: tuple[str, str]) -> list[Span] | None:
+    """Replies found in one render: each message's text in order, each reply framed by the template's marks.
+    None when the frame is not there (a template that rewrites text, or marks that vary): prefixes decide then."""
+    opening, closing = marks
+    spans, cursor = [], 0
+    for message in messages:
+        start = text.find(message["content"], cursor)
+        if start < 0:
+            return None
+        cursor = start + len(message["content"])
+        if message["role"] == "assistant":
+            if start < len(opening) or not text.startswith(opening, start - len(opening)) \
+                    or not text.startswith(closing, cursor):
+                return None
+            spans.append((start, len(text[:cursor + len(closing)].rstrip())))  # as _prefix_spans ends a reply
+    return spans
+
+
+def _prefix_spans(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[dict]], texts: Sequence[str]
+                  ) -> list[list[Span]]:
+    """Replies found by rendering prefixes: reply i runs from the end of render(messages[:i],
+    add_generation_prompt=True) to the end of render(messages[:i + 1]), stripped of trailing whitespace."""
     owners, before_reply, through_reply = [], [], []
     for c, messages in enumerate(conversations):
         for i, message in enumerate(messages):
@@ -127,17 +184,16 @@ def chat_spans(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[
                 through_reply.append(messages[: i + 1])
     opened = tokenizer.apply_chat_template(before_reply, tokenize=False, add_generation_prompt=True)
     closed = tokenizer.apply_chat_template(through_reply, tokenize=False)
-    full = dict(zip(owners, closed))  # validation ends each conversation with a reply, so its render is the whole
     spans: list[list[Span]] = [[] for _ in conversations]
     for c, before, through in zip(owners, opened, closed):
-        if not (through.startswith(before) and full[c].startswith(through)):
+        if not (through.startswith(before) and texts[c].startswith(through)):
             raise InvalidInputError(
                 f"the chat template of {tokenizer.name_or_path} renders earlier turns differently once a conversation "
                 "goes on, so the assistant's tokens cannot be told apart: use a model whose template renders each "
                 "turn the same way whatever follows it"
             )
         spans[c].append((len(before), len(through.rstrip())))  # the whitespace after end-of-turn is never generated
-    return [full[c] for c in range(len(conversations))], spans
+    return spans
 
 
 def tokenize_instructions(encoder: Encoder, records: Sequence[dict], context_length: int) -> list[Example]:
