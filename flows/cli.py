@@ -32,21 +32,30 @@ def create(
     eval_prompts: Annotated[list[str] | None, Parameter(consume_multiple=True)] = None,
     custom_weights_path: str | None = None,
     experiment_path: str = "",
+    allow_percentage_invalid_samples: float = 0.0,
     follow_events: Annotated[bool, Parameter(name="--follow")] = False,
 ):
     """Start a fine-tuning run; with --follow, stream its events until it ends.
 
     Parameters
     ----------
-    model: a catalog name (`tessera models`) or a local Hugging Face model folder
-    train_data_path: a .jsonl file (a .txt file or folder for CONTINUED_PRETRAIN)
-    register_to: catalog.schema or catalog.schema.model_name in the model registry
-    training_duration: e.g. 3ep, 200ba, 1_000_000tok (default 1ep)
+    model
+        a catalog name (`tessera models`) or a local Hugging Face model folder
+    train_data_path
+        a .jsonl file, s3://, dbfs:/Volumes/..., an HF dataset org/name/split or a Delta table
+        cat.schema.table (a .txt file or folder for CONTINUED_PRETRAIN)
+    register_to
+        catalog.schema or catalog.schema.model_name in the model registry
+    training_duration
+        e.g. 3ep, 200ba, 1_000_000tok (default 1ep)
+    allow_percentage_invalid_samples
+        skip invalid records up to this percentage of the data (default 0: any fails)
     """
     run = fm.create(
         model, train_data_path, register_to, task_type=task_type, training_duration=training_duration,
         learning_rate=learning_rate, context_length=context_length, eval_data_path=eval_data_path,
         eval_prompts=eval_prompts, custom_weights_path=custom_weights_path, experiment_path=experiment_path,
+        allow_percentage_invalid_samples=allow_percentage_invalid_samples,
     )
     console.print(f"created [bold]{run.name}[/bold] ({run.status.display_name}); follow it with "
                   f"`tessera events {run.name} --follow`")
@@ -73,10 +82,14 @@ def validate(
 
     Parameters
     ----------
-    data_path: a .jsonl file, s3://, dbfs:/Volumes/..., an HF dataset org/name/split, a Delta table cat.schema.table
-    model: the model whose tokenizer and chat template count the tokens
-    context_length: default min(8192, the model's maximum)
-    training_duration: for the estimate, e.g. 3ep, 200ba, 1_000_000tok
+    data_path
+        a .jsonl file, s3://, dbfs:/Volumes/..., an HF dataset org/name/split, a Delta table cat.schema.table
+    model
+        the model whose tokenizer and chat template count the tokens
+    context_length
+        default min(8192, the model's maximum)
+    training_duration
+        for the estimate, e.g. 3ep, 200ba, 1_000_000tok
     """
     result = fm.validate_data(
         data_path, task_type=task_type, model=model, context_length=context_length,

@@ -51,12 +51,14 @@ def data_summary(result: DataValidation) -> Group:
     table.add_row(f"{s['num_examples']:,}", f"{s['num_tokens']:,}", f"{s['num_loss_tokens']:,}",
                   f"{length['min']} / {length['p50']} / {length['p90']} / {length['max']}",
                   f"{s['num_truncated']:,}", f"{s['num_dropped']:,}")
-    parts.append(table)
+    if s["num_examples"] or s["num_dropped"]:  # nothing was tokenized when the records were refused
+        parts.append(table)
     if result.prepared is not None:
         p = result.prepared
         parts.append(f"packed into {p.num_rows:,} rows ({p.packing_efficiency:.1%} of each row is data)")
     if result.training_tokens is not None:
-        parts.append(f"estimate: the run trains on {result.training_tokens:,} token positions")
+        parts.append(f"estimate: {result.training_duration} is {result.training_steps:,} optimizer steps, "
+                     f"{result.training_tokens:,} token positions ({s['num_tokens']:,} data tokens per epoch)")
     checks = result.quality
     parts.append("quality checks (great-expectations): " + ("passed" if checks["success"] else "[red]failed[/red]"))
     parts += [f"  [red]x[/red] {escape(line)}" for line in checks["failed"]]

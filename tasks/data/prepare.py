@@ -147,9 +147,11 @@ def _prepare(data: LocalData, model_dir: Path, task: TaskType, context_length: i
                     "result": suite.result}
     (folder / "quality.json").write_text(json.dumps(quality_json, indent=1, default=str))
     stats.histogram_png(folder / "lengths.png")
-    (folder / "stats.json").write_text(json.dumps(dict(stats.to_dict(), warnings=stats.warnings(task)), indent=2))
+    trainable = report.acceptable(allow_percentage_invalid)
+    warnings = stats.warnings(task) if trainable else []  # token counts of refused data would only mislead
+    (folder / "stats.json").write_text(json.dumps(dict(stats.to_dict(), warnings=warnings), indent=2))
     (folder / "report.txt").write_text(report.render(allow_percentage_invalid) + "\n")
-    if not report.acceptable(allow_percentage_invalid):
+    if not trainable:
         raise InvalidDataError(report.render(allow_percentage_invalid))
     if counts["num_rows"] == 0:
         raise InvalidDataError(

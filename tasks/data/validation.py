@@ -26,7 +26,9 @@ class DataValidation:
     quality: dict  # quality.json: the great-expectations verdict, its failed expectations and raw result
     evidence: Path  # the folder holding report.txt, stats.json, quality.json and lengths.png
     prepared: PreparedDataset | None  # the packed rows, when ok
-    training_tokens: int | None  # token positions the given training_duration trains on, when ok
+    training_duration: str
+    training_steps: int | None  # optimizer steps the training_duration makes, when ok
+    training_tokens: int | None  # token positions those steps train on (rows x context_length), when ok
 
     @property
     def warnings(self) -> list[str]:
@@ -62,21 +64,22 @@ def validate_data(
     except InvalidDataError as e:
         if e.evidence is None:
             raise
-        return _read(e.evidence, ok=False, report=str(e))
-    validation = _read(prepared.path, ok=True, prepared=prepared)
+        return _read(e.evidence, ok=False, report=str(e), training_duration=training_duration)
+    validation = _read(prepared.path, ok=True, prepared=prepared, training_duration=training_duration)
     try:
         plan = plan_duration(duration.value, duration.unit, prepared.num_rows, context_length, global_batch_size)
     except InvalidInputError as e:  # valid data, too little of it for one optimizer step: say so, don't fail
         validation.stats["warnings"] = [*validation.warnings, str(e)]
         return validation
-    return replace(validation, training_tokens=plan.total_tokens)
+    return replace(validation, training_steps=plan.total_batches, training_tokens=plan.total_tokens)
 
 
-def _read(folder: Path, ok: bool, report: str | None = None, prepared: PreparedDataset | None = None
-          ) -> DataValidation:
+def _read(folder: Path, ok: bool, training_duration: str, report: str | None = None,
+          prepared: PreparedDataset | None = None) -> DataValidation:
     return DataValidation(
         ok=ok, report=report or (folder / "report.txt").read_text().rstrip(),
         stats=json.loads((folder / "stats.json").read_text()),
         quality=json.loads((folder / "quality.json").read_text()),
-        evidence=folder, prepared=prepared, training_tokens=None,
+        evidence=folder, prepared=prepared, training_duration=training_duration, training_steps=None,
+        training_tokens=None,
     )
