@@ -68,20 +68,34 @@ def s3_endpoint() -> Iterator[str]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def aws_env(s3_endpoint: str, tmp_path_factory) -> dict[str, str | None]:
+    """The standard AWS_* variables for the moto server (None: unset), with no profile, config file or instance
+    metadata of this machine. `s3` sets them for one test; test_runs.py for the services it starts, whose runs
+    read S3 in the runner's process."""
+    none = tmp_path_factory.mktemp("no-aws")
+    return {
+        "AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": str(none / "config"), "AWS_SHARED_CREDENTIALS_FILE": str(none / "credentials"),
+        "AWS_PROFILE": None, "AWS_SESSION_TOKEN": None, "AWS_ENDPOINT_URL_S3": None, "AWS_REGION": None,
+    }
+
+
+def _set_env(monkeypatch: pytest.MonkeyPatch, variables: dict[str, str | None]) -> None:
+    for name, value in variables.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
 @pytest.fixture
-def s3(s3_endpoint: str, monkeypatch, tmp_path):
-    """A boto3 S3 client on the moto server, and the standard AWS_* variables pointing at it for this test
-    only (no profile, config file or instance metadata of this machine); the store is emptied afterwards."""
+def s3(s3_endpoint: str, aws_env: dict[str, str | None], monkeypatch):
+    """A boto3 S3 client on the moto server, and the variables of `aws_env` for this test only, so a test may
+    change or remove them; the store is emptied afterwards."""
     import boto3
 
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    _set_env(monkeypatch, aws_env)
     yield boto3.session.Session().client("s3")
     urllib.request.urlopen(urllib.request.Request(f"{s3_endpoint}/moto-api/reset", method="POST")).close()

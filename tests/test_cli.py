@@ -1,9 +1,12 @@
 """The `tessera` command: same API, readable output, and errors without tracebacks."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +50,68 @@ def test_list_takes_the_anchors_date_formats(text, expected):
 def test_a_bad_date_says_which_formats_work():
     with pytest.raises(InvalidInputError, match=r"before='24/11/2026' is not a date: use a datetime or 'YYYY-MM-DD'"):
         _parse_time("24/11/2026", "before")
+
+
+# `tessera validate`, through the console script the package installs
+
+TESSERA = Path(sys.executable).with_name("tessera")
+CHAT = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                      {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]} for i in range(24)]
+BAD_ROLE = {"messages": [{"role": "User", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+
+
+@pytest.fixture(scope="module")
+def validated(tiny_model_dir, tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """`tessera validate` on valid data, bad data and a missing path, run side by side: each takes seconds to start."""
+    folder = tmp_path_factory.mktemp("validate")
+    (folder / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+    (folder / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [CHAT[0], BAD_ROLE, *CHAT[1:]]))
+    env = {**os.environ, "COLUMNS": "200", "TESSERA_CACHE": str(folder / "cache")}
+    settings = ["--model", str(tiny_model_dir), "--context-length", "64", "--training-duration", "2ep"]
+    started = {
+        name: subprocess.Popen([TESSERA, "validate", str(folder / f"{name}.jsonl"), *settings], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for name in ("good", "bad", "missing")
+    }
+    done = {}
+    for name, process in started.items():
+        stdout, stderr = process.communicate(timeout=180)
+        done[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return folder, done
+
+
+def test_validate_shows_the_token_counts_and_the_estimate(validated):
+    folder, done = validated
+    good = done["good"]
+    assert good.returncode == 0, good.stdout + good.stderr
+    out = good.stdout
+    assert f"valid: {folder / 'good.jsonl'}: 24 valid CHAT_COMPLETION records" in out
+    assert "tokens at context_length 64" in out
+    counts = re.search(r"│ 24 +│ ([\d,]+) +│ ([\d,]+) +│ (\d+) / (\d+) / (\d+) / (\d+) +│ 0 +│ 0 +│", out)
+    assert counts, out
+    tokens, loss_tokens = (int(counts[i].replace(",", "")) for i in (1, 2))
+    assert 0 < loss_tokens < tokens and 24 * int(counts[3]) <= tokens <= 24 * int(counts[6])
+    rows = int(re.search(r"packed into (\d+) rows", out)[1])
+    steps = rows // 8 * 2  # 2ep of whole global batches of 8 rows
+    assert (f"estimate: 2ep is {steps} optimizer steps, {steps * 8 * 64:,} token positions ({tokens:,} data tokens "
+            "per epoch)") in out
+    assert "quality checks (great-expectations): passed" in out
+    assert "Traceback" not in out + good.stderr
+
+
+def test_validate_names_file_line_and_field_of_bad_data(validated):
+    folder, done = validated
+    bad = done["bad"]
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert f"not valid: {folder / 'bad.jsonl'}: 1 of 25 records are not valid CHAT_COMPLETION" in bad.stdout
+    assert "bad.jsonl line 2, field messages[0].role: found 'User'; use lowercase 'user'" in bad.stdout
+    assert "quality checks (great-expectations): failed" in bad.stdout
+    assert "Traceback" not in bad.stdout + bad.stderr
+
+
+def test_validate_of_a_missing_path_is_an_argument_error(validated):
+    folder, done = validated
+    missing = done["missing"]
+    assert missing.returncode == 2, missing.stdout + missing.stderr
+    assert f"error: data_path {folder / 'missing.jsonl'} does not exist: check the path" in missing.stdout
+    assert "Traceback" not in missing.stdout + missing.stderr

@@ -1,14 +1,17 @@
-"""Validation of training files: every problem named by file, line and field, with a fix, never a traceback."""
+"""The format checks, one record at a time, as the pipeline's workers run them: parse_line turns a line into a
+record, record_problems names every problem by file, line and field with a fix, DataReport counts and renders them.
+What a whole file gets through the real pipeline is in test_data_malformed.py."""
 
 import copy
 import json
-from pathlib import Path
+from functools import partial
+from typing import Any
 
 import pytest
 
 from tasks.config import TaskType
-from tasks.data.formats import normalize, raise_if_invalid, record_problems, validate_data_file, validate_records
-from tasks.data.report import Problem
+from tasks.data.formats import UnreadableLine, normalize, parse_line, record_problems
+from tasks.data.report import DataReport, Problem
 from tasks.data.template import TemplateSupport, probe
 from tasks.errors import InvalidInputError
 
@@ -24,9 +27,27 @@ def chat(*turns: tuple[str, str]) -> dict:
 GOOD_CHAT = chat(("user", "Hi"), ("assistant", "Hello!"))
 
 
-def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
+def line_of(record: Any) -> bytes:
+    """A JSON Lines line holding `record`; a string or bytes is the line as it is."""
+    if isinstance(record, bytes):
+        return record
+    return (record if isinstance(record, str) else json.dumps(record)).encode()
+
+
+def problems(task: str, record: Any, template: TemplateSupport | None = None, name: str = "train.jsonl",
+             line: int | None = 7, unit: str = "line") -> list[Problem]:
+    """What the pipeline's worker finds in `record` written on line `line` of `name` (for CONTINUED_PRETRAIN,
+    `record` is a document's text)."""
+    record = record if task == CPT else parse_line(line_of(record))
+    return record_problems(record, TaskType(task), partial(Problem, name, line, unit=unit), template)
+
+
+def report_of(name: str, records: list, task: str = CHAT) -> DataReport:
+    """A worker's report on a file holding `records`, one per line."""
+    report = DataReport(name, task)
+    for number, record in enumerate(records, 1):
+        report.add_record(problems(task, record, name=name, line=number))
+    return report
 
 
 @pytest.mark.parametrize("task, record, expected", [
@@ -72,83 +93,48 @@ def write_jsonl(path: Path, records: list) -> Path:
      "train.jsonl line 7, field source: found an unexpected key; remove it; the keys allowed here are prompt, "
      "response, completion"),
 ])
-def test_each_problem_names_file_line_and_field(tmp_path, task, record, expected):
-    good = GOOD_CHAT if task == CHAT else {"prompt": "Q", "response": "A"}
-    path = write_jsonl(tmp_path / "train.jsonl", [good] * 6 + [record, good])
-    report = validate_data_file(path, task)
-    assert not report.ok
-    assert (report.num_records, report.num_invalid) == (8, 1)
-    assert expected in report.render()
+def test_each_problem_names_file_line_and_field(task, record, expected):
+    assert expected in "\n".join(map(str, problems(task, record)))
 
 
-def test_a_record_reports_all_its_problems(tmp_path):
+def test_a_record_reports_all_its_problems():
     record = {"messages": [{"role": "bot", "content": ""}, {"role": "assistant", "content": 1}], "x": 1}
-    report = validate_data_file(write_jsonl(tmp_path / "t.jsonl", [record]), CHAT)
-    fields = [p.field for shown in report.shown.values() for p in shown]
+    fields = [p.field for p in problems(CHAT, record)]
     assert sorted(fields) == ["messages[0].content", "messages[0].role", "messages[1].content", "x"]
-    assert report.num_invalid == 1
 
 
-def test_repeated_problems_show_a_few_and_count_the_rest(tmp_path):
+def test_repeated_problems_show_a_few_and_count_the_rest():
     bad = chat(("user", "Hi"), ("bot", "Hello"))
-    path = write_jsonl(tmp_path / "train.jsonl", [GOOD_CHAT, "", *[bad] * 10, GOOD_CHAT])
-    message = validate_data_file(path, CHAT).render()
-    assert message.startswith(f"{path}: 10 of 12 records are not valid CHAT_COMPLETION")
-    assert "train.jsonl line 3, field messages[1].role: found 'bot'" in message  # blank lines keep their numbers
+    message = report_of("train.jsonl", [GOOD_CHAT, *[bad] * 10, GOOD_CHAT]).render()
+    assert message.startswith("train.jsonl: 10 of 12 records are not valid CHAT_COMPLETION")
+    assert "train.jsonl line 2, field messages[1].role: found 'bot'" in message
     assert message.count("found 'bot'") == 3
     assert "... and 7 more like this" in message
 
 
-def test_valid_files_pass(tmp_path):
+def test_valid_records_pass():
     system = chat(("system", "Be brief"), ("user", "Hi"), ("assistant", "Hello"), ("user", "Bye"), ("assistant", "Bye"))
-    report = validate_data_file(write_jsonl(tmp_path / "c.jsonl", [GOOD_CHAT, system]), CHAT)
-    assert report.ok and report.num_records == 2
-    ift = [{"prompt": "Q", "response": "A"}, {"prompt": "", "completion": "A"}]
-    uri = f"file://{write_jsonl(tmp_path / 'i.jsonl', ift)}"
-    assert validate_data_file(uri, IFT).ok
-    raise_if_invalid(validate_data_file(uri, IFT))
+    assert problems(CHAT, GOOD_CHAT) == problems(CHAT, system) == []
+    assert problems(IFT, {"prompt": "Q", "response": "A"}) == problems(IFT, {"prompt": "", "completion": "A"}) == []
+    assert problems(CPT, "One document.") == []
 
 
-def test_a_line_that_is_not_utf8_is_named(tmp_path):
-    (tmp_path / "train.jsonl").write_bytes(json.dumps(GOOD_CHAT).encode() + b'\n{"messages": "\xff"}\n')
-    message = validate_data_file(tmp_path / "train.jsonl", CHAT).render()
-    assert "train.jsonl line 2: found bytes that are not UTF-8 (0xff at column 15)" in message
+def test_how_a_line_becomes_a_record():
+    assert parse_line(b'\xef\xbb\xbf{"a": 1}\r\n') == {"a": 1}  # a byte order mark and CRLF carry no data
+    assert parse_line(b'{"a": NaN}') == UnreadableLine(
+        "NaN, which is not JSON", "write a string or null in its place (pandas writes NaN for missing values)")
+    assert parse_line(b'{"a": 1, "a": 2}').error == "the key 'a' twice in one object"
 
 
-def test_an_empty_file_is_invalid(tmp_path):
-    (tmp_path / "train.jsonl").write_text("\n  \n")
-    report = validate_data_file(tmp_path / "train.jsonl", CHAT)
-    with pytest.raises(InvalidInputError) as raised:
-        raise_if_invalid(report)
-    assert "train.jsonl: found no records; write one JSON object per line" in str(raised.value)
+def test_a_line_that_is_not_utf8_is_named():
+    assert [str(p) for p in problems(CHAT, b'{"messages": "\xff"}', line=2)] == [
+        "train.jsonl line 2: found bytes that are not UTF-8 (0xff at column 15); save the file as UTF-8"]
 
 
-def test_text_documents(tmp_path):
-    docs = tmp_path / "docs"
-    (docs / "sub").mkdir(parents=True)
-    (docs / "a.txt").write_text("One document.")
-    (docs / "sub" / "b.txt").write_bytes(b"fine\nnot \xff fine")
-    (docs / "notes.md").write_text("ignored")
-    report = validate_data_file(docs, CPT)
-    assert (report.num_records, report.num_invalid) == (2, 1)
-    assert "sub/b.txt: found bytes that are not UTF-8 (0xff on line 2); save the file as UTF-8 text" in report.render()
-    assert validate_data_file(docs / "a.txt", CPT).ok
-    assert "notes.md: found a .md file; use a .txt file" in validate_data_file(docs / "notes.md", CPT).render()
-    (tmp_path / "empty").mkdir()
-    assert "empty: found no .txt files" in validate_data_file(tmp_path / "empty", CPT).render()
-
-
-@pytest.mark.parametrize("path, task, expected", [
-    ("missing.jsonl", CHAT, "does not exist"),
-    ("s3://bucket/train.jsonl", CHAT, "s3:// data is not supported yet"),
-    (".", CHAT, "is a folder"),
-    (".", "SUMMARIZE", "unknown task type 'SUMMARIZE': use one of CHAT_COMPLETION"),
-])
-def test_bad_arguments_raise_invalid_input(tmp_path, monkeypatch, path, task, expected):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(InvalidInputError, match=expected):
-        validate_data_file(path, task)
-
+def test_an_empty_document_is_invalid():
+    for text in ("", "  \n", "\ufeff"):
+        assert [str(p) for p in problems(CPT, text, name="a.txt", line=None)] == [
+            "a.txt: found an empty document; write the document's text, or remove the file"]
 
 def bedrock(*turns: tuple[str, str], system: list[str] | None = None) -> dict:
     record: dict = {"schemaVersion": "bedrock-conversation-2024"}
@@ -176,31 +162,27 @@ def test_bedrock_records_become_messages():
     assert normalize(ift, TaskType.INSTRUCTION_FINETUNE) is ift
 
 
-def test_some_invalid_records_are_skipped_when_allowed(tmp_path):
+def test_some_invalid_records_are_skipped_when_allowed():
     bad = chat(("user", "Hi"), ("bot", "Hello"))
-    report = validate_data_file(write_jsonl(tmp_path / "t.jsonl", [GOOD_CHAT] * 18 + [bad] * 2), CHAT)
+    report = report_of("t.jsonl", [GOOD_CHAT] * 18 + [bad] * 2)
     assert not report.acceptable(0) and not report.acceptable(9.99)
     assert report.acceptable(10) and report.acceptable(100)
-    assert report.render(10).startswith(f"{tmp_path / 't.jsonl'}: skipped 2 of 20 records (10%) that are not valid "
-                                        "CHAT_COMPLETION, as allow_percentage_invalid=10 allows")
+    assert report.render(10).startswith("t.jsonl: skipped 2 of 20 records (10%) that are not valid CHAT_COMPLETION, "
+                                        "as allow_percentage_invalid=10 allows")
     assert "t.jsonl line 19, field messages[1].role: found 'bot'" in report.render(10)
     assert "(10%, more than allow_percentage_invalid=5 allows)" in report.render(5)
-    raise_if_invalid(report, allow_percentage_invalid=10)
-    with pytest.raises(InvalidInputError, match="2 of 20 records are not valid"):
-        raise_if_invalid(report, allow_percentage_invalid=5)
 
 
-def test_no_allowance_forgives_a_file_without_valid_records(tmp_path):
-    (tmp_path / "empty.jsonl").write_text("\n")
-    assert not validate_data_file(tmp_path / "empty.jsonl", CHAT).acceptable(100)
-    all_bad = validate_data_file(write_jsonl(tmp_path / "bad.jsonl", [{"messages": []}]), CHAT)
-    assert not all_bad.acceptable(100)
+def test_no_allowance_forgives_a_file_without_valid_records():
+    empty = DataReport("empty.jsonl", CHAT)
+    empty.add_problem(Problem("empty.jsonl", None, "", "an empty file", "write one JSON object per line"))
+    assert not empty.acceptable(100)
+    assert not report_of("bad.jsonl", [{"messages": []}]).acceptable(100)
 
 
 def test_rows_of_tables_are_cited_as_rows():
-    records = [(1, {"prompt": "Q", "response": "A"}), (2, {"prompt": "Q", "answer": "A"})]
-    report = validate_records(records, TaskType.INSTRUCTION_FINETUNE, "catalog.schema.table", "uc://t", unit="row")
-    assert "catalog.schema.table row 2, field answer: found an unexpected key" in report.render()
+    found = problems(IFT, {"prompt": "Q", "answer": "A"}, name="catalog.schema.table", line=2, unit="row")
+    assert "catalog.schema.table row 2, field answer: found an unexpected key" in "\n".join(map(str, found))
 
 
 NO_SYSTEM = TemplateSupport("mistralai/Mistral-7B-Instruct-v0.2", system=False, tool=False)
@@ -281,13 +263,12 @@ def test_the_probe_renders_the_templates_own_way(smollm2_tokenizer, template, sy
     assert probe(tokenizer) == TemplateSupport(smollm2_tokenizer.name_or_path, system=system, tool=tool)
 
 
-def test_a_system_message_for_a_template_without_one_names_the_model(smollm2_tokenizer, tmp_path):
+def test_a_system_message_for_a_template_without_one_names_the_model(smollm2_tokenizer):
     support = probe(with_template(smollm2_tokenizer, MISTRAL_LIKE))
     record = chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"))
-    report = validate_data_file(write_jsonl(tmp_path / "t.jsonl", [GOOD_CHAT, record]), CHAT, support)
-    assert (f"t.jsonl line 2, field messages[0].role: found 'system'; fold the system text into the first user "
-            f"message, or drop it: the chat template of {smollm2_tokenizer.name_or_path} takes no system message"
-            ) in report.render()
+    assert [str(p) for p in problems(CHAT, record, support, name="t.jsonl", line=2)] == [
+        f"t.jsonl line 2, field messages[0].role: found 'system'; fold the system text into the first user "
+        f"message, or drop it: the chat template of {smollm2_tokenizer.name_or_path} takes no system message"]
 
 
 def test_a_tokenizer_without_a_working_template_is_refused(smollm2_tokenizer):
@@ -297,10 +278,10 @@ def test_a_tokenizer_without_a_working_template_is_refused(smollm2_tokenizer):
         probe(with_template(smollm2_tokenizer, "{{ raise_exception('no') }}"))
 
 
-def test_reports_of_slices_merge_in_order(tmp_path):
+def test_reports_of_slices_merge_in_order():
     bad = chat(("user", "Hi"), ("bot", "Hello"))
-    first = validate_data_file(write_jsonl(tmp_path / "a.jsonl", [bad, bad, GOOD_CHAT]), CHAT)
-    second = validate_data_file(write_jsonl(tmp_path / "b.jsonl", [bad, bad, {"messages": "Hi"}]), CHAT)
+    first = report_of("a.jsonl", [bad, bad, GOOD_CHAT])
+    second = report_of("b.jsonl", [bad, bad, {"messages": "Hi"}])
     first.merge(second)
     assert (first.num_records, first.num_invalid, first.num_file_problems) == (6, 5, 0)
     assert [p.file for p in first.shown[("messages[].role", "use one of system, user, assistant")]] == \

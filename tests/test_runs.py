@@ -8,12 +8,18 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import mlflow
+import pyarrow as pa
 import pytest
+from deltalake import write_deltalake
 
+from tasks.data.prepare import EVIDENCE
 from tasks.errors import InvalidInputError, TooManyActiveRunsError
+from tasks.home import tables_root, volumes_root
+from tasks.tracking import client
 
 pytestmark = pytest.mark.e2e
 
@@ -24,6 +30,10 @@ CHAT = [
 ]
 
 
+def jsonl(records: list) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -31,15 +41,27 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def fm():
-    """The public API with the embedded services started on free ports; stopped afterwards."""
+def fm(aws_env, tmp_path_factory):
+    """The public API with the embedded services started on free ports; stopped afterwards.
+
+    A run reads its data in the runner's process, with the environment the services started with, as a user's
+    runs do: so S3 (the moto server), the volumes root and the tables root are set before they start."""
     os.environ["TESSERA_PREFECT_PORT"] = str(_free_port())
     os.environ["TESSERA_MLFLOW_PORT"] = str(_free_port())
-    from flows import foundation_model, services
+    stores = tmp_path_factory.mktemp("stores")
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in aws_env.items():
+            if value is None:
+                env.delenv(name, raising=False)
+            else:
+                env.setenv(name, value)
+        env.setenv("TESSERA_VOLUMES_ROOT", str(stores / "volumes"))
+        env.setenv("TESSERA_TABLES_ROOT", str(stores / "tables"))
+        from flows import foundation_model, services
 
-    services.ensure_started()
-    yield foundation_model
-    services.stop()
+        services.ensure_started()
+        yield foundation_model
+        services.stop()
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +232,127 @@ def test_bad_records_fail_the_run_with_file_line_and_field(fm, tiny_model_dir, t
     assert "bad.jsonl line 2, field messages[0].role: found 'bot'" in events[-1].message
     assert "DATA_VALIDATED" not in [e.type for e in events]  # nothing past validation ran
     assert _wait(fm, run, {fm.RunStatus.FAILED}).status == fm.RunStatus.FAILED
+
+
+# Every data source through create() and fm.validate_data
+
+
+def test_a_run_trains_on_s3_data_and_evaluates_on_a_volume(fm, tiny_model_dir, s3):
+    # A record no earlier session wrote: the runner's download and prepared-data caches miss, so the run fetches.
+    fresh = {"messages": [{"role": "user", "content": "Which session is this?"},
+                          {"role": "assistant", "content": f"Session {uuid.uuid4().hex}."}]}
+    s3.create_bucket(Bucket="tessera-data")
+    s3.put_object(Bucket="tessera-data", Key="chat/train.jsonl", Body=jsonl([*CHAT, fresh]).encode())
+    held_out = Path(volumes_root(), "main", "test", "raw", "eval.jsonl")
+    held_out.parent.mkdir(parents=True)
+    held_out.write_text(jsonl([fresh, *CHAT[:5]]))
+    run = fm.create(model=str(tiny_model_dir), train_data_path="s3://tessera-data/chat/train.jsonl",
+                    eval_data_path="dbfs:/Volumes/main/test/raw/eval.jsonl", register_to="main.test",
+                    training_duration="1ep", learning_rate=1e-3, context_length=64)
+    events = list(fm.get_events(run, follow=True))
+    assert events[-1].type == "COMPLETED", events[-1].message
+    (validated,) = [e for e in events if e.type == "DATA_VALIDATED"]  # the train split's; eval's is logged only
+    p = validated.payload
+    assert (p["num_records"], p["num_examples"], p["num_invalid"], p["num_dropped"]) == (25, 25, 0, 0)
+    assert 0 < p["num_loss_tokens"] < p["num_tokens"] <= p["num_rows"] * 64
+    assert p["training_tokens"] == p["num_rows"] // 8 * 8 * 64  # 1ep: whole global batches of 8 rows of 64
+    assert f"25 examples, {p['num_tokens']:,} tokens in {p['num_rows']} rows of 64" in validated.message
+
+    run = _wait(fm, run, {fm.RunStatus.COMPLETED})
+    store = client()
+    for split, source, count in (("train", "s3://tessera-data/chat/train.jsonl", 25),
+                                 ("eval", "dbfs:/Volumes/main/test/raw/eval.jsonl", 6)):
+        logged = {Path(a.path).name for a in store.list_artifacts(run.run_id, f"data/{split}")}
+        assert set(EVIDENCE) <= logged, logged
+        report = Path(store.download_artifacts(run.run_id, f"data/{split}/report.txt")).read_text()
+        assert report == f"{source}: {count} valid CHAT_COMPLETION records\n"
+    stats = json.loads(Path(store.download_artifacts(run.run_id, "data/train/stats.json")).read_text())
+    assert (stats["num_examples"], stats["num_tokens"]) == (25, p["num_tokens"])
+    quality = json.loads(Path(store.download_artifacts(run.run_id, "data/train/quality.json")).read_text())
+    assert quality["success"] and quality["failed"] == []
+
+
+def test_bad_rows_in_a_delta_table_fail_the_run_with_row_and_field(fm, tiny_model_dir):
+    rows = [CHAT[0], {"messages": [{"role": "User", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+            *CHAT[1:4]]
+    write_deltalake(str(Path(tables_root(), "main", "test", "chats")), chat_table(rows))
+    run = fm.create(model=str(tiny_model_dir), train_data_path="main.test.chats", register_to="main.test",
+                    context_length=64)
+    events = list(fm.get_events(run, follow=True))
+    assert events[-1].type == "FAILED"
+    assert "main.test.chats row 2, field messages[0].role: found 'User'; use lowercase 'user'" in events[-1].message
+    assert "DATA_VALIDATED" not in [e.type for e in events]
+    run = _wait(fm, run, {fm.RunStatus.FAILED})
+    report = Path(client().download_artifacts(run.run_id, "data/train/report.txt")).read_text()
+    assert "main.test.chats row 2, field messages[0].role" in report  # why stays with the run
+
+
+def chat_table(rows: list[dict]) -> pa.Table:
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    return pa.table({"messages": pa.array([row["messages"] for row in rows], pa.list_(message))})
+
+
+@pytest.fixture
+def api(tmp_path, monkeypatch):
+    """The public API without the services (validate_data needs none), with a prepared-data cache of its own."""
+    from flows import foundation_model
+
+    monkeypatch.setenv("TESSERA_CACHE", str(tmp_path / "cache"))
+    return foundation_model
+
+
+def test_validate_data_reads_a_hugging_face_dataset_split(api, tiny_model_dir, tmp_path):
+    import datasets
+
+    folder = tmp_path / "chats"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(CHAT),
+                          "test": datasets.Dataset.from_list(CHAT[:3])}).save_to_disk(str(folder))
+    result = api.validate_data(f"{folder}/train", model=str(tiny_model_dir), context_length=64)
+    assert result.ok, result.report
+    assert result.report == f"{folder}/train: 24 valid CHAT_COMPLETION records"
+    assert (result.stats["num_examples"], result.prepared.num_records) == (24, 24)
+    assert result.training_tokens == result.prepared.num_rows // 8 * 8 * 64
+
+
+def test_validate_data_reads_a_delta_table(api, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TESSERA_TABLES_ROOT", str(tmp_path / "tables"))
+    # Rows with `response` and rows with `completion`: the table holds both columns, null where not given.
+    rows = [{"prompt": f"Q{i}: what is {i} + {i}?", "response": f" {2 * i}."} for i in range(12)]
+    rows += [{"prompt": f"Q{i}: what is {i} times 3?", "completion": f" {3 * i}."} for i in range(12)]
+    columns = {key: [row.get(key) for row in rows] for key in ("prompt", "response", "completion")}
+    write_deltalake(str(tmp_path / "tables" / "main" / "demo" / "qa"), pa.table(columns))
+    result = api.validate_data("main.demo.qa", task_type="INSTRUCTION_FINETUNE", model=str(tiny_model_dir),
+                               context_length=64)
+    assert result.ok, result.report
+    assert result.report == "main.demo.qa: 24 valid INSTRUCTION_FINETUNE records"
+    assert result.stats["num_examples"] == 24 and result.stats["num_truncated"] == 0
+
+
+def test_validate_data_reads_a_folder_of_documents_on_s3(api, tiny_model_dir, s3):
+    s3.create_bucket(Bucket="corpus")
+    texts = {"books/a.txt": "Tessera fine-tunes language models. " * 40,
+             "books/deep/b.txt": "Packing puts several documents in one row. " * 40,
+             "books/c.txt": "Every run is a Prefect flow. " * 40, "books/notes.json": "{}"}
+    for key, text in texts.items():
+        s3.put_object(Bucket="corpus", Key=key, Body=text.encode())
+    result = api.validate_data("s3://corpus/books", task_type="CONTINUED_PRETRAIN", model=str(tiny_model_dir),
+                               context_length=64)
+    assert result.ok, result.report
+    assert result.report == "s3://corpus/books: 3 valid CONTINUED_PRETRAIN records"
+    prepared = result.prepared
+    assert prepared.num_examples == 3 and prepared.num_tokens > 3 * 200
+    assert prepared.num_rows == -(-prepared.num_tokens // 64)  # documents run on from row to row
+    assert result.training_tokens == prepared.num_rows // 8 * 8 * 64
+
+
+def test_validate_data_reads_bedrock_conversations(api, tiny_model_dir, tmp_path):
+    records = [{"schemaVersion": "bedrock-conversation-2024", "system": [{"text": "Be brief."}],
+                "messages": [{"role": "user", "content": [{"text": f"What is {i} + {i}?"}]},
+                             {"role": "assistant", "content": [{"text": f"{2 * i}."}, {"text": "Anything else?"}]}]}
+               for i in range(24)]
+    (tmp_path / "converse.jsonl").write_text(jsonl(records))
+    result = api.validate_data(str(tmp_path / "converse.jsonl"), model=str(tiny_model_dir), context_length=64)
+    assert result.ok, result.report
+    assert result.report.endswith("converse.jsonl: 24 valid CHAT_COMPLETION records")
+    assert result.stats["num_examples"] == 24 and result.quality["success"]
+    assert result.training_tokens == result.prepared.num_rows // 8 * 8 * 64

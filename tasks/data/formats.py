@@ -7,22 +7,19 @@ How a JSON Lines line becomes a record (`parse_line`), where Python's json modul
   - NaN, Infinity and -Infinity are refused: they are not JSON, and other readers (Spark, Bedrock) reject them;
   - a key given twice in one object is refused: json keeps the last silently, other readers differ, and it is
     almost always a bug in the script that wrote the file;
-  - nesting too deep for the parser, and lines over MAX_LINE_BYTES, are refused rather than raised;
+  - nesting too deep for the parser is refused rather than raised;
   - CRLF line endings are accepted (JSON treats the CR as whitespace), and blank lines are skipped.
 """
 
 import codecs
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 from tasks.config import TaskType
-from tasks.data.report import DataReport, Problem
-from tasks.data.sources import Unparsable, local_path, read_documents, text_files
+from tasks.data.report import Problem
 from tasks.data.template import TemplateSupport
 from tasks.errors import InvalidInputError
 
@@ -32,7 +29,6 @@ BEDROCK_SCHEMA = "bedrock-conversation-2024"
 # Converse content blocks that carry something other than text; Tessera trains on text only.
 NON_TEXT_BLOCKS = ("image", "video", "document", "toolUse", "toolResult", "reasoningContent", "cachePoint",
                    "guardContent", "citationsContent")
-MAX_LINE_BYTES = 64 * 2**20  # a longer line is almost always a file without newlines, not one record
 ONE_PER_LINE = "write one JSON object per line"
 BLOCK_EXAMPLE = '{"text": "..."}'
 _ABSENT = object()  # the role of a message that has none, or is not an object
@@ -45,9 +41,11 @@ At = Callable[[str, str, str], Problem]
 
 
 @dataclass(frozen=True)
-class UnreadableLine(Unparsable):
-    """A line parse_line could not turn into a JSON value, with the fix for that particular failure."""
+class UnreadableLine:
+    """A line parse_line could not turn into a JSON value, with the fix for that particular failure; it stays in
+    the stream so validation can name where it is."""
 
+    error: str
     fix: str = ONE_PER_LINE
 
 
@@ -92,30 +90,11 @@ def parse_line(raw: bytes) -> Any:
         return UnreadableLine(f"invalid JSON ({e.msg} at column {e.colno})", ONE_PER_LINE)
 
 
-def read_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """Each non-blank line of a JSON Lines file through parse_line, with its 1-based line number; memory stays
-    bounded by MAX_LINE_BYTES however long a line is."""
-    with path.open("rb") as lines:
-        number = 0
-        while raw := lines.readline(MAX_LINE_BYTES + 1):
-            number += 1
-            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                while (rest := lines.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
-                    pass  # skip to the end of the line, a chunk at a time
-                yield number, UnreadableLine(f"a line longer than {MAX_LINE_BYTES:,} bytes",
-                                             "end each record with a newline: one JSON object per line")
-            elif raw.strip():
-                yield number, parse_line(raw)
-
-
 def record_problems(record: Any, task_type: TaskType, at: At, template: TemplateSupport | None = None) -> list[Problem]:
     """Everything wrong with one record (a parsed line, or a document's text for CONTINUED_PRETRAIN); `template`
     says which optional roles the model's chat template renders (None: the anchor's roles, system/user/assistant)."""
     if isinstance(record, UnreadableLine):
         return [at("", record.error, record.fix)]
-    if isinstance(record, Unparsable):
-        return [at("", record.error, "save the file as UTF-8 text" if task_type is TaskType.CONTINUED_PRETRAIN
-                   else ONE_PER_LINE)]
     if task_type is TaskType.CHAT_COMPLETION:
         check = _bedrock_problems if _is_bedrock(record) else _chat_problems
         return list(check(record, at, template))
@@ -134,55 +113,6 @@ def normalize(record: dict, task_type: TaskType) -> dict:
     system = _joined(record.get("system", []))
     head = [{"role": "system", "content": system}] if system else []
     return {"messages": head + [{"role": m["role"], "content": _joined(m["content"])} for m in record["messages"]]}
-
-
-def validate_records(records: Iterable[tuple[int, Any]], task_type: TaskType, name: str, source: str,
-                     template: TemplateSupport | None = None, unit: str = "line") -> DataReport:
-    """Check every (line, record) pair of a JSONL-like source; `name` is the file name the messages cite, and
-    `unit` what its numbers count ("row" for tables)."""
-    report = DataReport(source, task_type)
-    for line, record in records:
-        report.add_record(record_problems(record, task_type, partial(Problem, name, line, unit=unit), template))
-    if report.num_records == 0:
-        report.add_problem(Problem(name, None, "", "no records", ONE_PER_LINE))
-    return report
-
-
-def validate_documents(path: Path, source: str) -> DataReport:
-    """CONTINUED_PRETRAIN: a .txt file, or a folder searched recursively for .txt files, all UTF-8."""
-    report = DataReport(source, TaskType.CONTINUED_PRETRAIN)
-    if path.is_file() and path.suffix != ".txt":
-        report.add_problem(Problem(path.name, None, "", f"a {path.suffix or 'extensionless'} file",
-                                   "use a .txt file, or a folder of .txt files"))
-        return report
-    if not text_files(path):
-        report.add_problem(Problem(path.name, None, "", "no .txt files", "put each document in a .txt file"))
-        return report
-    for name, text in read_documents(path):
-        report.add_record(record_problems(text, TaskType.CONTINUED_PRETRAIN, partial(Problem, name, None)))
-    return report
-
-
-def validate_data_file(path: str | Path, task_type: str, template: TemplateSupport | None = None) -> DataReport:
-    """Check a local training file (or folder, for CONTINUED_PRETRAIN) against its task type's format."""
-    task = parse_task_type(task_type)
-    local = local_path(path)
-    if not local.exists():
-        raise InvalidInputError(f"training data {path} does not exist: check the path")
-    if task is TaskType.CONTINUED_PRETRAIN:
-        return validate_documents(local, str(path))
-    if local.is_dir():
-        raise InvalidInputError(
-            f"training data {path} is a folder: {task} reads one JSONL file "
-            "(folders of .txt files are for CONTINUED_PRETRAIN)"
-        )
-    return validate_records(read_records(local), task, local.name, str(path), template)
-
-
-def raise_if_invalid(report: DataReport, allow_percentage_invalid: float = 0.0) -> None:
-    """Raise the rendered report unless the data is trainable with that share of invalid records skipped."""
-    if not report.acceptable(allow_percentage_invalid):
-        raise InvalidInputError(report.render(allow_percentage_invalid))
 
 
 def describe(value: Any) -> str:

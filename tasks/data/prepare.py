@@ -28,7 +28,9 @@ from tasks.data.formats import parse_task_type
 from tasks.data.pack import RowBlock, pack_stream
 from tasks.data.quality import run_suite
 from tasks.data.report import DataReport, Problem
-from tasks.data.shard import Slice, SliceJob, SliceResult, encoder_for, offset_lines, run_slice, slices
+from tasks.data.shard import (
+    MAX_LINE_BYTES, LineTooLong, Slice, SliceJob, SliceResult, encoder_for, offset_lines, run_slice, slices,
+)
 from tasks.data.stats import TokenStats
 from tasks.data.template import probe
 from tasks.data.tokenize import IGNORE
@@ -139,6 +141,10 @@ def _prepare(data: LocalData, model_dir: Path, task: TaskType, context_length: i
     else:  # whole examples, packed by the workers
         blocks = (result.rows for result in results())
     counts = _write_rows(folder, blocks, context_length)
+    if report.num_records == 0 and report.ok:  # an empty file, or one of blank lines
+        what = "no documents" if task is TaskType.CONTINUED_PRETRAIN else "no records"
+        report.add_problem(Problem(data.name, None, "", what, "write one JSON object per line"
+                                   if task is not TaskType.CONTINUED_PRETRAIN else "put text in the .txt files"))
 
     frame = pd.DataFrame({name: np.concatenate([q[name] for q in quality]) for name in quality[0]}) if quality \
         else pd.DataFrame()
@@ -168,20 +174,23 @@ def _prepare(data: LocalData, model_dir: Path, task: TaskType, context_length: i
 
 def _parts(data: LocalData, task: TaskType, report: DataReport) -> list[Slice]:
     """The slices to read; problems with the source as a whole go straight into the report."""
-    if task is not TaskType.CONTINUED_PRETRAIN:
-        if data.path.stat().st_size == 0:
-            report.add_problem(Problem(data.name, None, "", "an empty file", "write one JSON object per line"))
-        return slices(data.path, data.name, data.unit)
-    if data.path.is_file():
-        if data.path.suffix != ".txt":
-            report.add_problem(Problem(data.name, None, "", f"a {data.path.suffix or 'extensionless'} file",
-                                       "use a .txt file, or a folder of .txt files"))
-            return []
-        return slices(data.path, data.name, "line")
-    files = sorted(p for p in data.path.rglob("*.txt") if p.is_file())
-    if not files:
-        report.add_problem(Problem(data.name, None, "", "no .txt files", "put each document in a .txt file"))
-    return [part for file in files for part in slices(file, str(file.relative_to(data.path)), "line")]
+    try:
+        if task is not TaskType.CONTINUED_PRETRAIN:
+            return slices(data.path, data.name, data.unit)
+        if data.path.is_file():
+            if data.path.suffix != ".txt":
+                report.add_problem(Problem(data.name, None, "", f"a {data.path.suffix or 'extensionless'} file",
+                                           "use a .txt file, or a folder of .txt files"))
+                return []
+            return slices(data.path, data.name, "line", text=True)
+        files = sorted(p for p in data.path.rglob("*.txt") if p.is_file())
+        if not files:
+            report.add_problem(Problem(data.name, None, "", "no .txt files", "put each document in a .txt file"))
+        return [part for file in files for part in slices(file, str(file.relative_to(data.path)), "line", text=True)]
+    except LineTooLong as e:
+        report.add_problem(Problem(data.name, None, "", f"a line of more than {MAX_LINE_BYTES >> 20} MiB (from byte "
+                                   f"{e.offset:,})", "write one record per line: no training example is that large"))
+        return []
 
 
 def _results(parts: list[Slice], job: Callable[[Slice], SliceJob], model_dir: str

@@ -20,6 +20,7 @@ from tasks.data.template import TemplateSupport
 from tasks.data.tokenize import IGNORE, Encoder, Example, tokenize_chat, tokenize_documents, tokenize_instructions
 
 SLICE_BYTES = 4 << 20  # big enough to amortise a task's overhead, small enough to spread a file over every core
+MAX_LINE_BYTES = 64 << 20
 BATCH = 256  # records per tokenizer call
 
 
@@ -58,19 +59,39 @@ class SliceResult:
     quality: dict[str, np.ndarray] = field(default_factory=dict)  # one entry per record, for the GX suite
 
 
-def slices(path: Path, name: str, unit: str, size: int = SLICE_BYTES) -> list[Slice]:
-    """The file in byte ranges of about `size`, each ending just after a newline (or at the end of the file)."""
+class LineTooLong(Exception):
+    """A line runs past MAX_LINE_BYTES: no record is that large, and reading it whole could exhaust memory."""
+
+    def __init__(self, offset: int):
+        self.offset = offset
+
+
+def slices(path: Path, name: str, unit: str, size: int = SLICE_BYTES, text: bool = False) -> list[Slice]:
+    """The file in byte ranges of about `size`, each ending just after a newline (or at the end of the file).
+    Text (documents) may run on without a newline: a long line is cut between two characters instead."""
     total = path.stat().st_size
     bounds = [0]
     with path.open("rb") as f:
         while bounds[-1] + size < total:
-            f.seek(bounds[-1] + size)
-            rest = f.readline()  # to the end of the line the cut falls in
-            if bounds[-1] + size + len(rest) >= total:
+            cut = bounds[-1] + size
+            f.seek(cut)
+            rest = f.readline(MAX_LINE_BYTES)  # to the end of the line the cut falls in
+            if len(rest) == MAX_LINE_BYTES and not rest.endswith(b"\n"):
+                if not text:
+                    raise LineTooLong(cut)
+                rest = rest[:_char_start(rest, len(rest) - 1)]  # never split a multi-byte character
+            if cut + len(rest) >= total:
                 break
-            bounds.append(bounds[-1] + size + len(rest))
+            bounds.append(cut + len(rest))
     bounds.append(total)
     return [Slice(path, a, b, name, unit, a == 0, b == total) for a, b in zip(bounds, bounds[1:])]
+
+
+def _char_start(data: bytes, at: int) -> int:
+    """The start of the UTF-8 character that byte `at` belongs to."""
+    while at > 0 and data[at] & 0xC0 == 0x80:
+        at -= 1
+    return at
 
 
 _encoders: dict[str, Encoder] = {}  # per worker process: loading a tokenizer takes longer than a small slice
