@@ -20,22 +20,23 @@ app.command(server)
 
 @app.command
 def create(
-    model: str,
-    train_data_path: str,
-    register_to: str,
+    model: str | None = None,
+    train_data_path: str | None = None,
+    register_to: str | None = None,
     *,
-    task_type: Literal["CHAT_COMPLETION", "INSTRUCTION_FINETUNE", "CONTINUED_PRETRAIN"] = "CHAT_COMPLETION",
+    recipe: str | None = None,
+    task_type: Literal["CHAT_COMPLETION", "INSTRUCTION_FINETUNE", "CONTINUED_PRETRAIN"] | None = None,
     training_duration: str | None = None,
     learning_rate: float | None = None,
     context_length: int | None = None,
     eval_data_path: str | None = None,
     eval_prompts: Annotated[list[str] | None, Parameter(consume_multiple=True)] = None,
     custom_weights_path: str | None = None,
-    experiment_path: str = "",
-    allow_percentage_invalid_samples: float = 0.0,
+    experiment_path: str | None = None,
+    allow_percentage_invalid_samples: float | None = None,
     follow_events: Annotated[bool, Parameter(name="--follow")] = False,
 ):
-    """Start a fine-tuning run; with --follow, stream its events until it ends.
+    """Start a fine-tuning run (from arguments, a recipe, or both); with --follow, stream its events until it ends.
 
     Parameters
     ----------
@@ -46,6 +47,8 @@ def create(
         cat.schema.table (a .txt file or folder for CONTINUED_PRETRAIN)
     register_to
         catalog.schema or catalog.schema.model_name in the model registry
+    recipe
+        a YAML recipe laid out like Nova's SFT recipes (examples/recipes/); the other options override it
     training_duration
         e.g. 3ep, 200ba, 1_000_000tok (default 1ep)
     allow_percentage_invalid_samples
@@ -55,7 +58,7 @@ def create(
         model, train_data_path, register_to, task_type=task_type, training_duration=training_duration,
         learning_rate=learning_rate, context_length=context_length, eval_data_path=eval_data_path,
         eval_prompts=eval_prompts, custom_weights_path=custom_weights_path, experiment_path=experiment_path,
-        allow_percentage_invalid_samples=allow_percentage_invalid_samples,
+        allow_percentage_invalid_samples=allow_percentage_invalid_samples, recipe=recipe,
     )
     console.print(f"created [bold]{run.name}[/bold] ({run.status.display_name}); follow it with "
                   f"`tessera events {run.name} --follow`")

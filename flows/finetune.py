@@ -1,6 +1,6 @@
 """One fine-tuning run as a Prefect flow: the six steps in plain order, and hooks for the ways it can end."""
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from prefect import flow, get_client
@@ -53,6 +53,9 @@ def on_failure(flow, flow_run, state) -> None:
     _end(flow_run, RunEvent.FAILED, "FAILED", reason)
 
 
+CONFIG_FIELDS = [f.name for f in fields(RunConfig)]
+
+
 @flow(
     name="finetune",
     on_cancellation=[on_cancellation],
@@ -75,20 +78,25 @@ def finetune(
     micro_batch_size: int = 4,
     global_batch_size: int = 8,
     warmup_steps: int | None = None,
+    lr_schedule: str = "cosine",
+    min_lr: float | None = None,
+    constant_steps: int = 0,
+    weight_decay: float = 0.0,
+    adam_betas: list[float] | None = None,
+    adam_eps: float = 1e-8,
+    gradient_clip: float = 1.0,
+    attention_dropout: float = 0.0,
+    eval_every_n_steps: int | None = None,
+    save_every_n_steps: int | None = None,
+    log_every_n_steps: int = 1,
     zero_stage: int = 0,
     seed: int = 17,
     run_name: str | None = None,
     mlflow_run_id: str | None = None,
 ) -> dict:
     """Fine-tune `model` on `train_data_path` and register the result at `register_to`."""
-    config = RunConfig(
-        model=model, train_data_path=train_data_path, register_to=register_to, task_type=task_type,
-        experiment_path=experiment_path, eval_data_path=eval_data_path, eval_prompts=eval_prompts,
-        custom_weights_path=custom_weights_path, training_duration=training_duration,
-        learning_rate=learning_rate, context_length=context_length,
-        allow_percentage_invalid_samples=allow_percentage_invalid_samples, micro_batch_size=micro_batch_size,
-        global_batch_size=global_batch_size, warmup_steps=warmup_steps, zero_stage=zero_stage, seed=seed,
-    )
+    arguments = locals()  # every parameter but the last two is a RunConfig field of the same name
+    config = RunConfig(**{name: arguments[name] for name in CONFIG_FIELDS if arguments[name] is not None})
     record = _name_run(config, run_name, mlflow_run_id)
     name, mlflow_id = record.name, record.mlflow_run_id
     emit(name, RunEvent.STARTED, f"run {name} started")
@@ -112,7 +120,11 @@ def finetune(
         output_dir=str(record.dir / "checkpoints"), duration_value=config.duration.value,
         duration_unit=config.duration.unit, learning_rate=config.learning_rate,
         warmup_steps=config.warmup_steps if config.warmup_steps is not None else default_warmup(plan.total_batches),
-        micro_batch_size=config.micro_batch_size,
+        schedule=config.lr_schedule, min_lr=config.min_lr, constant_steps=config.constant_steps,
+        weight_decay=config.weight_decay, betas=tuple(config.adam_betas), eps=config.adam_eps,
+        gradient_clip=config.gradient_clip, attention_dropout=config.attention_dropout,
+        eval_every_n_batches=config.eval_every_n_steps, save_every_n_batches=config.save_every_n_steps,
+        log_every_n_batches=config.log_every_n_steps, micro_batch_size=config.micro_batch_size,
         global_batch_size=config.global_batch_size, seed=config.seed, zero_stage=config.zero_stage,
         eval_prompts=config.eval_prompts or [], init_from=config.custom_weights_path,
         resume=True,  # a retry of the train task continues from the latest checkpoint

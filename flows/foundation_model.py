@@ -33,6 +33,7 @@ from flows import services
 from tasks.config import RunConfig, run_name_for
 from tasks.data.validation import DataValidation, validate_data  # noqa: F401  (public API)
 from tasks.errors import InvalidInputError, RunNotFoundError, TooManyActiveRunsError
+from tasks.recipe import config_error, load_recipe
 from tasks.events import RunEvent, emit, flush, resource_id
 from tasks.models import ModelInfo
 from tasks.models import get_models as _catalog
@@ -147,12 +148,12 @@ class TrainingRun:
 
 
 def create(
-    model: str,
-    train_data_path: str,
-    register_to: str,
+    model: str | None = None,
+    train_data_path: str | None = None,
+    register_to: str | None = None,
     *,
-    experiment_path: str = "",
-    task_type: str = "CHAT_COMPLETION",
+    experiment_path: str | None = None,
+    task_type: str | None = None,
     eval_data_path: str | None = None,
     eval_prompts: list[str] | None = None,
     custom_weights_path: str | None = None,
@@ -161,19 +162,24 @@ def create(
     context_length: int | None = None,
     validate_inputs: bool = True,
     data_prep_cluster_id: str | None = None,
-    allow_percentage_invalid_samples: float = 0.0,
+    allow_percentage_invalid_samples: float | None = None,
+    recipe: "str | os.PathLike | dict | None" = None,
 ) -> TrainingRun:
-    """Submit a fine-tuning run and return at once; it goes on after this process exits."""
+    """Submit a fine-tuning run and return at once; it goes on after this process exits.
+
+    `recipe` (a YAML file or a dict laid out like Nova's SFT recipes, see tasks/recipe.py) sets any field,
+    the engine's knobs included; the arguments given here override it."""
     if data_prep_cluster_id is not None:
         warnings.warn("data_prep_cluster_id is ignored: Tessera prepares data inside the run, no cluster needed",
                       stacklevel=2)
-    config = RunConfig(
+    given = dict(
         model=model, train_data_path=train_data_path, register_to=register_to, task_type=task_type,
         experiment_path=experiment_path, eval_data_path=eval_data_path, eval_prompts=eval_prompts,
         custom_weights_path=custom_weights_path, training_duration=training_duration,
         learning_rate=learning_rate, context_length=context_length,
         allow_percentage_invalid_samples=allow_percentage_invalid_samples,
     )
+    config = config_from(recipe, {k: v for k, v in given.items() if v is not None})
     if validate_inputs:
         config = check_paths(config)
     name = run_name_for(config.model, config.task_type)
@@ -202,6 +208,19 @@ def create(
         emit(name, RunEvent.CREATED, f"run {name} created", flow_run_id=str(flow_run.id))
         flush()
         return _training_run(flow_run, include_details=False)
+
+
+def config_from(recipe: "str | os.PathLike | dict | None", arguments: dict) -> RunConfig:
+    """The run's config: the recipe's fields, overridden by the arguments; errors name the recipe key."""
+    loaded = load_recipe(recipe) if recipe is not None else None
+    fields = (loaded.values if loaded else {}) | arguments
+    for required in ("model", "train_data_path", "register_to"):
+        if required not in fields:
+            raise InvalidInputError(f"{required} is missing: pass it to create() or set it in the recipe's run section")
+    try:
+        return RunConfig(**fields)
+    except InvalidInputError as e:
+        raise (config_error(e, loaded) if loaded and next(iter(str(e).split()), "") not in arguments else e) from None
 
 
 def get(training_run: "str | TrainingRun") -> TrainingRun:

@@ -2,7 +2,7 @@
 
 import re
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
 from tasks.errors import InvalidInputError
@@ -17,6 +17,8 @@ class TaskType(StrEnum):
 DURATION_UNITS = {"ep": "epochs", "ba": "batches", "tok": "tokens"}
 _DURATION = re.compile(r"^(\d[\d_]*)(ep|ba|tok)$")
 # Unity Catalog style: catalog.schema or catalog.schema.model; run names (with '-') are valid model names.
+LR_RANGE = (1e-6, 1e-3)  # Nova's range for full-rank fine-tuning
+LR_SCHEDULES = ("cosine", "linear", "constant")
 _REGISTER_TO = re.compile(r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+(\.[A-Za-z0-9_-]+)?$")
 
 
@@ -56,10 +58,21 @@ class RunConfig:
     learning_rate: float | None = 5e-5
     context_length: int | None = None  # None: min(8192, the model's maximum), filled in by validate_paths
     allow_percentage_invalid_samples: float = 0.0  # Nova's: skip invalid records up to this share of the data
-    # Engine knobs: not in the anchor's signature; recipes set them.
+    # Engine knobs: not in the anchor's signature; recipes set them (tasks/recipe.py maps Nova's keys here).
     micro_batch_size: int = 4
     global_batch_size: int = 8
     warmup_steps: int | None = None  # None: 10% of the run, at most 20 steps
+    lr_schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    min_lr: float | None = None  # the floor the schedule decays to; None: 10% of learning_rate
+    constant_steps: int = 0  # steps held at the peak after warmup, before decay
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    gradient_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    attention_dropout: float = 0.0
+    eval_every_n_steps: int | None = None  # None: eval loss at each checkpoint
+    save_every_n_steps: int | None = None  # None: a checkpoint per epoch and at the end
+    log_every_n_steps: int = 1
     zero_stage: int = 0
     seed: int = 17
 
@@ -81,10 +94,13 @@ class RunConfig:
         self.training_duration = str(Duration.parse(self.training_duration or "1ep"))
         if self.learning_rate is None:
             self.learning_rate = 5e-5
-        if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, int | float) or not (
-            self.learning_rate > 0
-        ):
+        if not _number(self.learning_rate) or not self.learning_rate > 0:
             raise InvalidInputError(f"learning_rate {self.learning_rate!r} must be a positive number, e.g. 5e-5")
+        if not LR_RANGE[0] <= self.learning_rate <= LR_RANGE[1]:
+            raise InvalidInputError(
+                f"learning_rate {self.learning_rate!r} is outside {LR_RANGE[0]:g} to {LR_RANGE[1]:g}, the range full "
+                "fine-tuning trains in (larger diverges, smaller barely moves): e.g. 5e-5"
+            )
         self.learning_rate = float(self.learning_rate)
         if self.context_length is not None and (
             isinstance(self.context_length, bool) or not isinstance(self.context_length, int) or self.context_length < 8
@@ -109,8 +125,40 @@ class RunConfig:
                 f"global_batch_size {self.global_batch_size} must be a multiple of micro_batch_size "
                 f"{self.micro_batch_size} (gradient accumulation takes whole micro batches)"
             )
+        self._check_engine_knobs()
         if self.zero_stage not in (0, 1, 2, 3):
             raise InvalidInputError(f"zero_stage {self.zero_stage!r} must be 0, 1, 2 or 3")
+
+    def _check_engine_knobs(self) -> None:
+        """Nova's ranges, and what the engine can do; each message names the field."""
+        if self.warmup_steps is not None and (_int(self.warmup_steps) is None or not 1 <= self.warmup_steps <= 20):
+            raise InvalidInputError(f"warmup_steps {self.warmup_steps!r} must be an integer from 1 to 20")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InvalidInputError(f"lr_schedule {self.lr_schedule!r} is unknown: use one of {', '.join(LR_SCHEDULES)}")
+        if self.min_lr is not None and (not _number(self.min_lr) or not 0 <= self.min_lr < self.learning_rate):
+            raise InvalidInputError(
+                f"min_lr {self.min_lr!r} must be at least 0 and below learning_rate ({self.learning_rate:g})"
+            )
+        for name in ("constant_steps", "log_every_n_steps", "eval_every_n_steps", "save_every_n_steps"):
+            value, least = getattr(self, name), 0 if name == "constant_steps" else 1
+            if value is not None and (_int(value) is None or value < least):
+                raise InvalidInputError(f"{name} {value!r} must be an integer of at least {least}")
+        if self.eval_every_n_steps is not None and not self.eval_data_path:
+            raise InvalidInputError(
+                f"eval_every_n_steps {self.eval_every_n_steps} needs eval_data_path: give held-out data to evaluate on"
+            )
+        if not _number(self.weight_decay) or not 0 <= self.weight_decay <= 1:
+            raise InvalidInputError(f"weight_decay {self.weight_decay!r} must be from 0 to 1, e.g. 0.01")
+        betas = self.adam_betas
+        if not isinstance(betas, list | tuple) or len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas):
+            raise InvalidInputError(f"adam_betas {betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        self.adam_betas = [float(b) for b in betas]
+        if not _number(self.adam_eps) or not 0 < self.adam_eps < 1:
+            raise InvalidInputError(f"adam_eps {self.adam_eps!r} must be a small positive number, e.g. 1e-8")
+        if not _number(self.gradient_clip) or self.gradient_clip < 0:
+            raise InvalidInputError(f"gradient_clip {self.gradient_clip!r} must be at least 0 (0 turns clipping off)")
+        if not _number(self.attention_dropout) or not 0 <= self.attention_dropout <= 1:
+            raise InvalidInputError(f"attention_dropout {self.attention_dropout!r} must be from 0 to 1")
 
     @property
     def duration(self) -> Duration:
@@ -123,6 +171,14 @@ class RunConfig:
     def to_params(self) -> dict:
         """The flow's parameters: JSON, so `prefect deployment run --params` can send the same."""
         return asdict(self)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def run_name_for(model: str, task_type: str) -> str:

@@ -115,3 +115,13 @@ def test_validate_of_a_missing_path_is_an_argument_error(validated):
     assert missing.returncode == 2, missing.stdout + missing.stderr
     assert f"error: data_path {folder / 'missing.jsonl'} does not exist: check the path" in missing.stdout
     assert "Traceback" not in missing.stdout + missing.stderr
+
+
+def test_create_from_a_recipe_refuses_a_bad_key_before_any_run(tmp_path):
+    bad = tmp_path / "recipe.yaml"
+    bad.write_text((Path(__file__).parents[1] / "examples" / "recipes" / "full.yaml").read_text()
+                   .replace("lr: 3.0e-4", "lr: 3.0e-2"))
+    done = subprocess.run([str(Path(sys.executable).parent / "tessera"), "create", "--recipe", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "training_config.model.optim.lr: learning_rate 0.03 is outside" in " ".join(done.stdout.split())

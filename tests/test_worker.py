@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from tasks.errors import InvalidInputError
 from tasks.training import protocol
 from tasks.training.checkpoints import LATEST, check_same_architecture, checkpoint_tag, latest_tag, point_latest
 from tasks.training.data import IGNORE, PackedRows, eval_batches, step_batches
-from tasks.training.schedule import cosine_with_warmup, plan_duration
+from tasks.training.schedule import learning_rate_at, plan_duration
 from tasks.training.spec import TrainSpec
 
 
@@ -51,6 +52,15 @@ def test_spec_round_trips_through_json(tmp_path):
     again = TrainSpec.from_json(tmp_path / "spec.json")
     assert again == spec
     assert isinstance(again.model_dir, Path) and again.init_from == tmp_path / "c" and again.eval_data_dir is None
+    assert again.betas == (0.9, 0.95) and again.final_lr == pytest.approx(5e-6)  # min_lr None: a tenth of the peak
+
+    knobs = dict(schedule="linear", min_lr=0.0, constant_steps=5, weight_decay=0.1, betas=[0.8, 0.99], eps=1e-6,
+                 attention_dropout=0.1, eval_data_dir=tmp_path / "e", eval_every_n_batches=10)
+    spec = spec_for(tmp_path, **knobs)
+    spec.to_json(tmp_path / "spec.json")
+    again = TrainSpec.from_json(tmp_path / "spec.json")
+    assert again == spec and again.betas == (0.8, 0.99) and isinstance(again.betas, tuple)  # JSON has a list
+    assert again.final_lr == 0.0
 
 
 @pytest.mark.parametrize(
@@ -69,10 +79,24 @@ def test_spec_round_trips_through_json(tmp_path):
         (dict(eval_prompts="hi"), "eval_prompts must be a list"),
         (dict(run_name=""), "run_name"),
         (dict(resume="yes"), "resume must be true or false"),
+        (dict(schedule="step"), "schedule must be one of cosine, linear, constant, got 'step'"),
+        (dict(min_lr=5e-5), "min_lr must be a number >= 0 and below learning_rate (5e-05)"),
+        (dict(min_lr=-1e-6), "min_lr must be a number >= 0"),
+        (dict(min_lr="0"), "min_lr must be a number"),
+        (dict(constant_steps=-1), "constant_steps must be an integer >= 0"),
+        (dict(weight_decay=-0.1), "weight_decay must be a number >= 0"),
+        (dict(betas=(0.9, 1.0)), "betas must be two numbers in [0, 1)"),
+        (dict(betas=[0.9]), "betas must be two numbers in [0, 1)"),
+        (dict(betas=0.9), "betas must be two numbers in [0, 1)"),
+        (dict(eps=0), "eps must be a number > 0"),
+        (dict(attention_dropout=1.0), "attention_dropout must be a number in [0, 1)"),
+        (dict(attention_dropout=-0.1), "attention_dropout must be a number in [0, 1)"),
+        (dict(eval_every_n_batches=0, eval_data_dir="e"), "eval_every_n_batches must be an integer >= 1"),
+        (dict(eval_every_n_batches=5), "eval_every_n_batches (5) needs eval_data_dir"),
     ],
 )
 def test_spec_rejects_bad_values_naming_the_field(tmp_path, overrides, words):
-    with pytest.raises(InvalidInputError, match=words.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(InvalidInputError, match=re.escape(words)):
         spec_for(tmp_path, **overrides)
 
 
@@ -99,14 +123,32 @@ def test_plan_turns_durations_into_steps():
         plan_duration(1, "ep", 3, 16, 4)
 
 
-def test_learning_rate_warms_up_linearly_then_decays_to_a_tenth():
-    lrs = [cosine_with_warmup(s, 1.0, warmup_steps=4, total_steps=104) for s in range(104)]
-    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert lrs[4] == 1.0 and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
-    assert lrs[54] == pytest.approx(0.55)  # halfway down
-    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
-    assert cosine_with_warmup(500, 1.0, 4, 104) == pytest.approx(0.1)  # past the end: stays at the floor
-    assert cosine_with_warmup(0, 2e-5, 0, 10) == 2e-5  # no warmup
+# Warmup 4, held 10 steps, then 100 steps of decay (steps 14..113) from 1.0 towards 0.2.
+SCHEDULE_STEPS = dict(first=0, warmup_end=3, constant_end=13, decay_start=14, quarter=39, middle=64, last=113)
+
+
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        ("cosine", dict(quarter=0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi / 4)), middle=0.6,
+                        last=0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 0.99)))),
+        ("linear", dict(quarter=0.2 + 0.8 * 0.75, middle=0.6, last=0.2 + 0.8 * 0.01)),
+        ("constant", dict(quarter=1.0, middle=1.0, last=1.0)),
+    ],
+)
+def test_learning_rate_warms_up_holds_then_decays_to_min_lr(schedule, expected):
+    def lr(step, **changes):
+        args = dict(peak_lr=1.0, warmup_steps=4, total_steps=114, schedule=schedule, min_lr=0.2, constant_steps=10)
+        return learning_rate_at(step, **{**args, **changes})
+
+    expected = dict(first=0.25, warmup_end=1.0, constant_end=1.0, decay_start=1.0, **expected)
+    assert {key: lr(step) for key, step in SCHEDULE_STEPS.items()} == pytest.approx(expected)
+    lrs = [lr(step) for step in range(114)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]  # linear warmup: the first step already learns
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # never back up after the peak
+    assert lr(500) == (1.0 if schedule == "constant" else 0.2)  # past the end: stays at the floor
+    assert lr(0, warmup_steps=0, constant_steps=0) == 1.0  # no warmup
+    assert lr(50, constant_steps=200) == 1.0  # held longer than the run: never decays
 
 
 # --- rows and batches ------------------------------------------------------------------------------

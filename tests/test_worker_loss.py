@@ -1,8 +1,9 @@
 """What the loss sees: documents packed in a row stay apart, and the loss is the mean over the global
-batch's loss tokens however the batch is cut into micro batches.
+batch's loss tokens however the batch is cut into micro batches. And what the optimizer and the model's
+modes do: weight decay spares biases and norm weights, dropout acts in training steps only.
 
 Runs DeepSpeed in this process (one rank, gloo), with plain SGD at lr 1 so that a step's weight change is
-exactly minus the gradient.
+exactly minus the gradient, or with the worker's AdamW and zero gradients, so that the change is the decay.
 """
 
 import copy
@@ -13,7 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tasks.errors import InvalidInputError
 from tasks.training.data import IGNORE, MicroBatch, PackedRows, step_batches
+from tasks.training.spec import TrainSpec
 from test_worker import write_rows
 
 
@@ -113,3 +116,92 @@ def test_packed_documents_do_not_see_each_other(tiny_model_dir):
     )
     alone = MicroBatch(input_ids=second, position_ids=torch.arange(6)[None], targets=torch.full((1, 6), IGNORE))
     torch.testing.assert_close(logits_of(model, packed)[:, 10:], logits_of(model, alone), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_weight_decay_shrinks_matrices_but_not_biases_or_norm_weights(one_rank, tmp_path, zero_stage):
+    import deepspeed
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tasks.training.worker import build_optimizer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, attention_bias=True, mlp_bias=True,  # biases too, which Llama leaves out by default
+    ))
+    spec = TrainSpec(run_name="r", model_dir=tmp_path, data_dir=tmp_path, output_dir=tmp_path,
+                     learning_rate=0.1, weight_decay=0.5, betas=(0.8, 0.9), eps=1e-6)
+    optimizer = build_optimizer(model, spec, fused=False)
+    decayed, spared = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert (decayed["weight_decay"], spared["weight_decay"]) == (0.5, 0.0)
+    assert all((g["betas"], g["eps"]) == ((0.8, 0.9), 1e-6) for g in optimizer.param_groups)
+    assert all(names[id(p)].endswith("weight") and p.ndim == 2 for p in decayed["params"])
+    spared_names = sorted(names[id(p)] for p in spared["params"])
+    assert any(n.endswith("_proj.bias") for n in spared_names) and "model.norm.weight" in spared_names
+    assert len(decayed["params"]) + len(spared["params"]) == len(names)
+
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer,
+        config={"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                "zero_optimization": {"stage": zero_stage}, "gradient_clipping": 0.0, "steps_per_print": 2**31 - 1},
+    )
+    # Zero gradients: Adam's update is 0, so a step changes a weight only by decay, p * (1 - lr * weight_decay).
+    engine.backward(sum(p.sum() for p in engine.module.parameters()) * 0.0)
+    engine.step()
+    for name, after in engine.module.named_parameters():
+        expected = before[name] * (1 - 0.1 * 0.5) if after.ndim >= 2 else before[name]
+        torch.testing.assert_close(after.detach(), expected, rtol=1e-6, atol=0, msg=name)
+
+
+def test_attention_dropout_is_set_on_the_config_and_acts_in_train_mode_only(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from tasks.training.worker import model_config
+
+    config = model_config(tiny_model_dir, 0.5)
+    assert config.attention_dropout == 0.5
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, config=config, dtype=torch.float32)
+    inputs = dict(input_ids=torch.randint(3, 500, (1, 16)), use_cache=False)
+    model.eval()
+    torch.testing.assert_close(model(**inputs).logits, model(**inputs).logits)
+    model.train()
+    assert not torch.allclose(model(**inputs).logits, model(**inputs).logits)  # dropped different attention weights
+    assert model_config(tiny_model_dir, 0.0).attention_dropout == 0.0
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)  # dropout under other names: attn_pdrop
+    with pytest.raises(InvalidInputError, match="attention_dropout .0.1. cannot be set on this gpt2 model"):
+        model_config(tmp_path, 0.1)
+    assert model_config(tmp_path, 0.0).model_type == "gpt2"  # 0: nothing to set, nothing refused
+
+
+def test_steps_run_in_train_mode_and_eval_and_generation_in_eval_mode(one_rank, tiny_model_dir, tmp_path):
+    import deepspeed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.training.worker import answer, evaluate, train_step
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    modes = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters()),
+        config={"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
+                "gradient_clipping": 0.0, "steps_per_print": 2**31 - 1},
+    )
+    data = PackedRows(write_rows(tmp_path / "d", rows=2, context_length=16), "data_dir")
+    batch = next(step_batches(data, seed=0, start_step=0, total_steps=1, batches_per_epoch=1, global_batch_size=2,
+                              micro_batch_size=1, rank=0, world_size=1))
+    cpu = torch.device("cpu")
+
+    engine.train()  # as the worker does before its loop
+    train_step(engine, batch, cpu, world_size=1, clip=1.0)
+    assert modes == [True, True]
+    modes.clear()
+    evaluate(engine, data, micro_batch_size=1, rank=0, world_size=1, device=cpu)
+    assert modes == [False, False] and engine.training and engine.module.training  # back to training
+    modes.clear()
+    answer(engine, AutoTokenizer.from_pretrained(tiny_model_dir), ["Hi"], seed=0, device=cpu, synced=False)
+    assert modes and not any(modes) and engine.training and engine.module.training

@@ -2,9 +2,11 @@
 
 Each worker start costs seconds (torch, transformers, DeepSpeed), so there are few runs and each is
 asserted on at length: a full run (protocol, checkpoints, HF export, learning); a run with the same
-seed killed mid-way and resumed (same losses, right total); a run that fails on a bad input.
+seed killed mid-way and resumed (same losses, right total); a run with a recipe's optimizer, schedule,
+eval and dropout settings; a run that fails on a bad input.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tasks.training.checkpoints import LATEST, load_weights
 from tasks.training.protocol import parse
@@ -165,6 +168,34 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_completes(runs):
     expected = losses(runs.full_lines)
     for batch, loss in losses(after).items():
         assert loss == pytest.approx(expected[batch], rel=1e-6), batch
+
+
+def test_recipe_settings_reach_the_optimizer_the_schedule_the_evals_and_the_model(tiny_model_dir, tmp_path):
+    # 6 rows, global batch 2: 3 steps an epoch, 6 steps, checkpoints at 3 and 6; eval every 4 steps and at the end.
+    spec = TrainSpec(
+        run_name="recipe", model_dir=tiny_model_dir, data_dir=write_rows(tmp_path / "train", rows=6),
+        eval_data_dir=write_rows(tmp_path / "eval", rows=2, seed=1), eval_every_n_batches=4,
+        output_dir=tmp_path / "out", duration_value=6, duration_unit="ba", micro_batch_size=1, global_batch_size=2,
+        learning_rate=1e-3, warmup_steps=2, constant_steps=1, schedule="linear", min_lr=1e-4,
+        weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6, attention_dropout=0.1,
+    )
+    lines = Worker(spec, tmp_path, "recipe").finish()
+
+    progress = [m for m in lines if m["kind"] == "progress"]
+    # Warmup (2 steps), the peak held 1 step, then linear from the peak by (1e-3 - 1e-4) / 3 a step.
+    assert [m["lr"] for m in progress] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3, 7e-4, 4e-4])
+    assert [m["tag"] for m in lines if m["kind"] == "checkpoint"] == ["ep1-ba3", "ep2-ba6"]
+    evals = [m for m in lines if m["kind"] == "eval"]
+    assert [m["batch"] for m in evals] == [4, 6] and all(m["loss"] > 0 and m["tokens"] > 0 for m in evals)
+    step_4 = next(i for i, m in enumerate(lines) if m["kind"] == "progress" and m["batch"] == 4)
+    assert lines[step_4 + 1] == evals[0]  # not at a checkpoint: right after step 4's progress line
+
+    config = json.loads((spec.output_dir / "huggingface/ba6/config.json").read_text())
+    assert config["attention_dropout"] == 0.1
+    state = torch.load(spec.output_dir / "ep2-ba6/mp_rank_00_model_states.pt", weights_only=False)
+    groups = state["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all((tuple(g["betas"]), g["eps"]) == ((0.8, 0.99), 1e-6) for g in groups)
 
 
 def test_a_bad_input_fails_with_the_reason_last_on_stderr(tiny_model_dir, tmp_path):

@@ -9,8 +9,8 @@ Everything else the worker, DeepSpeed or transformers print is free-form log. On
                lr and grad_norm (of the last step), tokens_per_s (since the last progress line),
                elapsed_s (training seconds of the run so far, carried across resumes)
   checkpoint   tag ("ep{E}-ba{B}", E = completed epochs), path, hf_path: written and complete
-  eval         batch, loss (mean over eval_data_dir's loss tokens), tokens: after each checkpoint, when
-               the spec has eval data
+  eval         batch, loss (mean over eval_data_dir's loss tokens), tokens: when the spec has eval data, after
+               each checkpoint, or every eval_every_n_batches steps and at the end when that is set
   finished     batch, hf_path of the final export
 
 Tokens count every position of a row (rows x context length), padding included.

@@ -41,11 +41,31 @@ def plan_duration(value: int, unit: str, rows: int, context_length: int, global_
     )
 
 
-def cosine_with_warmup(
-    step: int, peak_lr: float, warmup_steps: int, total_steps: int, final_ratio: float = 0.1
+def learning_rate_at(
+    step: int,
+    peak_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: str,
+    min_lr: float,
+    constant_steps: int,
 ) -> float:
-    """The learning rate of optimizer step `step` (0-based): linear warmup, then cosine decay to final_ratio * peak."""
+    """The learning rate of optimizer step `step` (0-based).
+
+    Linear warmup to peak_lr over warmup_steps; then peak_lr for constant_steps; then, over the steps left,
+    a cosine or linear decay from peak_lr towards min_lr ("constant": no decay). As in the usual schedulers
+    the decay reaches min_lr at step total_steps, one past the last, and stays there beyond it.
+    """
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps  # (step + 1): the first step already learns
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return peak_lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    decay_start = warmup_steps + constant_steps
+    if schedule == "constant" or step < decay_start:
+        return peak_lr
+    progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+    if schedule == "cosine":
+        remaining = 0.5 * (1 + math.cos(math.pi * progress))
+    elif schedule == "linear":
+        remaining = 1 - progress
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return min_lr + (peak_lr - min_lr) * remaining

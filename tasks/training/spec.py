@@ -15,6 +15,9 @@ from tasks.errors import InvalidInputError
 
 DurationUnit = Literal["ep", "ba", "tok"]
 DURATION_UNITS = ("ep", "ba", "tok")  # epochs over the rows, optimizer steps, tokens seen
+Schedule = Literal["cosine", "linear", "constant"]
+SCHEDULES = ("cosine", "linear", "constant")
+DEFAULT_MIN_LR_RATIO = 0.1  # min_lr None: the decay ends at this fraction of learning_rate
 
 
 @dataclass
@@ -26,13 +29,21 @@ class TrainSpec:
     duration_value: int = 1
     duration_unit: DurationUnit = "ep"
     learning_rate: float = 5e-5  # peak, reached after warmup_steps
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warmup from learning_rate / warmup_steps to the peak
+    schedule: Schedule = "cosine"  # after warmup and constant_steps: cosine or linear decay to min_lr, or none
+    min_lr: float | None = None  # where the decay ends; None: DEFAULT_MIN_LR_RATIO x learning_rate
+    constant_steps: int = 0  # steps held at the peak after warmup, before the decay starts
+    weight_decay: float = 0.0  # AdamW's, on matrices and embeddings (ndim >= 2): never on biases or norm weights
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW
+    eps: float = 1e-8  # AdamW
     micro_batch_size: int = 1  # rows per forward/backward on each rank
     global_batch_size: int = 8  # rows per optimizer step over all ranks; accumulation makes up the rest
     seed: int = 42
     zero_stage: int = 0
     gradient_clip: float = 1.0  # max global grad norm; 0 turns clipping off
-    eval_data_dir: Path | None = None  # same format as data_dir; its loss is reported at each checkpoint
+    attention_dropout: float = 0.0  # set on the model's config (models whose config has attention_dropout)
+    eval_data_dir: Path | None = None  # same format as data_dir; its loss is reported as eval_every_n_batches says
+    eval_every_n_batches: int | None = None  # None: eval loss at each checkpoint; N: every N steps and at the end
     eval_prompts: list[str] = field(default_factory=list)  # answered before training and at each checkpoint
     save_every_n_batches: int | None = None  # None: at the end of each epoch (and always at the end)
     log_every_n_batches: int = 1
@@ -59,8 +70,16 @@ class TrainSpec:
         _require_int("global_batch_size", self.global_batch_size, minimum=1)
         _require_int("seed", self.seed, minimum=0)
         _require_int("log_every_n_batches", self.log_every_n_batches, minimum=1)
+        _require_int("constant_steps", self.constant_steps, minimum=0)
         if self.save_every_n_batches is not None:
             _require_int("save_every_n_batches", self.save_every_n_batches, minimum=1)
+        if self.eval_every_n_batches is not None:
+            _require_int("eval_every_n_batches", self.eval_every_n_batches, minimum=1)
+            if self.eval_data_dir is None:
+                raise InvalidInputError(
+                    f"eval_every_n_batches ({self.eval_every_n_batches}) needs eval_data_dir: there is no eval data "
+                    "to compute a loss on"
+                )
         if self.global_batch_size % self.micro_batch_size:
             raise InvalidInputError(
                 f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size "
@@ -70,12 +89,41 @@ class TrainSpec:
             raise InvalidInputError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if not _is_number(self.learning_rate) or not 0 < self.learning_rate < 1:
             raise InvalidInputError(f"learning_rate must be a number in (0, 1), e.g. 5e-5; got {self.learning_rate!r}")
+        if self.schedule not in SCHEDULES:
+            raise InvalidInputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.min_lr is not None and (
+            not _is_number(self.min_lr) or not 0 <= self.min_lr < self.learning_rate
+        ):
+            raise InvalidInputError(
+                f"min_lr must be a number >= 0 and below learning_rate ({self.learning_rate}), or null for "
+                f"{DEFAULT_MIN_LR_RATIO:g} x learning_rate; got {self.min_lr!r}"
+            )
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            raise InvalidInputError(f"weight_decay must be a number >= 0 (0 turns it off), got {self.weight_decay!r}")
+        if (
+            not isinstance(self.betas, (list, tuple))
+            or len(self.betas) != 2
+            or not all(_is_number(b) and 0 <= b < 1 for b in self.betas)
+        ):
+            raise InvalidInputError(f"betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {self.betas!r}")
+        self.betas = tuple(self.betas)  # JSON brings a list back
+        if not _is_number(self.eps) or self.eps <= 0:
+            raise InvalidInputError(f"eps must be a number > 0, e.g. 1e-8; got {self.eps!r}")
         if not _is_number(self.gradient_clip) or self.gradient_clip < 0:
             raise InvalidInputError(f"gradient_clip must be >= 0 (0 turns clipping off), got {self.gradient_clip!r}")
+        if not _is_number(self.attention_dropout) or not 0 <= self.attention_dropout < 1:
+            raise InvalidInputError(
+                f"attention_dropout must be a number in [0, 1) (0 turns it off), got {self.attention_dropout!r}"
+            )
         if not isinstance(self.eval_prompts, list) or not all(isinstance(p, str) and p for p in self.eval_prompts):
             raise InvalidInputError(f"eval_prompts must be a list of non-empty strings, got {self.eval_prompts!r}")
         if not isinstance(self.resume, bool):
             raise InvalidInputError(f"resume must be true or false, got {self.resume!r}")
+
+    @property
+    def final_lr(self) -> float:
+        """The learning rate the decay ends at: min_lr, or its default."""
+        return DEFAULT_MIN_LR_RATIO * self.learning_rate if self.min_lr is None else self.min_lr
 
     def to_json(self, path: Path | str) -> None:
         values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}

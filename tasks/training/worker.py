@@ -20,7 +20,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tasks.errors import InvalidInputError
 from tasks.training.checkpoints import (
@@ -33,7 +33,7 @@ from tasks.training.checkpoints import (
 )
 from tasks.training.data import IGNORE, MicroBatch, PackedRows, Prefetcher, StepBatch, eval_batches, step_batches
 from tasks.training.protocol import emit
-from tasks.training.schedule import cosine_with_warmup, plan_duration
+from tasks.training.schedule import learning_rate_at, plan_duration
 from tasks.training.spec import TrainSpec
 
 # DeepSpeed calls torch.distributed functions that torch has renamed; the warning would repeat every step.
@@ -46,6 +46,7 @@ def train(spec: TrainSpec) -> None:
     eval_data = PackedRows(spec.eval_data_dir, "eval_data_dir") if spec.eval_data_dir else None
     if not (spec.model_dir / "config.json").is_file():
         raise InvalidInputError(f"model_dir {spec.model_dir} has no config.json: pass a Hugging Face model folder")
+    config = model_config(spec.model_dir, spec.attention_dropout)
     plan = plan_duration(
         spec.duration_value, spec.duration_unit, data.rows, data.context_length, spec.global_batch_size
     )
@@ -76,17 +77,14 @@ def train(spec: TrainSpec) -> None:
     # Loaded in fp32 on every rank; with bf16, DeepSpeed keeps fp32 master weights in the optimizer.
     resume_tag = latest_tag(output_dir) if spec.resume else None
     tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, config=config, dtype=torch.float32)
     if spec.init_from and not resume_tag:
         weights = load_weights(spec.init_from)
         check_same_architecture(weights, model, spec.init_from, spec.model_dir)
         model.load_state_dict(weights)
         del weights
     model.to(device)
-    # llm-foundry's fine-tuning optimizer settings; the learning rate is set every step below.
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=spec.learning_rate, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=cuda
-    )
+    optimizer = build_optimizer(model, spec, fused=cuda)  # the learning rate is set every step below
     # DeepSpeed reports the grad norm only from its ZeRO and mixed-precision optimizers; in plain fp32
     # stage 0 we clip ourselves (clip_grad_norm_ returns the norm).
     clip_here = spec.zero_stage == 0 and not bf16
@@ -168,7 +166,10 @@ def train(spec: TrainSpec) -> None:
     window_loss, window_tokens, window_steps = torch.zeros((), device=device), 0, 0
     loop_start = window_start = time.time()
     while step < plan.total_batches:
-        lr = cosine_with_warmup(step, spec.learning_rate, spec.warmup_steps, plan.total_batches)
+        lr = learning_rate_at(
+            step, spec.learning_rate, spec.warmup_steps, plan.total_batches, spec.schedule, spec.final_lr,
+            spec.constant_steps,
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = next(batches)
@@ -201,34 +202,39 @@ def train(spec: TrainSpec) -> None:
             window_loss.zero_()
             window_tokens, window_steps, window_start = 0, 0, now
 
-        if checkpoint_due(step, plan.batches_per_epoch, plan.total_batches, spec.save_every_n_batches):
+        checkpoint_now = checkpoint_due(step, plan.batches_per_epoch, plan.total_batches, spec.save_every_n_batches)
+        eval_now = eval_data is not None and eval_due(
+            step, plan.total_batches, spec.eval_every_n_batches, checkpoint_now
+        )
+        if checkpoint_now or eval_now:
             pause_start = time.time()
-            tag = checkpoint_tag(step, plan.batches_per_epoch)
-            rng = {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if cuda else None}
-            engine.save_checkpoint(
-                output_dir,
-                tag=tag,
-                client_state={"tessera": {
-                    "step": step, "elapsed_s": elapsed_before + pause_start - loop_start, **rng,
-                    "rows": data.rows, "global_batch_size": spec.global_batch_size, "seed": spec.seed,
-                }},
-                save_latest=False,  # the latest link below is ours, moved only once the export is written too
-            )
-            hf_path = output_dir / "huggingface" / f"ba{step}"
-            save_huggingface(engine, tokenizer, hf_path, spec.zero_stage, master)
-            dist.barrier()  # every rank's shard is on disk before the link says the checkpoint exists
-            if master:
-                point_latest(output_dir, tag)
-                emit("checkpoint", tag=tag, path=str(output_dir / tag), hf_path=str(hf_path))
-            if eval_data:
+            if checkpoint_now:
+                tag = checkpoint_tag(step, plan.batches_per_epoch)
+                rng = {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if cuda else None}
+                engine.save_checkpoint(
+                    output_dir,
+                    tag=tag,
+                    client_state={"tessera": {
+                        "step": step, "elapsed_s": elapsed_before + pause_start - loop_start, **rng,
+                        "rows": data.rows, "global_batch_size": spec.global_batch_size, "seed": spec.seed,
+                    }},
+                    save_latest=False,  # the latest link below is ours, moved only once the export is written too
+                )
+                hf_path = output_dir / "huggingface" / f"ba{step}"
+                save_huggingface(engine, tokenizer, hf_path, spec.zero_stage, master)
+                dist.barrier()  # every rank's shard is on disk before the link says the checkpoint exists
+                if master:
+                    point_latest(output_dir, tag)
+                    emit("checkpoint", tag=tag, path=str(output_dir / tag), hf_path=str(hf_path))
+            if eval_now:
                 eval_loss, eval_tokens = evaluate(engine, eval_data, spec.micro_batch_size, rank, world_size, device)
                 if master:
                     emit("eval", batch=step, loss=eval_loss, tokens=eval_tokens)
-            if spec.eval_prompts:
+            if checkpoint_now and spec.eval_prompts:
                 responses = answer(engine, tokenizer, spec.eval_prompts, spec.seed, device, synced_generate)
                 if master:
                     emit("generations", batch=step, prompts=spec.eval_prompts, responses=responses)
-            window_start += time.time() - pause_start  # tokens_per_s measures training, not checkpointing
+            window_start += time.time() - pause_start  # tokens_per_s measures training, not checkpoints or evals
 
     if master:
         emit("finished", batch=step, hf_path=str(output_dir / "huggingface" / f"ba{step}"))
@@ -276,6 +282,42 @@ def checkpoint_due(step: int, batches_per_epoch: int, total_batches: int, every:
     if step == total_batches:
         return True
     return step % batches_per_epoch == 0 if every is None else step % every == 0
+
+
+def eval_due(step: int, total_batches: int, every: int | None, checkpointed: bool) -> bool:
+    """Eval loss at each checkpoint, or every `every` steps and at the end."""
+    if every is None:
+        return checkpointed
+    return step % every == 0 or step == total_batches
+
+
+def model_config(model_dir: Path, attention_dropout: float):
+    """The model's config with the spec's attention dropout on it, read before any weights load.
+
+    Set whenever the config has the field, 0 included, so the spec decides rather than the model folder.
+    The model applies it only in train mode.
+    """
+    config = AutoConfig.from_pretrained(model_dir)
+    if hasattr(config, "attention_dropout"):
+        config.attention_dropout = attention_dropout
+    elif attention_dropout:
+        raise InvalidInputError(
+            f"attention_dropout ({attention_dropout}) cannot be set on this {config.model_type} model: its config "
+            "has no attention_dropout field; leave attention_dropout at 0"
+        )
+    return config
+
+
+def build_optimizer(model: torch.nn.Module, spec: TrainSpec, fused: bool) -> torch.optim.AdamW:
+    """AdamW with the spec's settings; weight decay only on weight matrices and embeddings (ndim >= 2),
+    never on biases or norm weights."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=spec.learning_rate, betas=spec.betas, eps=spec.eps, fused=fused
+    )
 
 
 @torch.no_grad()
