@@ -72,6 +72,9 @@ class RunConfig:
     attention_dropout: float = 0.0
     eval_every_n_steps: int | None = None  # None: eval loss at each checkpoint
     save_every_n_steps: int | None = None  # None: a checkpoint per epoch and at the end
+    save_top_k: int | None = None  # keep only the newest k checkpoints; None keeps all
+    early_stopping_patience: int | None = None  # stop after this many evals without improvement; None: never
+    early_stopping_min_delta: float = 0.0  # what counts as an improvement of the eval loss
     log_every_n_steps: int = 1
     zero_stage: int = 0
     seed: int = 17
@@ -139,7 +142,8 @@ class RunConfig:
             raise InvalidInputError(
                 f"min_lr {self.min_lr!r} must be at least 0 and below learning_rate ({self.learning_rate:g})"
             )
-        for name in ("constant_steps", "log_every_n_steps", "eval_every_n_steps", "save_every_n_steps"):
+        for name in ("constant_steps", "log_every_n_steps", "eval_every_n_steps", "save_every_n_steps", "save_top_k",
+                     "early_stopping_patience"):
             value, least = getattr(self, name), 0 if name == "constant_steps" else 1
             if value is not None and (_int(value) is None or value < least):
                 raise InvalidInputError(f"{name} {value!r} must be an integer of at least {least}")
@@ -147,6 +151,10 @@ class RunConfig:
             raise InvalidInputError(
                 f"eval_every_n_steps {self.eval_every_n_steps} needs eval_data_path: give held-out data to evaluate on"
             )
+        if self.early_stopping_patience is not None and not self.eval_data_path:
+            raise InvalidInputError("early_stopping_patience needs eval_data_path: it watches the eval loss")
+        if not _number(self.early_stopping_min_delta) or self.early_stopping_min_delta < 0:
+            raise InvalidInputError(f"early_stopping_min_delta {self.early_stopping_min_delta!r} must be at least 0")
         if not _number(self.weight_decay) or not 0 <= self.weight_decay <= 1:
             raise InvalidInputError(f"weight_decay {self.weight_decay!r} must be from 0 to 1, e.g. 0.01")
         betas = self.adam_betas

@@ -1,7 +1,8 @@
 """Recipes: a run's settings in one YAML file, laid out like Amazon Nova's SFT recipes.
 
     run:              {model_name_or_path, train_data_path, eval_data_path, register_to, task_type, ...}
-    training_config:  {max_length, global_batch_size, micro_batch_size, save_steps, seed,
+    training_config:  {max_length, global_batch_size, micro_batch_size, save_steps, save_top_k, seed,
+                       early_stopping: {monitor: val_loss, patience, min_delta},
                        trainer: {max_epochs | max_steps, val_check_interval, gradient_clip_val, log_every_n_steps},
                        model: {attention_dropout, optim: {lr, name, adam_w_mode, eps, weight_decay, betas,
                                                           sched: {name, warmup_steps, constant_steps, min_lr}}}}
@@ -37,12 +38,13 @@ LAYOUT: dict[str, Any] = {
     "training_config": {
         "max_length": "context_length", "global_batch_size": "global_batch_size",
         "micro_batch_size": "micro_batch_size", "save_steps": "save_every_n_steps", "seed": "seed",
-        "save_top_k": _Refused("keeping only the best k checkpoints is not supported yet: remove save_top_k"),
+        "save_top_k": "save_top_k",
         "trainer": {
             "max_epochs": "max_epochs", "max_steps": "max_steps", "val_check_interval": "eval_every_n_steps",
             "gradient_clip_val": "gradient_clip", "log_every_n_steps": "log_every_n_steps",
         },
-        "early_stopping": _Refused("early stopping is not supported yet: remove early_stopping"),
+        "early_stopping": {"monitor": "early_stopping_monitor", "patience": "early_stopping_patience",
+                           "min_delta": "early_stopping_min_delta"},
         "model": {
             "attention_dropout": "attention_dropout",
             "hidden_dropout": _Refused("hidden_dropout is not supported yet: remove it or set it to 0"),
@@ -138,6 +140,9 @@ def _resolve(fields: dict[str, tuple[Any, str]], source: str) -> dict[str, Any]:
         raise InvalidInputError(f"{source}: {where['adam_w_mode']} must be true: Tessera trains with AdamW")
     if values.pop("peft_scheme", None) is not None:
         raise InvalidInputError(f"{source}: {where['peft_scheme']}: LoRA is not supported yet; set peft_scheme to null")
+    monitor = values.pop("early_stopping_monitor", "val_loss")
+    if monitor != "val_loss":
+        raise InvalidInputError(f"{source}: {where['early_stopping_monitor']} {monitor!r}: only val_loss can be monitored")
     values.pop("description", None)  # Nova's run.name describes the job; Tessera names runs itself
     return values
 

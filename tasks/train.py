@@ -42,6 +42,18 @@ def train_message(p: dict, unit: str) -> str:
     return f"{where}[ETA={eta}] Train loss: {p['loss']:.2f}"
 
 
+def finished_message(finished: dict, stopped: dict | None) -> str:
+    """TRAIN_FINISHED's message: the batches trained, or why early stopping ended the run where it did."""
+    if stopped:
+        return f"training stopped early at batch {stopped['batch']}: {stopped['reason']}"
+    return f"training finished after {finished['batch']} batches"
+
+
+def pruned_message(p: dict) -> str:
+    """A line for the worker log when save_top_k removed older checkpoints."""
+    return f"save_top_k={p['keep']}: removed {', '.join(p['removed'])}\n"
+
+
 def _eta(p: dict) -> str:
     done = p["tokens"] / p["total_tokens"] if p.get("total_tokens") else p["batch"] / p["total_batches"]
     seconds = p["elapsed_s"] * (1 - done) / done if done > 0 else 0
@@ -90,6 +102,7 @@ def train(spec_path: str, mlflow_run_id: str, duration_unit: str) -> str:
     mlflow_client = client()
     generations: list[dict] = []
     finished: dict | None = None
+    stopped: dict | None = None  # early stopping's reason, when it ended the run
     last_event = 0.0
     # stderr apart from stdout: its last line is the worker's reason when it fails.
     with open(logs / "worker.log", "a") as log, open(logs / "worker.stderr.log", "a") as stderr:
@@ -123,6 +136,10 @@ def train(spec_path: str, mlflow_run_id: str, duration_unit: str) -> str:
                         for p, r in zip(msg["prompts"], msg["responses"])
                     ]
                     (run_dir / "eval_generations.json").write_text(json.dumps(generations, indent=1))
+                elif kind == "pruned":
+                    log.write(pruned_message(msg))
+                elif kind == "stopped":
+                    stopped = msg
                 elif kind == "finished":
                     finished = msg
             returncode = proc.wait()
@@ -137,7 +154,10 @@ def train(spec_path: str, mlflow_run_id: str, duration_unit: str) -> str:
         raise InvalidInputError(_last_words(logs / "worker.stderr.log"))
     if returncode != 0 or finished is None:
         raise WorkerFailed(f"training worker exited with code {returncode}: {_last_words(logs / 'worker.stderr.log')}")
-    emit(spec.run_name, RunEvent.TRAIN_FINISHED, f"training finished after {finished['batch']} batches", **finished)
+    payload = {**finished, "stopped_early": stopped is not None}
+    if stopped:
+        payload.update(reason=stopped["reason"], best_eval_loss=stopped["best_loss"], best_batch=stopped["best_batch"])
+    emit(spec.run_name, RunEvent.TRAIN_FINISHED, finished_message(finished, stopped), **payload)
     return finished["hf_path"]
 
 

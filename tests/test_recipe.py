@@ -37,6 +37,13 @@ def test_the_example_recipe_sets_the_run_config():
     assert (config.eval_every_n_steps, config.save_every_n_steps, config.gradient_clip) == (6, 12, 1.0)
 
 
+def test_checkpoint_pruning_and_early_stopping_come_from_the_recipe():
+    config = config_from(recipe(training_config__save_top_k=2,
+                                training_config__early_stopping={"monitor": "val_loss", "patience": 3,
+                                                                 "min_delta": 0.01}), {})
+    assert (config.save_top_k, config.early_stopping_patience, config.early_stopping_min_delta) == (2, 3, 0.01)
+
+
 def test_arguments_override_the_recipe():
     config = config_from(EXAMPLE, {"learning_rate": 1e-4, "training_duration": "30ba", "model": "/models/other"})
     assert (config.learning_rate, config.training_duration, config.model) == (1e-4, "30ba", "/models/other")
@@ -64,8 +71,9 @@ def test_arguments_override_the_recipe():
     (dict(run__model_type="amazon.nova-lite-v1:0:300k"), "run.model_type is not a recipe key"),
     (dict(training_config__model__peft__peft_scheme="lora"), "LoRA is not supported yet; set peft_scheme to null"),
     (dict(training_config__model__peft__lora_tuning={"alpha": 32}), "lora_tuning: LoRA is not supported yet"),
-    (dict(training_config__early_stopping={"monitor": "val_loss"}), "early stopping is not supported yet"),
-    (dict(training_config__save_top_k=2), "save_top_k: keeping only the best k checkpoints is not supported yet"),
+    (dict(training_config__early_stopping={"monitor": "train_loss"}), "'train_loss': only val_loss can be monitored"),
+    (dict(training_config__early_stopping={"patience": 0}), "early_stopping_patience 0 must be an integer of at least 1"),
+    (dict(training_config__save_top_k=0), "training_config.save_top_k: save_top_k 0 must be an integer of at least 1"),
     (dict(training_config__model__hidden_dropout=0.1), "hidden_dropout is not supported yet"),
     (dict(run__eval_data_path=None), "eval_every_n_steps 6 needs eval_data_path"),
     (dict(run__register_to=None), "register_to is missing: pass it to create() or set it in the recipe's run"),

@@ -364,8 +364,9 @@ def test_a_recipe_sets_the_engine_knobs_and_the_resolved_config_is_kept(fm, tiny
         "run": {"model_name_or_path": str(tiny_model_dir), "train_data_path": chat_file, "eval_data_path": chat_file,
                 "register_to": "main.test"},
         "training_config": {
-            "max_length": 64, "global_batch_size": 4, "micro_batch_size": 2,
-            "trainer": {"max_steps": 4, "val_check_interval": 2},
+            "max_length": 64, "global_batch_size": 4, "micro_batch_size": 2, "save_steps": 1, "save_top_k": 1,
+            "early_stopping": {"monitor": "val_loss", "patience": 1, "min_delta": 100.0},  # 2nd eval stops it
+            "trainer": {"max_steps": 6, "val_check_interval": 2},
             "model": {"optim": {"lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.99],
                                 "sched": {"name": "linear", "warmup_steps": 1, "min_lr": 1e-4}}},
         },
@@ -373,13 +374,17 @@ def test_a_recipe_sets_the_engine_knobs_and_the_resolved_config_is_kept(fm, tiny
     run = fm.create(recipe=recipe, learning_rate=5e-4)  # an argument overrides the recipe
     run = _wait(fm, run, {fm.RunStatus.COMPLETED, fm.RunStatus.FAILED})
     assert run.status == fm.RunStatus.COMPLETED, run.details
+    finished = next(e for e in fm.get_events(run) if e.type == "TRAIN_FINISHED")
+    assert finished.message.startswith("training stopped early at batch 4: eval loss did not improve")
+    kept = [c.rsplit("/", 1)[-1] for c in fm.get_checkpoints(run)]
+    assert len(kept) == 1 and re.fullmatch(r"ep\d-ba4", kept[0]), kept  # save_top_k=1
 
     mlflow.set_tracking_uri(f"sqlite:///{os.environ['TESSERA_HOME']}/mlflow/mlflow.db")
     client = mlflow.MlflowClient()
     params = client.get_run(run.run_id).data.params
     assert (params["learning_rate"], params["lr_schedule"], params["weight_decay"]) == ("0.0005", "linear", "0.01")
     resolved = yaml.safe_load(Path(client.download_artifacts(run.run_id, "config/resolved.yaml")).read_text())
-    assert resolved["adam_betas"] == [0.9, 0.99] and resolved["training_duration"] == "4ba"
+    assert resolved["adam_betas"] == [0.9, 0.99] and resolved["training_duration"] == "6ba"
     lrs = [m.value for m in sorted(client.get_metric_history(run.run_id, "lr"), key=lambda m: m.step)]
     assert lrs[0] == pytest.approx(5e-4)  # one warmup step, then linear decay towards min_lr
     assert all(a >= b for a, b in zip(lrs, lrs[1:])) and 1e-4 < lrs[-1] < 5e-4

@@ -10,10 +10,18 @@ import pytest
 
 from tasks.errors import InvalidInputError
 from tasks.training import protocol
-from tasks.training.checkpoints import LATEST, check_same_architecture, checkpoint_tag, latest_tag, point_latest
+from tasks.training.checkpoints import (
+    LATEST,
+    check_same_architecture,
+    checkpoint_tag,
+    latest_tag,
+    point_latest,
+    prune,
+)
 from tasks.training.data import IGNORE, PackedRows, eval_batches, step_batches
 from tasks.training.schedule import learning_rate_at, plan_duration
 from tasks.training.spec import TrainSpec
+from tasks.training.worker import EvalWatch
 
 
 def write_rows(folder: Path, rows: int = 8, context_length: int = 32, seed: int = 0, repeated: bool = False) -> Path:
@@ -55,7 +63,8 @@ def test_spec_round_trips_through_json(tmp_path):
     assert again.betas == (0.9, 0.95) and again.final_lr == pytest.approx(5e-6)  # min_lr None: a tenth of the peak
 
     knobs = dict(schedule="linear", min_lr=0.0, constant_steps=5, weight_decay=0.1, betas=[0.8, 0.99], eps=1e-6,
-                 attention_dropout=0.1, eval_data_dir=tmp_path / "e", eval_every_n_batches=10)
+                 attention_dropout=0.1, eval_data_dir=tmp_path / "e", eval_every_n_batches=10,
+                 save_top_k=2, early_stopping_patience=3, early_stopping_min_delta=0.01)
     spec = spec_for(tmp_path, **knobs)
     spec.to_json(tmp_path / "spec.json")
     again = TrainSpec.from_json(tmp_path / "spec.json")
@@ -93,6 +102,12 @@ def test_spec_round_trips_through_json(tmp_path):
         (dict(attention_dropout=-0.1), "attention_dropout must be a number in [0, 1)"),
         (dict(eval_every_n_batches=0, eval_data_dir="e"), "eval_every_n_batches must be an integer >= 1"),
         (dict(eval_every_n_batches=5), "eval_every_n_batches (5) needs eval_data_dir"),
+        (dict(save_top_k=0), "save_top_k must be an integer >= 1, got 0"),
+        (dict(save_top_k=1.0), "save_top_k must be an integer >= 1"),
+        (dict(early_stopping_patience=0, eval_data_dir="e"), "early_stopping_patience must be an integer >= 1"),
+        (dict(early_stopping_patience=3), "early_stopping_patience (3) needs eval_data_dir"),
+        (dict(early_stopping_min_delta=-0.1), "early_stopping_min_delta must be a number >= 0"),
+        (dict(early_stopping_min_delta="0"), "early_stopping_min_delta must be a number >= 0"),
     ],
 )
 def test_spec_rejects_bad_values_naming_the_field(tmp_path, overrides, words):
@@ -217,6 +232,42 @@ def test_latest_link_is_relative_and_replaced(tmp_path):
     (tmp_path / "ep2-ba8").rmdir()
     with pytest.raises(InvalidInputError, match="does not exist"):
         latest_tag(tmp_path)
+
+
+def test_prune_keeps_the_newest_k_up_to_the_latest_link(tmp_path):
+    hf = tmp_path / "huggingface"
+    for step in (2, 3, 4, 8):  # ba8: left by a run that died saving it, before the link moved
+        (tmp_path / checkpoint_tag(step, 4)).mkdir()
+        (tmp_path / checkpoint_tag(step, 4) / "mp_rank_00_model_states.pt").write_text("x")
+        (hf / f"ba{step}").mkdir(parents=True)
+    (hf / ".ba5.partial").mkdir()  # an export being written: not prune's
+    (tmp_path / ".ep0-ba1.deleting").mkdir()  # a removal cut short
+    assert prune(tmp_path, keep=1) == []  # no link yet: nothing is known complete
+    point_latest(tmp_path, "ep1-ba4")
+
+    assert prune(tmp_path, keep=2) == [tmp_path / "ep0-ba2", hf / "ba2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ep0-ba3", "ep1-ba4", "ep2-ba8", "huggingface", LATEST]
+    assert sorted(p.name for p in hf.iterdir()) == [".ba5.partial", "ba3", "ba4", "ba8"]
+    assert prune(tmp_path, keep=2) == []
+    assert prune(tmp_path, keep=1) == [tmp_path / "ep0-ba3", hf / "ba3"]
+    assert latest_tag(tmp_path) == "ep1-ba4" and (tmp_path / "ep1-ba4/mp_rank_00_model_states.pt").is_file()
+
+
+def test_eval_watch_counts_evals_that_do_not_beat_the_best_by_min_delta():
+    watch = EvalWatch()
+    for batch, loss in enumerate([2.0, 1.5, 1.45, 1.6, 1.2], start=1):
+        watch.update(loss, batch, min_delta=0.1)
+    assert (watch.best_loss, watch.best_batch, watch.evals_without_improvement) == (1.2, 5, 0)
+    watch.update(1.15, 6, min_delta=0.1)  # better, but not by more than 0.1: counts as no improvement
+    watch.update(1.3, 7, min_delta=0.1)
+    assert (watch.best_loss, watch.best_batch, watch.evals_without_improvement) == (1.2, 5, 2)
+    assert watch.exhausted(2) and not watch.exhausted(3) and not watch.exhausted(None)
+    assert watch.reason(0.1) == "eval loss did not improve by more than 0.1 for 2 evaluations (best 1.2 at batch 5)"
+    watch.update(1.3, 8, min_delta=0.0)
+    watch.update(1.1, 9, min_delta=0.0)  # any decrease counts with min_delta 0
+    assert (watch.best_batch, watch.evals_without_improvement) == (9, 0)
+    watch.update(1.1, 10, min_delta=0.0)
+    assert watch.reason(0.0) == "eval loss did not improve for 1 evaluation (best 1.1 at batch 9)"
 
 
 def test_weights_of_another_architecture_are_refused_by_name(tiny_model_dir):

@@ -3,7 +3,7 @@
 Each worker start costs seconds (torch, transformers, DeepSpeed), so there are few runs and each is
 asserted on at length: a full run (protocol, checkpoints, HF export, learning); a run with the same
 seed killed mid-way and resumed (same losses, right total); a run with a recipe's optimizer, schedule,
-eval and dropout settings; a run that fails on a bad input.
+eval and dropout settings; a run that fails on a bad input; runs with save_top_k and early stopping.
 """
 
 import json
@@ -207,3 +207,86 @@ def test_a_bad_input_fails_with_the_reason_last_on_stderr(tiny_model_dir, tmp_pa
     assert worker.stderr.read_text().strip().splitlines()[-1] == (
         f"data_dir {empty} has no input_ids.npy: point it at a folder written by the data preparation step"
     )
+
+
+def folders(out: Path) -> tuple[list[str], list[str]]:
+    """The checkpoint folders and HF exports left in a run's output_dir, hidden ones included."""
+    return (sorted(p.name for p in out.iterdir() if p.is_dir() and not p.is_symlink() and p.name != "huggingface"),
+            sorted(p.name for p in (out / "huggingface").iterdir()))
+
+
+@pytest.fixture(scope="module")
+def top_k_and_stopping(tiny_model_dir, tmp_path_factory):
+    """Two runs started together, 8 rows, global batch 2 (4 steps an epoch):
+    "top2", 5 steps checkpointing every step with save_top_k=2;
+    "stop", planned for 10 steps, an eval every step, checkpoints every 2 with save_top_k=1, and early stopping
+    with patience 2 that no eval can satisfy (min_delta huge): best at 1, stopped at 3.
+    Then "stop" again with patience 3: it resumes from its stop, counts on from 2 and stops at 4; and once more
+    as the train task's retry would: it resumes stopped and reports the same end without training.
+    """
+    folder = tmp_path_factory.mktemp("recipe-runs")
+    settings = dict(model_dir=tiny_model_dir, data_dir=write_rows(folder / "train", rows=8), duration_unit="ba",
+                    micro_batch_size=1, global_batch_size=2, learning_rate=1e-3)
+    top2 = TrainSpec(run_name="top2", output_dir=folder / "top2", duration_value=5, save_every_n_batches=1,
+                     save_top_k=2, **settings)
+    stop = TrainSpec(run_name="stop", output_dir=folder / "stop", duration_value=10, save_every_n_batches=2,
+                     save_top_k=1, eval_data_dir=write_rows(folder / "eval", rows=2, seed=1), eval_every_n_batches=1,
+                     early_stopping_patience=2, early_stopping_min_delta=1e9, **settings)
+    top2_worker, stop_worker = Worker(top2, folder, "top2"), Worker(stop, folder, "stop")
+    stop_lines = stop_worker.finish()
+    stop_folders = folders(stop.output_dir), os.readlink(stop.output_dir / LATEST)
+    stop_export = sorted(p.name for p in (stop.output_dir / "huggingface/ba3").iterdir())  # before "again" prunes it
+    stop.early_stopping_patience = 3
+    again = Worker(stop, folder, "again").finish()
+    return SimpleNamespace(top2=top2, top2_lines=top2_worker.finish(), stop=stop, stop_lines=stop_lines,
+                           stop_folders=stop_folders, stop_export=stop_export, again=again,
+                           retried=Worker(stop, folder, "retried").finish())
+
+
+def test_save_top_k_keeps_the_newest_k_checkpoints_and_exports(top_k_and_stopping):
+    lines, out = top_k_and_stopping.top2_lines, top_k_and_stopping.top2.output_dir
+    assert [m["tag"] for m in lines if m["kind"] == "checkpoint"] == [f"ep{b // 4}-ba{b}" for b in range(1, 6)]
+    pruned = [m for m in lines if m["kind"] == "pruned"]
+    assert [(m["batch"], m["keep"], m["removed"]) for m in pruned] == [
+        (b, 2, [str(out / f"ep0-ba{b - 2}"), str(out / f"huggingface/ba{b - 2}")]) for b in (3, 4, 5)
+    ]
+    checkpoint_3 = next(i for i, m in enumerate(lines) if m["kind"] == "checkpoint" and m["tag"] == "ep0-ba3")
+    assert lines[checkpoint_3 + 1] == pruned[0]  # right after the checkpoint that made room
+    assert folders(out) == (["ep1-ba4", "ep1-ba5"], ["ba4", "ba5"])
+    assert os.readlink(out / LATEST) == "ep1-ba5"
+    assert lines[-1] == {"kind": "finished", "batch": 5, "hf_path": str(out / "huggingface/ba5")}
+    assert load_weights(out / LATEST)  # the kept checkpoint is whole
+
+
+def test_early_stopping_stops_checkpoints_and_reports_why(top_k_and_stopping):
+    lines, out = top_k_and_stopping.stop_lines, top_k_and_stopping.stop.output_dir
+    assert list(losses(lines)) == [1, 2, 3]  # of 10 planned
+    assert [m["batch"] for m in lines if m["kind"] == "eval"] == [1, 2, 3]
+    assert [m["tag"] for m in lines if m["kind"] == "checkpoint"] == ["ep0-ba2", "ep0-ba3"]  # 3: the stop's
+    best = next(m["loss"] for m in lines if m["kind"] == "eval")
+    assert [m["kind"] for m in lines[-5:]] == ["eval", "checkpoint", "pruned", "stopped", "finished"]
+    assert lines[-2] == {
+        "kind": "stopped", "batch": 3, "best_loss": best, "best_batch": 1, "evals_without_improvement": 2,
+        "reason": f"eval loss did not improve by more than 1e+09 for 2 evaluations (best {best:.4g} at batch 1)",
+    }
+    assert lines[-1] == {"kind": "finished", "batch": 3, "hf_path": str(out / "huggingface/ba3")}
+    assert top_k_and_stopping.stop_folders == ((["ep0-ba3"], ["ba3"]), "ep0-ba3")  # save_top_k=1
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(top_k_and_stopping.stop_export)
+
+
+def test_a_resumed_run_counts_on_from_the_checkpoints_early_stopping_state(top_k_and_stopping):
+    lines, out = top_k_and_stopping.again, top_k_and_stopping.stop.output_dir
+    assert lines[0]["resumed_from"] == "ep0-ba3"
+    assert list(losses(lines)) == [4]  # two evals without improvement came back with the checkpoint: one more
+    assert [(m["kind"], m["batch"], m.get("evals_without_improvement")) for m in lines[-2:]] == [
+        ("stopped", 4, 3), ("finished", 4, None)]
+    assert lines[-2]["best_batch"] == 1
+    assert folders(out) == (["ep1-ba4"], ["ba4"]) and os.readlink(out / LATEST) == "ep1-ba4"
+
+
+def test_a_run_that_stopped_early_stays_stopped_when_retried(top_k_and_stopping):
+    lines, out = top_k_and_stopping.retried, top_k_and_stopping.stop.output_dir
+    assert lines[0]["resumed_from"] == "ep1-ba4"
+    assert [m["kind"] for m in lines] == ["started", "stopped", "finished"]
+    assert lines[1:] == top_k_and_stopping.again[-2:]  # the same reason and final export
+    assert folders(out) == (["ep1-ba4"], ["ba4"])

@@ -4,9 +4,12 @@ output_dir/
   ep{E}-ba{B}/                   DeepSpeed's checkpoint: weights, optimizer, step, data position, RNG
   huggingface/ba{B}/             save_pretrained of the model and tokenizer at that step
   latest-sharded-rank0.symlink   -> the newest complete ep*-ba* folder (relative, replaced atomically)
+
+With save_top_k, `prune` removes all but the newest k of each once a new checkpoint is complete.
 """
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -15,6 +18,9 @@ import torch
 from tasks.errors import InvalidInputError
 
 LATEST = "latest-sharded-rank0.symlink"
+TAG = re.compile(r"ep(\d+)-ba(\d+)")
+EXPORT = re.compile(r"ba(\d+)")
+DELETING = ".deleting"  # a folder renamed to .{name}.deleting is on its way out
 
 
 def checkpoint_tag(step: int, batches_per_epoch: int) -> str:
@@ -41,6 +47,43 @@ def point_latest(output_dir: Path, tag: str) -> None:
     staging.unlink(missing_ok=True)
     staging.symlink_to(tag)
     os.replace(staging, output_dir / LATEST)
+
+
+def prune(output_dir: Path, keep: int) -> list[Path]:
+    """Remove all but the newest `keep` checkpoints, and all but the newest `keep` HF exports; rank 0 only.
+
+    Call it only once the newest checkpoint is complete and the latest link points at it, with no save under
+    way. Counting stops at the link's step: the folder it names is always kept, and anything of a later step
+    (left half-written by a run that died before moving the link, rewritten when this run gets there) is not
+    this function's to judge. Each folder is renamed out of the ep*-ba* / ba* namespace first, so a reader
+    (resume, init_from, the upload) never sees half of one. Returns what was removed.
+    """
+    current = latest_tag(output_dir)
+    if current is None:
+        return []
+    step = int(TAG.fullmatch(current).group(2))
+    removed = []
+    for folder, pattern in ((output_dir, TAG), (output_dir / "huggingface", EXPORT)):
+        if not folder.is_dir():
+            continue
+        for leftover in folder.glob(f".*{DELETING}"):  # from a run killed while removing
+            shutil.rmtree(leftover, ignore_errors=True)
+        found = sorted(  # by step, the link's own folder last among its step
+            (int(m.group(m.re.groups)), folder == output_dir and path.name == current, path)
+            for path in folder.iterdir()
+            if (m := pattern.fullmatch(path.name)) and path.is_dir() and not path.is_symlink()
+        )
+        older = [path for s, _, path in found if s <= step]
+        for path in older[: max(0, len(older) - keep)]:
+            doomed = path.with_name(f".{path.name}{DELETING}")
+            try:
+                os.replace(path, doomed)
+            except OSError as e:  # a disk problem should not end a training run: the next prune tries again
+                print(f"could not remove old checkpoint {path}: {e}", flush=True)
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def save_huggingface(engine, tokenizer, path: Path, zero_stage: int, master: bool) -> None:

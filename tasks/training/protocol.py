@@ -9,8 +9,13 @@ Everything else the worker, DeepSpeed or transformers print is free-form log. On
                lr and grad_norm (of the last step), tokens_per_s (since the last progress line),
                elapsed_s (training seconds of the run so far, carried across resumes)
   checkpoint   tag ("ep{E}-ba{B}", E = completed epochs), path, hf_path: written and complete
-  eval         batch, loss (mean over eval_data_dir's loss tokens), tokens: when the spec has eval data, after
-               each checkpoint, or every eval_every_n_batches steps and at the end when that is set
+  pruned       batch, keep, removed (paths of the ep*-ba* folders and huggingface/ba* exports deleted): with
+               save_top_k, right after a checkpoint line when older ones were removed
+  eval         batch, loss (mean over eval_data_dir's loss tokens), tokens: when the spec has eval data, at
+               each checkpoint (just before its checkpoint line), or every eval_every_n_batches steps and at
+               the end when that is set
+  stopped      batch, best_loss, best_batch, evals_without_improvement, reason (a sentence): early stopping
+               ended the run before its planned end, after the final checkpoint at `batch`; `finished` follows
   finished     batch, hf_path of the final export
 
 Tokens count every position of a row (rows x context length), padding included.

@@ -46,6 +46,9 @@ class TrainSpec:
     eval_every_n_batches: int | None = None  # None: eval loss at each checkpoint; N: every N steps and at the end
     eval_prompts: list[str] = field(default_factory=list)  # answered before training and at each checkpoint
     save_every_n_batches: int | None = None  # None: at the end of each epoch (and always at the end)
+    save_top_k: int | None = None  # keep only the newest k checkpoints (and HF exports); None: keep them all
+    early_stopping_patience: int | None = None  # stop after this many evals without improvement; None: never
+    early_stopping_min_delta: float = 0.0  # an eval improves only when it beats the best by more than this
     log_every_n_batches: int = 1
     init_from: Path | None = None  # an ep*-ba* folder (or the symlink) to take the weights from
     resume: bool = True  # continue from output_dir/latest-sharded-rank0.symlink when it exists
@@ -80,6 +83,20 @@ class TrainSpec:
                     f"eval_every_n_batches ({self.eval_every_n_batches}) needs eval_data_dir: there is no eval data "
                     "to compute a loss on"
                 )
+        if self.save_top_k is not None:
+            _require_int("save_top_k", self.save_top_k, minimum=1)
+        if self.early_stopping_patience is not None:
+            _require_int("early_stopping_patience", self.early_stopping_patience, minimum=1)
+            if self.eval_data_dir is None:
+                raise InvalidInputError(
+                    f"early_stopping_patience ({self.early_stopping_patience}) needs eval_data_dir: early stopping "
+                    "watches the eval loss"
+                )
+        if not _is_number(self.early_stopping_min_delta) or self.early_stopping_min_delta < 0:
+            raise InvalidInputError(
+                f"early_stopping_min_delta must be a number >= 0 (0: any decrease counts as an improvement), "
+                f"got {self.early_stopping_min_delta!r}"
+            )
         if self.global_batch_size % self.micro_batch_size:
             raise InvalidInputError(
                 f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size "

@@ -14,6 +14,7 @@ import sys
 import time
 import traceback
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import deepspeed
@@ -29,6 +30,7 @@ from tasks.training.checkpoints import (
     latest_tag,
     load_weights,
     point_latest,
+    prune,
     save_huggingface,
 )
 from tasks.training.data import IGNORE, MicroBatch, PackedRows, Prefetcher, StepBatch, eval_batches, step_batches
@@ -104,6 +106,7 @@ def train(spec: TrainSpec) -> None:
 
     # Resume: weights, optimizer, step and RNG from the latest checkpoint; the data order follows from the step.
     step, elapsed_before = 0, 0.0  # elapsed_s counts the run's training time across resumes
+    watch = EvalWatch()  # early stopping's state, carried across resumes
     if resume_tag:
         loaded, client_state = engine.load_checkpoint(output_dir, tag=resume_tag)
         if loaded is None:  # DeepSpeed logs why and returns None rather than raising
@@ -119,6 +122,7 @@ def train(spec: TrainSpec) -> None:
                 "use the original settings, or set resume=false with a fresh output_dir"
             )
         step, elapsed_before = saved["step"], saved["elapsed_s"]
+        watch = EvalWatch(**saved.get("eval_watch", {}))
         torch.set_rng_state(saved["rng"])
         if cuda:
             torch.cuda.set_rng_state(saved["cuda_rng"])
@@ -138,6 +142,9 @@ def train(spec: TrainSpec) -> None:
             total_tokens=plan.total_tokens,
             resumed_from=resume_tag,
         )
+    # A run that stopped early checkpointed where it stopped: resumed there, it stays stopped (unless the
+    # spec's patience has grown since).
+    stopped = step < plan.total_batches and watch.exhausted(spec.early_stopping_patience)
     # ZeRO-3 generation is a collective: ranks must keep stepping until the longest answer is done.
     synced_generate = spec.zero_stage == 3 and world_size > 1
     if spec.eval_prompts and step == 0:
@@ -165,7 +172,32 @@ def train(spec: TrainSpec) -> None:
     # Loss accumulates on the device between log points: reading it is the loop's only host sync.
     window_loss, window_tokens, window_steps = torch.zeros((), device=device), 0, 0
     loop_start = window_start = time.time()
-    while step < plan.total_batches:
+
+    def report_progress(now: float) -> None:
+        """The progress line for the steps since the last one; every rank calls it (the loss is all-reduced)."""
+        nonlocal window_tokens, window_steps, window_start
+        if world_size > 1:
+            dist.all_reduce(window_loss)
+        loss = window_loss.item() / max(1, window_tokens)  # mean over the window's loss tokens
+        if master:
+            emit(
+                "progress",
+                epoch=(step - 1) // plan.batches_per_epoch + 1,
+                epochs=plan.epochs,
+                batch=step,
+                total_batches=plan.total_batches,
+                tokens=step * plan.tokens_per_batch,
+                total_tokens=plan.total_tokens,
+                loss=loss,
+                lr=lr,
+                grad_norm=float(grad_norm),
+                tokens_per_s=window_steps * plan.tokens_per_batch / (now - window_start),
+                elapsed_s=elapsed_before + now - loop_start,
+            )
+        window_loss.zero_()
+        window_tokens, window_steps, window_start = 0, 0, now
+
+    while step < plan.total_batches and not stopped:
         lr = learning_rate_at(
             step, spec.learning_rate, spec.warmup_steps, plan.total_batches, spec.schedule, spec.final_lr,
             spec.constant_steps,
@@ -180,27 +212,7 @@ def train(spec: TrainSpec) -> None:
         step += 1
 
         if step % spec.log_every_n_batches == 0 or step == plan.total_batches:
-            if world_size > 1:
-                dist.all_reduce(window_loss)
-            loss = window_loss.item() / max(1, window_tokens)  # mean over the window's loss tokens
-            now = time.time()
-            if master:
-                emit(
-                    "progress",
-                    epoch=(step - 1) // plan.batches_per_epoch + 1,
-                    epochs=plan.epochs,
-                    batch=step,
-                    total_batches=plan.total_batches,
-                    tokens=step * plan.tokens_per_batch,
-                    total_tokens=plan.total_tokens,
-                    loss=loss,
-                    lr=lr,
-                    grad_norm=float(grad_norm),
-                    tokens_per_s=window_steps * plan.tokens_per_batch / (now - window_start),
-                    elapsed_s=elapsed_before + now - loop_start,
-                )
-            window_loss.zero_()
-            window_tokens, window_steps, window_start = 0, 0, now
+            report_progress(time.time())
 
         checkpoint_now = checkpoint_due(step, plan.batches_per_epoch, plan.total_batches, spec.save_every_n_batches)
         eval_now = eval_data is not None and eval_due(
@@ -208,6 +220,17 @@ def train(spec: TrainSpec) -> None:
         )
         if checkpoint_now or eval_now:
             pause_start = time.time()
+            if eval_now:  # before the checkpoint, so that its early-stopping state counts this eval
+                eval_loss, eval_tokens = evaluate(engine, eval_data, spec.micro_batch_size, rank, world_size, device)
+                watch.update(eval_loss, step, spec.early_stopping_min_delta)
+                if master:
+                    emit("eval", batch=step, loss=eval_loss, tokens=eval_tokens)
+                # The eval loss is all-reduced, so every rank takes the same decision and stops at the same step.
+                stopped = step < plan.total_batches and watch.exhausted(spec.early_stopping_patience)
+                if stopped:
+                    checkpoint_now = True  # the final checkpoint and export, as at the planned end
+                    if window_steps:
+                        report_progress(pause_start)
             if checkpoint_now:
                 tag = checkpoint_tag(step, plan.batches_per_epoch)
                 rng = {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if cuda else None}
@@ -217,6 +240,7 @@ def train(spec: TrainSpec) -> None:
                     client_state={"tessera": {
                         "step": step, "elapsed_s": elapsed_before + pause_start - loop_start, **rng,
                         "rows": data.rows, "global_batch_size": spec.global_batch_size, "seed": spec.seed,
+                        "eval_watch": asdict(watch),
                     }},
                     save_latest=False,  # the latest link below is ours, moved only once the export is written too
                 )
@@ -226,19 +250,56 @@ def train(spec: TrainSpec) -> None:
                 if master:
                     point_latest(output_dir, tag)
                     emit("checkpoint", tag=tag, path=str(output_dir / tag), hf_path=str(hf_path))
-            if eval_now:
-                eval_loss, eval_tokens = evaluate(engine, eval_data, spec.micro_batch_size, rank, world_size, device)
-                if master:
-                    emit("eval", batch=step, loss=eval_loss, tokens=eval_tokens)
+                    # Only now, with the new checkpoint complete and linked and no save under way, and only
+                    # here on rank 0: the other ranks never touch older folders.
+                    if spec.save_top_k and (removed := prune(output_dir, spec.save_top_k)):
+                        emit("pruned", batch=step, keep=spec.save_top_k, removed=[str(p) for p in removed])
             if checkpoint_now and spec.eval_prompts:
                 responses = answer(engine, tokenizer, spec.eval_prompts, spec.seed, device, synced_generate)
                 if master:
                     emit("generations", batch=step, prompts=spec.eval_prompts, responses=responses)
             window_start += time.time() - pause_start  # tokens_per_s measures training, not checkpoints or evals
 
+    if stopped and master:
+        emit(
+            "stopped",
+            batch=step,
+            best_loss=watch.best_loss,
+            best_batch=watch.best_batch,
+            evals_without_improvement=watch.evals_without_improvement,
+            reason=watch.reason(spec.early_stopping_min_delta),
+        )
     if master:
         emit("finished", batch=step, hf_path=str(output_dir / "huggingface" / f"ba{step}"))
     dist.destroy_process_group()
+
+
+@dataclass
+class EvalWatch:
+    """Early stopping's state: the best eval loss so far, its step, and the evals since that did not beat it."""
+
+    best_loss: float | None = None
+    best_batch: int | None = None
+    evals_without_improvement: int = 0
+
+    def update(self, loss: float, batch: int, min_delta: float) -> None:
+        """An eval improves when it is below the best by more than min_delta; only then does it become the best."""
+        if self.best_loss is None or loss < self.best_loss - min_delta:
+            self.best_loss, self.best_batch, self.evals_without_improvement = loss, batch, 0
+        else:
+            self.evals_without_improvement += 1
+
+    def exhausted(self, patience: int | None) -> bool:
+        return patience is not None and self.evals_without_improvement >= patience
+
+    def reason(self, min_delta: float) -> str:
+        """E.g. `eval loss did not improve by more than 0.001 for 3 evaluations (best 1.234 at batch 6)`."""
+        n = self.evals_without_improvement
+        by = f" by more than {min_delta:g}" if min_delta else ""
+        return (
+            f"eval loss did not improve{by} for {n} evaluation{'s' * (n != 1)} "
+            f"(best {self.best_loss:.4g} at batch {self.best_batch})"
+        )
 
 
 def train_step(engine, batch: StepBatch, device: torch.device, world_size: int, clip: float | None):
