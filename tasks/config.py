@@ -19,6 +19,7 @@ _DURATION = re.compile(r"^(\d[\d_]*)(ep|ba|tok)$")
 # Unity Catalog style: catalog.schema or catalog.schema.model; run names (with '-') are valid model names.
 LR_RANGE = (1e-6, 1e-3)  # Nova's range for full-rank fine-tuning
 LR_SCHEDULES = ("cosine", "linear", "constant")
+LORA_ALPHAS = tuple(range(32, 193, 32))
 _REGISTER_TO = re.compile(r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+(\.[A-Za-z0-9_-]+)?$")
 
 
@@ -76,6 +77,12 @@ class RunConfig:
     early_stopping_patience: int | None = None  # stop after this many evals without improvement; None: never
     early_stopping_min_delta: float = 0.0  # what counts as an improvement of the eval loss
     log_every_n_steps: int = 1
+    peft_scheme: str | None = None  # None: full fine-tuning; "lora"
+    lora_rank: int = 16
+    lora_alpha: int = 32  # Nova's: 32 to 192 in steps of 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str = "all-linear"  # peft's target_modules
+    loraplus_lr_ratio: float = 0.0  # LoRA+: the B matrices learn this many times faster; 0 turns it off
     zero_stage: int = 0
     seed: int = 17
 
@@ -155,6 +162,7 @@ class RunConfig:
             raise InvalidInputError("early_stopping_patience needs eval_data_path: it watches the eval loss")
         if not _number(self.early_stopping_min_delta) or self.early_stopping_min_delta < 0:
             raise InvalidInputError(f"early_stopping_min_delta {self.early_stopping_min_delta!r} must be at least 0")
+        self._check_lora()
         if not _number(self.weight_decay) or not 0 <= self.weight_decay <= 1:
             raise InvalidInputError(f"weight_decay {self.weight_decay!r} must be from 0 to 1, e.g. 0.01")
         betas = self.adam_betas
@@ -167,6 +175,29 @@ class RunConfig:
             raise InvalidInputError(f"gradient_clip {self.gradient_clip!r} must be at least 0 (0 turns clipping off)")
         if not _number(self.attention_dropout) or not 0 <= self.attention_dropout <= 1:
             raise InvalidInputError(f"attention_dropout {self.attention_dropout!r} must be from 0 to 1")
+
+    def _check_lora(self) -> None:
+        if self.peft_scheme not in (None, "lora"):
+            raise InvalidInputError(f"peft_scheme {self.peft_scheme!r} is unknown: use null (full fine-tuning) or lora")
+        if _int(self.lora_rank) is None or not 1 <= self.lora_rank <= 256:
+            raise InvalidInputError(f"lora_rank {self.lora_rank!r} must be an integer from 1 to 256, e.g. 16")
+        if _int(self.lora_alpha) is None or self.lora_alpha not in LORA_ALPHAS:
+            raise InvalidInputError(
+                f"lora_alpha {self.lora_alpha!r} must be one of {', '.join(map(str, LORA_ALPHAS))} (Nova's range)"
+            )
+        if not _number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+            raise InvalidInputError(f"lora_dropout {self.lora_dropout!r} must be from 0 to below 1, e.g. 0.01")
+        targets = self.lora_target_modules
+        if not (isinstance(targets, str) and targets) and not (
+            isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
+        ):
+            raise InvalidInputError(
+                f"lora_target_modules {targets!r} must be 'all-linear' or a list of module names, e.g. [q_proj, v_proj]"
+            )
+        if not _number(self.loraplus_lr_ratio) or not 0 <= self.loraplus_lr_ratio <= 100:
+            raise InvalidInputError(
+                f"loraplus_lr_ratio {self.loraplus_lr_ratio!r} must be from 0 (LoRA+ off) to 100, e.g. 8"
+            )
 
     @property
     def duration(self) -> Duration:

@@ -5,7 +5,9 @@
                        early_stopping: {monitor: val_loss, patience, min_delta},
                        trainer: {max_epochs | max_steps, val_check_interval, gradient_clip_val, log_every_n_steps},
                        model: {attention_dropout, optim: {lr, name, adam_w_mode, eps, weight_decay, betas,
-                                                          sched: {name, warmup_steps, constant_steps, min_lr}}}}
+                                                          sched: {name, warmup_steps, constant_steps, min_lr}},
+                               peft: {peft_scheme: null | lora, lora_tuning: {alpha, adapter_dropout,
+                                                                              loraplus_lr_ratio, rank, target_modules}}}}
 
 Every key maps to one RunConfig field, which checks the value; a key that is not in the layout is an error that
 names it and lists the keys allowed there. Keys Tessera cannot honour yet are refused rather than ignored."""
@@ -57,7 +59,9 @@ LAYOUT: dict[str, Any] = {
             },
             "peft": {
                 "peft_scheme": "peft_scheme",
-                "lora_tuning": _Refused("LoRA is not supported yet: set peft_scheme to null and remove lora_tuning"),
+                "lora_tuning": {"alpha": "lora_alpha", "adapter_dropout": "lora_dropout",
+                                "loraplus_lr_ratio": "loraplus_lr_ratio", "rank": "lora_rank",
+                                "target_modules": "lora_target_modules"},
             },
         },
     },
@@ -138,8 +142,6 @@ def _resolve(fields: dict[str, tuple[Any, str]], source: str) -> dict[str, Any]:
         raise InvalidInputError(f"{source}: {where['optimizer']} {optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)}")
     if values.pop("adam_w_mode", True) is not True:
         raise InvalidInputError(f"{source}: {where['adam_w_mode']} must be true: Tessera trains with AdamW")
-    if values.pop("peft_scheme", None) is not None:
-        raise InvalidInputError(f"{source}: {where['peft_scheme']}: LoRA is not supported yet; set peft_scheme to null")
     monitor = values.pop("early_stopping_monitor", "val_loss")
     if monitor != "val_loss":
         raise InvalidInputError(f"{source}: {where['early_stopping_monitor']} {monitor!r}: only val_loss can be monitored")

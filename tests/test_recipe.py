@@ -44,6 +44,14 @@ def test_checkpoint_pruning_and_early_stopping_come_from_the_recipe():
     assert (config.save_top_k, config.early_stopping_patience, config.early_stopping_min_delta) == (2, 3, 0.01)
 
 
+def test_a_lora_recipe():
+    config = config_from(recipe(training_config__model__peft={
+        "peft_scheme": "lora", "lora_tuning": {"alpha": 64, "adapter_dropout": 0.01, "loraplus_lr_ratio": 8.0,
+                                               "rank": 8, "target_modules": ["q_proj", "v_proj"]}}), {})
+    assert (config.peft_scheme, config.lora_alpha, config.lora_dropout, config.loraplus_lr_ratio, config.lora_rank,
+            config.lora_target_modules) == ("lora", 64, 0.01, 8.0, 8, ["q_proj", "v_proj"])
+
+
 def test_arguments_override_the_recipe():
     config = config_from(EXAMPLE, {"learning_rate": 1e-4, "training_duration": "30ba", "model": "/models/other"})
     assert (config.learning_rate, config.training_duration, config.model) == (1e-4, "30ba", "/models/other")
@@ -69,8 +77,12 @@ def test_arguments_override_the_recipe():
     (dict(training_config__max_lenght=256),
      "training_config.max_lenght is not a recipe key; the keys allowed under training_config are max_length"),
     (dict(run__model_type="amazon.nova-lite-v1:0:300k"), "run.model_type is not a recipe key"),
-    (dict(training_config__model__peft__peft_scheme="lora"), "LoRA is not supported yet; set peft_scheme to null"),
-    (dict(training_config__model__peft__lora_tuning={"alpha": 32}), "lora_tuning: LoRA is not supported yet"),
+    (dict(training_config__model__peft__peft_scheme="dora"), "peft_scheme 'dora' is unknown: use null"),
+    (dict(training_config__model__peft__lora_tuning={"alpha": 48}),
+     "training_config.model.peft.lora_tuning.alpha: lora_alpha 48 must be one of 32, 64, 96, 128, 160, 192"),
+    (dict(training_config__model__peft__lora_tuning={"adapter_dropout": 1.0}), "lora_dropout 1.0 must be from 0"),
+    (dict(training_config__model__peft__lora_tuning={"loraplus_lr_ratio": 120}), "loraplus_lr_ratio 120 must be"),
+    (dict(training_config__model__peft__lora_tuning={"rank": 0}), "lora_rank 0 must be an integer from 1 to 256"),
     (dict(training_config__early_stopping={"monitor": "train_loss"}), "'train_loss': only val_loss can be monitored"),
     (dict(training_config__early_stopping={"patience": 0}), "early_stopping_patience 0 must be an integer of at least 1"),
     (dict(training_config__save_top_k=0), "training_config.save_top_k: save_top_k 0 must be an integer of at least 1"),
@@ -89,3 +101,8 @@ def test_a_file_that_is_not_yaml_names_its_line(tmp_path):
         load_recipe(tmp_path / "bad.yaml")
     with pytest.raises(InvalidInputError, match="recipe .*missing.yaml does not exist"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_the_lora_example_recipe_loads():
+    config = config_from(EXAMPLE.with_name("lora.yaml"), {})
+    assert (config.peft_scheme, config.lora_rank, config.lora_alpha, config.loraplus_lr_ratio) == ("lora", 16, 32, 8.0)

@@ -389,3 +389,26 @@ def test_a_recipe_sets_the_engine_knobs_and_the_resolved_config_is_kept(fm, tiny
     assert lrs[0] == pytest.approx(5e-4)  # one warmup step, then linear decay towards min_lr
     assert all(a >= b for a, b in zip(lrs, lrs[1:])) and 1e-4 < lrs[-1] < 5e-4
     assert len(client.get_metric_history(run.run_id, "eval_loss")) >= 2  # every 2 steps
+
+
+def test_a_lora_run_registers_a_merged_model_and_keeps_the_adapter(fm, tiny_model_dir, chat_file):
+    recipe = {
+        "run": {"model_name_or_path": str(tiny_model_dir), "train_data_path": chat_file, "register_to": "main.test"},
+        "training_config": {
+            "max_length": 64, "global_batch_size": 4, "micro_batch_size": 2, "trainer": {"max_steps": 3},
+            "model": {"optim": {"lr": 1e-3},
+                      "peft": {"peft_scheme": "lora", "lora_tuning": {"alpha": 32, "rank": 8, "loraplus_lr_ratio": 8}}},
+        },
+    }
+    run = _wait(fm, fm.create(recipe=recipe), {fm.RunStatus.COMPLETED, fm.RunStatus.FAILED})
+    assert run.status == fm.RunStatus.COMPLETED, run.details
+
+    mlflow.set_tracking_uri(f"sqlite:///{os.environ['TESSERA_HOME']}/mlflow/mlflow.db")
+    registered = f"main.test.{run.name}"
+    generator = mlflow.transformers.load_model(f"models:/{registered}@candidate")  # merged: no peft needed
+    assert "Lora" not in type(generator.model).__name__
+    assert generator("Hello", max_new_tokens=3, do_sample=False)[0]["generated_text"].startswith("Hello")
+    artifacts = mlflow.MlflowClient().list_artifacts(run.run_id, f"{run.name}/checkpoints/huggingface")
+    exports = [a.path for a in artifacts if a.is_dir]
+    adapter = [a.path for a in mlflow.MlflowClient().list_artifacts(run.run_id, f"{exports[-1]}/adapter")]
+    assert any(p.endswith("adapter_config.json") for p in adapter), adapter

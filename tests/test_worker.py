@@ -64,12 +64,15 @@ def test_spec_round_trips_through_json(tmp_path):
 
     knobs = dict(schedule="linear", min_lr=0.0, constant_steps=5, weight_decay=0.1, betas=[0.8, 0.99], eps=1e-6,
                  attention_dropout=0.1, eval_data_dir=tmp_path / "e", eval_every_n_batches=10,
-                 save_top_k=2, early_stopping_patience=3, early_stopping_min_delta=0.01)
+                 save_top_k=2, early_stopping_patience=3, early_stopping_min_delta=0.01,
+                 peft="lora", lora_rank=8, lora_alpha=64, lora_dropout=0.05, lora_target_modules=["q_proj", "v_proj"],
+                 loraplus_lr_ratio=16)
     spec = spec_for(tmp_path, **knobs)
     spec.to_json(tmp_path / "spec.json")
     again = TrainSpec.from_json(tmp_path / "spec.json")
     assert again == spec and again.betas == (0.8, 0.99) and isinstance(again.betas, tuple)  # JSON has a list
     assert again.final_lr == 0.0
+    assert spec_for(tmp_path).peft is None  # LoRA is opt-in: by default every weight trains
 
 
 @pytest.mark.parametrize(
@@ -108,6 +111,19 @@ def test_spec_round_trips_through_json(tmp_path):
         (dict(early_stopping_patience=3), "early_stopping_patience (3) needs eval_data_dir"),
         (dict(early_stopping_min_delta=-0.1), "early_stopping_min_delta must be a number >= 0"),
         (dict(early_stopping_min_delta="0"), "early_stopping_min_delta must be a number >= 0"),
+        (dict(peft="qlora"), "peft must be one of lora, or null to train every weight; got 'qlora'"),
+        (dict(peft="lora", lora_rank=0), "lora_rank must be an integer from 1 to 256, got 0"),
+        (dict(lora_rank=257), "lora_rank must be an integer from 1 to 256, got 257"),
+        (dict(lora_rank=8.0), "lora_rank must be an integer from 1 to 256"),
+        (dict(lora_alpha=0), "lora_alpha must be an integer >= 1, got 0"),
+        (dict(lora_dropout=1.0), "lora_dropout must be a number in [0, 1)"),
+        (dict(lora_dropout=-0.1), "lora_dropout must be a number in [0, 1)"),
+        (dict(lora_target_modules=[]), "lora_target_modules must be a non-empty list of module names"),
+        (dict(lora_target_modules=["q_proj", ""]), "lora_target_modules must be a non-empty list"),
+        (dict(lora_target_modules=" "), "lora_target_modules must be"),
+        (dict(loraplus_lr_ratio=0.5), "loraplus_lr_ratio must be a number >= 1 (1: plain LoRA"),
+        (dict(loraplus_lr_ratio=float("inf")), "loraplus_lr_ratio must be a number >= 1"),
+        (dict(peft="lora", init_from="c"), "init_from (c) cannot be combined with peft='lora' yet"),
     ],
 )
 def test_spec_rejects_bad_values_naming_the_field(tmp_path, overrides, words):

@@ -24,6 +24,8 @@ from tasks.training.spec import TrainSpec
 from test_worker import write_rows
 
 REPO = Path(__file__).resolve().parents[1]
+# The tiny model: tied embeddings, 2 x (q, o 64x64; k, v 32x64; gate, up, down 64x128; 2 norms), final norm.
+TINY_PARAMS = 49152 * 64 + 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128 + 2 * 64) + 64
 
 
 class Worker:
@@ -93,7 +95,8 @@ def runs(tiny_model_dir, tmp_path_factory):
 def test_full_run_reports_checkpoints_exports_and_learns(runs):
     lines, out = runs.full_lines, runs.full.output_dir
     assert lines[0] == {"kind": "started", "epochs": 2, "batches_per_epoch": 4, "total_batches": 8,
-                        "total_tokens": 8 * 4 * 64, "resumed_from": None}
+                        "total_tokens": 8 * 4 * 64, "resumed_from": None,
+                        "trainable_params": TINY_PARAMS, "total_params": TINY_PARAMS}
     assert [m["kind"] for m in lines[1:3]] == ["generations", "progress"] and lines[1]["batch"] == 0
 
     progress = [m for m in lines if m["kind"] == "progress"]
@@ -157,7 +160,8 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_completes(runs):
 
     after = runs.after
     assert after[0] == {"kind": "started", "epochs": 2, "batches_per_epoch": 4, "total_batches": 8,
-                        "total_tokens": 2048, "resumed_from": saved[-1]}
+                        "total_tokens": 2048, "resumed_from": saved[-1],
+                        "trainable_params": TINY_PARAMS, "total_params": TINY_PARAMS}
     assert list(losses(after)) == list(range(resumed_at + 1, 9))
     elapsed_at_checkpoint = next(m["elapsed_s"] for m in runs.before if m.get("batch") == resumed_at)
     assert next(m for m in after if m["kind"] == "progress")["elapsed_s"] > elapsed_at_checkpoint  # carried over

@@ -2,7 +2,8 @@
 
 output_dir/
   ep{E}-ba{B}/                   DeepSpeed's checkpoint: weights, optimizer, step, data position, RNG
-  huggingface/ba{B}/             save_pretrained of the model and tokenizer at that step
+  huggingface/ba{B}/             save_pretrained of the model and tokenizer at that step; for a LoRA run the
+                                 adapters merged into the base weights, and the adapter alone in adapter/
   latest-sharded-rank0.symlink   -> the newest complete ep*-ba* folder (relative, replaced atomically)
 
 With save_top_k, `prune` removes all but the newest k of each once a new checkpoint is complete.
@@ -21,6 +22,7 @@ LATEST = "latest-sharded-rank0.symlink"
 TAG = re.compile(r"ep(\d+)-ba(\d+)")
 EXPORT = re.compile(r"ba(\d+)")
 DELETING = ".deleting"  # a folder renamed to .{name}.deleting is on its way out
+ADAPTER = "adapter"  # a LoRA run's export holds its adapter here, beside the merged model
 
 
 def checkpoint_tag(step: int, batches_per_epoch: int) -> str:
@@ -86,18 +88,62 @@ def prune(output_dir: Path, keep: int) -> list[Path]:
     return removed
 
 
-def save_huggingface(engine, tokenizer, path: Path, zero_stage: int, master: bool) -> None:
-    """A plain HF folder (loadable with from_pretrained) of the current weights; every rank must call it."""
+def save_huggingface(engine, tokenizer, path: Path, zero_stage: int, master: bool, lora: bool = False) -> None:
+    """A plain HF folder (loadable with from_pretrained) of the current weights; every rank must call it.
+
+    With `lora`, engine.module is a peft model: the folder holds the adapters merged into the base weights,
+    so that it loads without peft, and `adapter/` the adapter alone (PeftModel.from_pretrained(base, it)).
+    The merge is computed on CPU copies of the merged matrices; the training model is left as it was.
+    """
     # ZeRO-3 splits each weight over the ranks: gathering them is a collective, so all ranks take part.
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
     if not master:
         return
     staging = path.with_name(f".{path.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    engine.module.save_pretrained(staging, state_dict=state_dict)
+    if lora:
+        peft_model = engine.module
+        full = peft_model.state_dict() if state_dict is None else state_dict
+        peft_model.save_pretrained(staging / ADAPTER, state_dict=full)
+        peft_model.get_base_model().save_pretrained(staging, state_dict=merged_lora_state_dict(peft_model, full))
+    else:
+        engine.module.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     shutil.rmtree(path, ignore_errors=True)  # left by a run that died before it moved the latest link
     staging.rename(path)
+
+
+def merged_lora_state_dict(peft_model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base model's state dict (its own key names) with each LoRA adapter merged into its weight, on CPU.
+
+    `state_dict` is the peft model's (base_model.model.<name>.base_layer.weight, <name>.lora_A.default.weight,
+    ...): W + scaling x B @ A, in fp32 and then in W's dtype, as peft's merge does, without touching the model.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    layers = {name: module for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
+    merged, on_cpu = {}, {}  # on_cpu: one copy per storage, so tied weights stay tied
+    for key, tensor in state_dict.items():
+        if ".lora_" in key:
+            continue
+        name, _, leaf = key.rpartition(".base_layer.")
+        if name in layers:
+            layer = layers[name]
+            if leaf == "weight":
+                if any(adapter != "default" for adapter in layer.scaling) or not hasattr(layer, "fan_in_fan_out"):
+                    raise InvalidInputError(f"cannot merge the LoRA adapter of {name}: only Linear layers merge")
+                a = state_dict[f"{name}.lora_A.default.weight"].to("cpu", torch.float32)
+                b = state_dict[f"{name}.lora_B.default.weight"].to("cpu", torch.float32)
+                delta = (b.flatten(1) @ a.flatten(1)) * layer.scaling["default"]
+                if layer.fan_in_fan_out:
+                    delta = delta.T
+                tensor = (tensor.to("cpu", torch.float32) + delta.reshape(tensor.shape)).to(tensor.dtype)
+            key = f"{name}.{leaf}"
+        if tensor.device.type != "cpu":
+            tensor = on_cpu.setdefault((tensor.data_ptr(), tensor.dtype, tensor.shape), tensor.to("cpu"))
+        merged[key.removeprefix(prefix)] = tensor
+    return merged
 
 
 def load_weights(source: Path) -> dict[str, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 Everything else the worker, DeepSpeed or transformers print is free-form log. Only rank 0 writes them:
 
-  started      epochs, batches_per_epoch, total_batches, total_tokens, resumed_from (a tag or null)
+  started      epochs, batches_per_epoch, total_batches, total_tokens, resumed_from (a tag or null),
+               trainable_params, total_params (LoRA trains only its adapters)
   generations  batch, prompts, responses: before training (batch 0, not on resume) and after each checkpoint
   progress     epoch (1-based, current), epochs, batch (optimizer steps done), total_batches, tokens,
                total_tokens, loss (mean over the loss tokens of the steps since the last progress line),

@@ -16,6 +16,8 @@ from tasks.errors import InvalidInputError
 DurationUnit = Literal["ep", "ba", "tok"]
 DURATION_UNITS = ("ep", "ba", "tok")  # epochs over the rows, optimizer steps, tokens seen
 Schedule = Literal["cosine", "linear", "constant"]
+PeftMethod = Literal["lora"]
+PEFT_METHODS = ("lora",)
 SCHEDULES = ("cosine", "linear", "constant")
 DEFAULT_MIN_LR_RATIO = 0.1  # min_lr None: the decay ends at this fraction of learning_rate
 
@@ -52,6 +54,14 @@ class TrainSpec:
     log_every_n_batches: int = 1
     init_from: Path | None = None  # an ep*-ba* folder (or the symlink) to take the weights from
     resume: bool = True  # continue from output_dir/latest-sharded-rank0.symlink when it exists
+    # Parameter-efficient fine-tuning: None trains every weight; "lora" freezes the base model and trains
+    # low-rank adapters (peft's LoRA) on lora_target_modules. Exports are merged into the base weights.
+    peft: PeftMethod | None = None
+    lora_rank: int = 16  # r, 1-256
+    lora_alpha: int = 32  # the adapter's output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # on the adapter's input, in [0, 1)
+    lora_target_modules: list[str] | str = "all-linear"  # peft's target_modules: names, a regex, or all-linear
+    loraplus_lr_ratio: float = 1.0  # LoRA+: the B matrices learn at this multiple of the learning rate; 1: plain LoRA
 
     def __post_init__(self):
         if not isinstance(self.run_name, str) or not self.run_name.strip() or "\n" in self.run_name:
@@ -136,6 +146,35 @@ class TrainSpec:
             raise InvalidInputError(f"eval_prompts must be a list of non-empty strings, got {self.eval_prompts!r}")
         if not isinstance(self.resume, bool):
             raise InvalidInputError(f"resume must be true or false, got {self.resume!r}")
+        if self.peft is not None and self.peft not in PEFT_METHODS:
+            raise InvalidInputError(
+                f"peft must be one of {', '.join(PEFT_METHODS)}, or null to train every weight; got {self.peft!r}"
+            )
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or not 1 <= self.lora_rank <= 256:
+            raise InvalidInputError(f"lora_rank must be an integer from 1 to 256, got {self.lora_rank!r}")
+        _require_int("lora_alpha", self.lora_alpha, minimum=1)
+        if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+            raise InvalidInputError(
+                f"lora_dropout must be a number in [0, 1) (0 turns it off), got {self.lora_dropout!r}"
+            )
+        targets = self.lora_target_modules
+        if not (isinstance(targets, str) and targets.strip()) and not (
+            isinstance(targets, list) and targets and all(isinstance(t, str) and t.strip() for t in targets)
+        ):
+            raise InvalidInputError(
+                "lora_target_modules must be a non-empty list of module names (e.g. [\"q_proj\", \"v_proj\"]), "
+                f"a regular expression, or \"all-linear\"; got {targets!r}"
+            )
+        if not _is_number(self.loraplus_lr_ratio) or self.loraplus_lr_ratio < 1:
+            raise InvalidInputError(
+                f"loraplus_lr_ratio must be a number >= 1 (1: plain LoRA, e.g. 16 for LoRA+), "
+                f"got {self.loraplus_lr_ratio!r}"
+            )
+        if self.peft and self.init_from is not None:
+            raise InvalidInputError(
+                f"init_from ({self.init_from}) cannot be combined with peft={self.peft!r} yet: start a LoRA run "
+                "from a base model folder (model_dir), or leave peft unset to continue from another run's weights"
+            )
 
     @property
     def final_lr(self) -> float:

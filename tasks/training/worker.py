@@ -85,6 +85,10 @@ def train(spec: TrainSpec) -> None:
         check_same_architecture(weights, model, spec.init_from, spec.model_dir)
         model.load_state_dict(weights)
         del weights
+    if spec.peft == "lora":
+        model = wrap_lora(model, spec)
+    trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
     model.to(device)
     optimizer = build_optimizer(model, spec, fused=cuda)  # the learning rate is set every step below
     # DeepSpeed reports the grad norm only from its ZeRO and mixed-precision optimizers; in plain fp32
@@ -131,7 +135,9 @@ def train(spec: TrainSpec) -> None:
         print(
             f"tessera worker {spec.run_name}: {data.rows} rows x {data.context_length} tokens, {world_size} "
             f"process(es) on {device.type}{' bf16' if bf16 else ''}, ZeRO {spec.zero_stage}, "
-            f"{spec.micro_batch_size} rows x {grad_accum} accumulation steps per rank, starting at step {step}",
+            f"{spec.micro_batch_size} rows x {grad_accum} accumulation steps per rank, starting at step {step}; "
+            f"training {trainable_params:,} of {total_params:,} parameters"
+            f"{f' (LoRA rank {spec.lora_rank})' if spec.peft else ''}",
             flush=True,
         )
         emit(
@@ -141,6 +147,8 @@ def train(spec: TrainSpec) -> None:
             total_batches=plan.total_batches,
             total_tokens=plan.total_tokens,
             resumed_from=resume_tag,
+            trainable_params=trainable_params,
+            total_params=total_params,
         )
     # A run that stopped early checkpointed where it stopped: resumed there, it stays stopped (unless the
     # spec's patience has grown since).
@@ -203,7 +211,7 @@ def train(spec: TrainSpec) -> None:
             spec.constant_steps,
         )
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # LoRA+: the B matrices' groups learn faster
         batch = next(batches)
         loss_sum, grad_norm = train_step(engine, batch, device, world_size, spec.gradient_clip if clip_here else None)
         window_loss += loss_sum
@@ -245,7 +253,7 @@ def train(spec: TrainSpec) -> None:
                     save_latest=False,  # the latest link below is ours, moved only once the export is written too
                 )
                 hf_path = output_dir / "huggingface" / f"ba{step}"
-                save_huggingface(engine, tokenizer, hf_path, spec.zero_stage, master)
+                save_huggingface(engine, tokenizer, hf_path, spec.zero_stage, master, lora=spec.peft == "lora")
                 dist.barrier()  # every rank's shard is on disk before the link says the checkpoint exists
                 if master:
                     point_latest(output_dir, tag)
@@ -369,16 +377,45 @@ def model_config(model_dir: Path, attention_dropout: float):
     return config
 
 
-def build_optimizer(model: torch.nn.Module, spec: TrainSpec, fused: bool) -> torch.optim.AdamW:
-    """AdamW with the spec's settings; weight decay only on weight matrices and embeddings (ndim >= 2),
-    never on biases or norm weights."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=spec.learning_rate, betas=spec.betas, eps=spec.eps, fused=fused
+def wrap_lora(model: torch.nn.Module, spec: TrainSpec) -> torch.nn.Module:
+    """The model with peft's LoRA adapters on spec.lora_target_modules; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.lora_rank,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=spec.lora_target_modules,
+        task_type="CAUSAL_LM",
     )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # e.g. target modules not found in the model
+        raise InvalidInputError(f"cannot put LoRA adapters on this model: {e}") from e
+
+
+def build_optimizer(model: torch.nn.Module, spec: TrainSpec, fused: bool) -> torch.optim.AdamW:
+    """AdamW with the spec's settings over the parameters that train (with LoRA, only the adapters).
+
+    Weight decay only on weight matrices and embeddings (ndim >= 2), never on biases or norm weights.
+    Each group carries an `lr_scale`, the multiple of the step's learning rate it learns at: 1, and
+    loraplus_lr_ratio for the LoRA B matrices (LoRA+, Hayou et al. 2024).
+    """
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            lora_b = spec.loraplus_lr_ratio != 1 and ".lora_B." in name
+            groups.setdefault((parameter.ndim >= 2, lora_b), []).append(parameter)
+    param_groups = [
+        {
+            "params": groups[decay, lora_b],
+            "weight_decay": spec.weight_decay if decay else 0.0,
+            "lr_scale": float(spec.loraplus_lr_ratio) if lora_b else 1.0,
+        }
+        for decay, lora_b in ((True, False), (False, False), (True, True), (False, True))
+        if groups.get((decay, lora_b))
+    ]
+    return torch.optim.AdamW(param_groups, lr=spec.learning_rate, betas=spec.betas, eps=spec.eps, fused=fused)
 
 
 @torch.no_grad()
