@@ -1,6 +1,7 @@
 """Step 4: run the DeepSpeed worker in its own process group; its progress becomes events and metrics."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -28,6 +29,26 @@ class WorkerFailed(TesseraError):
 
 
 BAD_INPUT_EXIT = 2  # the worker's exit code for a spec or data it refuses: retrying cannot help
+DIVERGED_EXIT = 3  # the worker's exit code after a `diverged` line (worker.DIVERGED_EXIT, not imported: it loads torch)
+PROGRESS_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb", "mfu")
+
+
+class TrainingDiverged(InvalidInputError):
+    """The loss went non-finite or spiked. Not retried, like bad input: a retry from the same checkpoint with the
+    same learning rate would diverge again."""
+
+
+def diverged_message(diverged: dict, learning_rate: float) -> str:
+    """What happened and what to do: `training diverged at batch 7: loss nan (not a number); lower learning_rate
+    (now 0.5) and start again from the last checkpoint ep0-ba5`."""
+    where = (
+        f"from the last checkpoint {diverged['checkpoint']}" if diverged.get("checkpoint")
+        else "from the start (no checkpoint was saved before it)"
+    )
+    return (
+        f"training diverged at batch {diverged['batch']}: {diverged['reason']}; "
+        f"lower learning_rate (now {learning_rate:g}) and start again {where}"
+    )
 
 
 def train_message(p: dict, unit: str) -> str:
@@ -103,6 +124,7 @@ def train(spec_path: str, mlflow_run_id: str, duration_unit: str) -> str:
     generations: list[dict] = []
     finished: dict | None = None
     stopped: dict | None = None  # early stopping's reason, when it ended the run
+    diverged: dict | None = None  # the divergence guard's finding, when it ended the run
     last_event = 0.0
     # stderr apart from stdout: its last line is the worker's reason when it fails.
     with open(logs / "worker.log", "a") as log, open(logs / "worker.stderr.log", "a") as stderr:
@@ -122,8 +144,7 @@ def train(spec_path: str, mlflow_run_id: str, duration_unit: str) -> str:
                 if kind == "started" and msg.get("resumed_from"):
                     emit(spec.run_name, RunEvent.TRAIN_UPDATED, f"resumed from {msg['resumed_from']}", **msg)
                 elif kind == "progress":
-                    _log_metrics(mlflow_client, mlflow_run_id, msg["batch"],
-                                 {k: msg.get(k) for k in ("loss", "lr", "grad_norm", "tokens_per_s")})
+                    _log_metrics(mlflow_client, mlflow_run_id, msg["batch"], {k: msg.get(k) for k in PROGRESS_METRICS})
                     now = time.monotonic()
                     if now - last_event >= EVENT_EVERY_S or msg["batch"] == msg["total_batches"]:
                         emit(spec.run_name, RunEvent.TRAIN_UPDATED, train_message(msg, duration_unit), **msg)
@@ -138,6 +159,8 @@ def train(spec_path: str, mlflow_run_id: str, duration_unit: str) -> str:
                     (run_dir / "eval_generations.json").write_text(json.dumps(generations, indent=1))
                 elif kind == "pruned":
                     log.write(pruned_message(msg))
+                elif kind == "diverged":
+                    diverged = msg
                 elif kind == "stopped":
                     stopped = msg
                 elif kind == "finished":
@@ -150,6 +173,8 @@ def train(spec_path: str, mlflow_run_id: str, duration_unit: str) -> str:
     if generations:
         mlflow_client.log_table(mlflow_run_id, data={k: [g[k] for g in generations] for k in generations[0]},
                                 artifact_file="eval_generations.json")
+    if returncode == DIVERGED_EXIT and diverged is not None:
+        raise TrainingDiverged(diverged_message(diverged, spec.learning_rate))
     if returncode == BAD_INPUT_EXIT:
         raise InvalidInputError(_last_words(logs / "worker.stderr.log"))
     if returncode != 0 or finished is None:
@@ -163,7 +188,9 @@ def train(spec_path: str, mlflow_run_id: str, duration_unit: str) -> str:
 
 def _log_metrics(mlflow_client, run_id: str, step: int, values: dict) -> None:
     now_ms = int(time.time() * 1000)
-    mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), now_ms, step) for k, v in values.items() if v is not None])
+    # Not NaN or inf (a diverged step's loss): the `diverged` line reports those, and a chart cannot plot them.
+    metrics = [Metric(k, float(v), now_ms, step) for k, v in values.items() if v is not None and math.isfinite(v)]
+    mlflow_client.log_batch(run_id, metrics=metrics)
 
 
 def _last_words(log_path: Path) -> str:

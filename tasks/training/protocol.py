@@ -8,7 +8,10 @@ Everything else the worker, DeepSpeed or transformers print is free-form log. On
   progress     epoch (1-based, current), epochs, batch (optimizer steps done), total_batches, tokens,
                total_tokens, loss (mean over the loss tokens of the steps since the last progress line),
                lr and grad_norm (of the last step), tokens_per_s (since the last progress line),
-               elapsed_s (training seconds of the run so far, carried across resumes)
+               elapsed_s (training seconds of the run so far, carried across resumes),
+               peak_memory_mb (MiB: the most GPU memory allocated so far, or on CPU the process's peak RSS),
+               mfu (estimated model FLOPs utilization, 0-1: tokens_per_s x (6N + 12 L d T) FLOPs per token over
+               the devices' peak FLOP/s; null on CPU unless the spec sets peak_flops)
   checkpoint   tag ("ep{E}-ba{B}", E = completed epochs), path, hf_path: written and complete
   pruned       batch, keep, removed (paths of the ep*-ba* folders and huggingface/ba* exports deleted): with
                save_top_k, right after a checkpoint line when older ones were removed
@@ -17,6 +20,10 @@ Everything else the worker, DeepSpeed or transformers print is free-form log. On
                the end when that is set
   stopped      batch, best_loss, best_batch, evals_without_improvement, reason (a sentence): early stopping
                ended the run before its planned end, after the final checkpoint at `batch`; `finished` follows
+  diverged     batch, loss, grad_norm, reason (a phrase, e.g. "loss nan (not a number)"), checkpoint (the tag the
+               latest link points at, or null): at a log point (or before a checkpoint) the loss or grad norm
+               was not finite, or the loss was over spec.loss_spike_factor x the mean of the recent logged
+               losses; the worker saves nothing more and exits with DIVERGED_EXIT (3)
   finished     batch, hf_path of the final export
 
 Tokens count every position of a row (rows x context length), padding included.

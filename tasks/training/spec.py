@@ -52,6 +52,10 @@ class TrainSpec:
     early_stopping_patience: int | None = None  # stop after this many evals without improvement; None: never
     early_stopping_min_delta: float = 0.0  # an eval improves only when it beats the best by more than this
     log_every_n_batches: int = 1
+    # Divergence guard, checked at each log point: a non-finite loss or grad norm always stops the run; so does a
+    # logged loss over loss_spike_factor x the mean of the recent logged losses (after a few); None: no spike check.
+    loss_spike_factor: float | None = 10.0
+    peak_flops: float | None = None  # one device's peak FLOP/s for the MFU; None: H100 bf16 on CUDA, no MFU on CPU
     init_from: Path | None = None  # an ep*-ba* folder (or the symlink) to take the weights from
     resume: bool = True  # continue from output_dir/latest-sharded-rank0.symlink when it exists
     # Parameter-efficient fine-tuning: None trains every weight; "lora" freezes the base model and trains
@@ -102,6 +106,18 @@ class TrainSpec:
                     f"early_stopping_patience ({self.early_stopping_patience}) needs eval_data_dir: early stopping "
                     "watches the eval loss"
                 )
+        if self.loss_spike_factor is not None and (
+            not _is_number(self.loss_spike_factor) or self.loss_spike_factor < 1
+        ):
+            raise InvalidInputError(
+                f"loss_spike_factor must be a number >= 1 (e.g. 10), or null to turn the loss-spike check off; "
+                f"got {self.loss_spike_factor!r}"
+            )
+        if self.peak_flops is not None and (not _is_number(self.peak_flops) or self.peak_flops <= 0):
+            raise InvalidInputError(
+                f"peak_flops must be a number > 0 (one device's peak FLOP/s, e.g. 989e12 for an H100 in bf16), "
+                f"or null for the default; got {self.peak_flops!r}"
+            )
         if not _is_number(self.early_stopping_min_delta) or self.early_stopping_min_delta < 0:
             raise InvalidInputError(
                 f"early_stopping_min_delta must be a number >= 0 (0: any decrease counts as an improvement), "

@@ -3,18 +3,20 @@
     python -m tasks.training.worker --run-name NAME --spec /path/spec.json
 
 It reads a TrainSpec, trains the model with DeepSpeed, checkpoints under spec.output_dir and reports on
-stdout in protocol lines (see protocol.py). Exit 0 on success; otherwise the last stderr line says why.
+stdout in protocol lines (see protocol.py). Exit 0 on success; otherwise the last stderr line says why:
+2 for a bad input, DIVERGED_EXIT when the loss diverged (after a `diverged` line), 1 for anything else.
 """
 
 import argparse
 import math
 import os
+import resource
 import socket
 import sys
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import deepspeed
@@ -40,6 +42,16 @@ from tasks.training.spec import TrainSpec
 
 # DeepSpeed calls torch.distributed functions that torch has renamed; the warning would repeat every step.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+DIVERGED_EXIT = 3  # the exit code after a `diverged` line: retrying would only diverge again
+SPIKE_WARMUP = 5  # logged losses before the spike check starts, so the noisy first steps cannot trigger it
+SPIKE_MIN_RISE = 1.0  # nats: how far above the mean a spike must also be
+SPIKE_WINDOW = 20  # the spike check compares with the mean of at most this many of the latest logged losses
+H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM: the MFU denominator on CUDA unless the spec says otherwise
+
+
+class TrainingDiverged(Exception):
+    """The loss or grad norm went non-finite or the loss spiked: stop without checkpointing."""
 
 
 def train(spec: TrainSpec) -> None:
@@ -89,6 +101,10 @@ def train(spec: TrainSpec) -> None:
         model = wrap_lora(model, spec)
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
+    token_flops = flops_per_token(
+        total_params, getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0), data.context_length
+    )
+    peak_flops = spec.peak_flops or (H100_BF16_FLOPS if cuda else None)  # CPU: no meaningful peak, no MFU
     model.to(device)
     optimizer = build_optimizer(model, spec, fused=cuda)  # the learning rate is set every step below
     # DeepSpeed reports the grad norm only from its ZeRO and mixed-precision optimizers; in plain fp32
@@ -180,6 +196,20 @@ def train(spec: TrainSpec) -> None:
     # Loss accumulates on the device between log points: reading it is the loop's only host sync.
     window_loss, window_tokens, window_steps = torch.zeros((), device=device), 0, 0
     loop_start = window_start = time.time()
+    guard = DivergenceGuard(spec.loss_spike_factor)
+
+    def check_divergence(loss: float, norm: float | None, record: bool) -> None:
+        """Raise TrainingDiverged (rank 0 says so in a `diverged` line) before anything more is saved.
+
+        Every rank decides alike: the loss is all-reduced and the grad norm is global.
+        """
+        if reason := guard.check(loss, norm):
+            if master:
+                emit("diverged", batch=step, loss=loss, grad_norm=norm, reason=reason,
+                     checkpoint=latest_tag(output_dir))
+            raise TrainingDiverged(f"training diverged at batch {step}: {reason}")
+        if record:
+            guard.record(loss)
 
     def report_progress(now: float) -> None:
         """The progress line for the steps since the last one; every rank calls it (the loss is all-reduced)."""
@@ -187,6 +217,8 @@ def train(spec: TrainSpec) -> None:
         if world_size > 1:
             dist.all_reduce(window_loss)
         loss = window_loss.item() / max(1, window_tokens)  # mean over the window's loss tokens
+        norm = None if grad_norm is None else float(grad_norm)
+        tokens_per_s = window_steps * plan.tokens_per_batch / (now - window_start)
         if master:
             emit(
                 "progress",
@@ -198,12 +230,15 @@ def train(spec: TrainSpec) -> None:
                 total_tokens=plan.total_tokens,
                 loss=loss,
                 lr=lr,
-                grad_norm=float(grad_norm),
-                tokens_per_s=window_steps * plan.tokens_per_batch / (now - window_start),
+                grad_norm=norm,
+                tokens_per_s=tokens_per_s,
                 elapsed_s=elapsed_before + now - loop_start,
+                peak_memory_mb=peak_memory_mb(device),
+                mfu=tokens_per_s * token_flops / (peak_flops * world_size) if peak_flops else None,
             )
         window_loss.zero_()
         window_tokens, window_steps, window_start = 0, 0, now
+        check_divergence(loss, norm, record=True)
 
     while step < plan.total_batches and not stopped:
         lr = learning_rate_at(
@@ -226,6 +261,13 @@ def train(spec: TrainSpec) -> None:
         eval_now = eval_data is not None and eval_due(
             step, plan.total_batches, spec.eval_every_n_batches, checkpoint_now
         )
+        if checkpoint_now and window_steps:  # steps since the last log point: check them before anything is saved
+            pending = window_loss.clone()
+            if world_size > 1:
+                dist.all_reduce(pending)
+            check_divergence(
+                pending.item() / max(1, window_tokens), None if grad_norm is None else float(grad_norm), record=False
+            )
         if checkpoint_now or eval_now:
             pause_start = time.time()
             if eval_now:  # before the checkpoint, so that its early-stopping state counts this eval
@@ -280,6 +322,45 @@ def train(spec: TrainSpec) -> None:
     if master:
         emit("finished", batch=step, hf_path=str(output_dir / "huggingface" / f"ba{step}"))
     dist.destroy_process_group()
+
+
+@dataclass
+class DivergenceGuard:
+    """Decides, at each log point, whether training has diverged; `recent` holds the latest logged losses."""
+
+    spike_factor: float | None  # None: only non-finite values count
+    recent: list[float] = field(default_factory=list)
+
+    def check(self, loss: float, grad_norm: float | None) -> str | None:
+        """Why training has diverged (a phrase, e.g. `loss nan (not a number)`), or None when it has not."""
+        for name, value in (("loss", loss), ("grad norm", grad_norm)):
+            if value is not None and not math.isfinite(value):
+                return f"{name} {value} ({'not a number' if math.isnan(value) else 'infinite'})"
+        if self.spike_factor is not None and len(self.recent) >= SPIKE_WARMUP:
+            mean = sum(self.recent) / len(self.recent)
+            # Near zero, a tenfold jump is noise (0.02 -> 0.2): a spike must also rise SPIKE_MIN_RISE above the mean.
+            if loss > self.spike_factor * mean and loss > mean + SPIKE_MIN_RISE:
+                return (
+                    f"loss {loss:.4g} is over {self.spike_factor:g}x the mean of the last {len(self.recent)} "
+                    f"logged losses ({mean:.4g})"
+                )
+        return None
+
+    def record(self, loss: float) -> None:
+        self.recent = [*self.recent, loss][-SPIKE_WINDOW:]
+
+
+def flops_per_token(params: int, layers: int, hidden_size: int, context_length: int) -> int:
+    """Training FLOPs per token: 6N for the weights' forward and backward, 12·L·d·T for attention (PaLM's MFU)."""
+    return 6 * params + 12 * layers * hidden_size * context_length
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The most memory this process has held, in MiB: allocated tensors on a GPU, the peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 @dataclass
@@ -497,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         train(spec)
     except InvalidInputError as e:
         return _fail(str(e), 2)
+    except TrainingDiverged as e:
+        return _fail(str(e), DIVERGED_EXIT)
     except Exception as e:
         traceback.print_exc()
         return _fail(f"training failed: {type(e).__name__}: {e}", 1)

@@ -1,0 +1,126 @@
+"""The divergence guard and the progress line's efficiency figures (peak memory, MFU).
+
+One real run: a checkpointed run, then runs from its weights with an absurd weight decay (AdamW multiplies every
+matrix by 1 - lr x weight_decay, which overflows to inf), so the next loss is NaN for certain.
+"""
+
+import math
+import os
+import shutil
+
+import pytest
+
+from tasks.errors import InvalidInputError
+from tasks.retries import unless_bad_input
+from tasks.train import TrainingDiverged, diverged_message
+from tasks.training.checkpoints import LATEST
+from tasks.training.spec import TrainSpec
+from tasks.training.worker import DIVERGED_EXIT, SPIKE_WARMUP, DivergenceGuard, flops_per_token
+from test_worker import spec_for, write_rows
+from test_worker_runs import Worker, folders
+
+
+def test_non_finite_losses_and_grad_norms_diverge_at_once():
+    guard = DivergenceGuard(10.0)
+    assert guard.check(math.nan, 1.0) == "loss nan (not a number)"
+    assert guard.check(math.inf, 1.0) == "loss inf (infinite)"
+    assert guard.check(2.0, math.nan) == "grad norm nan (not a number)"
+    assert guard.check(2.0, -math.inf) == "grad norm -inf (infinite)"
+    assert DivergenceGuard(None).check(math.nan, None) == "loss nan (not a number)"  # spike check off, NaN still not
+    assert guard.check(1e6, None) is None  # no spike check before the warm-up log points
+
+
+def test_a_spike_over_the_factor_times_the_recent_mean_diverges_after_warm_up():
+    guard = DivergenceGuard(10.0)
+    for loss in (3.0, 2.0, 1.0, 2.0):
+        guard.record(loss)
+    assert len(guard.recent) == SPIKE_WARMUP - 1 and guard.check(100.0, 1.0) is None
+    guard.record(2.0)  # the mean of the 5 is 2.0
+    assert guard.check(20.0, 1.0) is None
+    assert guard.check(20.1, 1.0) == "loss 20.1 is over 10x the mean of the last 5 logged losses (2)"
+    assert DivergenceGuard(None, recent=list(guard.recent)).check(1e9, 1.0) is None  # None: no spike check
+    for _ in range(50):
+        guard.record(0.1)
+    assert len(guard.recent) == 20 and guard.check(1.5, 1.0).endswith("the last 20 logged losses (0.1)")
+    assert guard.check(1.0, 1.0) is None  # 10x the mean but less than SPIKE_MIN_RISE above it: noise near zero
+
+
+def test_spec_checks_the_spike_factor_and_peak_flops(tmp_path):
+    assert spec_for(tmp_path).loss_spike_factor == 10.0 and spec_for(tmp_path).peak_flops is None
+    assert spec_for(tmp_path, loss_spike_factor=None, peak_flops=312e12).loss_spike_factor is None
+    for bad in (0.5, math.nan, "10", True):
+        with pytest.raises(InvalidInputError, match="loss_spike_factor must be a number >= 1"):
+            spec_for(tmp_path, loss_spike_factor=bad)
+    for bad in (0, -1.0, math.inf):
+        with pytest.raises(InvalidInputError, match="peak_flops must be a number > 0"):
+            spec_for(tmp_path, peak_flops=bad)
+
+
+def test_flops_per_token_is_6n_plus_12_l_d_t():
+    assert flops_per_token(params=1000, layers=2, hidden_size=64, context_length=32) == 6 * 1000 + 12 * 2 * 64 * 32
+    # Llama-2-7B at 4096 tokens (PaLM's appendix B form): 6 x 6.74e9 + 12 x 32 x 4096 x 4096.
+    assert flops_per_token(6_738_415_616, 32, 4096, 4096) == pytest.approx(4.687e10, rel=1e-3)
+
+
+def test_the_train_task_says_where_it_diverged_and_what_to_do():
+    diverged = {"kind": "diverged", "batch": 7, "loss": math.nan, "grad_norm": 3.0,
+                "reason": "loss nan (not a number)", "checkpoint": "ep0-ba5"}
+    assert diverged_message(diverged, 0.5) == (
+        "training diverged at batch 7: loss nan (not a number); lower learning_rate (now 0.5) and start again "
+        "from the last checkpoint ep0-ba5"
+    )
+    assert diverged_message({**diverged, "checkpoint": None}, 5e-5).endswith(
+        "lower learning_rate (now 5e-05) and start again from the start (no checkpoint was saved before it)"
+    )
+    # Not retried: the same non-retried type as bad input.
+    error = TrainingDiverged(diverged_message(diverged, 0.5))
+    state = type("State", (), {"result": lambda self, raise_on_failure: error})()
+    assert isinstance(error, InvalidInputError) and unless_bad_input(None, None, state) is False
+
+
+@pytest.fixture(scope="module")
+def diverged_runs(tiny_model_dir, tmp_path_factory):
+    """"good": 2 steps at a sane learning rate, checkpointed at 2. Then two runs from its weights (init_from, not
+    resumed, in copies of its output_dir) with weight_decay 1e300: their first update makes the weights infinite,
+    so step 2's loss is NaN. "logged" logs every step; "unlogged" logs every 4 steps but checkpoints at 2."""
+    folder = tmp_path_factory.mktemp("diverge")
+    settings = dict(model_dir=tiny_model_dir, data_dir=write_rows(folder / "train", rows=8), duration_unit="ba",
+                    micro_batch_size=1, global_batch_size=2, learning_rate=1e-3)
+    good = TrainSpec(run_name="good", output_dir=folder / "logged", duration_value=2, **settings)
+    good_lines = Worker(good, folder, "good").finish()
+    shutil.copytree(good.output_dir, folder / "unlogged", symlinks=True)
+    bad = dict(duration_value=4, save_every_n_batches=2, weight_decay=1e300, resume=False,
+               init_from=good.output_dir / LATEST, **settings)
+    logged = Worker(TrainSpec(run_name="logged", output_dir=folder / "logged", **bad), folder, "logged")
+    unlogged = Worker(TrainSpec(run_name="unlogged", output_dir=folder / "unlogged", log_every_n_batches=4, **bad),
+                      folder, "unlogged")
+    return good_lines, logged, logged.finish(DIVERGED_EXIT), unlogged, unlogged.finish(DIVERGED_EXIT), folder
+
+
+def test_a_diverged_run_stops_without_a_checkpoint_and_says_why(diverged_runs):
+    good_lines, worker, lines, *_, folder = diverged_runs
+    assert [m["kind"] for m in good_lines][-2:] == ["checkpoint", "finished"]
+    progress = [m for m in lines if m["kind"] == "progress"]
+    assert [m["batch"] for m in progress] == [1, 2] and math.isfinite(progress[0]["loss"])
+    assert math.isnan(progress[1]["loss"])
+    assert lines[-1] == {"kind": "diverged", "batch": 2, "loss": lines[-1]["loss"], "grad_norm": lines[-1]["grad_norm"],
+                         "reason": "loss nan (not a number)", "checkpoint": "ep0-ba2"}
+    assert math.isnan(lines[-1]["loss"])
+    assert not any(m["kind"] in ("checkpoint", "finished") for m in lines)
+    assert worker.stderr.read_text().strip().splitlines()[-1] == "training diverged at batch 2: loss nan (not a number)"
+    out = folder / "logged"
+    assert folders(out) == (["ep0-ba2"], ["ba2"]) and os.readlink(out / LATEST) == "ep0-ba2"
+    assert (out / "ep0-ba2" / "mp_rank_00_model_states.pt").is_file()
+
+
+def test_steps_since_the_last_log_point_are_checked_before_a_checkpoint(diverged_runs):
+    *_, worker, lines, folder = diverged_runs
+    assert [m["kind"] for m in lines] == ["started", "diverged"]  # no progress line: none was due
+    assert (lines[1]["batch"], lines[1]["checkpoint"]) == (2, "ep0-ba2") and "not a number" in lines[1]["reason"]
+    out = folder / "unlogged"
+    assert folders(out) == (["ep0-ba2"], ["ba2"]) and os.readlink(out / LATEST) == "ep0-ba2"
+
+
+def test_progress_lines_carry_peak_memory_and_no_mfu_on_cpu(diverged_runs):
+    progress = [m for m in diverged_runs[0] if m["kind"] == "progress"]
+    assert progress and all(m["peak_memory_mb"] > 10 and m["mfu"] is None for m in progress)
