@@ -374,7 +374,7 @@ def test_a_recipe_sets_the_engine_knobs_and_the_resolved_config_is_kept(fm, tiny
     run = fm.create(recipe=recipe, learning_rate=5e-4)  # an argument overrides the recipe
     run = _wait(fm, run, {fm.RunStatus.COMPLETED, fm.RunStatus.FAILED})
     assert run.status == fm.RunStatus.COMPLETED, run.details
-    finished = next(e for e in fm.get_events(run) if e.type == "TRAIN_FINISHED")
+    finished = next(e for e in fm.get_events(run, follow=True) if e.type == "TRAIN_FINISHED")  # stored a few s late
     assert finished.message.startswith("training stopped early at batch 4: eval loss did not improve")
     kept = [c.rsplit("/", 1)[-1] for c in fm.get_checkpoints(run)]
     assert len(kept) == 1 and re.fullmatch(r"ep\d-ba4", kept[0]), kept  # save_top_k=1
