@@ -14,7 +14,7 @@ from tasks.models import resolve_model
 from tasks.register_model import register_model
 from tasks.run_record import RunRecord, current_user
 from tasks.tracking import client, start_run
-from tasks.train import kill_worker, train
+from tasks.train import kill_worker, processes_for, train
 from tasks.training.schedule import plan_duration
 from tasks.training.spec import TrainSpec
 from tasks.upload_checkpoints import upload_checkpoints
@@ -86,6 +86,8 @@ def finetune(
     adam_eps: float = 1e-8,
     gradient_clip: float = 1.0,
     attention_dropout: float = 0.0,
+    hidden_dropout: float = 0.0,
+    ffn_dropout: float = 0.0,
     eval_every_n_steps: int | None = None,
     save_every_n_steps: int | None = None,
     save_top_k: int | None = None,
@@ -99,6 +101,8 @@ def finetune(
     lora_target_modules: list[str] | str = "all-linear",
     loraplus_lr_ratio: float = 0.0,
     zero_stage: int = 0,
+    offload_optimizer: bool = False,
+    processes: int | None = None,
     seed: int = 17,
     run_name: str | None = None,
     mlflow_run_id: str | None = None,
@@ -120,7 +124,7 @@ def finetune(
                       mlflow_id, config.allow_percentage_invalid_samples, split="eval")
         if config.eval_data_path else None
     )
-    model_dir = init_model(name, config.model, mlflow_id)
+    model_dir, init_from = init_model(name, config.model, mlflow_id, config.custom_weights_path)
     rows = PreparedDataset.load(Path(train_rows))
     plan = plan_duration(config.duration.value, config.duration.unit, rows.num_rows, rows.context_length,
                          config.global_batch_size)
@@ -132,6 +136,7 @@ def finetune(
         schedule=config.lr_schedule, min_lr=config.min_lr, constant_steps=config.constant_steps,
         weight_decay=config.weight_decay, betas=tuple(config.adam_betas), eps=config.adam_eps,
         gradient_clip=config.gradient_clip, attention_dropout=config.attention_dropout,
+        hidden_dropout=config.hidden_dropout, ffn_dropout=config.ffn_dropout,
         eval_every_n_batches=config.eval_every_n_steps, save_every_n_batches=config.save_every_n_steps,
         save_top_k=config.save_top_k, early_stopping_patience=config.early_stopping_patience,
         early_stopping_min_delta=config.early_stopping_min_delta,
@@ -140,7 +145,8 @@ def finetune(
         loraplus_lr_ratio=config.loraplus_lr_ratio or 1.0,  # Nova's 0 means off: the B matrices' rate x 1
         log_every_n_batches=config.log_every_n_steps, micro_batch_size=config.micro_batch_size,
         global_batch_size=config.global_batch_size, seed=config.seed, zero_stage=config.zero_stage,
-        eval_prompts=config.eval_prompts or [], init_from=config.custom_weights_path,
+        offload_optimizer=config.offload_optimizer, processes=processes_for(config.processes),
+        eval_prompts=config.eval_prompts or [], init_from=init_from,
         resume=True,  # a retry of the train task continues from the latest checkpoint
     )
     spec_path = record.dir / "spec.json"

@@ -71,6 +71,8 @@ class RunConfig:
     adam_eps: float = 1e-8
     gradient_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0  # on the embeddings and each attention and MLP output (Megatron's)
+    ffn_dropout: float = 0.0  # on the MLP activations before its down projection
     eval_every_n_steps: int | None = None  # None: eval loss at each checkpoint
     save_every_n_steps: int | None = None  # None: a checkpoint per epoch and at the end
     save_top_k: int | None = None  # keep only the newest k checkpoints; None keeps all
@@ -84,6 +86,8 @@ class RunConfig:
     lora_target_modules: list[str] | str = "all-linear"  # peft's target_modules
     loraplus_lr_ratio: float = 0.0  # LoRA+: the B matrices learn this many times faster; 0 turns it off
     zero_stage: int = 0
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and step on the CPU; needs zero_stage 1-3
+    processes: int | None = None  # DeepSpeed ranks on this machine; None: one per GPU, 1 without a GPU
     seed: int = 17
 
     def __post_init__(self):
@@ -136,8 +140,27 @@ class RunConfig:
                 f"{self.micro_batch_size} (gradient accumulation takes whole micro batches)"
             )
         self._check_engine_knobs()
-        if self.zero_stage not in (0, 1, 2, 3):
+        self._check_deepspeed()
+
+    def _check_deepspeed(self) -> None:
+        if _int(self.zero_stage) is None or self.zero_stage not in (0, 1, 2, 3):
             raise InvalidInputError(f"zero_stage {self.zero_stage!r} must be 0, 1, 2 or 3")
+        if not isinstance(self.offload_optimizer, bool):
+            raise InvalidInputError(f"offload_optimizer {self.offload_optimizer!r} must be true or false")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise InvalidInputError(
+                "offload_optimizer needs zero_stage 1, 2 or 3: ZeRO-Offload moves the partitioned optimizer states "
+                "to the CPU; set zero_stage 2 (the usual choice)"
+            )
+        if self.processes is not None:
+            if _int(self.processes) is None or self.processes < 1:
+                raise InvalidInputError(f"processes {self.processes!r} must be a positive integer, or null for auto")
+            if self.global_batch_size % (self.micro_batch_size * self.processes):
+                raise InvalidInputError(
+                    f"global_batch_size {self.global_batch_size} must be a multiple of micro_batch_size "
+                    f"{self.micro_batch_size} x processes {self.processes}: each step every process takes whole "
+                    "micro batches"
+                )
 
     def _check_engine_knobs(self) -> None:
         """Nova's ranges, and what the engine can do; each message names the field."""
@@ -173,8 +196,9 @@ class RunConfig:
             raise InvalidInputError(f"adam_eps {self.adam_eps!r} must be a small positive number, e.g. 1e-8")
         if not _number(self.gradient_clip) or self.gradient_clip < 0:
             raise InvalidInputError(f"gradient_clip {self.gradient_clip!r} must be at least 0 (0 turns clipping off)")
-        if not _number(self.attention_dropout) or not 0 <= self.attention_dropout <= 1:
-            raise InvalidInputError(f"attention_dropout {self.attention_dropout!r} must be from 0 to 1")
+        for name in ("attention_dropout", "hidden_dropout", "ffn_dropout"):
+            if not _number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
+                raise InvalidInputError(f"{name} {getattr(self, name)!r} must be from 0 to below 1, e.g. 0.1")
 
     def _check_lora(self) -> None:
         if self.peft_scheme not in (None, "lora"):

@@ -3,14 +3,16 @@
     run:              {model_name_or_path, train_data_path, eval_data_path, register_to, task_type, ...}
     training_config:  {max_length, global_batch_size, micro_batch_size, save_steps, save_top_k, seed,
                        early_stopping: {monitor: val_loss, patience, min_delta},
+                       deepspeed: {zero_stage, offload_optimizer, processes},
                        trainer: {max_epochs | max_steps, val_check_interval, gradient_clip_val, log_every_n_steps},
-                       model: {attention_dropout, optim: {lr, name, adam_w_mode, eps, weight_decay, betas,
-                                                          sched: {name, warmup_steps, constant_steps, min_lr}},
+                       model: {attention_dropout, hidden_dropout, ffn_dropout,
+                               optim: {lr, name, adam_w_mode, eps, weight_decay, betas,
+                                       sched: {name, warmup_steps, constant_steps, min_lr}},
                                peft: {peft_scheme: null | lora, lora_tuning: {alpha, adapter_dropout,
                                                                               loraplus_lr_ratio, rank, target_modules}}}}
 
 Every key maps to one RunConfig field, which checks the value; a key that is not in the layout is an error that
-names it and lists the keys allowed there. Keys Tessera cannot honour yet are refused rather than ignored."""
+names it and lists the keys allowed there."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +23,6 @@ import yaml
 from tasks.errors import InvalidInputError
 
 MAX_EPOCHS = 5  # Nova's limit on trainer.max_epochs
-
-
-class _Refused(str):
-    """A key Tessera knows but cannot honour yet: the reason, shown when the key is set to anything but its neutral value."""
 
 
 # Where each recipe key goes: a RunConfig field name, a nested section, or a special handler below.
@@ -41,6 +39,8 @@ LAYOUT: dict[str, Any] = {
         "max_length": "context_length", "global_batch_size": "global_batch_size",
         "micro_batch_size": "micro_batch_size", "save_steps": "save_every_n_steps", "seed": "seed",
         "save_top_k": "save_top_k",
+        # Tessera's own: how the DeepSpeed engine runs (not in Nova's recipes, where the service decides).
+        "deepspeed": {"zero_stage": "zero_stage", "offload_optimizer": "offload_optimizer", "processes": "processes"},
         "trainer": {
             "max_epochs": "max_epochs", "max_steps": "max_steps", "val_check_interval": "eval_every_n_steps",
             "gradient_clip_val": "gradient_clip", "log_every_n_steps": "log_every_n_steps",
@@ -49,8 +49,7 @@ LAYOUT: dict[str, Any] = {
                            "min_delta": "early_stopping_min_delta"},
         "model": {
             "attention_dropout": "attention_dropout",
-            "hidden_dropout": _Refused("hidden_dropout is not supported yet: remove it or set it to 0"),
-            "ffn_dropout": _Refused("ffn_dropout is not supported yet: remove it or set it to 0"),
+            "hidden_dropout": "hidden_dropout", "ffn_dropout": "ffn_dropout",
             "optim": {
                 "lr": "learning_rate", "name": "optimizer", "adam_w_mode": "adam_w_mode", "eps": "adam_eps",
                 "weight_decay": "weight_decay", "betas": "adam_betas",
@@ -66,7 +65,6 @@ LAYOUT: dict[str, Any] = {
         },
     },
 }
-NEUTRAL = {"hidden_dropout": 0, "ffn_dropout": 0}  # refused keys that may stay at a value that changes nothing
 OPTIMIZERS = ("adamw", "distributed_fused_adam", "fused_adam")  # Nova's names; all are AdamW here
 
 
@@ -115,9 +113,6 @@ def _walk(section: dict, layout: dict, prefix: str, source: str, out: dict[str, 
             if not isinstance(value, dict):
                 raise InvalidInputError(f"{source}: {where} must be a mapping with the keys {', '.join(target)}")
             _walk(value, target, f"{where}.", source, out)
-        elif isinstance(target, _Refused):
-            if value is not None and NEUTRAL.get(key, object()) != value:
-                raise InvalidInputError(f"{source}: {where}: {target}")
         else:
             out[target] = (value, where)
 

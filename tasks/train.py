@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,6 +86,39 @@ def _eta(p: dict) -> str:
     return f"{int(seconds // 3600)}h{round(seconds % 3600 / 60)}min"
 
 
+def processes_for(requested: int | None) -> int:
+    """The run's DeepSpeed ranks on this machine: as requested (at most one per GPU), or one per GPU, or 1 on CPU."""
+    import torch  # here, not at the top: the task module is imported where torch is not needed
+
+    gpus = torch.cuda.device_count()
+    if requested is None:
+        return max(1, gpus)
+    if gpus and requested > gpus:
+        raise InvalidInputError(
+            f"processes {requested} is more than the {gpus} GPU(s) on this machine: pass processes={gpus} or fewer, "
+            "or null for one per GPU"
+        )
+    return requested
+
+
+def worker_command(spec: TrainSpec, spec_path: str) -> list[str]:
+    """The worker's command line; several processes go through the deepspeed launcher, which gives each its rank.
+
+    Every process's command line names the run, so `ps` shows which run it belongs to.
+    """
+    worker = ["tasks.training.worker", "--run-name", spec.run_name, "--spec", spec_path]
+    if spec.processes == 1:
+        return [sys.executable, "-m", *worker]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(spec.processes),
+            "--master_port", str(_free_port()), "--module", *worker]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def kill_worker(run_dir: Path, grace_s: float = 10.0) -> bool:
     """Stop the worker's whole process group (DeepSpeed and any children); True if one was running."""
     pgid_file = run_dir / PGID_FILE
@@ -129,7 +163,7 @@ def train(spec_path: str, mlflow_run_id: str, duration_unit: str) -> str:
     # stderr apart from stdout: its last line is the worker's reason when it fails.
     with open(logs / "worker.log", "a") as log, open(logs / "worker.stderr.log", "a") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tasks.training.worker", "--run-name", spec.run_name, "--spec", spec_path],
+            worker_command(spec, spec_path),
             stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
             start_new_session=True,  # its own group: cancel and retry kill DeepSpeed and its children too
         )

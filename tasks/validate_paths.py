@@ -1,12 +1,12 @@
 """Step 1: every path and name the run refers to exists, before any compute is spent."""
 
 from dataclasses import replace
-from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import RunConfig, TaskType
+from tasks.custom_weights import check_custom_weights
 from tasks.errors import InvalidInputError
 from tasks.models import check_model
 from tasks.storage import check_data_path
@@ -21,11 +21,8 @@ def check_paths(config: RunConfig) -> RunConfig:
     check_data_path(config.train_data_path, "train_data_path", task_type)
     if config.eval_data_path:
         check_data_path(config.eval_data_path, "eval_data_path", task_type)
-    if config.custom_weights_path and not Path(config.custom_weights_path).expanduser().exists():
-        raise InvalidInputError(
-            f"custom_weights_path {config.custom_weights_path} does not exist: pass a checkpoint folder "
-            "as get_checkpoints() returns it"
-        )
+    if config.custom_weights_path:
+        check_custom_weights(config.custom_weights_path)
     if config.context_length is None:
         return replace(config, context_length=min(DEFAULT_MAX_CONTEXT, max_context))
     if config.context_length > max_context:

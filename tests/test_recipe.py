@@ -67,7 +67,7 @@ def test_arguments_override_the_recipe():
     (dict(training_config__model__optim__sched__min_lr=5e-4),
      "training_config.model.optim.sched.min_lr: min_lr 0.0005 must be at least 0 and below learning_rate"),
     (dict(training_config__model__attention_dropout=1.5),
-     "training_config.model.attention_dropout: attention_dropout 1.5 must be from 0 to 1"),
+     "training_config.model.attention_dropout: attention_dropout 1.5 must be from 0 to below 1"),
     (dict(training_config__trainer__max_epochs=6), "training_config.trainer.max_epochs 6 must be an integer from 1 to 5"),
     (dict(training_config__trainer__max_steps=10), "give training_config.trainer.max_epochs or "
                                                    "training_config.trainer.max_steps, not both"),
@@ -86,7 +86,10 @@ def test_arguments_override_the_recipe():
     (dict(training_config__early_stopping={"monitor": "train_loss"}), "'train_loss': only val_loss can be monitored"),
     (dict(training_config__early_stopping={"patience": 0}), "early_stopping_patience 0 must be an integer of at least 1"),
     (dict(training_config__save_top_k=0), "training_config.save_top_k: save_top_k 0 must be an integer of at least 1"),
-    (dict(training_config__model__hidden_dropout=0.1), "hidden_dropout is not supported yet"),
+    (dict(training_config__model__hidden_dropout=1.5), "training_config.model.hidden_dropout: hidden_dropout 1.5 must be"),
+    (dict(training_config__deepspeed={"offload_optimizer": True}), "offload_optimizer needs zero_stage 1, 2 or 3"),
+    (dict(training_config__deepspeed={"processes": 3}),
+     "global_batch_size 8 must be a multiple of micro_batch_size 4 x processes 3"),
     (dict(run__eval_data_path=None), "eval_every_n_steps 6 needs eval_data_path"),
     (dict(run__register_to=None), "register_to is missing: pass it to create() or set it in the recipe's run"),
 ])

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -154,6 +155,8 @@ def _worker_pids(run_name: str) -> list[str]:
     (dict(training_duration="two epochs"), r"is not a duration"),
     (dict(context_length=4096), r"context_length 4096 exceeds the maximum of .* \(1024\)"),
     (dict(learning_rate=-1.0), r"learning_rate -1.0 must be a positive number"),
+    (dict(custom_weights_path="/no/such/ep1-ba4"), r"custom_weights_path /no/such/ep1-ba4 does not exist: pass a"),
+    (dict(custom_weights_path="/tmp"), r"custom_weights_path /tmp is not a DeepSpeed checkpoint"),
 ])
 def test_bad_input_is_refused_before_any_run_exists(fm, tiny_model_dir, chat_file, overrides, message):
     before = len(fm.list(include_details=False, limit=1000))
@@ -412,3 +415,41 @@ def test_a_lora_run_registers_a_merged_model_and_keeps_the_adapter(fm, tiny_mode
     exports = [a.path for a in artifacts if a.is_dir]
     adapter = [a.path for a in mlflow.MlflowClient().list_artifacts(run.run_id, f"{exports[-1]}/adapter")]
     assert any(p.endswith("adapter_config.json") for p in adapter), adapter
+
+    # Continued training: a new LoRA run from this one's latest checkpoint, named as the artifact store holds it.
+    latest = fm.get_checkpoints(run)[-1].rsplit("/", 1)[0] + "/latest-sharded-rank0.symlink"
+    assert latest.startswith("file://")
+    again = _wait(fm, fm.create(recipe=recipe, custom_weights_path=latest), {fm.RunStatus.COMPLETED, fm.RunStatus.FAILED})
+    assert again.status == fm.RunStatus.COMPLETED, again.details
+    initialized = next(e for e in fm.get_events(again, follow=True) if e.type == "MODEL_INITIALIZED")
+    assert initialized.message.endswith(f"initialized with the weights of {latest}: 3M parameters")
+    spec = json.loads((Path(os.environ["TESSERA_HOME"]) / "runs" / again.name / "spec.json").read_text())
+    assert Path(spec["init_from"]).name == fm.get_checkpoints(run)[-1].rsplit("/", 1)[-1]
+
+
+def test_a_killed_worker_is_resumed_by_the_train_tasks_retry(fm, tiny_model_dir, chat_file):
+    """Two processes through the deepspeed launcher, SIGKILLed after a checkpoint: the retry resumes and completes."""
+    recipe = {
+        "run": {"model_name_or_path": str(tiny_model_dir), "train_data_path": chat_file, "register_to": "main.test"},
+        "training_config": {"max_length": 64, "global_batch_size": 4, "micro_batch_size": 2, "save_steps": 10,
+                            "save_top_k": 2, "trainer": {"max_steps": 80}, "deepspeed": {"processes": 2}},
+    }
+    run = fm.create(recipe=recipe, learning_rate=1e-3)
+    checkpoints = Path(os.environ["TESSERA_HOME"]) / "runs" / run.name / "checkpoints"
+    deadline, polls = time.monotonic() + 240, 0
+    while not (checkpoints / "latest-sharded-rank0.symlink").is_symlink():
+        assert time.monotonic() < deadline, "no checkpoint in 240 s"
+        polls += 1
+        assert polls % 40 or not run.refresh().status.is_terminal(), run.details  # every 2 s: did it end?
+        time.sleep(0.05)
+    os.killpg(int((checkpoints.parent / "worker.pgid").read_text()), signal.SIGKILL)  # the launcher and both ranks
+    resumed_from = os.readlink(checkpoints / "latest-sharded-rank0.symlink")
+
+    events = list(fm.get_events(run, follow=True))
+    assert events[-1].type == "COMPLETED", [(e.type, e.message) for e in events]
+    assert f"resumed from {resumed_from}" in [e.message for e in events if e.type == "TRAIN_UPDATED"]
+    assert next(e for e in events if e.type == "TRAIN_FINISHED").message == "training finished after 80 batches"
+    log = (checkpoints.parent / "logs" / "worker.log").read_text()
+    assert log.count("2 process(es) on cpu") == 2  # the first attempt and the retry, both on two ranks
+    kept = fm.get_checkpoints(run)
+    assert len(kept) == 2 and kept[-1].endswith("-ba80"), kept  # save_top_k held across the retry

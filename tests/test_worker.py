@@ -123,7 +123,11 @@ def test_spec_round_trips_through_json(tmp_path):
         (dict(lora_target_modules=" "), "lora_target_modules must be"),
         (dict(loraplus_lr_ratio=0.5), "loraplus_lr_ratio must be a number >= 1 (1: plain LoRA"),
         (dict(loraplus_lr_ratio=float("inf")), "loraplus_lr_ratio must be a number >= 1"),
-        (dict(peft="lora", init_from="c"), "init_from (c) cannot be combined with peft='lora' yet"),
+        (dict(hidden_dropout=1.0), "hidden_dropout must be a number in [0, 1)"),
+        (dict(ffn_dropout=-0.1), "ffn_dropout must be a number in [0, 1)"),
+        (dict(offload_optimizer=True), "offload_optimizer needs zero_stage 1, 2 or 3"),
+        (dict(offload_optimizer="yes", zero_stage=2), "offload_optimizer must be true or false"),
+        (dict(processes=0), "processes must be an integer >= 1, got 0"),
     ],
 )
 def test_spec_rejects_bad_values_naming_the_field(tmp_path, overrides, words):

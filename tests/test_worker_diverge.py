@@ -56,10 +56,12 @@ def test_spec_checks_the_spike_factor_and_peak_flops(tmp_path):
             spec_for(tmp_path, peak_flops=bad)
 
 
-def test_flops_per_token_is_6n_plus_12_l_d_t():
-    assert flops_per_token(params=1000, layers=2, hidden_size=64, context_length=32) == 6 * 1000 + 12 * 2 * 64 * 32
+def test_flops_per_token_is_6n_plus_12_l_d_t_and_lora_skips_the_frozen_weight_gradients():
+    assert flops_per_token(1000, 1000, layers=2, hidden_size=64, context_length=32) == 6 * 1000 + 12 * 2 * 64 * 32
     # Llama-2-7B at 4096 tokens (PaLM's appendix B form): 6 x 6.74e9 + 12 x 32 x 4096 x 4096.
-    assert flops_per_token(6_738_415_616, 32, 4096, 4096) == pytest.approx(4.687e10, rel=1e-3)
+    assert flops_per_token(6_738_415_616, 6_738_415_616, 32, 4096, 4096) == pytest.approx(4.687e10, rel=1e-3)
+    # LoRA: forward and the backward through the activations (4N) for all weights, weight gradients (2N) for 10.
+    assert flops_per_token(1000, 10, layers=0, hidden_size=64, context_length=32) == 4 * 1000 + 2 * 10
 
 
 def test_the_train_task_says_where_it_diverged_and_what_to_do():

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tasks.training.checkpoints import LATEST, point_latest
+from tasks.training.checkpoints import LATEST, check_same_architecture, load_weights, point_latest
 from tasks.training.spec import TrainSpec
 from test_worker import write_rows
 from test_worker_runs import Worker, losses
@@ -127,3 +127,15 @@ def test_a_lora_run_resumes_from_its_checkpoint(lora):
         assert loss == pytest.approx(expected[batch], rel=1e-5), batch
     assert lines[-1]["kind"] == "finished" and os.readlink(lora.resumed.output_dir / LATEST) == "ep1-ba6"
     assert (lora.resumed.output_dir / "huggingface/ba6/adapter/adapter_config.json").is_file()
+
+
+def test_init_from_a_lora_checkpoint_gives_its_merged_weights(lora, tiny_model_dir):
+    """Continued training from a LoRA run starts from what it registered: the base with the adapters merged in."""
+    from transformers import AutoModelForCausalLM
+
+    weights = load_weights(lora.spec.output_dir / LATEST)
+    merged = AutoModelForCausalLM.from_pretrained(lora.spec.output_dir / "huggingface/ba6", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    check_same_architecture(weights, model, lora.spec.output_dir / LATEST, tiny_model_dir)  # base key names
+    for name, tensor in merged.state_dict().items():
+        torch.testing.assert_close(weights[name], tensor, atol=1e-6, rtol=0, msg=name)

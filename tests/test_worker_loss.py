@@ -132,7 +132,7 @@ def test_weight_decay_shrinks_matrices_but_not_biases_or_norm_weights(one_rank, 
     ))
     spec = TrainSpec(run_name="r", model_dir=tmp_path, data_dir=tmp_path, output_dir=tmp_path,
                      learning_rate=0.1, weight_decay=0.5, betas=(0.8, 0.9), eps=1e-6)
-    optimizer = build_optimizer(model, spec, fused=False)
+    optimizer = build_optimizer(model, spec, cuda=False)
     decayed, spared = optimizer.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert (decayed["weight_decay"], spared["weight_decay"]) == (0.5, 0.0)

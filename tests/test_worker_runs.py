@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tasks.train import worker_command
 from tasks.training.checkpoints import LATEST, load_weights
 from tasks.training.protocol import parse
 from tasks.training.spec import TrainSpec
@@ -36,8 +36,7 @@ class Worker:
         self.stdout, self.stderr = folder / f"{label}.stdout", folder / f"{label}.stderr"
         with open(self.stdout, "w") as stdout, open(self.stderr, "w") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "tasks.training.worker", "--run-name", spec.run_name,
-                 "--spec", str(folder / f"{label}.json")],
+                worker_command(spec, str(folder / f"{label}.json")),  # the train task's: the launcher for processes > 1
                 cwd=REPO, stdout=stdout, stderr=stderr, start_new_session=True,
                 # Two workers share two cores here: one thread each, or their OpenMP threads spin against each other.
                 env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -47,13 +46,25 @@ class Worker:
         lines = self.stdout.read_text().split("\n")[:-1]  # complete lines only
         return [m for m in map(parse, lines) if m is not None]
 
-    def kill_when(self, condition, timeout: float = 300) -> None:
-        """SIGKILL the worker's process group as soon as a message meets `condition`."""
+    def kill_when(self, condition, timeout: float = 300, kill: bool = True) -> None:
+        """SIGKILL the worker's process group as soon as a message meets `condition` (with kill=False, just wait)."""
         deadline = time.monotonic() + timeout
         while not any(map(condition, self.messages())):
             assert self.process.poll() is None and time.monotonic() < deadline, self.stderr.read_text()[-3000:]
             time.sleep(0.05)
-        os.killpg(self.process.pid, signal.SIGKILL)
+        if kill:
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    def group_commands(self) -> list[str]:
+        """The command lines of every process in the worker's process group (the launcher's and each rank's)."""
+        commands = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == self.process.pid:  # field 5: the group
+                    commands.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except (OSError, IndexError, ValueError):  # a process that ended while we looked
+                continue
+        return commands
 
     def finish(self, returncode: int = 0) -> list[dict]:
         assert self.process.wait(timeout=300) == returncode, self.stderr.read_text()[-3000:]
@@ -89,7 +100,20 @@ def runs(tiny_model_dir, tmp_path_factory):
     latest_at_kill = os.readlink(killed.output_dir / LATEST)
     after = Worker(killed, folder, "resumed").finish()
     return SimpleNamespace(full=full, full_lines=full_worker.finish(), killed=killed,
-                           before=before, latest_at_kill=latest_at_kill, after=after)
+                           before=before, latest_at_kill=latest_at_kill, after=after, settings=settings, folder=folder)
+
+
+@pytest.fixture(scope="module")
+def launched(runs):
+    """The "full" run's training on 2 processes through the deepspeed launcher, as ZeRO-2 with the optimizer
+    offloaded: 1 micro batch of 2 rows per rank per step instead of 2 accumulated on one."""
+    spec = TrainSpec(run_name="launched", output_dir=runs.folder / "launched", processes=2, zero_stage=2,
+                     offload_optimizer=True, **runs.settings)
+    worker = Worker(spec, runs.folder, "launched")
+    worker.kill_when(lambda m: m["kind"] == "started", kill=False)
+    commands = worker.group_commands()
+    lines = worker.finish()
+    return SimpleNamespace(spec=spec, commands=commands, lines=lines, stdout=worker.stdout.read_text())
 
 
 def test_full_run_reports_checkpoints_exports_and_learns(runs):
@@ -163,6 +187,9 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_completes(runs):
                         "total_tokens": 2048, "resumed_from": saved[-1],
                         "trainable_params": TINY_PARAMS, "total_params": TINY_PARAMS}
     assert list(losses(after)) == list(range(resumed_at + 1, 9))
+    # The divergence guard's window came back with it: the losses logged up to the checkpoint.
+    state = torch.load(runs.killed.output_dir / saved[-1] / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["tessera"]["recent_losses"] == [losses(runs.before)[b] for b in range(1, resumed_at + 1)]
     elapsed_at_checkpoint = next(m["elapsed_s"] for m in runs.before if m.get("batch") == resumed_at)
     assert next(m for m in after if m["kind"] == "progress")["elapsed_s"] > elapsed_at_checkpoint  # carried over
     assert [m["tag"] for m in after if m["kind"] == "checkpoint"][-1] == "ep2-ba8"
@@ -172,6 +199,25 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_completes(runs):
     expected = losses(runs.full_lines)
     for batch, loss in losses(after).items():
         assert loss == pytest.approx(expected[batch], rel=1e-6), batch
+
+
+def test_two_processes_through_the_launcher_train_like_one_with_accumulation(runs, launched):
+    lines = launched.lines
+    assert "2 process(es) on cpu, ZeRO 2" in launched.stdout
+    assert [m["kind"] for m in lines].count("started") == 1  # rank 0 alone reports
+    # Loss and gradient are means over all loss tokens of the global batch, however they are split over ranks
+    # and micro batches; the offloaded ZeRO-2 optimizer steps as the plain one does.
+    expected = losses(runs.full_lines)
+    assert list(losses(lines)) == list(expected)
+    for batch, loss in losses(lines).items():
+        assert loss == pytest.approx(expected[batch], rel=1e-5), batch
+    assert [m["tag"] for m in lines if m["kind"] == "checkpoint"] == ["ep1-ba4", "ep2-ba8"]
+    assert sorted(p.name for p in (launched.spec.output_dir / "ep2-ba8").glob("zero_pp_rank_*")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert load_weights(launched.spec.output_dir / LATEST)  # init_from merges the ranks' shards
+    # ps shows which run every process belongs to: the launcher's, its child's and both ranks'.
+    workers = [c for c in launched.commands if "tasks.training.worker" in c]
+    assert len(workers) >= 3 and all("--run-name launched" in c for c in workers), launched.commands
 
 
 def test_recipe_settings_reach_the_optimizer_the_schedule_the_evals_and_the_model(tiny_model_dir, tmp_path):

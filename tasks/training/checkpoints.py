@@ -105,7 +105,7 @@ def save_huggingface(engine, tokenizer, path: Path, zero_stage: int, master: boo
         peft_model = engine.module
         full = peft_model.state_dict() if state_dict is None else state_dict
         peft_model.save_pretrained(staging / ADAPTER, state_dict=full)
-        peft_model.get_base_model().save_pretrained(staging, state_dict=merged_lora_state_dict(peft_model, full))
+        peft_model.get_base_model().save_pretrained(staging, state_dict=merge_lora(full, lora_scaling(peft_model)))
     else:
         engine.module.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
@@ -113,32 +113,25 @@ def save_huggingface(engine, tokenizer, path: Path, zero_stage: int, master: boo
     staging.rename(path)
 
 
-def merged_lora_state_dict(peft_model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The base model's state dict (its own key names) with each LoRA adapter merged into its weight, on CPU.
+def merge_lora(state_dict: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """A base model's state dict (its own key names) from a peft LoRA model's, each adapter merged in, on CPU.
 
-    `state_dict` is the peft model's (base_model.model.<name>.base_layer.weight, <name>.lora_A.default.weight,
-    ...): W + scaling x B @ A, in fp32 and then in W's dtype, as peft's merge does, without touching the model.
+    `state_dict` holds base_model.model.<name>.base_layer.weight, <name>.lora_A.default.weight, ... : each merged
+    weight is W + scaling x B @ A, computed in fp32 and stored in W's dtype, as peft's own merge does.
     """
-    from peft.tuners.lora import LoraLayer
-
     prefix = "base_model.model."
-    layers = {name: module for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
     merged, on_cpu = {}, {}  # on_cpu: one copy per storage, so tied weights stay tied
     for key, tensor in state_dict.items():
         if ".lora_" in key:
             continue
         name, _, leaf = key.rpartition(".base_layer.")
-        if name in layers:
-            layer = layers[name]
+        if name:
             if leaf == "weight":
-                if any(adapter != "default" for adapter in layer.scaling) or not hasattr(layer, "fan_in_fan_out"):
+                if f"{name}.lora_A.default.weight" not in state_dict:
                     raise InvalidInputError(f"cannot merge the LoRA adapter of {name}: only Linear layers merge")
                 a = state_dict[f"{name}.lora_A.default.weight"].to("cpu", torch.float32)
                 b = state_dict[f"{name}.lora_B.default.weight"].to("cpu", torch.float32)
-                delta = (b.flatten(1) @ a.flatten(1)) * layer.scaling["default"]
-                if layer.fan_in_fan_out:
-                    delta = delta.T
-                tensor = (tensor.to("cpu", torch.float32) + delta.reshape(tensor.shape)).to(tensor.dtype)
+                tensor = (tensor.to("cpu", torch.float32) + (b @ a) * scaling).to(tensor.dtype)
             key = f"{name}.{leaf}"
         if tensor.device.type != "cpu":
             tensor = on_cpu.setdefault((tensor.data_ptr(), tensor.dtype, tensor.shape), tensor.to("cpu"))
@@ -146,21 +139,36 @@ def merged_lora_state_dict(peft_model, state_dict: dict[str, torch.Tensor]) -> d
     return merged
 
 
+def lora_scaling(peft_model) -> float:
+    """The one scaling (alpha / rank) of a peft model trained with a single plain LoRA adapter."""
+    config = peft_model.peft_config["default"]
+    if len(peft_model.peft_config) != 1 or config.use_rslora or config.rank_pattern or config.alpha_pattern:
+        raise InvalidInputError("cannot merge these LoRA adapters: only one adapter with one rank and alpha merges")
+    return config.lora_alpha / config.r
+
+
 def load_weights(source: Path) -> dict[str, torch.Tensor]:
-    """The model weights of an ep*-ba* checkpoint folder (or the latest link), whatever its ZeRO stage."""
+    """The model weights of an ep*-ba* checkpoint folder (or the latest link), whatever its ZeRO stage.
+
+    A LoRA run's checkpoint holds the base weights and the adapters: they come back merged, as the run's export.
+    """
     folder = source.resolve()
+    model_states = folder / "mp_rank_00_model_states.pt"
+    if not model_states.is_file():
+        raise InvalidInputError(
+            f"init_from {source} is not a DeepSpeed checkpoint folder (no mp_rank_00_model_states.pt): "
+            f"pass an ep*-ba* folder or a {LATEST}"
+        )
+    states = torch.load(model_states, map_location="cpu", mmap=True, weights_only=False)
     if any(folder.glob("zero_pp_rank_*_optim_states.pt")):
         # ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer states: merge them.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    if (folder / "mp_rank_00_model_states.pt").is_file():  # ZeRO 0: the whole model in one file
-        states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
-        return states["module"]
-    raise InvalidInputError(
-        f"init_from {source} is not a DeepSpeed checkpoint folder (no *_model_states.pt): "
-        f"pass an ep*-ba* folder or a {LATEST}"
-    )
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    else:  # ZeRO 0: the whole model in the model states file
+        weights = states["module"]
+    lora = states.get("tessera", {}).get("lora")
+    return merge_lora(weights, lora["alpha"] / lora["rank"]) if lora else weights
 
 
 def check_same_architecture(

@@ -42,8 +42,12 @@ class TrainSpec:
     global_batch_size: int = 8  # rows per optimizer step over all ranks; accumulation makes up the rest
     seed: int = 42
     zero_stage: int = 0
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and step on the CPU (zero_stage 1-3)
+    processes: int = 1  # ranks on this machine: above 1 the train task starts the worker with the deepspeed launcher
     gradient_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     attention_dropout: float = 0.0  # set on the model's config (models whose config has attention_dropout)
+    hidden_dropout: float = 0.0  # on the embeddings and on each attention and MLP output, before the residual add
+    ffn_dropout: float = 0.0  # inside each MLP, on the activations before its down projection
     eval_data_dir: Path | None = None  # same format as data_dir; its loss is reported as eval_every_n_batches says
     eval_every_n_batches: int | None = None  # None: eval loss at each checkpoint; N: every N steps and at the end
     eval_prompts: list[str] = field(default_factory=list)  # answered before training and at each checkpoint
@@ -130,6 +134,14 @@ class TrainSpec:
             )
         if not isinstance(self.zero_stage, int) or isinstance(self.zero_stage, bool) or self.zero_stage not in range(4):
             raise InvalidInputError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if not isinstance(self.offload_optimizer, bool):
+            raise InvalidInputError(f"offload_optimizer must be true or false, got {self.offload_optimizer!r}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise InvalidInputError(
+                "offload_optimizer needs zero_stage 1, 2 or 3: ZeRO-Offload moves the partitioned optimizer states to "
+                "the CPU; set zero_stage: 2 (the usual choice) or turn offload_optimizer off"
+            )
+        _require_int("processes", self.processes, minimum=1)
         if not _is_number(self.learning_rate) or not 0 < self.learning_rate < 1:
             raise InvalidInputError(f"learning_rate must be a number in (0, 1), e.g. 5e-5; got {self.learning_rate!r}")
         if self.schedule not in SCHEDULES:
@@ -154,10 +166,11 @@ class TrainSpec:
             raise InvalidInputError(f"eps must be a number > 0, e.g. 1e-8; got {self.eps!r}")
         if not _is_number(self.gradient_clip) or self.gradient_clip < 0:
             raise InvalidInputError(f"gradient_clip must be >= 0 (0 turns clipping off), got {self.gradient_clip!r}")
-        if not _is_number(self.attention_dropout) or not 0 <= self.attention_dropout < 1:
-            raise InvalidInputError(
-                f"attention_dropout must be a number in [0, 1) (0 turns it off), got {self.attention_dropout!r}"
-            )
+        for name in ("attention_dropout", "hidden_dropout", "ffn_dropout"):
+            if not _is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
+                raise InvalidInputError(
+                    f"{name} must be a number in [0, 1) (0 turns it off), got {getattr(self, name)!r}"
+                )
         if not isinstance(self.eval_prompts, list) or not all(isinstance(p, str) and p for p in self.eval_prompts):
             raise InvalidInputError(f"eval_prompts must be a list of non-empty strings, got {self.eval_prompts!r}")
         if not isinstance(self.resume, bool):
@@ -185,11 +198,6 @@ class TrainSpec:
             raise InvalidInputError(
                 f"loraplus_lr_ratio must be a number >= 1 (1: plain LoRA, e.g. 16 for LoRA+), "
                 f"got {self.loraplus_lr_ratio!r}"
-            )
-        if self.peft and self.init_from is not None:
-            raise InvalidInputError(
-                f"init_from ({self.init_from}) cannot be combined with peft={self.peft!r} yet: start a LoRA run "
-                "from a base model folder (model_dir), or leave peft unset to continue from another run's weights"
             )
 
     @property

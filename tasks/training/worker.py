@@ -36,6 +36,7 @@ from tasks.training.checkpoints import (
     save_huggingface,
 )
 from tasks.training.data import IGNORE, MicroBatch, PackedRows, Prefetcher, StepBatch, eval_batches, step_batches
+from tasks.training.dropout import add_dropouts
 from tasks.training.protocol import emit
 from tasks.training.schedule import learning_rate_at, plan_duration
 from tasks.training.spec import TrainSpec
@@ -99,14 +100,16 @@ def train(spec: TrainSpec) -> None:
         del weights
     if spec.peft == "lora":
         model = wrap_lora(model, spec)
+    add_dropouts(model, spec.hidden_dropout, spec.ffn_dropout)  # after LoRA, so the adapters see the dropped inputs
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
     token_flops = flops_per_token(
-        total_params, getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0), data.context_length
+        total_params, trainable_params, getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0),
+        data.context_length,
     )
     peak_flops = spec.peak_flops or (H100_BF16_FLOPS if cuda else None)  # CPU: no meaningful peak, no MFU
     model.to(device)
-    optimizer = build_optimizer(model, spec, fused=cuda)  # the learning rate is set every step below
+    optimizer = build_optimizer(model, spec, cuda)  # the learning rate is set every step below
     # DeepSpeed reports the grad norm only from its ZeRO and mixed-precision optimizers; in plain fp32
     # stage 0 we clip ourselves (clip_grad_norm_ returns the norm).
     clip_here = spec.zero_stage == 0 and not bf16
@@ -117,7 +120,13 @@ def train(spec: TrainSpec) -> None:
             "train_batch_size": spec.global_batch_size,
             "train_micro_batch_size_per_gpu": spec.micro_batch_size,
             "gradient_accumulation_steps": grad_accum,
-            "zero_optimization": {"stage": spec.zero_stage},
+            "zero_optimization": {
+                "stage": spec.zero_stage,
+                **({"offload_optimizer": {"device": "cpu", "pin_memory": cuda}} if spec.offload_optimizer else {}),
+            },
+            # Offloaded, the optimizer steps on CPU tensors: DeepSpeedCPUAdam on a GPU machine (see build_optimizer),
+            # torch's AdamW where everything is on the CPU anyway.
+            "zero_force_ds_cpu_optimizer": False,
             "gradient_clipping": 0.0 if clip_here else spec.gradient_clip,
             "bf16": {"enabled": bf16},
             "steps_per_print": 2**31 - 1,  # progress is ours to report
@@ -127,6 +136,7 @@ def train(spec: TrainSpec) -> None:
     # Resume: weights, optimizer, step and RNG from the latest checkpoint; the data order follows from the step.
     step, elapsed_before = 0, 0.0  # elapsed_s counts the run's training time across resumes
     watch = EvalWatch()  # early stopping's state, carried across resumes
+    recent_losses: list[float] = []  # the divergence guard's window, carried across resumes too
     if resume_tag:
         loaded, client_state = engine.load_checkpoint(output_dir, tag=resume_tag)
         if loaded is None:  # DeepSpeed logs why and returns None rather than raising
@@ -143,6 +153,7 @@ def train(spec: TrainSpec) -> None:
             )
         step, elapsed_before = saved["step"], saved["elapsed_s"]
         watch = EvalWatch(**saved.get("eval_watch", {}))
+        recent_losses = saved.get("recent_losses", [])
         torch.set_rng_state(saved["rng"])
         if cuda:
             torch.cuda.set_rng_state(saved["cuda_rng"])
@@ -196,7 +207,7 @@ def train(spec: TrainSpec) -> None:
     # Loss accumulates on the device between log points: reading it is the loop's only host sync.
     window_loss, window_tokens, window_steps = torch.zeros((), device=device), 0, 0
     loop_start = window_start = time.time()
-    guard = DivergenceGuard(spec.loss_spike_factor)
+    guard = DivergenceGuard(spec.loss_spike_factor, recent_losses)
 
     def check_divergence(loss: float, norm: float | None, record: bool) -> None:
         """Raise TrainingDiverged (rank 0 says so in a `diverged` line) before anything more is saved.
@@ -211,12 +222,15 @@ def train(spec: TrainSpec) -> None:
         if record:
             guard.record(loss)
 
-    def report_progress(now: float) -> None:
-        """The progress line for the steps since the last one; every rank calls it (the loss is all-reduced)."""
+    def report_progress(now: float | None = None) -> None:
+        """The progress line for the steps since the last one; every rank calls it (the loss is all-reduced).
+
+        `now` ends the window; by default the time once the loss has been read, i.e. once its steps have run."""
         nonlocal window_tokens, window_steps, window_start
         if world_size > 1:
             dist.all_reduce(window_loss)
         loss = window_loss.item() / max(1, window_tokens)  # mean over the window's loss tokens
+        now = time.time() if now is None else now
         norm = None if grad_norm is None else float(grad_norm)
         tokens_per_s = window_steps * plan.tokens_per_batch / (now - window_start)
         if master:
@@ -255,7 +269,7 @@ def train(spec: TrainSpec) -> None:
         step += 1
 
         if step % spec.log_every_n_batches == 0 or step == plan.total_batches:
-            report_progress(time.time())
+            report_progress()
 
         checkpoint_now = checkpoint_due(step, plan.batches_per_epoch, plan.total_batches, spec.save_every_n_batches)
         eval_now = eval_data is not None and eval_due(
@@ -290,7 +304,8 @@ def train(spec: TrainSpec) -> None:
                     client_state={"tessera": {
                         "step": step, "elapsed_s": elapsed_before + pause_start - loop_start, **rng,
                         "rows": data.rows, "global_batch_size": spec.global_batch_size, "seed": spec.seed,
-                        "eval_watch": asdict(watch),
+                        "eval_watch": asdict(watch), "recent_losses": guard.recent,
+                        "lora": lora_settings(spec),
                     }},
                     save_latest=False,  # the latest link below is ours, moved only once the export is written too
                 )
@@ -350,9 +365,11 @@ class DivergenceGuard:
         self.recent = [*self.recent, loss][-SPIKE_WINDOW:]
 
 
-def flops_per_token(params: int, layers: int, hidden_size: int, context_length: int) -> int:
-    """Training FLOPs per token: 6N for the weights' forward and backward, 12·L·d·T for attention (PaLM's MFU)."""
-    return 6 * params + 12 * layers * hidden_size * context_length
+def flops_per_token(params: int, trainable: int, layers: int, hidden_size: int, context_length: int) -> int:
+    """Training FLOPs per token, as PaLM's MFU counts them: 2N forward, 2N for the backward through the activations,
+    2N more for the weight gradients (only of the weights that train: a LoRA run skips the frozen ones), and
+    12·L·d·T for attention."""
+    return 4 * params + 2 * trainable + 12 * layers * hidden_size * context_length
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -458,6 +475,11 @@ def model_config(model_dir: Path, attention_dropout: float):
     return config
 
 
+def lora_settings(spec: TrainSpec) -> dict | None:
+    """What a checkpoint records of its LoRA adapters: enough to merge them into the base weights later (init_from)."""
+    return {"rank": spec.lora_rank, "alpha": spec.lora_alpha} if spec.peft == "lora" else None
+
+
 def wrap_lora(model: torch.nn.Module, spec: TrainSpec) -> torch.nn.Module:
     """The model with peft's LoRA adapters on spec.lora_target_modules; only the adapters train."""
     from peft import LoraConfig, get_peft_model
@@ -475,7 +497,7 @@ def wrap_lora(model: torch.nn.Module, spec: TrainSpec) -> torch.nn.Module:
         raise InvalidInputError(f"cannot put LoRA adapters on this model: {e}") from e
 
 
-def build_optimizer(model: torch.nn.Module, spec: TrainSpec, fused: bool) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, spec: TrainSpec, cuda: bool) -> torch.optim.Optimizer:
     """AdamW with the spec's settings over the parameters that train (with LoRA, only the adapters).
 
     Weight decay only on weight matrices and embeddings (ndim >= 2), never on biases or norm weights.
@@ -496,7 +518,12 @@ def build_optimizer(model: torch.nn.Module, spec: TrainSpec, fused: bool) -> tor
         for decay, lora_b in ((True, False), (False, False), (True, True), (False, True))
         if groups.get((decay, lora_b))
     ]
-    return torch.optim.AdamW(param_groups, lr=spec.learning_rate, betas=spec.betas, eps=spec.eps, fused=fused)
+    if spec.offload_optimizer and cuda:
+        # The offloaded step runs on the CPU: DeepSpeed's vectorised CPU Adam is several times torch's there.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, lr=spec.learning_rate, betas=spec.betas, eps=spec.eps, adamw_mode=True)
+    return torch.optim.AdamW(param_groups, lr=spec.learning_rate, betas=spec.betas, eps=spec.eps, fused=cuda)
 
 
 @torch.no_grad()

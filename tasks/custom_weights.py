@@ -1,0 +1,61 @@
+"""custom_weights_path: an earlier run's checkpoint, as get_checkpoints() names it, made local for the worker.
+
+It is an `ep*-ba*` folder or the run's `latest-sharded-rank0.symlink`, given as a local path, a file:// URI, or any
+URI MLflow's artifact repositories read (s3://, mlflow-artifacts:/, runs:/, ...). In an artifact store the latest
+link is a small file naming its folder (see upload_checkpoints), so it is followed by hand.
+"""
+
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import mlflow
+
+from tasks.errors import InvalidInputError
+from tasks.upload_checkpoints import LATEST
+
+MODEL_STATES = "mp_rank_00_model_states.pt"  # in every DeepSpeed checkpoint folder, whatever its ZeRO stage
+HOW = "pass a checkpoint as get_checkpoints() returns it (an ep*-ba* folder) or a run's " + LATEST
+
+
+def check_custom_weights(uri: str) -> None:
+    """Refuse a path that is not there or not a checkpoint, before any compute; remote stores are listed, not read."""
+    local = _local_path(uri)
+    if local is not None:
+        if not local.exists():
+            raise InvalidInputError(f"custom_weights_path {uri} does not exist: {HOW}")
+        folder = _follow_local(local)
+        if not (folder / MODEL_STATES).is_file():
+            raise InvalidInputError(f"custom_weights_path {uri} is not a DeepSpeed checkpoint (no {MODEL_STATES}): {HOW}")
+        return
+    try:
+        entries = mlflow.artifacts.list_artifacts(artifact_uri=uri.rstrip("/"))
+    except Exception as e:  # any store's error: missing bucket, no credentials, unknown scheme
+        raise InvalidInputError(f"custom_weights_path {uri} cannot be read: {e}") from e
+    if not uri.rstrip("/").endswith(LATEST) and not any(e.path.endswith(MODEL_STATES) for e in entries):
+        raise InvalidInputError(f"custom_weights_path {uri} holds no DeepSpeed checkpoint (no {MODEL_STATES}): {HOW}")
+
+
+def fetch_custom_weights(uri: str, dest: Path) -> Path:
+    """A local checkpoint folder for `uri`: the folder itself when it is local, else downloaded under `dest`."""
+    local = _local_path(uri)
+    if local is not None:
+        return _follow_local(local)
+    uri = uri.rstrip("/")
+    if uri.endswith(LATEST):
+        marker = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest / "latest"))
+        uri = f"{uri.rsplit('/', 1)[0]}/{Path(marker).read_text().strip()}"
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+
+
+def _local_path(uri: str) -> Path | None:
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    return Path(uri).expanduser() if not parsed.scheme else None
+
+
+def _follow_local(path: Path) -> Path:
+    """The folder a latest link names: a symlink in a run's folder, a text file in a local artifact store."""
+    if path.name == LATEST and path.is_file() and not path.is_symlink():
+        return path.parent / path.read_text().strip()
+    return path.resolve()
