@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.training.chunked_loss import IGNORE, chunked_cross_entropy
+from tasks.training.chunked_loss import chunked_cross_entropy
+from tasks.training.data import IGNORE
 
 
 def inputs(rows: int = 37, hidden: int = 16, vocab: int = 50, seed: int = 0, ignored: float = 0.3):

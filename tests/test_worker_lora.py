@@ -2,7 +2,8 @@
 
 The run trains rank-8 adapters on every linear layer of the tiny model, the B matrices at 4x the learning
 rate, with eval data and a prompt; it checkpoints at steps 3 and 6. The resumed run starts from a copy of
-the step-3 checkpoint and must reproduce steps 4-6.
+the step-3 checkpoint on 2 processes (the deepspeed launcher, one row per rank instead of two accumulated)
+and must reproduce steps 4-6.
 """
 
 import os
@@ -32,8 +33,8 @@ def lora(tiny_model_dir, tmp_path_factory):
         peft="lora", lora_rank=RANK, lora_alpha=16, loraplus_lr_ratio=RATIO,
     )
     lines = Worker(spec, folder, "lora").finish()
-    # The same run from a copy of its step-3 checkpoint, as if it had been killed after it.
-    resumed = TrainSpec(**{**vars(spec), "run_name": "resumed", "output_dir": folder / "resumed"})
+    # The same run from a copy of its step-3 checkpoint, as if it had been killed after it, on 2 processes.
+    resumed = TrainSpec(**{**vars(spec), "run_name": "resumed", "output_dir": folder / "resumed", "processes": 2})
     resumed.output_dir.mkdir()
     shutil.copytree(spec.output_dir / "ep0-ba3", resumed.output_dir / "ep0-ba3")
     point_latest(resumed.output_dir, "ep0-ba3")

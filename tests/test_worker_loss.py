@@ -36,7 +36,7 @@ def one_rank():
         torch.distributed.destroy_process_group()
 
 
-def step_with(model, batch, micro_batch_size: int, zero_stage: int):
+def step_with(model, batch, micro_batch_size: int, zero_stage: int, chunked: bool = False):
     """One optimizer step through the worker's train_step; returns (summed token loss, weight change)."""
     import deepspeed
 
@@ -57,7 +57,7 @@ def step_with(model, batch, micro_batch_size: int, zero_stage: int):
             "steps_per_print": 2**31 - 1,
         },
     )
-    loss_sum, _ = train_step(engine, batch, torch.device("cpu"), world_size=1, clip=None)
+    loss_sum, _ = train_step(engine, batch, torch.device("cpu"), world_size=1, clip=None, chunked=chunked)
     assert engine.global_steps == 1  # one optimizer step, after all micro batches
     return loss_sum.item(), {k: before[k] - v.detach() for k, v in engine.module.named_parameters()}
 
@@ -84,8 +84,10 @@ def test_accumulated_micro_batches_match_one_big_batch(one_rank, tiny_model_dir,
     gradients = {k: p.grad for k, p in reference.named_parameters()}
 
     one_batch_loss, one_batch_change = step_with(model, batches[4], micro_batch_size=4, zero_stage=0)
-    for zero_stage in (0, 2):
-        accumulated_loss, accumulated_change = step_with(model, batches[1], micro_batch_size=1, zero_stage=zero_stage)
+    # Both loss paths: the model's full logits, and the LM head's loss in chunks (the worker's default).
+    for zero_stage, chunked in ((0, False), (2, False), (0, True), (2, True)):
+        accumulated_loss, accumulated_change = step_with(model, batches[1], micro_batch_size=1, zero_stage=zero_stage,
+                                                         chunked=chunked)
         assert accumulated_loss == pytest.approx(one_batch_loss, rel=1e-5) == pytest.approx(loss.item(), rel=1e-5)
         for name, gradient in gradients.items():
             torch.testing.assert_close(accumulated_change[name], gradient, rtol=1e-4, atol=1e-7)
@@ -197,11 +199,28 @@ def test_steps_run_in_train_mode_and_eval_and_generation_in_eval_mode(one_rank, 
     cpu = torch.device("cpu")
 
     engine.train()  # as the worker does before its loop
-    train_step(engine, batch, cpu, world_size=1, clip=1.0)
+    train_step(engine, batch, cpu, world_size=1, clip=1.0, chunked=True)
     assert modes == [True, True]
     modes.clear()
-    evaluate(engine, data, micro_batch_size=1, rank=0, world_size=1, device=cpu)
+    evaluate(engine, data, micro_batch_size=1, rank=0, world_size=1, device=cpu, chunked=True)
     assert modes == [False, False] and engine.training and engine.module.training  # back to training
     modes.clear()
     answer(engine, AutoTokenizer.from_pretrained(tiny_model_dir), ["Hi"], seed=0, device=cpu, synced=False)
     assert modes and not any(modes) and engine.training and engine.module.training
+
+
+def test_the_chunked_loss_is_used_only_where_it_computes_the_models_own_logits(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    from tasks.training.worker import chunked_loss_applies
+
+    llama = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert chunked_loss_applies(llama, zero_stage=2)
+    assert not chunked_loss_applies(llama, zero_stage=3)  # the head's weight is partitioned over the ranks
+    assert chunked_loss_applies(get_peft_model(copy.deepcopy(llama), LoraConfig(r=4, target_modules="all-linear")), 0)
+    # An adapter on the head itself: its output is no longer hidden @ weight.T.
+    assert not chunked_loss_applies(get_peft_model(llama, LoraConfig(r=4, target_modules=["lm_head"])), 0)
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    assert not chunked_loss_applies(gemma2, zero_stage=0)  # logits soft-capped after the head

@@ -12,7 +12,7 @@ a good share of a chat row.
 
 import torch
 
-IGNORE = -100  # cross_entropy's default ignore_index; the label of positions without loss in prepared rows
+from tasks.training.data import IGNORE
 DEFAULT_CHUNK_ROWS = 1024  # 1024 x 128256 fp32 logits: 0.5 GiB, a matmul big enough to keep a GPU busy
 
 

@@ -44,6 +44,7 @@ class TrainSpec:
     zero_stage: int = 0
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and step on the CPU (zero_stage 1-3)
     processes: int = 1  # ranks on this machine: above 1 the train task starts the worker with the deepspeed launcher
+    chunked_loss: bool = True  # the LM head's loss a chunk of rows at a time where it computes the same (see worker)
     gradient_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     attention_dropout: float = 0.0  # set on the model's config (models whose config has attention_dropout)
     hidden_dropout: float = 0.0  # on the embeddings and on each attention and MLP output, before the residual add
@@ -173,6 +174,8 @@ class TrainSpec:
                 )
         if not isinstance(self.eval_prompts, list) or not all(isinstance(p, str) and p for p in self.eval_prompts):
             raise InvalidInputError(f"eval_prompts must be a list of non-empty strings, got {self.eval_prompts!r}")
+        if not isinstance(self.chunked_loss, bool):
+            raise InvalidInputError(f"chunked_loss must be true or false, got {self.chunked_loss!r}")
         if not isinstance(self.resume, bool):
             raise InvalidInputError(f"resume must be true or false, got {self.resume!r}")
         if self.peft is not None and self.peft not in PEFT_METHODS:

@@ -35,6 +35,7 @@ from tasks.training.checkpoints import (
     prune,
     save_huggingface,
 )
+from tasks.training.chunked_loss import chunked_cross_entropy
 from tasks.training.data import IGNORE, MicroBatch, PackedRows, Prefetcher, StepBatch, eval_batches, step_batches
 from tasks.training.dropout import add_dropouts
 from tasks.training.protocol import emit
@@ -108,6 +109,7 @@ def train(spec: TrainSpec) -> None:
         data.context_length,
     )
     peak_flops = spec.peak_flops or (H100_BF16_FLOPS if cuda else None)  # CPU: no meaningful peak, no MFU
+    chunked = spec.chunked_loss and chunked_loss_applies(model, spec.zero_stage)
     model.to(device)
     optimizer = build_optimizer(model, spec, cuda)  # the learning rate is set every step below
     # DeepSpeed reports the grad norm only from its ZeRO and mixed-precision optimizers; in plain fp32
@@ -164,7 +166,7 @@ def train(spec: TrainSpec) -> None:
             f"process(es) on {device.type}{' bf16' if bf16 else ''}, ZeRO {spec.zero_stage}, "
             f"{spec.micro_batch_size} rows x {grad_accum} accumulation steps per rank, starting at step {step}; "
             f"training {trainable_params:,} of {total_params:,} parameters"
-            f"{f' (LoRA rank {spec.lora_rank})' if spec.peft else ''}",
+            f"{f' (LoRA rank {spec.lora_rank})' if spec.peft else ''}; {'chunked' if chunked else 'full-logits'} loss",
             flush=True,
         )
         emit(
@@ -262,7 +264,9 @@ def train(spec: TrainSpec) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # LoRA+: the B matrices' groups learn faster
         batch = next(batches)
-        loss_sum, grad_norm = train_step(engine, batch, device, world_size, spec.gradient_clip if clip_here else None)
+        loss_sum, grad_norm = train_step(
+            engine, batch, device, world_size, spec.gradient_clip if clip_here else None, chunked
+        )
         window_loss += loss_sum
         window_tokens += batch.loss_tokens
         window_steps += 1
@@ -285,7 +289,9 @@ def train(spec: TrainSpec) -> None:
         if checkpoint_now or eval_now:
             pause_start = time.time()
             if eval_now:  # before the checkpoint, so that its early-stopping state counts this eval
-                eval_loss, eval_tokens = evaluate(engine, eval_data, spec.micro_batch_size, rank, world_size, device)
+                eval_loss, eval_tokens = evaluate(
+                    engine, eval_data, spec.micro_batch_size, rank, world_size, device, chunked
+                )
                 watch.update(eval_loss, step, spec.early_stopping_min_delta)
                 if master:
                     emit("eval", batch=step, loss=eval_loss, tokens=eval_tokens)
@@ -408,30 +414,61 @@ class EvalWatch:
         )
 
 
-def train_step(engine, batch: StepBatch, device: torch.device, world_size: int, clip: float | None):
+def train_step(engine, batch: StepBatch, device: torch.device, world_size: int, clip: float | None, chunked: bool):
     """One optimizer step over this rank's micro batches; returns its summed token loss and the grad norm.
 
     The loss is the mean over all loss tokens of the global batch (every micro batch, every rank), so each
     token weighs the same however tokens fall into micro batches: each micro batch's summed token loss is
     divided by the global count. DeepSpeed averages gradients over ranks, so multiply by world_size to get
     their sum, and scale_wrt_gas=False stops it dividing by the accumulation steps as well.
-    `clip` is set when we clip ourselves (see train); the loss stays on the device.
+    `clip` is set when we clip ourselves (see train); `chunked` picks token_loss's path; the loss stays on the device.
     """
     loss_sum = torch.zeros((), device=device)
     grad_norm = None
     last = len(batch.micro_batches) - 1
     for i, micro_batch in enumerate(batch.micro_batches):
-        micro_batch = micro_batch.to(device)
-        token_loss = F.cross_entropy(
-            logits_of(engine, micro_batch).flatten(0, 1), micro_batch.targets.flatten(), ignore_index=IGNORE,
-            reduction="sum",
-        )
-        engine.backward(token_loss * (world_size / max(1, batch.loss_tokens)), scale_wrt_gas=False)
+        loss = token_loss(engine, micro_batch.to(device), chunked)
+        engine.backward(loss * (world_size / max(1, batch.loss_tokens)), scale_wrt_gas=False)
         if clip is not None and i == last:  # the last backward has reduced the gradients across ranks
             grad_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip or math.inf)
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-        loss_sum += token_loss.detach()
+        loss_sum += loss.detach()
     return loss_sum, grad_norm if clip is not None else engine.get_global_grad_norm()
+
+
+def token_loss(engine, micro_batch: MicroBatch, chunked: bool) -> torch.Tensor:
+    """The summed cross-entropy (fp32) over a micro batch's loss tokens, each packed document attending to itself.
+
+    chunked: the decoder's hidden states meet the LM head a chunk of rows at a time (chunked_loss.py), so the
+    [tokens, vocabulary] logits are never held, and rows without loss skip the head; else the model's own logits,
+    upcast. The two agree to float rounding; chunked needs what chunked_loss_applies checks.
+    """
+    targets = micro_batch.targets.flatten()
+    if not chunked:
+        return F.cross_entropy(logits_of(engine, micro_batch).flatten(0, 1), targets, ignore_index=IGNORE,
+                               reduction="sum")
+    causal_lm = causal_lm_of(engine.module)
+    hidden = causal_lm.get_decoder()(
+        input_ids=micro_batch.input_ids, position_ids=micro_batch.position_ids, use_cache=False
+    ).last_hidden_state
+    return chunked_cross_entropy(hidden.flatten(0, 1), causal_lm.get_output_embeddings().weight, targets)
+
+
+def causal_lm_of(module: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (adapters included), or the module itself."""
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
+def chunked_loss_applies(model: torch.nn.Module, zero_stage: int) -> bool:
+    """Whether the model's logits are exactly its LM head applied to the decoder's output, so the chunked loss
+    computes the same thing; and the head's weight is whole on this rank (ZeRO-3 partitions it)."""
+    causal_lm = causal_lm_of(model)
+    head = causal_lm.get_output_embeddings()
+    rescaled = any(getattr(causal_lm.config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return (
+        zero_stage < 3 and type(head) is torch.nn.Linear and head.bias is None and not rescaled
+        and callable(getattr(causal_lm, "get_decoder", None))
+    )
 
 
 def logits_of(model, micro_batch: MicroBatch) -> torch.Tensor:
@@ -527,17 +564,15 @@ def build_optimizer(model: torch.nn.Module, spec: TrainSpec, cuda: bool) -> torc
 
 
 @torch.no_grad()
-def evaluate(engine, data: PackedRows, micro_batch_size: int, rank: int, world_size: int, device: torch.device):
+def evaluate(engine, data: PackedRows, micro_batch_size: int, rank: int, world_size: int, device: torch.device,
+             chunked: bool):
     """Mean token loss over all eval rows (and their loss-token count), the same on every rank."""
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, loss tokens
     for micro_batch in eval_batches(data, micro_batch_size, rank, world_size):
         micro_batch = micro_batch.to(device)
-        targets = micro_batch.targets.flatten()
-        totals[0] += F.cross_entropy(
-            logits_of(engine, micro_batch).flatten(0, 1), targets, ignore_index=IGNORE, reduction="sum"
-        )
-        totals[1] += (targets != IGNORE).sum()
+        totals[0] += token_loss(engine, micro_batch, chunked)
+        totals[1] += (micro_batch.targets != IGNORE).sum()
     if world_size > 1:
         dist.all_reduce(totals)
     engine.train()
