@@ -11,9 +11,8 @@ from urllib.parse import unquote, urlparse
 import mlflow
 
 from tasks.errors import InvalidInputError
-from tasks.upload_checkpoints import LATEST
+from tasks.training.checkpoint_names import LATEST, MODEL_STATES
 
-MODEL_STATES = "mp_rank_00_model_states.pt"  # in every DeepSpeed checkpoint folder, whatever its ZeRO stage
 HOW = "pass a checkpoint as get_checkpoints() returns it (an ep*-ba* folder) or a run's " + LATEST
 
 
@@ -24,15 +23,15 @@ def check_custom_weights(uri: str) -> None:
         if not local.exists():
             raise InvalidInputError(f"custom_weights_path {uri} does not exist: {HOW}")
         folder = _follow_local(local)
-        if not (folder / MODEL_STATES).is_file():
-            raise InvalidInputError(f"custom_weights_path {uri} is not a DeepSpeed checkpoint (no {MODEL_STATES}): {HOW}")
+        if not any((folder / name).is_file() for name in MODEL_STATES):
+            raise InvalidInputError(f"custom_weights_path {uri} is not a DeepSpeed checkpoint (no {MODEL_STATES[0]}): {HOW}")
         return
     try:
         entries = mlflow.artifacts.list_artifacts(artifact_uri=uri.rstrip("/"))
     except Exception as e:  # any store's error: missing bucket, no credentials, unknown scheme
         raise InvalidInputError(f"custom_weights_path {uri} cannot be read: {e}") from e
     if not uri.rstrip("/").endswith(LATEST) and not any(e.path.endswith(MODEL_STATES) for e in entries):
-        raise InvalidInputError(f"custom_weights_path {uri} holds no DeepSpeed checkpoint (no {MODEL_STATES}): {HOW}")
+        raise InvalidInputError(f"custom_weights_path {uri} holds no DeepSpeed checkpoint (no {MODEL_STATES[0]}): {HOW}")
 
 
 def fetch_custom_weights(uri: str, dest: Path) -> Path:

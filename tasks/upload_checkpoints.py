@@ -6,9 +6,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import TesseraError
+from tasks.training.checkpoint_names import LATEST
 from tasks.tracking import client
 
-LATEST = "latest-sharded-rank0.symlink"
 
 
 def artifact_dir(run_name: str) -> str:

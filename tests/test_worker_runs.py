@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from tasks.train import worker_command
 from tasks.training.checkpoints import LATEST, load_weights
@@ -105,9 +106,12 @@ def runs(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def launched(runs):
-    """The "full" run's training on 2 processes through the deepspeed launcher, as ZeRO-2 with the optimizer
-    offloaded: 1 micro batch of 2 rows per rank per step instead of 2 accumulated on one."""
-    spec = TrainSpec(run_name="launched", output_dir=runs.folder / "launched", processes=2, zero_stage=2,
+    """The "full" run's training on 2 processes through the deepspeed launcher, as ZeRO-3 (weights, gradients and
+    optimizer states partitioned) with the optimizer offloaded: 1 micro batch of 2 rows per rank per step instead
+    of 2 accumulated on one. The full run has eval data and a prompt, so this one too: ZeRO-3 evaluates, exports
+    and generates with the weights spread over the ranks."""
+    spec = TrainSpec(run_name="launched", output_dir=runs.folder / "launched", processes=2, zero_stage=3,
+                     eval_data_dir=runs.full.eval_data_dir, eval_prompts=runs.full.eval_prompts,
                      offload_optimizer=True, **runs.settings)
     worker = Worker(spec, runs.folder, "launched")
     worker.kill_when(lambda m: m["kind"] == "started", kill=False)
@@ -203,18 +207,24 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_completes(runs):
 
 def test_two_processes_through_the_launcher_train_like_one_with_accumulation(runs, launched):
     lines = launched.lines
-    assert "2 process(es) on cpu, ZeRO 2" in launched.stdout
+    assert "2 process(es) on cpu, ZeRO 3" in launched.stdout and "full-logits loss" in launched.stdout
     assert [m["kind"] for m in lines].count("started") == 1  # rank 0 alone reports
     # Loss and gradient are means over all loss tokens of the global batch, however they are split over ranks
-    # and micro batches; the offloaded ZeRO-2 optimizer steps as the plain one does.
+    # and micro batches; the offloaded ZeRO-3 optimizer steps as the plain one does, and the full logits' loss
+    # (the chunked one needs the whole LM head on each rank) equals the chunked one of the 1-process run.
     expected = losses(runs.full_lines)
     assert list(losses(lines)) == list(expected)
     for batch, loss in losses(lines).items():
         assert loss == pytest.approx(expected[batch], rel=1e-5), batch
+    evals = [m["loss"] for m in lines if m["kind"] == "eval"]
+    assert evals == pytest.approx([m["loss"] for m in runs.full_lines if m["kind"] == "eval"], rel=1e-5)
+    assert [m["batch"] for m in lines if m["kind"] == "generations"] == [0, 4, 8]
+    exported = AutoModelForCausalLM.from_pretrained(launched.spec.output_dir / "huggingface/ba8").state_dict()
+    for name, tensor in load_weights(launched.spec.output_dir / LATEST).items():  # the ranks' shards, merged
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
     assert [m["tag"] for m in lines if m["kind"] == "checkpoint"] == ["ep1-ba4", "ep2-ba8"]
-    assert sorted(p.name for p in (launched.spec.output_dir / "ep2-ba8").glob("zero_pp_rank_*")) == [
+    assert sorted(p.name for p in (launched.spec.output_dir / "ep2-ba8").glob("*_optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    assert load_weights(launched.spec.output_dir / LATEST)  # init_from merges the ranks' shards
     # ps shows which run every process belongs to: the launcher's, its child's and both ranks'.
     workers = [c for c in launched.commands if "tasks.training.worker" in c]
     assert len(workers) >= 3 and all("--run-name launched" in c for c in workers), launched.commands

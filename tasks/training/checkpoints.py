@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from tasks.errors import InvalidInputError
+from tasks.training.checkpoint_names import LATEST, MODEL_STATES
 
-LATEST = "latest-sharded-rank0.symlink"
 TAG = re.compile(r"ep(\d+)-ba(\d+)")
 EXPORT = re.compile(r"ba(\d+)")
 DELETING = ".deleting"  # a folder renamed to .{name}.deleting is on its way out
@@ -153,10 +153,10 @@ def load_weights(source: Path) -> dict[str, torch.Tensor]:
     A LoRA run's checkpoint holds the base weights and the adapters: they come back merged, as the run's export.
     """
     folder = source.resolve()
-    model_states = folder / "mp_rank_00_model_states.pt"
-    if not model_states.is_file():
+    model_states = next((folder / name for name in MODEL_STATES if (folder / name).is_file()), None)
+    if model_states is None:
         raise InvalidInputError(
-            f"init_from {source} is not a DeepSpeed checkpoint folder (no mp_rank_00_model_states.pt): "
+            f"init_from {source} is not a DeepSpeed checkpoint folder (no {' or '.join(MODEL_STATES)}): "
             f"pass an ep*-ba* folder or a {LATEST}"
         )
     states = torch.load(model_states, map_location="cpu", mmap=True, weights_only=False)
