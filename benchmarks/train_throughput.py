@@ -428,7 +428,11 @@ def with_mfu(result: Result, model_dir: Path, context_length: int) -> Result:
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):  # counts parameters without allocating them
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    flops = result.tokens_per_s * flops_per_token(params, config.num_hidden_layers, config.hidden_size, context_length)
+    # 6N + 12LdT for every system and method, as the issue defines MFU (trainable = all: a LoRA row's MFU counts
+    # weight gradients it does not compute, so it compares systems, not LoRA with full fine-tuning).
+    flops = result.tokens_per_s * flops_per_token(
+        params, params, config.num_hidden_layers, config.hidden_size, context_length
+    )
     result.mfu, result.mfu_of_ceiling = flops / H100_BF16_FLOPS, flops / MATMUL_CEILING_FLOPS
     return result
 
