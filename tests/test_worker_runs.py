@@ -258,10 +258,12 @@ def test_recipe_settings_reach_the_optimizer_the_schedule_the_evals_and_the_mode
     assert all((tuple(g["betas"]), g["eps"]) == ((0.8, 0.99), 1e-6) for g in groups)
 
 
-def test_a_bad_input_fails_with_the_reason_last_on_stderr(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])  # 2: the launcher passes the rank's exit code and last words on
+def test_a_bad_input_fails_with_the_reason_last_on_stderr(tiny_model_dir, tmp_path, processes):
     empty = tmp_path / "empty"
     empty.mkdir()
-    spec = TrainSpec(run_name="bad", model_dir=tiny_model_dir, data_dir=empty, output_dir=tmp_path / "out")
+    spec = TrainSpec(run_name="bad", model_dir=tiny_model_dir, data_dir=empty, output_dir=tmp_path / "out",
+                     processes=processes)
     worker = Worker(spec, tmp_path, "bad")
     assert worker.finish(returncode=2) == []
     assert worker.stderr.read_text().strip().splitlines()[-1] == (
