@@ -41,6 +41,7 @@ from transformers import TrainerCallback
 from tasks.data.pack import RowBlock, pack_best_fit
 from tasks.data.tokenize import IGNORE, Example
 from tasks.home import cache_dir
+from tasks.recipe import configure
 from tasks.train import worker_command
 from tasks.training import protocol
 from tasks.training.data import epoch_order
@@ -243,16 +244,22 @@ def save_documents(docs: list[Example], path: Path) -> None:
 def run_tessera(setup: Setup, rows: RowBlock) -> Result:
     """Tessera: the train task's own worker command on a TrainSpec, timed from its progress lines."""
     work = Path(setup.work_dir)
-    spec = TrainSpec(
-        run_name="bench", model_dir=Path(setup.model_dir), data_dir=work / "rows", output_dir=work / "tessera-out",
-        duration_value=setup.total_steps, duration_unit="ba", learning_rate=LEARNING_RATE, schedule="constant",
-        micro_batch_size=setup.micro_batch_rows, global_batch_size=setup.batch_rows, seed=SEED,
-        loss_spike_factor=None,  # random data: only a non-finite loss may stop the measurement
-        peft="lora" if setup.method == "lora" else None, lora_rank=LORA["r"], lora_alpha=LORA["lora_alpha"],
-        lora_target_modules=LORA["target_modules"], zero_stage=setup.zero_stage,
-        offload_optimizer=setup.offload_optimizer,
+    lora = {"model.peft.peft_scheme": "lora", "model.peft.lora_tuning.rank": LORA["r"],
+            "model.peft.lora_tuning.alpha": LORA["lora_alpha"],
+            "model.peft.lora_tuning.target_modules": LORA["target_modules"]} if setup.method == "lora" else {}
+    config = configure(
+        shorthands=dict(model=setup.model_dir, train_data_path=str(work / "rows"), register_to="bench.tessera",
+                        training_duration=f"{setup.total_steps}ba", learning_rate=LEARNING_RATE,
+                        context_length=setup.context_length),
+        overrides={f"training_config.{path}": value for path, value in {
+            "micro_batch_size": setup.micro_batch_rows, "global_batch_size": setup.batch_rows, "seed": SEED,
+            "model.optim.sched.name": "constant", "model.optim.sched.warmup_steps": 1,  # 1: the peak from step 0
+            "deepspeed.zero_stage": setup.zero_stage, "deepspeed.offload_optimizer": setup.offload_optimizer,
+            **lora}.items()},
     )
-    spec.to_json(work / "spec.json")
+    spec = TrainSpec.build("bench", config, Path(setup.model_dir), work / "rows", work / "tessera-out",
+                           loss_spike_factor=None)  # random data: only a non-finite loss may stop the measurement
+    spec.save(work / "spec.json")
     # The worker counts every position of its rows; the useful tokens are the real ones in the rows it reads at
     # each step, which follow from its own row order.
     order = epoch_order(len(rows.num_tokens), SEED, 0)

@@ -3,6 +3,7 @@
 import sys
 from typing import Annotated, Literal
 
+import yaml
 from cyclopts import App, Parameter
 from rich.markup import escape
 from rich.table import Table
@@ -11,7 +12,7 @@ from flows import foundation_model as fm
 from flows import services
 from flows.console import console, data_summary, follow, runs_table
 from tasks.data.validation import DEFAULT_MODEL
-from tasks.errors import TesseraError
+from tasks.errors import InvalidInputError, TesseraError
 
 app = App(name="tessera", help="Self-hosted fine-tuning of foundation language models.")
 server = App(name="server", help="The embedded Prefect server, runner and MLflow UI.")
@@ -34,6 +35,7 @@ def create(
     custom_weights_path: str | None = None,
     experiment_path: str | None = None,
     allow_percentage_invalid_samples: float | None = None,
+    settings: Annotated[list[str] | None, Parameter(name="--set")] = None,
     follow_events: Annotated[bool, Parameter(name="--follow")] = False,
 ):
     """Start a fine-tuning run (from arguments, a recipe, or both); with --follow, stream its events until it ends.
@@ -53,18 +55,35 @@ def create(
         e.g. 3ep, 200ba, 1_000_000tok (default 1ep)
     allow_percentage_invalid_samples
         skip invalid records up to this percentage of the data (default 0: any fails)
+    settings
+        PATH=VALUE: any setting by its path in the recipe, e.g. --set training_config.trainer.max_steps=40
+        (the value is read as YAML); repeatable
     """
     run = fm.create(
         model, train_data_path, register_to, task_type=task_type, training_duration=training_duration,
         learning_rate=learning_rate, context_length=context_length, eval_data_path=eval_data_path,
         eval_prompts=eval_prompts, custom_weights_path=custom_weights_path, experiment_path=experiment_path,
         allow_percentage_invalid_samples=allow_percentage_invalid_samples, recipe=recipe,
+        overrides=dict(map(_path_value, settings or [])),
     )
     console.print(f"created [bold]{run.name}[/bold] ({run.status.display_name}); follow it with "
                   f"`tessera events {run.name} --follow`")
     if follow_events:
         last = follow(run)
         return 0 if last is not None and last.type == "COMPLETED" else 1
+
+
+def _path_value(setting: str) -> tuple[str, object]:
+    """`training_config.trainer.max_steps=40` -> ("training_config.trainer.max_steps", 40), the value read as YAML."""
+    path, sep, value = setting.partition("=")
+    if not sep or not path.strip():
+        raise InvalidInputError(
+            f"--set {setting!r} is not PATH=VALUE: write e.g. --set training_config.trainer.max_steps=40"
+        )
+    try:
+        return path.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise InvalidInputError(f"--set {setting!r}: the value is not valid YAML: {e}") from None
 
 
 @app.command
@@ -105,12 +124,15 @@ def validate(
 
 @app.command
 def get(name: str):
-    """Show one run."""
+    """Show one run, and its config as a recipe (which `tessera create --recipe` runs again)."""
     run = fm.get(name)
     table = Table(show_header=False)
     for key, value in run.__dict__.items():
-        table.add_row(key, str(value))
+        if key != "config":
+            table.add_row(key, str(value))
     console.print(table)
+    if run.config is not None:
+        console.print(escape(yaml.safe_dump(run.config.to_recipe(), sort_keys=False)), end="")
 
 
 @app.command(name="list")

@@ -1,22 +1,16 @@
 """One fine-tuning run as a Prefect flow: the six steps in plain order, and hooks for the ways it can end."""
 
-from dataclasses import asdict, fields
-from pathlib import Path
-
 from prefect import flow, get_client
 from prefect.runtime import flow_run as current_flow_run
 
-from tasks.config import RunConfig, run_name_for
-from tasks.data.prepare import PreparedDataset
+from tasks.config import RunConfig, TaskType, run_name_for
 from tasks.events import RunEvent, emit, flush
 from tasks.init_model import init_model
-from tasks.models import resolve_model
+from tasks.recipe import SHORTHANDS, configure
 from tasks.register_model import register_model
 from tasks.run_record import RunRecord, current_user
 from tasks.tracking import client, start_run
-from tasks.train import kill_worker, processes_for, train
-from tasks.training.schedule import plan_duration
-from tasks.training.spec import TrainSpec
+from tasks.train import kill_worker, train
 from tasks.upload_checkpoints import upload_checkpoints
 from tasks.validate_data import validate_data
 from tasks.validate_paths import validate_paths
@@ -32,7 +26,7 @@ def _end(flow_run, kind: RunEvent, mlflow_status: str, message: str) -> None:
     record = _record(flow_run)
     if record is None:  # it never got as far as naming itself
         return
-    if kill_worker(record.dir):
+    if kill_worker(record):
         message += "; the training worker was stopped, checkpoints and logs are kept in " + str(record.dir)
     emit(record.name, kind, message, flow_run_id=str(flow_run.id))
     flush()
@@ -53,133 +47,66 @@ def on_failure(flow, flow_run, state) -> None:
     _end(flow_run, RunEvent.FAILED, "FAILED", reason)
 
 
-CONFIG_FIELDS = [f.name for f in fields(RunConfig)]
-
-
-@flow(
-    name="finetune",
-    on_cancellation=[on_cancellation],
-    on_crashed=[on_crashed],
-    on_failure=[on_failure],
-)
+# Parameters arrive as JSON and are checked by `configure`, which words errors as the user wrote the setting;
+# the Prefect server and UI check them against the schema of these types before a run is created.
+@flow(name="finetune", validate_parameters=False, on_cancellation=[on_cancellation], on_crashed=[on_crashed],
+      on_failure=[on_failure])
 def finetune(
-    model: str,
-    train_data_path: str,
-    register_to: str,
-    task_type: str = "CHAT_COMPLETION",
-    experiment_path: str = "",
+    config: RunConfig | None = None,
+    model: str | None = None,
+    train_data_path: str | None = None,
+    register_to: str | None = None,
+    task_type: TaskType | None = None,
+    training_duration: str | None = None,
+    learning_rate: float | None = None,
+    context_length: int | None = None,
     eval_data_path: str | None = None,
     eval_prompts: list[str] | None = None,
     custom_weights_path: str | None = None,
-    training_duration: str | None = "1ep",
-    learning_rate: float | None = 5e-5,
-    context_length: int | None = None,
-    allow_percentage_invalid_samples: float = 0.0,
-    micro_batch_size: int = 4,
-    global_batch_size: int = 8,
-    warmup_steps: int | None = None,
-    lr_schedule: str = "cosine",
-    min_lr: float | None = None,
-    constant_steps: int = 0,
-    weight_decay: float = 0.0,
-    adam_betas: list[float] | None = None,
-    adam_eps: float = 1e-8,
-    gradient_clip: float = 1.0,
-    attention_dropout: float = 0.0,
-    hidden_dropout: float = 0.0,
-    ffn_dropout: float = 0.0,
-    eval_every_n_steps: int | None = None,
-    save_every_n_steps: int | None = None,
-    save_top_k: int | None = None,
-    early_stopping_patience: int | None = None,
-    early_stopping_min_delta: float = 0.0,
-    log_every_n_steps: int = 1,
-    peft_scheme: str | None = None,
-    lora_rank: int = 16,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.0,
-    lora_target_modules: list[str] | str = "all-linear",
-    loraplus_lr_ratio: float = 0.0,
-    zero_stage: int = 0,
-    offload_optimizer: bool = False,
-    processes: int | None = None,
-    seed: int = 17,
+    experiment_path: str | None = None,
+    allow_percentage_invalid_samples: float | None = None,
     run_name: str | None = None,
     mlflow_run_id: str | None = None,
 ) -> dict:
-    """Fine-tune `model` on `train_data_path` and register the result at `register_to`."""
-    arguments = locals()  # every parameter but the last two is a RunConfig field of the same name
-    config = RunConfig(**{name: arguments[name] for name in CONFIG_FIELDS if arguments[name] is not None})
+    """Fine-tune a model on a data set and register the result.
+
+    Args:
+        config: The whole run, laid out as a recipe (run, training_config).
+        model: The anchor's create() arguments, from model to allow_percentage_invalid_samples: each sets its
+            setting in config (the README's table), or they make the whole config without one.
+        run_name: Set by create(); empty, the run names itself.
+        mlflow_run_id: Set by create(); empty, the run starts its own MLflow run.
+    """
+    config = configure(config, shorthands={k: v for k, v in locals().items() if k in SHORTHANDS}, called="config")
     record = _name_run(config, run_name, mlflow_run_id)
-    name, mlflow_id = record.name, record.mlflow_run_id
-    emit(name, RunEvent.STARTED, f"run {name} started")
+    emit(record.name, RunEvent.STARTED, f"run {record.name} started")
 
-    config = validate_paths(config)
-    model_dir = resolve_model(config.model)  # the tokenizer, for data preparation; weights converted once
-    train_rows = validate_data(name, config.train_data_path, str(model_dir), config.task_type,
-                               config.context_length, mlflow_id, config.allow_percentage_invalid_samples,
-                               config.training_duration, config.global_batch_size)
-    eval_rows = (
-        validate_data(name, config.eval_data_path, str(model_dir), config.task_type, config.context_length,
-                      mlflow_id, config.allow_percentage_invalid_samples, split="eval")
-        if config.eval_data_path else None
-    )
-    model_dir, init_from = init_model(name, config.model, mlflow_id, config.custom_weights_path)
-    rows = PreparedDataset.load(Path(train_rows))
-    plan = plan_duration(config.duration.value, config.duration.unit, rows.num_rows, rows.context_length,
-                         config.global_batch_size)
-    spec = TrainSpec(
-        run_name=name, model_dir=model_dir, data_dir=train_rows, eval_data_dir=eval_rows,
-        output_dir=str(record.dir / "checkpoints"), duration_value=config.duration.value,
-        duration_unit=config.duration.unit, learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps if config.warmup_steps is not None else default_warmup(plan.total_batches),
-        schedule=config.lr_schedule, min_lr=config.min_lr, constant_steps=config.constant_steps,
-        weight_decay=config.weight_decay, betas=tuple(config.adam_betas), eps=config.adam_eps,
-        gradient_clip=config.gradient_clip, attention_dropout=config.attention_dropout,
-        hidden_dropout=config.hidden_dropout, ffn_dropout=config.ffn_dropout,
-        eval_every_n_batches=config.eval_every_n_steps, save_every_n_batches=config.save_every_n_steps,
-        save_top_k=config.save_top_k, early_stopping_patience=config.early_stopping_patience,
-        early_stopping_min_delta=config.early_stopping_min_delta,
-        peft=config.peft_scheme, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout, lora_target_modules=config.lora_target_modules,
-        loraplus_lr_ratio=config.loraplus_lr_ratio or 1.0,  # Nova's 0 means off: the B matrices' rate x 1
-        log_every_n_batches=config.log_every_n_steps, micro_batch_size=config.micro_batch_size,
-        global_batch_size=config.global_batch_size, seed=config.seed, zero_stage=config.zero_stage,
-        offload_optimizer=config.offload_optimizer, processes=processes_for(config.processes),
-        eval_prompts=config.eval_prompts or [], init_from=init_from,
-        resume=True,  # a retry of the train task continues from the latest checkpoint
-    )
-    spec_path = record.dir / "spec.json"
-    spec.to_json(spec_path)
-    hf_dir = train(str(spec_path), mlflow_id, config.duration.unit)
-    upload_checkpoints(name, spec.output_dir, mlflow_id)
-    registered = config.registered_model_name(name)
-    version = register_model(hf_dir, registered, mlflow_id, tags={
-        "tessera.run_name": name, "tessera.base_model": config.model, "tessera.task_type": config.task_type,
-        "mlflow_run_id": mlflow_id,
-    })
-    client().set_terminated(mlflow_id, "FINISHED")
-    emit(name, RunEvent.COMPLETED, f"run {name} completed: registered {registered} version {version}",
+    config = validate_paths(record, config)
+    train_rows = validate_data(record, config, "train")
+    eval_rows = validate_data(record, config, "eval") if config.run.eval_data_path else None
+    model_dir, init_from = init_model(record, config)
+    hf_dir = train(record, config, model_dir, train_rows, eval_rows, init_from)
+    upload_checkpoints(record)
+    version = register_model(record, config, hf_dir)
+
+    registered = config.registered_model_name(record.name)
+    client().set_terminated(record.mlflow_run_id, "FINISHED")
+    emit(record.name, RunEvent.COMPLETED, f"run {record.name} completed: registered {registered} version {version}",
          registered_model=registered, version=version)
-    return {"run_name": name, "registered_model": registered, "version": version}
-
-
-def default_warmup(total_batches: int) -> int:
-    """10% of the run, within Nova's 1-20 steps."""
-    return min(20, max(1, total_batches // 10))
+    return {"run_name": record.name, "registered_model": registered, "version": version}
 
 
 def _name_run(config: RunConfig, run_name: str | None, mlflow_run_id: str | None) -> RunRecord:
     """The run's record; a run started straight from the deployment gets its name and MLflow run here."""
     flow_run_id = str(current_flow_run.id)
     if run_name is None:
-        run_name = run_name_for(config.model, config.task_type)
+        run_name = run_name_for(config.run.model_name_or_path, config.run.task_type)
         with get_client(sync_client=True) as prefect:
             prefect.update_flow_run(flow_run_id, name=run_name)
         emit(run_name, RunEvent.CREATED, f"run {run_name} created from its deployment")
-    experiment_path = config.experiment_path or f"/Users/{current_user()}/{run_name}"
     if mlflow_run_id is None:
-        experiment_id, mlflow_run_id = start_run(asdict(config), run_name, experiment_path, current_user())
+        experiment_path = config.run.experiment_path or f"/Users/{current_user()}/{run_name}"
+        experiment_id, mlflow_run_id = start_run(config.params(), run_name, experiment_path, current_user())
     else:
         experiment_id = client().get_run(mlflow_run_id).info.experiment_id
     record = RunRecord(run_name, flow_run_id, experiment_id, mlflow_run_id)

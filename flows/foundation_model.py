@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
+from typing import Any
 
 from prefect import get_client
 from prefect.client.schemas.filters import (
@@ -33,13 +34,14 @@ from flows import services
 from tasks.config import RunConfig, run_name_for
 from tasks.data.validation import DataValidation, validate_data  # noqa: F401  (public API)
 from tasks.errors import InvalidInputError, RunNotFoundError, TooManyActiveRunsError
-from tasks.recipe import config_error, load_recipe
 from tasks.events import RunEvent, emit, flush, resource_id
 from tasks.models import ModelInfo
 from tasks.models import get_models as _catalog
+from tasks.recipe import SHORTHANDS, configure
 from tasks.run_record import RunRecord, current_user
 from tasks.tracking import client as mlflow_client
 from tasks.tracking import start_run
+from tasks.training.protocol import seconds_left
 from tasks.upload_checkpoints import artifact_dir
 from tasks.validate_paths import check_paths
 
@@ -47,10 +49,6 @@ RUN_TAG = "tessera"
 PAGE = 200
 FOLLOW_POLL_S = 2.0
 FOLLOW_GRACE_S = 15.0
-
-
-def max_active_runs() -> int:
-    return int(os.environ.get("TESSERA_MAX_ACTIVE_RUNS", "10"))
 
 
 class RunStatus(StrEnum):
@@ -134,6 +132,7 @@ class TrainingRun:
     run_id: str | None
     details: str | None
     flow_run_id: str
+    config: RunConfig | None = field(default=None, repr=False)  # the whole configuration (None: unreadable)
 
     def refresh(self) -> "TrainingRun":
         fresh = get(self)
@@ -163,42 +162,40 @@ def create(
     validate_inputs: bool = True,
     data_prep_cluster_id: str | None = None,
     allow_percentage_invalid_samples: float | None = None,
-    recipe: "str | os.PathLike | dict | None" = None,
+    recipe: "str | os.PathLike | dict | RunConfig | None" = None,
+    overrides: "dict[str, Any] | None" = None,
 ) -> TrainingRun:
     """Submit a fine-tuning run and return at once; it goes on after this process exits.
 
-    `recipe` (a YAML file or a dict laid out like Nova's SFT recipes, see tasks/recipe.py) sets any field,
-    the engine's knobs included; the arguments given here override it."""
+    `recipe` (a YAML file, a dict or a RunConfig, laid out like Nova's SFT recipes: tasks/config.py) sets any
+    setting; `overrides` sets settings by their path (`{"training_config.trainer.max_steps": 40}`); the anchor's
+    arguments set theirs. Arguments and overrides win over the recipe. The config is checked here, before any run
+    exists: an error names the setting as it was given."""
     if data_prep_cluster_id is not None:
         warnings.warn("data_prep_cluster_id is ignored: Tessera prepares data inside the run, no cluster needed",
                       stacklevel=2)
-    given = dict(
-        model=model, train_data_path=train_data_path, register_to=register_to, task_type=task_type,
-        experiment_path=experiment_path, eval_data_path=eval_data_path, eval_prompts=eval_prompts,
-        custom_weights_path=custom_weights_path, training_duration=training_duration,
-        learning_rate=learning_rate, context_length=context_length,
-        allow_percentage_invalid_samples=allow_percentage_invalid_samples,
-    )
-    config = config_from(recipe, {k: v for k, v in given.items() if v is not None})
+    arguments = locals()
+    config = configure(recipe, shorthands={k: arguments[k] for k in SHORTHANDS}, overrides=overrides)
     if validate_inputs:
         config = check_paths(config)
-    name = run_name_for(config.model, config.task_type)
-    config.experiment_path = config.experiment_path or f"/Users/{current_user()}/{name}"
+    name = run_name_for(config.run.model_name_or_path, config.run.task_type)
+    if config.run.experiment_path is None:
+        config = config.replace({"run.experiment_path": f"/Users/{current_user()}/{name}"})
     with services.connected():
         with open(services.services_dir() / "create.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # count and submit as one step: racing creates cannot pass the limit
             with get_client(sync_client=True) as prefect:
                 active = prefect.count_flow_runs(flow_run_filter=_filter(statuses=ACTIVE))
-            if active >= max_active_runs():
+            if active >= services.max_active_runs():
                 raise TooManyActiveRunsError(
-                    f"{active} runs are active, the limit is {max_active_runs()}: cancel one "
+                    f"{active} runs are active, the limit is {services.max_active_runs()}: cancel one "
                     "(fm.cancel(name)) or wait for one to finish, then create again"
                 )
-            experiment_id, mlflow_run_id = start_run(config.to_params(), name, config.experiment_path, current_user())
+            experiment_id, mlflow_run_id = start_run(config.params(), name, config.run.experiment_path, current_user())
             try:
                 flow_run = run_deployment(
                     services.DEPLOYMENT,
-                    parameters={**config.to_params(), "run_name": name, "mlflow_run_id": mlflow_run_id},
+                    parameters={"config": config.to_recipe(), "run_name": name, "mlflow_run_id": mlflow_run_id},
                     flow_run_name=name, timeout=0, as_subflow=False,
                     tags=[RUN_TAG, f"created_by:{current_user()}", f"experiment:{experiment_id}"],
                 )
@@ -208,19 +205,6 @@ def create(
         emit(name, RunEvent.CREATED, f"run {name} created", flow_run_id=str(flow_run.id))
         flush()
         return _training_run(flow_run, include_details=False)
-
-
-def config_from(recipe: "str | os.PathLike | dict | None", arguments: dict) -> RunConfig:
-    """The run's config: the recipe's fields, overridden by the arguments; errors name the recipe key."""
-    loaded = load_recipe(recipe) if recipe is not None else None
-    fields = (loaded.values if loaded else {}) | arguments
-    for required in ("model", "train_data_path", "register_to"):
-        if required not in fields:
-            raise InvalidInputError(f"{required} is missing: pass it to create() or set it in the recipe's run section")
-    try:
-        return RunConfig(**fields)
-    except InvalidInputError as e:
-        raise (config_error(e, loaded) if loaded and next(iter(str(e).split()), "") not in arguments else e) from None
 
 
 def get(training_run: "str | TrainingRun") -> TrainingRun:
@@ -307,7 +291,7 @@ def get_checkpoints(training_run: "str | TrainingRun") -> "builtins.list[str]":
             return sorted(f"{base}/{a.path}" for a in uploaded if a.path.split("/")[-1].startswith("ep"))
     if record is None:
         return []
-    return sorted(p.as_uri() for p in (record.dir / "checkpoints").glob("ep*-ba*") if p.is_dir())
+    return sorted(p.as_uri() for p in record.checkpoints.glob("ep*-ba*") if p.is_dir())
 
 
 def get_models() -> "builtins.list[ModelInfo]":
@@ -353,36 +337,39 @@ def _training_run(flow_run, include_details: bool) -> TrainingRun:
     p = flow_run.parameters
     status = RunStatus.from_state(flow_run.state)
     record = RunRecord.load(flow_run.name)
+    try:  # create() passes the config; `prefect deployment run` may pass the anchor's arguments instead
+        config = configure(p.get("config"), shorthands={k: p.get(k) for k in SHORTHANDS})
+    except InvalidInputError:  # refused by the run itself, which says why in its FAILED state
+        config = None
+    run = config.run if config else None
     run_id = p.get("mlflow_run_id") or (record.mlflow_run_id if record else None)
     experiment_id = next((t.split(":", 1)[1] for t in flow_run.tags if t.startswith("experiment:")),
                          record.experiment_id if record else None)
     created_by = next((t.split(":", 1)[1] for t in flow_run.tags if t.startswith("created_by:")), "prefect")
-    estimated_end = None
     details = flow_run.state.message if flow_run.state and status == RunStatus.FAILED else None
-    if include_details and status == RunStatus.RUNNING:
-        estimated_end = _estimated_end(flow_run.name)
     return TrainingRun(
-        name=flow_run.name, status=status, created_by=created_by, model=p["model"],
-        train_data_path=p["train_data_path"], register_to=p["register_to"],
-        task_type=p.get("task_type", "CHAT_COMPLETION"), experiment_path=p.get("experiment_path") or "",
-        eval_data_path=p.get("eval_data_path"), eval_prompts=p.get("eval_prompts"),
-        custom_weights_path=p.get("custom_weights_path"), training_duration=p.get("training_duration") or "1ep",
-        learning_rate=p.get("learning_rate"), context_length=p.get("context_length"),
+        name=flow_run.name, status=status, created_by=created_by,
+        model=run.model_name_or_path if run else p.get("model"),
+        train_data_path=run.train_data_path if run else p.get("train_data_path"),
+        register_to=run.register_to if run else p.get("register_to"),
+        task_type=run.task_type.value if run else p.get("task_type"),
+        experiment_path=(run.experiment_path if run else None) or "",
+        eval_data_path=run.eval_data_path if run else None, eval_prompts=run.eval_prompts if run else None,
+        custom_weights_path=run.custom_weights_path if run else None,
+        training_duration=str(config.duration) if config else p.get("training_duration"),
+        learning_rate=config.training_config.model.optim.lr if config else p.get("learning_rate"),
+        context_length=config.training_config.max_length if config else p.get("context_length"),
         created_at=flow_run.created, started_at=flow_run.start_time,
-        completed_at=flow_run.end_time if status.is_terminal() else None, estimated_end_time=estimated_end,
-        experiment_id=experiment_id, run_id=run_id, details=details, flow_run_id=str(flow_run.id),
+        completed_at=flow_run.end_time if status.is_terminal() else None,
+        estimated_end_time=_estimated_end(flow_run.name) if include_details and status == RunStatus.RUNNING else None,
+        experiment_id=experiment_id, run_id=run_id, details=details, flow_run_id=str(flow_run.id), config=config,
     )
 
 
 def _estimated_end(name: str) -> datetime | None:
     updates = [e for e in _read_events(name) if e.type == RunEvent.TRAIN_UPDATED and "elapsed_s" in e.payload]
-    if not updates:
-        return None
-    p = updates[-1].payload
-    done = p["batch"] / p["total_batches"] if p.get("total_batches") else 0
-    if done <= 0:
-        return None
-    return updates[-1].time + timedelta(seconds=p["elapsed_s"] * (1 - done) / done)
+    left = seconds_left(updates[-1].payload) if updates else None
+    return None if left is None else updates[-1].time + timedelta(seconds=left)
 
 
 def _read_events(name: str) -> "builtins.list[FineTuningEvent]":

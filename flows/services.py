@@ -6,7 +6,6 @@ cluster. With PREFECT_API_URL set, Tessera uses that server and whoever serves i
 
 import fcntl
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,12 +14,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks import tracking
 from tasks.errors import ServiceError
 from tasks.home import tessera_home
-from tasks import tracking
+from tasks.process_group import stop_group
 
 DEPLOYMENT = "finetune/default"
 STARTUP_TIMEOUT_S = 120
+
+
+def max_active_runs() -> int:
+    """Runs that may be active at once (TESSERA_MAX_ACTIVE_RUNS, default the anchor's 10): create() refuses one
+    more, and the deployment queues runs past it (AwaitingConcurrencySlot)."""
+    return int(os.environ.get("TESSERA_MAX_ACTIVE_RUNS", "10"))
 
 
 @dataclass(frozen=True)
@@ -104,13 +110,14 @@ def ensure_started() -> str:
     env = _service_env(url)
     with open(services_dir() / "start.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # many create() calls at once start one set of services
-        if not _healthy(f"{url}/health"):
+        if not _answers(f"{url}/health"):
             _spawn(PREFECT, [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(PREFECT.port), "--analytics-off"], env)
-            _wait_for(lambda: _healthy(f"{url}/health"), PREFECT, "the Prefect server")
+            _wait_for(lambda: _answers(f"{url}/health"), PREFECT, "the Prefect server")
         if RUNNER.pid() is None:
             _spawn(RUNNER, [sys.executable, "-m", "deployments.serve"], env)
-            _wait_for(lambda: _deployment_ready(url), RUNNER, f"the runner serving {DEPLOYMENT}")
+            _wait_for(lambda: _answers(f"{url}/deployments/name/{DEPLOYMENT}"), RUNNER,
+                      f"the runner serving {DEPLOYMENT}")
         if mlflow_ui_url() and MLFLOW.pid() is None:
             tracking.client().search_experiments(max_results=1)  # create the tables first: the UI would race create()
             _spawn(MLFLOW, [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
@@ -126,20 +133,9 @@ def stop() -> list[str]:
     stopped = []
     for service in (RUNNER, MLFLOW, PREFECT):
         pid = service.pid()
-        if pid is None:
-            continue
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        for _ in range(100):
-            if service.pid() is None:
-                break
-            time.sleep(0.1)
-        else:
-            os.killpg(pid, signal.SIGKILL)
+        if pid is not None and stop_group(pid):  # each service leads a process group of its own (_spawn)
+            stopped.append(service.name)
         service.pidfile.unlink(missing_ok=True)
-        stopped.append(service.name)
     return stopped
 
 
@@ -189,18 +185,10 @@ def _wait_for(ready, service: Service, what: str) -> None:
     raise ServiceError(f"{what} did not start (log: {service.log}):\n{tail}")
 
 
-def _healthy(url: str) -> bool:
+def _answers(url: str) -> bool:
+    """Whether a GET of `url` answers 200: the server is healthy, the deployment registered."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _deployment_ready(url: str) -> bool:
-    request = urllib.request.Request(f"{url}/deployments/name/{DEPLOYMENT}")
-    try:
-        with urllib.request.urlopen(request, timeout=2) as response:
             return response.status == 200
     except OSError:
         return False

@@ -1,9 +1,30 @@
-"""RunConfig: everything one run needs, checked on construction so bad input fails before any compute."""
+"""RunConfig: one run's settings in one nested, typed config whose dict and YAML form is the recipe.
+
+    run:              model_name_or_path, train_data_path, eval_data_path, register_to, task_type, ...
+    training_config:  max_length, global_batch_size, micro_batch_size, save_steps, save_top_k, seed,
+                      early_stopping {monitor, patience, min_delta},
+                      deepspeed {zero_stage, offload_optimizer, processes},
+                      trainer {max_epochs | max_steps | max_tokens, val_check_interval, gradient_clip_val,
+                               log_every_n_steps},
+                      model {attention_dropout, hidden_dropout, ffn_dropout,
+                             optim {name, adam_w_mode, lr, eps, weight_decay, betas,
+                                    sched {name, warmup_steps, constant_steps, min_lr}},
+                             peft {peft_scheme, lora_tuning {alpha, adapter_dropout, loraplus_lr_ratio, rank,
+                                                             target_modules}}}
+
+Laid out key for key like Amazon Nova's SFT recipes (plus Tessera's own `deepspeed` section and `max_tokens`).
+Ranges and allowed values live in the types, the few rules that join two settings in validators; each
+field's docstring is its description in the Prefect UI's form. `tasks.recipe` builds a RunConfig from what a
+user wrote (a recipe, the anchor's arguments, path overrides) and words its errors.
+"""
 
 import re
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from tasks.errors import InvalidInputError
 
@@ -14,28 +35,268 @@ class TaskType(StrEnum):
     CONTINUED_PRETRAIN = "CONTINUED_PRETRAIN"
 
 
-DURATION_UNITS = {"ep": "epochs", "ba": "batches", "tok": "tokens"}
-_DURATION = re.compile(r"^(\d[\d_]*)(ep|ba|tok)$")
-# Unity Catalog style: catalog.schema or catalog.schema.model; run names (with '-') are valid model names.
-LR_RANGE = (1e-6, 1e-3)  # Nova's range for full-rank fine-tuning
-LR_SCHEDULES = ("cosine", "linear", "constant")
-LORA_ALPHAS = tuple(range(32, 193, 32))
-_REGISTER_TO = re.compile(r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+(\.[A-Za-z0-9_-]+)?$")
+class Rule(ValueError):
+    """A rule joining settings was broken. `message` has a `{}` for each of `paths` (relative to the section
+    whose validator raised it), filled with each setting's name as the user wrote it."""
+
+    def __init__(self, message: str, *paths: str):
+        super().__init__(message.format(*paths))
+        self.message, self.paths = message, paths
+
+
+class Section(BaseModel):
+    """A recipe section: unknown keys refused, values of the declared type only (no "5" for 5, no 1.0 for 1)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections_take_their_defaults(cls, data: Any) -> Any:
+        """`peft:` with nothing under it (YAML's null) means the section's defaults, as if it were left out."""
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items()
+                if not (v is None and k in cls.model_fields and _section_of(cls.model_fields[k].annotation))}
+
+
+def _section_of(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, Section)
+
+
+class Run(Section):
+    """What to train, on what, and where the result goes: the anchor's create() arguments."""
+
+    name: str | None = None
+    """Describes the job (Nova's run.name); Tessera names each run itself."""
+    model_name_or_path: str = Field(min_length=1, examples=["HuggingFaceTB/SmolLM2-135M-Instruct"])
+    """A catalog name (fm.get_models()) or a local Hugging Face model folder."""
+    train_data_path: str = Field(min_length=1, validation_alias=AliasChoices("train_data_path", "data_s3_path"),
+                                 examples=["examples/data/tessera_chat.jsonl"])
+    """A .jsonl file, s3://, dbfs:/Volumes/..., a Hugging Face dataset <name>/<split> or a Delta table
+    <catalog>.<schema>.<table>; .txt files for CONTINUED_PRETRAIN (Nova's data_s3_path also works)."""
+    eval_data_path: str | None = Field(None, validation_alias=AliasChoices("eval_data_path", "validation_data_s3_path"))
+    """Held-out data, any form train_data_path takes; its loss is reported at each checkpoint."""
+    register_to: str = Field(pattern=r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+(\.[A-Za-z0-9_-]+)?$", examples=["main.demo"])
+    """catalog.schema (registered as catalog.schema.<run name>) or catalog.schema.model_name, in letters, digits
+    and underscores."""
+    task_type: TaskType = Field(TaskType.CHAT_COMPLETION, strict=False)
+    """CHAT_COMPLETION, INSTRUCTION_FINETUNE or CONTINUED_PRETRAIN (case-sensitive)."""
+    experiment_path: str | None = None
+    """The MLflow experiment; default /Users/<user>/<run name>."""
+    eval_prompts: list[str] | None = Field(None, examples=[["What is Tessera?"]])
+    """Prompts answered before training and at each checkpoint, logged to MLflow."""
+    custom_weights_path: str | None = None
+    """An earlier run's checkpoint to start from, as get_checkpoints() names it (an ep*-ba* folder or its
+    latest-sharded-rank0.symlink; local, file://, s3:// or an MLflow artifact URI)."""
+    allow_percentage_invalid_samples: float = Field(0.0, ge=0, le=100, examples=[5])
+    """The share of invalid records (0-100) to skip instead of failing the run."""
+
+    @model_validator(mode="after")
+    def _prompts_say_something(self) -> Self:
+        if self.eval_prompts is not None and not all(p.strip() for p in self.eval_prompts):
+            raise Rule("{} must be non-empty strings, e.g. ['What is Tessera?']", "eval_prompts")
+        return self
+
+
+class EarlyStopping(Section):
+    """Stop when the eval loss stops improving (needs run.eval_data_path)."""
+
+    monitor: Literal["val_loss"] = "val_loss"
+    """What is watched; only the eval loss can be."""
+    patience: int | None = Field(None, ge=1, examples=[3])
+    """Evaluations without improvement before the run stops; null: never stop early."""
+    min_delta: float = Field(0.0, ge=0)
+    """How much an eval loss must beat the best so far to count as an improvement."""
+
+
+class DeepSpeed(Section):
+    """How the DeepSpeed engine runs (Tessera's own section; in Nova the service decides)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage: 1 partitions optimizer states over the processes, 2 gradients too, 3 the weights too."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: optimizer states and their step on the CPU (needs zero_stage 1-3)."""
+    processes: int | None = Field(None, ge=1)
+    """DeepSpeed ranks on this machine; null: one per GPU, 1 without a GPU."""
+
+    @model_validator(mode="after")
+    def _offload_needs_partitions(self) -> Self:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise Rule("{} needs {} 1, 2 or 3: ZeRO-Offload moves the partitioned optimizer states to the CPU; "
+                       "set zero_stage 2 (the usual choice)", "offload_optimizer", "zero_stage")
+        return self
+
+
+DURATION_KEYS = {"ep": "max_epochs", "ba": "max_steps", "tok": "max_tokens"}
+
+
+class Trainer(Section):
+    """How long to train, and how often to evaluate and log."""
+
+    max_epochs: int | None = Field(None, ge=1, examples=[2])
+    """Passes over the training data. Give one of max_epochs, max_steps, max_tokens; none: 1 epoch."""
+    max_steps: int | None = Field(None, ge=1, examples=[200])
+    """Optimizer steps."""
+    max_tokens: int | None = Field(None, ge=1, examples=[1_000_000])
+    """Token positions (rows x context length), rounded up to whole steps (Tessera's own key)."""
+    val_check_interval: int | None = Field(None, ge=1, examples=[50])
+    """Eval loss every this many steps and at the end (needs run.eval_data_path); null: at each checkpoint."""
+    gradient_clip_val: float = Field(1.0, ge=0)
+    """Largest global gradient norm; 0 turns clipping off."""
+    log_every_n_steps: int = Field(1, ge=1)
+    """Steps between progress reports (a TRAIN_UPDATED event and MLflow metrics)."""
+
+    @model_validator(mode="after")
+    def _one_duration(self) -> Self:
+        given = [key for key in DURATION_KEYS.values() if getattr(self, key) is not None]
+        if len(given) > 1:
+            raise Rule(f"give {' or '.join(['{}'] * len(given))}, not both", *given)
+        return self
+
+
+class Sched(Section):
+    """The learning-rate schedule: linear warmup, an optional plateau, then decay to min_lr."""
+
+    name: Literal["cosine", "linear", "constant"] = "cosine"
+    """The decay after warmup and constant_steps; constant: none."""
+    warmup_steps: int | None = Field(None, ge=1, le=20)
+    """Steps of linear warmup, 1-20 (Nova's range); null: 10% of the run, at most 20."""
+    constant_steps: int = Field(0, ge=0)
+    """Steps held at the peak after warmup, before the decay starts."""
+    min_lr: float | None = Field(None, ge=0, examples=[3e-5])
+    """Where the decay ends, below lr; null: a tenth of lr."""
+
+
+DEFAULT_MIN_LR_RATIO = 0.1  # min_lr null: the decay ends at this fraction of lr
+
+
+class Optim(Section):
+    """The optimizer: AdamW, whichever of Nova's names is given."""
+
+    name: Literal["adamw", "distributed_fused_adam", "fused_adam"] = "adamw"
+    """Nova's optimizer names; all train with AdamW here."""
+    adam_w_mode: Literal[True] = True
+    """Decoupled weight decay (AdamW); the only mode Tessera trains in."""
+    lr: float = Field(5e-5, ge=1e-6, le=1e-3, examples=[5e-5])
+    """The peak learning rate, reached after warmup: 1e-6 to 1e-3, the range full fine-tuning trains in (larger
+    diverges, smaller barely moves)."""
+    eps: float = Field(1e-8, gt=0, lt=1)
+    """AdamW's epsilon."""
+    weight_decay: float = Field(0.0, ge=0, le=1, examples=[0.01])
+    """AdamW's decoupled weight decay, on weight matrices and embeddings only."""
+    betas: list[Annotated[float, Field(ge=0, lt=1)]] = Field([0.9, 0.95], min_length=2, max_length=2,
+                                                             examples=[[0.9, 0.95]])
+    """AdamW's two betas, each in [0, 1)."""
+    sched: Sched = Sched()
+
+    @model_validator(mode="after")
+    def _rates_fit(self) -> Self:
+        if self.sched.min_lr is not None and self.sched.min_lr >= self.lr:
+            raise Rule(f"{{}} {self.sched.min_lr:g} must be below {{}} ({self.lr:g}), where the decay starts",
+                       "sched.min_lr", "lr")
+        return self
+
+    @property
+    def final_lr(self) -> float:
+        """The learning rate the decay ends at."""
+        return DEFAULT_MIN_LR_RATIO * self.lr if self.sched.min_lr is None else self.sched.min_lr
+
+
+class LoraTuning(Section):
+    """LoRA adapters (peft): rank, scale, dropout, where they go, and LoRA+."""
+
+    alpha: Literal[32, 64, 96, 128, 160, 192] = 32
+    """The adapters' output is scaled by alpha / rank; 32 to 192 in steps of 32 (Nova's)."""
+    adapter_dropout: float = Field(0.0, ge=0, lt=1, examples=[0.01])
+    """Dropout on each adapter's input."""
+    loraplus_lr_ratio: float = Field(0.0, ge=0, le=100, examples=[8.0])
+    """LoRA+: the B matrices learn this many times faster than the A matrices; 0 turns it off (Nova's)."""
+    rank: int = Field(16, ge=1, le=256)
+    """The adapters' rank r, 1-256."""
+    target_modules: Literal["all-linear"] | list[str] = Field("all-linear", examples=[["q_proj", "v_proj"]])
+    """all-linear, or a list of module names, e.g. [q_proj, v_proj]."""
+
+    @model_validator(mode="after")
+    def _named_modules(self) -> Self:
+        if isinstance(self.target_modules, list) and not (self.target_modules and all(self.target_modules)):
+            raise Rule("{} must be all-linear or a non-empty list of module names, e.g. [q_proj, v_proj]",
+                       "target_modules")
+        return self
+
+    @property
+    def b_lr_scale(self) -> float:
+        """The multiple of the learning rate the B matrices learn at: the ratio, 1 when LoRA+ is off."""
+        return self.loraplus_lr_ratio or 1.0
+
+
+class Peft(Section):
+    """Parameter-efficient fine-tuning: null trains every weight; lora trains adapters only."""
+
+    peft_scheme: Literal["lora"] | None = None
+    """null: full fine-tuning; lora: freeze the model and train LoRA adapters, merged into the export."""
+    lora_tuning: LoraTuning = LoraTuning()
+
+
+class Model(Section):
+    """Dropouts (training only), the optimizer and PEFT."""
+
+    attention_dropout: float = Field(0.0, ge=0, lt=1, examples=[0.1])
+    """On the attention probabilities (the model's own)."""
+    hidden_dropout: float = Field(0.0, ge=0, lt=1, examples=[0.1])
+    """On the embeddings and on each attention and MLP output, before the residual add (Megatron's)."""
+    ffn_dropout: float = Field(0.0, ge=0, lt=1, examples=[0.1])
+    """On the MLP activations before the down projection (Megatron's)."""
+    optim: Optim = Optim()
+    peft: Peft = Peft()
+
+
+class TrainingConfig(Section):
+    """How to train: context length, batches, checkpoints, the engine, the model's knobs."""
+
+    max_length: int | None = Field(None, ge=8, examples=[4096])
+    """The context length, at most the model's; null: min(8192, the model's maximum)."""
+    global_batch_size: int = Field(8, ge=1)
+    """Rows per optimizer step over all processes; gradient accumulation makes up what micro batches do not."""
+    micro_batch_size: int = Field(4, ge=1)
+    """Rows per forward and backward pass on each process."""
+    save_steps: int | None = Field(None, ge=1, examples=[100])
+    """A checkpoint every this many steps (and at the end); null: one per epoch."""
+    save_top_k: int | None = Field(None, ge=1, examples=[2])
+    """Keep only the newest k checkpoints; null: keep them all."""
+    seed: int = Field(17, ge=0)
+    """Seeds the data order, dropout and the eval prompts' sampling."""
+    early_stopping: EarlyStopping = EarlyStopping()
+    deepspeed: DeepSpeed = DeepSpeed()
+    trainer: Trainer = Trainer()
+    model: Model = Model()
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> Self:
+        if self.global_batch_size % self.micro_batch_size:
+            raise Rule(f"{{}} {self.global_batch_size} must be a multiple of {{}} {self.micro_batch_size}: gradient "
+                       "accumulation takes whole micro batches", "global_batch_size", "micro_batch_size")
+        processes = self.deepspeed.processes
+        if processes and self.global_batch_size % (self.micro_batch_size * processes):
+            raise Rule(f"{{}} {self.global_batch_size} must be a multiple of {{}} {self.micro_batch_size} x {{}} "
+                       f"{processes}: each step every process takes whole micro batches",
+                       "global_batch_size", "micro_batch_size", "deepspeed.processes")
+        return self
 
 
 @dataclass(frozen=True)
 class Duration:
+    """The anchor's training_duration: `3ep`, `200ba` or `1_000_000tok`."""
+
     value: int
-    unit: str  # "ep" | "ba" | "tok"
+    unit: Literal["ep", "ba", "tok"]
 
     @classmethod
-    def parse(cls, text: str) -> "Duration":
-        """`3ep`, `200ba` or `1_000_000tok`, as the anchor writes them."""
-        match = _DURATION.match(str(text).strip())
+    def parse(cls, text: str, name: str = "training_duration") -> "Duration":
+        match = re.fullmatch(r"(\d[\d_]*)(ep|ba|tok)", str(text).strip())
         if not match or int(match.group(1).replace("_", "")) <= 0:
             raise InvalidInputError(
-                f"training_duration {text!r} is not a duration: write a positive integer followed by "
-                "ep (epochs), ba (batches) or tok (tokens), e.g. '3ep', '200ba' or '1_000_000tok'"
+                f"{name} {text!r} is not a duration: write a positive integer followed by ep (epochs), ba (batches) "
+                "or tok (tokens), e.g. '3ep', '200ba' or '1_000_000tok'"
             )
         return cls(int(match.group(1).replace("_", "")), match.group(2))
 
@@ -43,205 +304,81 @@ class Duration:
         return f"{self.value}{self.unit}"
 
 
-@dataclass
-class RunConfig:
-    """The arguments of `create()` (the anchor's), plus the engine knobs a recipe may set."""
+class RunConfig(Section):
+    """One fine-tuning run: a recipe laid out like Amazon Nova's SFT recipes."""
 
-    model: str
-    train_data_path: str
-    register_to: str
-    task_type: str = TaskType.CHAT_COMPLETION.value
-    experiment_path: str = ""
-    eval_data_path: str | None = None
-    eval_prompts: list[str] | None = None
-    custom_weights_path: str | None = None
-    training_duration: str | None = "1ep"
-    learning_rate: float | None = 5e-5
-    context_length: int | None = None  # None: min(8192, the model's maximum), filled in by validate_paths
-    allow_percentage_invalid_samples: float = 0.0  # Nova's: skip invalid records up to this share of the data
-    # Engine knobs: not in the anchor's signature; recipes set them (tasks/recipe.py maps Nova's keys here).
-    micro_batch_size: int = 4
-    global_batch_size: int = 8
-    warmup_steps: int | None = None  # None: 10% of the run, at most 20 steps
-    lr_schedule: str = "cosine"  # cosine | linear | constant, after warmup
-    min_lr: float | None = None  # the floor the schedule decays to; None: 10% of learning_rate
-    constant_steps: int = 0  # steps held at the peak after warmup, before decay
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    adam_eps: float = 1e-8
-    gradient_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0  # on the embeddings and each attention and MLP output (Megatron's)
-    ffn_dropout: float = 0.0  # on the MLP activations before its down projection
-    eval_every_n_steps: int | None = None  # None: eval loss at each checkpoint
-    save_every_n_steps: int | None = None  # None: a checkpoint per epoch and at the end
-    save_top_k: int | None = None  # keep only the newest k checkpoints; None keeps all
-    early_stopping_patience: int | None = None  # stop after this many evals without improvement; None: never
-    early_stopping_min_delta: float = 0.0  # what counts as an improvement of the eval loss
-    log_every_n_steps: int = 1
-    peft_scheme: str | None = None  # None: full fine-tuning; "lora"
-    lora_rank: int = 16
-    lora_alpha: int = 32  # Nova's: 32 to 192 in steps of 32
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | str = "all-linear"  # peft's target_modules
-    loraplus_lr_ratio: float = 0.0  # LoRA+: the B matrices learn this many times faster; 0 turns it off
-    zero_stage: int = 0
-    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and step on the CPU; needs zero_stage 1-3
-    processes: int | None = None  # DeepSpeed ranks on this machine; None: one per GPU, 1 without a GPU
-    seed: int = 17
+    run: Run
+    training_config: TrainingConfig = TrainingConfig()
+    _names: dict[str, str] = PrivateAttr(default_factory=dict)  # path -> what the user wrote for it (tasks.recipe)
 
-    def __post_init__(self):
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise InvalidInputError("model is empty: pass a catalog name (see get_models()) or a local model folder")
-        if not isinstance(self.train_data_path, str) or not self.train_data_path.strip():
-            raise InvalidInputError("train_data_path is empty: pass the path of a .jsonl file")
-        if self.task_type not in TaskType.__members__:
-            raise InvalidInputError(
-                f"task_type {self.task_type!r} is unknown: use one of {', '.join(TaskType)} (case-sensitive)"
-            )
-        if not _REGISTER_TO.match(self.register_to or ""):
-            raise InvalidInputError(
-                f"register_to {self.register_to!r} is malformed: write catalog.schema "
-                "(the model is registered as catalog.schema.<run_name>) or catalog.schema.model_name, "
-                "using letters, digits and underscores"
-            )
-        self.training_duration = str(Duration.parse(self.training_duration or "1ep"))
-        if self.learning_rate is None:
-            self.learning_rate = 5e-5
-        if not _number(self.learning_rate) or not self.learning_rate > 0:
-            raise InvalidInputError(f"learning_rate {self.learning_rate!r} must be a positive number, e.g. 5e-5")
-        if not LR_RANGE[0] <= self.learning_rate <= LR_RANGE[1]:
-            raise InvalidInputError(
-                f"learning_rate {self.learning_rate!r} is outside {LR_RANGE[0]:g} to {LR_RANGE[1]:g}, the range full "
-                "fine-tuning trains in (larger diverges, smaller barely moves): e.g. 5e-5"
-            )
-        self.learning_rate = float(self.learning_rate)
-        if self.context_length is not None and (
-            isinstance(self.context_length, bool) or not isinstance(self.context_length, int) or self.context_length < 8
-        ):
-            raise InvalidInputError(f"context_length {self.context_length!r} must be an integer of at least 8 tokens")
-        share = self.allow_percentage_invalid_samples
-        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 100:
-            raise InvalidInputError(
-                f"allow_percentage_invalid_samples {share!r} must be a percentage from 0 (any invalid record fails "
-                "the run) to 100"
-            )
-        self.allow_percentage_invalid_samples = float(share)
-        if self.eval_prompts is not None and (
-            not isinstance(self.eval_prompts, list) or not all(isinstance(p, str) and p for p in self.eval_prompts)
-        ):
-            raise InvalidInputError("eval_prompts must be a list of non-empty strings")
-        for knob in ("micro_batch_size", "global_batch_size"):
-            if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 1:
-                raise InvalidInputError(f"{knob} {getattr(self, knob)!r} must be a positive integer")
-        if self.global_batch_size % self.micro_batch_size:
-            raise InvalidInputError(
-                f"global_batch_size {self.global_batch_size} must be a multiple of micro_batch_size "
-                f"{self.micro_batch_size} (gradient accumulation takes whole micro batches)"
-            )
-        self._check_engine_knobs()
-        self._check_deepspeed()
+    @model_validator(mode="after")
+    def _eval_settings_need_eval_data(self) -> Self:
+        if self.run.eval_data_path is None:
+            for path in ("training_config.trainer.val_check_interval", "training_config.early_stopping.patience"):
+                if _get(self, path) is not None:
+                    raise Rule("{} needs {}: give held-out data to evaluate on", path, "run.eval_data_path")
+        return self
 
-    def _check_deepspeed(self) -> None:
-        if _int(self.zero_stage) is None or self.zero_stage not in (0, 1, 2, 3):
-            raise InvalidInputError(f"zero_stage {self.zero_stage!r} must be 0, 1, 2 or 3")
-        if not isinstance(self.offload_optimizer, bool):
-            raise InvalidInputError(f"offload_optimizer {self.offload_optimizer!r} must be true or false")
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise InvalidInputError(
-                "offload_optimizer needs zero_stage 1, 2 or 3: ZeRO-Offload moves the partitioned optimizer states "
-                "to the CPU; set zero_stage 2 (the usual choice)"
-            )
-        if self.processes is not None:
-            if _int(self.processes) is None or self.processes < 1:
-                raise InvalidInputError(f"processes {self.processes!r} must be a positive integer, or null for auto")
-            if self.global_batch_size % (self.micro_batch_size * self.processes):
-                raise InvalidInputError(
-                    f"global_batch_size {self.global_batch_size} must be a multiple of micro_batch_size "
-                    f"{self.micro_batch_size} x processes {self.processes}: each step every process takes whole "
-                    "micro batches"
-                )
+    def __eq__(self, other: object) -> bool:  # the settings, whichever way each was given
+        return isinstance(other, RunConfig) and self.to_recipe() == other.to_recipe()
 
-    def _check_engine_knobs(self) -> None:
-        """Nova's ranges, and what the engine can do; each message names the field."""
-        if self.warmup_steps is not None and (_int(self.warmup_steps) is None or not 1 <= self.warmup_steps <= 20):
-            raise InvalidInputError(f"warmup_steps {self.warmup_steps!r} must be an integer from 1 to 20")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise InvalidInputError(f"lr_schedule {self.lr_schedule!r} is unknown: use one of {', '.join(LR_SCHEDULES)}")
-        if self.min_lr is not None and (not _number(self.min_lr) or not 0 <= self.min_lr < self.learning_rate):
-            raise InvalidInputError(
-                f"min_lr {self.min_lr!r} must be at least 0 and below learning_rate ({self.learning_rate:g})"
-            )
-        for name in ("constant_steps", "log_every_n_steps", "eval_every_n_steps", "save_every_n_steps", "save_top_k",
-                     "early_stopping_patience"):
-            value, least = getattr(self, name), 0 if name == "constant_steps" else 1
-            if value is not None and (_int(value) is None or value < least):
-                raise InvalidInputError(f"{name} {value!r} must be an integer of at least {least}")
-        if self.eval_every_n_steps is not None and not self.eval_data_path:
-            raise InvalidInputError(
-                f"eval_every_n_steps {self.eval_every_n_steps} needs eval_data_path: give held-out data to evaluate on"
-            )
-        if self.early_stopping_patience is not None and not self.eval_data_path:
-            raise InvalidInputError("early_stopping_patience needs eval_data_path: it watches the eval loss")
-        if not _number(self.early_stopping_min_delta) or self.early_stopping_min_delta < 0:
-            raise InvalidInputError(f"early_stopping_min_delta {self.early_stopping_min_delta!r} must be at least 0")
-        self._check_lora()
-        if not _number(self.weight_decay) or not 0 <= self.weight_decay <= 1:
-            raise InvalidInputError(f"weight_decay {self.weight_decay!r} must be from 0 to 1, e.g. 0.01")
-        betas = self.adam_betas
-        if not isinstance(betas, list | tuple) or len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas):
-            raise InvalidInputError(f"adam_betas {betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
-        self.adam_betas = [float(b) for b in betas]
-        if not _number(self.adam_eps) or not 0 < self.adam_eps < 1:
-            raise InvalidInputError(f"adam_eps {self.adam_eps!r} must be a small positive number, e.g. 1e-8")
-        if not _number(self.gradient_clip) or self.gradient_clip < 0:
-            raise InvalidInputError(f"gradient_clip {self.gradient_clip!r} must be at least 0 (0 turns clipping off)")
-        for name in ("attention_dropout", "hidden_dropout", "ffn_dropout"):
-            if not _number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
-                raise InvalidInputError(f"{name} {getattr(self, name)!r} must be from 0 to below 1, e.g. 0.1")
-
-    def _check_lora(self) -> None:
-        if self.peft_scheme not in (None, "lora"):
-            raise InvalidInputError(f"peft_scheme {self.peft_scheme!r} is unknown: use null (full fine-tuning) or lora")
-        if _int(self.lora_rank) is None or not 1 <= self.lora_rank <= 256:
-            raise InvalidInputError(f"lora_rank {self.lora_rank!r} must be an integer from 1 to 256, e.g. 16")
-        if _int(self.lora_alpha) is None or self.lora_alpha not in LORA_ALPHAS:
-            raise InvalidInputError(
-                f"lora_alpha {self.lora_alpha!r} must be one of {', '.join(map(str, LORA_ALPHAS))} (Nova's range)"
-            )
-        if not _number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
-            raise InvalidInputError(f"lora_dropout {self.lora_dropout!r} must be from 0 to below 1, e.g. 0.01")
-        targets = self.lora_target_modules
-        if not (isinstance(targets, str) and targets) and not (
-            isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
-        ):
-            raise InvalidInputError(
-                f"lora_target_modules {targets!r} must be 'all-linear' or a list of module names, e.g. [q_proj, v_proj]"
-            )
-        if not _number(self.loraplus_lr_ratio) or not 0 <= self.loraplus_lr_ratio <= 100:
-            raise InvalidInputError(
-                f"loraplus_lr_ratio {self.loraplus_lr_ratio!r} must be from 0 (LoRA+ off) to 100, e.g. 8"
-            )
+    __hash__ = None
 
     @property
     def duration(self) -> Duration:
-        return Duration.parse(self.training_duration)
+        trainer = self.training_config.trainer
+        return next((Duration(getattr(trainer, key), unit) for unit, key in DURATION_KEYS.items()
+                     if getattr(trainer, key) is not None), Duration(1, "ep"))
 
     def registered_model_name(self, run_name: str) -> str:
         """`catalog.schema.<run_name>` unless register_to names the model itself."""
-        return self.register_to if self.register_to.count(".") == 2 else f"{self.register_to}.{run_name}"
+        register_to = self.run.register_to
+        return register_to if register_to.count(".") == 2 else f"{register_to}.{run_name}"
 
-    def to_params(self) -> dict:
-        """The flow's parameters: JSON, so `prefect deployment run --params` can send the same."""
-        return asdict(self)
+    def name_of(self, path: str) -> str:
+        """How an error should name a setting: as the user wrote it (an argument's name or the path)."""
+        return self._names.get(path, path)
+
+    def replace(self, updates: dict[str, Any]) -> "RunConfig":
+        """A copy with values set at dotted paths, checked like the original (names kept)."""
+        data = self.to_recipe()
+        for path, value in updates.items():
+            set_path(data, path, value)
+        config = RunConfig.model_validate(data)
+        config._names = self._names
+        return config
+
+    def to_recipe(self) -> dict[str, Any]:
+        """The config as a recipe reads it: JSON types, every key, nulls included."""
+        return self.model_dump(mode="json")
+
+    def params(self) -> dict[str, Any]:
+        """Flat `path: value` pairs of every set value, for MLflow's params."""
+        return {path: value for path, value in _leaves(self.to_recipe(), "") if value is not None}
 
 
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def set_path(data: dict, path: str, value: Any) -> None:
+    """Set `value` at a dotted path in nested dicts, making the sections on the way."""
+    *sections, key = path.split(".")
+    for section in sections:
+        if not isinstance(data.get(section), dict):
+            data[section] = {}
+        data = data[section]
+    data[key] = value
 
 
-def _int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def _get(config: BaseModel, path: str) -> Any:
+    for key in path.split("."):
+        config = getattr(config, key)
+    return config
+
+
+def _leaves(data: Any, prefix: str):
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], data
 
 
 def run_name_for(model: str, task_type: str) -> str:

@@ -16,22 +16,23 @@ from tasks.training.checkpoint_names import LATEST, MODEL_STATES
 HOW = "pass a checkpoint as get_checkpoints() returns it (an ep*-ba* folder) or a run's " + LATEST
 
 
-def check_custom_weights(uri: str) -> None:
-    """Refuse a path that is not there or not a checkpoint, before any compute; remote stores are listed, not read."""
+def check_custom_weights(uri: str, name: str = "custom_weights_path") -> None:
+    """Refuse a path that is not there or not a checkpoint, before any compute; remote stores are listed, not read.
+    `name`: the setting as the user wrote it."""
     local = _local_path(uri)
     if local is not None:
         if not local.exists():
-            raise InvalidInputError(f"custom_weights_path {uri} does not exist: {HOW}")
+            raise InvalidInputError(f"{name} {uri} does not exist: {HOW}")
         folder = _follow_local(local)
         if not any((folder / name).is_file() for name in MODEL_STATES):
-            raise InvalidInputError(f"custom_weights_path {uri} is not a DeepSpeed checkpoint (no {MODEL_STATES[0]}): {HOW}")
+            raise InvalidInputError(f"{name} {uri} is not a DeepSpeed checkpoint (no {MODEL_STATES[0]}): {HOW}")
         return
     try:
         entries = mlflow.artifacts.list_artifacts(artifact_uri=uri.rstrip("/"))
     except Exception as e:  # any store's error: missing bucket, no credentials, unknown scheme
-        raise InvalidInputError(f"custom_weights_path {uri} cannot be read: {e}") from e
+        raise InvalidInputError(f"{name} {uri} cannot be read: {e}") from e
     if not uri.rstrip("/").endswith(LATEST) and not any(e.path.endswith(MODEL_STATES) for e in entries):
-        raise InvalidInputError(f"custom_weights_path {uri} holds no DeepSpeed checkpoint (no {MODEL_STATES[0]}): {HOW}")
+        raise InvalidInputError(f"{name} {uri} holds no DeepSpeed checkpoint (no {MODEL_STATES[0]}): {HOW}")
 
 
 def fetch_custom_weights(uri: str, dest: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Typed errors. Each message says what is wrong and how to fix it."""
+"""Typed errors. Each message says what is wrong and how to fix it; `retryable` says whether a retry can help."""
 
 from pathlib import Path
 
@@ -6,9 +6,13 @@ from pathlib import Path
 class TesseraError(Exception):
     """Base of every error Tessera raises on purpose."""
 
+    retryable = True  # a task that failed with it is retried (tasks.retries); bad input never is
+
 
 class InvalidInputError(TesseraError, ValueError):
     """An argument, file or record is wrong; nothing has been spent yet."""
+
+    retryable = False
 
 
 class InvalidDataError(InvalidInputError):
@@ -17,6 +21,16 @@ class InvalidDataError(InvalidInputError):
     def __init__(self, message: str, evidence: Path | None = None):
         super().__init__(message)
         self.evidence = evidence
+
+
+class TrainingDiverged(TesseraError):
+    """The loss or grad norm went non-finite, or the loss spiked: training stopped without saving more."""
+
+    retryable = False  # from the same checkpoint with the same learning rate it would diverge again
+
+
+class WorkerFailed(TesseraError):
+    """The training worker exited non-zero (killed, out of memory, a crash); the message is its own last words."""
 
 
 class TooManyActiveRunsError(TesseraError):

@@ -5,33 +5,32 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from tasks.config import RunConfig
 from tasks.custom_weights import fetch_custom_weights
 from tasks.events import RunEvent, emit
 from tasks.models import resolve_model
-from tasks.retries import unless_bad_input
+from tasks.retries import retryable
 from tasks.run_record import RunRecord
 from tasks.tracking import client
 
 
-@task(name="init-model", retries=2, retry_delay_seconds=5, retry_condition_fn=unless_bad_input, cache_policy=NO_CACHE)
-def init_model(
-    run_name: str, model: str, mlflow_run_id: str, custom_weights_path: str | None = None
-) -> tuple[str, str | None]:
+@task(name="init-model", retries=2, retry_delay_seconds=5, retry_condition_fn=retryable, cache_policy=NO_CACHE)
+def init_model(record: RunRecord, config: RunConfig) -> tuple[str, str | None]:
     """Resolve the model to a local folder (converting bundled weights once), fetch custom weights, count parameters.
 
     Returns the model folder and the local checkpoint folder to initialise from (None: the model's own weights).
     """
+    model, custom_weights = config.run.model_name_or_path, config.run.custom_weights_path
     model_dir = resolve_model(model)
-    config = AutoConfig.from_pretrained(model_dir)
+    model_config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):  # shapes only: no memory, no time
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    init_from = None
-    if custom_weights_path:
-        init_from = fetch_custom_weights(custom_weights_path, RunRecord.load(run_name).dir / "custom_weights")
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config).parameters())
+    init_from = fetch_custom_weights(custom_weights, record.custom_weights) if custom_weights else None
     mlflow_client = client()
-    mlflow_client.log_param(mlflow_run_id, "model_parameters", n_params)
-    mlflow_client.log_param(mlflow_run_id, "model_architecture", ",".join(config.architectures or [config.model_type]))
-    weights = f" with the weights of {custom_weights_path}" if custom_weights_path else ""
-    emit(run_name, RunEvent.MODEL_INITIALIZED, f"{model} initialized{weights}: {n_params / 1e6:.0f}M parameters",
+    mlflow_client.log_param(record.mlflow_run_id, "model_parameters", n_params)
+    mlflow_client.log_param(record.mlflow_run_id, "model_architecture",
+                            ",".join(model_config.architectures or [model_config.model_type]))
+    weights = f" with the weights of {custom_weights}" if custom_weights else ""
+    emit(record.name, RunEvent.MODEL_INITIALIZED, f"{model} initialized{weights}: {n_params / 1e6:.0f}M parameters",
          parameters=n_params, model_dir=str(model_dir), init_from=str(init_from) if init_from else None)
     return str(model_dir), str(init_from) if init_from else None

@@ -1,14 +1,15 @@
 """The model catalog: names users pass to `create(model=...)`, and where their weights come from."""
 
-import fcntl
 import importlib.util
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.errors import InvalidInputError
 from tasks.home import cache_dir
+from tasks.publish import publish_once
+
+DEFAULT_MAX_CONTEXT = 8192  # the context length when none is given, unless the model's own maximum is lower
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,35 @@ def check_model(model: str) -> int:
     if not _weights_here(model, entry):
         raise InvalidInputError(_missing_weights(model, entry))
     return entry.max_context_length
+
+
+def context_length_for(model: str, requested: int | None, name: str = "context_length") -> int:
+    """The run's context length: `requested` if the model takes it, else min(8192, the model's maximum)."""
+    max_context = check_model(model)
+    if requested is None:
+        return min(DEFAULT_MAX_CONTEXT, max_context)
+    if requested > max_context:
+        raise InvalidInputError(
+            f"{name} {requested} exceeds the maximum of {model} ({max_context}): use {max_context} or less"
+        )
+    return requested
+
+
+def tokenizer_folder(model: str) -> Path:
+    """A local folder with the model's tokenizer and chat template, for data preparation: a bundled model's is
+    taken out of its GGUF file on its own, without converting the weights (init-model does that)."""
+    path = Path(model).expanduser()
+    entry = None if path.is_dir() else _catalog_entry(model)
+    if entry is None or not entry.gguf_package:
+        return resolve_model(model)
+    source = _gguf_source(model, entry)
+
+    def extract(staging: Path) -> None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source, gguf_file=entry.gguf_file).save_pretrained(staging)
+
+    return publish_once(cache_dir() / "tokenizers" / model.replace("/", "--"), extract)
 
 
 def resolve_model(model: str) -> Path:
@@ -131,18 +161,9 @@ def _hf_cache_snapshot(repo_id: str) -> Path | None:
 
 def _converted_from_gguf(name: str, entry: _Entry) -> Path:
     """Dequantise a bundled GGUF into a plain safetensors folder under the cache, once per machine."""
-    target = cache_dir() / "models" / name.replace("/", "--")
-    if (target / "model.safetensors").is_file():
-        return target
-    spec = importlib.util.find_spec(entry.gguf_package)
-    if spec is None:
-        raise InvalidInputError(_missing_weights(name, entry))
-    source = Path(spec.submodule_search_locations[0])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runs convert once
-        if (target / "model.safetensors").is_file():
-            return target
+    source = _gguf_source(name, entry)
+
+    def convert(staging: Path) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=entry.gguf_file)
@@ -156,9 +177,16 @@ def _converted_from_gguf(name: str, entry: _Entry) -> Path:
         model.load_state_dict(quantized.state_dict())
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        staging = target.with_name(target.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        staging.rename(target)
-    return target
+
+    return publish_once(cache_dir() / "models" / name.replace("/", "--"), convert,
+                        complete=lambda folder: (folder / "model.safetensors").is_file())
+
+
+def _gguf_source(name: str, entry: _Entry) -> Path:
+    """The folder of the pip package that ships the model as GGUF."""
+    spec = importlib.util.find_spec(entry.gguf_package)
+    if spec is None:
+        raise InvalidInputError(_missing_weights(name, entry))
+    return Path(spec.submodule_search_locations[0])

@@ -1,151 +1,214 @@
-"""Recipes: a run's settings in one YAML file, laid out like Amazon Nova's SFT recipes.
+"""A run's RunConfig from what the user wrote: a recipe, the anchor's arguments, and overrides by path.
 
-    run:              {model_name_or_path, train_data_path, eval_data_path, register_to, task_type, ...}
-    training_config:  {max_length, global_batch_size, micro_batch_size, save_steps, save_top_k, seed,
-                       early_stopping: {monitor: val_loss, patience, min_delta},
-                       deepspeed: {zero_stage, offload_optimizer, processes},
-                       trainer: {max_epochs | max_steps, val_check_interval, gradient_clip_val, log_every_n_steps},
-                       model: {attention_dropout, hidden_dropout, ffn_dropout,
-                               optim: {lr, name, adam_w_mode, eps, weight_decay, betas,
-                                       sched: {name, warmup_steps, constant_steps, min_lr}},
-                               peft: {peft_scheme: null | lora, lora_tuning: {alpha, adapter_dropout,
-                                                                              loraplus_lr_ratio, rank, target_modules}}}}
+    configure(recipe="examples/recipes/full.yaml", shorthands={"learning_rate": 1e-4},
+              overrides={"training_config.trainer.max_steps": 40})
 
-Every key maps to one RunConfig field, which checks the value; a key that is not in the layout is an error that
-names it and lists the keys allowed there."""
+The recipe is the config's own dict or YAML form. The anchor's arguments are shorthands for one path each
+(SHORTHANDS); both they and overrides win over the recipe. The config is checked once, here; every error
+names the setting as the user wrote it (the argument, or the recipe's file and key), the value, and the fix.
+"""
 
-from dataclasses import dataclass
+import copy
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
+from tasks.config import DURATION_KEYS, Duration, Rule, RunConfig, set_path
 from tasks.errors import InvalidInputError
 
-MAX_EPOCHS = 5  # Nova's limit on trainer.max_epochs
-
-
-# Where each recipe key goes: a RunConfig field name, a nested section, or a special handler below.
-LAYOUT: dict[str, Any] = {
-    "run": {
-        "name": "description", "model_name_or_path": "model", "model": "model",
-        "train_data_path": "train_data_path", "data_s3_path": "train_data_path",
-        "eval_data_path": "eval_data_path", "validation_data_s3_path": "eval_data_path",
-        "register_to": "register_to", "task_type": "task_type", "experiment_path": "experiment_path",
-        "eval_prompts": "eval_prompts", "custom_weights_path": "custom_weights_path",
-        "allow_percentage_invalid_samples": "allow_percentage_invalid_samples",
-    },
-    "training_config": {
-        "max_length": "context_length", "global_batch_size": "global_batch_size",
-        "micro_batch_size": "micro_batch_size", "save_steps": "save_every_n_steps", "seed": "seed",
-        "save_top_k": "save_top_k",
-        # Tessera's own: how the DeepSpeed engine runs (not in Nova's recipes, where the service decides).
-        "deepspeed": {"zero_stage": "zero_stage", "offload_optimizer": "offload_optimizer", "processes": "processes"},
-        "trainer": {
-            "max_epochs": "max_epochs", "max_steps": "max_steps", "val_check_interval": "eval_every_n_steps",
-            "gradient_clip_val": "gradient_clip", "log_every_n_steps": "log_every_n_steps",
-        },
-        "early_stopping": {"monitor": "early_stopping_monitor", "patience": "early_stopping_patience",
-                           "min_delta": "early_stopping_min_delta"},
-        "model": {
-            "attention_dropout": "attention_dropout",
-            "hidden_dropout": "hidden_dropout", "ffn_dropout": "ffn_dropout",
-            "optim": {
-                "lr": "learning_rate", "name": "optimizer", "adam_w_mode": "adam_w_mode", "eps": "adam_eps",
-                "weight_decay": "weight_decay", "betas": "adam_betas",
-                "sched": {"name": "lr_schedule", "warmup_steps": "warmup_steps", "constant_steps": "constant_steps",
-                          "min_lr": "min_lr"},
-            },
-            "peft": {
-                "peft_scheme": "peft_scheme",
-                "lora_tuning": {"alpha": "lora_alpha", "adapter_dropout": "lora_dropout",
-                                "loraplus_lr_ratio": "loraplus_lr_ratio", "rank": "lora_rank",
-                                "target_modules": "lora_target_modules"},
-            },
-        },
-    },
+# The anchor's create() arguments (and the CLI's flags), each the config path it sets. training_duration sets
+# training_config.trainer.max_epochs, max_steps or max_tokens by its unit (3ep, 200ba, 1_000_000tok).
+SHORTHANDS: dict[str, str] = {
+    "model": "run.model_name_or_path",
+    "train_data_path": "run.train_data_path",
+    "register_to": "run.register_to",
+    "task_type": "run.task_type",
+    "experiment_path": "run.experiment_path",
+    "eval_data_path": "run.eval_data_path",
+    "eval_prompts": "run.eval_prompts",
+    "custom_weights_path": "run.custom_weights_path",
+    "allow_percentage_invalid_samples": "run.allow_percentage_invalid_samples",
+    "context_length": "training_config.max_length",
+    "learning_rate": "training_config.model.optim.lr",
+    "training_duration": "training_config.trainer",
 }
-OPTIMIZERS = ("adamw", "distributed_fused_adam", "fused_adam")  # Nova's names; all are AdamW here
 
 
-@dataclass(frozen=True)
-class Recipe:
-    values: dict[str, Any]  # RunConfig fields; RunConfig checks them
-    keys: dict[str, str]  # field -> the recipe key that set it, to name it in errors
-    source: str  # the file, or "recipe" for a dict
-
-
-def load_recipe(recipe: str | Path | dict) -> Recipe:
-    """The RunConfig fields a recipe file (or an already-parsed dict) sets."""
-    source = "recipe"
-    if not isinstance(recipe, dict):
-        path = Path(recipe).expanduser()
-        source = str(path)
-        try:
-            recipe = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise InvalidInputError(f"recipe {path} does not exist: check the path") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise InvalidInputError(f"recipe {path}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
-    if not isinstance(recipe, dict):
-        raise InvalidInputError(f"{source} must be a mapping with the sections run and training_config")
-    fields: dict[str, tuple[Any, str]] = {}
-    _walk(recipe, LAYOUT, "", source, fields)
-    keys = {name: key for name, (_, key) in fields.items()}
-    keys["training_duration"] = keys.get("max_epochs") or keys.get("max_steps") or ""
-    return Recipe(_resolve(fields, source), keys, source)
-
-
-def _walk(section: dict, layout: dict, prefix: str, source: str, out: dict[str, Any]) -> None:
-    for key, value in section.items():
-        where = f"{prefix}{key}"
-        if key not in layout:
-            raise InvalidInputError(
-                f"{source}: {where} is not a recipe key; the keys allowed {f'under {prefix[:-1]}' if prefix else 'at the top'} "
-                f"are {', '.join(layout)}"
-            )
-        target = layout[key]
-        if isinstance(target, dict):
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise InvalidInputError(f"{source}: {where} must be a mapping with the keys {', '.join(target)}")
-            _walk(value, target, f"{where}.", source, out)
+def configure(recipe: "str | Path | dict | RunConfig | None" = None, shorthands: dict[str, Any] | None = None,
+              overrides: dict[str, Any] | None = None, called: str = "recipe") -> RunConfig:
+    """The checked config: the recipe, then the overrides and the shorthands that are not None on top.
+    Errors name a recipe file by its path, a dict or RunConfig as `called`."""
+    if isinstance(recipe, RunConfig):
+        recipe = recipe.to_recipe()
+    data, source = load_recipe(recipe, called) if recipe is not None else ({}, None)
+    names = {path: path for path, _ in _leaves(data)}  # recipe keys, as written
+    for path, value in (overrides or {}).items():
+        set_path(data, path, value)
+        names[path] = path
+    for argument, value in (shorthands or {}).items():
+        if value is None:
+            continue
+        if argument not in SHORTHANDS:
+            raise InvalidInputError(f"{argument} is not an argument: use one of {', '.join(SHORTHANDS)}")
+        if argument == "training_duration":
+            duration = Duration.parse(value)
+            for key in DURATION_KEYS.values():  # the argument replaces whichever the recipe gave
+                set_path(data, f"training_config.trainer.{key}", None)
+            path = f"training_config.trainer.{DURATION_KEYS[duration.unit]}"
+            value = duration.value
         else:
-            out[target] = (value, where)
+            path = SHORTHANDS[argument]
+        set_path(data, path, value)
+        names[path] = argument
+    recipe_keys = {path for path, name in names.items() if name == path} - set(overrides or {})
+    data.setdefault("run", {})
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise InvalidInputError("\n".join(_problems(e, names, recipe_keys if source else set(), source))) from None
+    # Later checks (paths, the model's context limit) name a setting as given: the argument, or the recipe's key.
+    config._names = {path: name for path, name in names.items() if name != path}
+    config._names |= {path: f"{source}: {path}" for path in recipe_keys} if source else {}
+    return config
 
 
-def _resolve(fields: dict[str, tuple[Any, str]], source: str) -> dict[str, Any]:
-    """Recipe-only keys turned into RunConfig fields: durations, the optimizer and PEFT checks."""
-    values = {name: value for name, (value, _) in fields.items()}
-    where = {name: key for name, (_, key) in fields.items()}
-    epochs, steps = values.pop("max_epochs", None), values.pop("max_steps", None)
-    if epochs is not None and steps is not None:
-        raise InvalidInputError(f"{source}: give {where['max_epochs']} or {where['max_steps']}, not both")
-    if epochs is not None:
-        if not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= MAX_EPOCHS:
-            raise InvalidInputError(f"{source}: {where['max_epochs']} {epochs!r} must be an integer from 1 to {MAX_EPOCHS}")
-        values["training_duration"] = f"{epochs}ep"
-    if steps is not None:
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise InvalidInputError(f"{source}: {where['max_steps']} {steps!r} must be a positive integer")
-        values["training_duration"] = f"{steps}ba"
-    optimizer = values.pop("optimizer", "adamw")
-    if optimizer not in OPTIMIZERS:
-        raise InvalidInputError(f"{source}: {where['optimizer']} {optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)}")
-    if values.pop("adam_w_mode", True) is not True:
-        raise InvalidInputError(f"{source}: {where['adam_w_mode']} must be true: Tessera trains with AdamW")
-    monitor = values.pop("early_stopping_monitor", "val_loss")
-    if monitor != "val_loss":
-        raise InvalidInputError(f"{source}: {where['early_stopping_monitor']} {monitor!r}: only val_loss can be monitored")
-    values.pop("description", None)  # Nova's run.name describes the job; Tessera names runs itself
-    return values
+def load_recipe(recipe: "str | Path | dict", called: str = "recipe") -> tuple[dict, str]:
+    """A recipe's content (a copy) and how errors name it: its file, or `called` for a dict."""
+    if isinstance(recipe, dict):
+        return copy.deepcopy(recipe), called
+    path = Path(recipe).expanduser()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InvalidInputError(f"recipe {path} does not exist: check the path") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise InvalidInputError(f"recipe {path}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"recipe {path} must be a mapping with the sections run and training_config")
+    return data, str(path)
 
 
-def config_error(error: InvalidInputError, recipe: Recipe) -> InvalidInputError:
-    """RunConfig's message about a field the recipe set, saying which recipe key set it."""
-    field_name = str(error).split(" ", 1)[0]
-    key = recipe.keys.get(field_name)
-    return InvalidInputError(f"{recipe.source}: {key}: {error}") if key else error
+def _leaves(data: Any, prefix: str = ""):
+    if isinstance(data, dict) and data:
+        for key, value in data.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    elif prefix:
+        yield prefix[:-1], data
+
+
+# --- errors, worded -------------------------------------------------------------------------------------------
+
+_RULES = {  # pydantic's error type -> what the value must be
+    "greater_than_equal": "must be at least {ge}", "less_than_equal": "must be at most {le}",
+    "greater_than": "must be above {gt}", "less_than": "must be below {lt}",
+    "int_type": "must be a whole number", "int_from_float": "must be a whole number",
+    "float_type": "must be a number", "bool_type": "must be true or false", "string_type": "must be a string",
+    "string_too_short": "must not be empty", "string_pattern_mismatch": "is malformed",
+    "list_type": "must be a list", "too_short": "must have at least {min_length} item(s)",
+    "too_long": "must have at most {max_length} item(s)", "literal_error": "must be {expected}",
+    "enum": "must be {expected}",
+}
+
+
+def _problems(error: ValidationError, names: dict[str, str], recipe_keys: set[str], source: str | None) -> list[str]:
+    """One line per problem: `<file>: <path> <value> <what it must be> (<the setting>): e.g. <example>`."""
+    lines: list[str] = []
+    for e in error.errors():
+        path, branch = _path(e["loc"])
+        cause = e.get("ctx", {}).get("error")
+        paths = [path]
+        if isinstance(cause, Rule):  # a validator's rule joining settings: name each as the user wrote it
+            paths = [f"{path}.{p}" if path else p for p in cause.paths]
+            line = cause.message.format(*(names.get(p, p) for p in paths))
+        elif e["type"] == "missing":
+            shorthand = next((s for s, p in SHORTHANDS.items() if p == path), None)
+            paths, line = [], (f"{shorthand} is missing: pass {shorthand} or set {path} in the recipe" if shorthand
+                               else f"{path} is missing")
+        elif e["type"] == "extra_forbidden":
+            parent = path.rpartition(".")[0]
+            line = (f"{path} is not a recipe key; the keys allowed {f'under {parent}' if parent else 'at the top'} "
+                    f"are {_keys(parent)}")
+        elif e["type"] == "model_type":  # a section that is not a mapping
+            line = f"{names.get(path, path)} {e['input']!r} must be a mapping with the keys {_keys(path)}"
+        else:  # a value of the wrong type or out of range; for a union, whichever branch it missed
+            rule = "is not valid" if branch else _rule(e)
+            line = f"{names.get(path, path)} {e['input']!r} {rule}{_fix(_field_at(path))}"
+        if source and any(_within(p, recipe_keys) for p in paths):
+            line = f"{source}: {line}"
+        if line not in lines:  # each branch of a union reports the same value
+            lines.append(line)
+    return lines
+
+
+def _within(path: str, keys: set[str]) -> bool:
+    """Whether `path` is one of `keys` or inside one (an item of a list the recipe gave)."""
+    return any(path == key or path.startswith((f"{key}.", f"{key}[")) for key in keys)
+
+
+def _keys(section: str) -> str:
+    return ", ".join(_model_at(section).model_fields)
+
+
+def _path(loc: tuple) -> tuple[str, bool]:
+    """`training_config.model.optim.betas[1]` from pydantic's loc, keys as written, and whether it went through a
+    union's branch (whose tags are left out of the path)."""
+    path, model, branch = "", RunConfig, False
+    for part in loc:
+        field = _field(model, part) if model is not None and isinstance(part, str) else None
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif field is not None or model is not None:  # a key, or an unknown key
+            path += f".{part}" if path else part
+        else:
+            branch = True
+        model = _section_type(field) if field is not None else None
+    return path, branch
+
+
+def _rule(e: dict) -> str:
+    ctx = {k: (f"{v:g}" if isinstance(v, float) else v) for k, v in e.get("ctx", {}).items()}
+    return _RULES[e["type"]].format(**ctx) if e["type"] in _RULES else e["msg"].lower()
+
+
+def _fix(field: FieldInfo | None) -> str:
+    """What the setting is and an example, from its docstring and examples."""
+    if field is None:
+        return ""
+    text = " ".join((field.description or "").split()).rstrip(".")
+    described = f" ({text})" if text else ""
+    example = f": e.g. {field.examples[0]!r}" if field.examples else ""
+    return described + example
+
+
+def _field_at(path: str) -> FieldInfo | None:
+    model, field = RunConfig, None
+    for key in path.split("[")[0].split("."):  # an item of a list: the list's field describes it
+        field = _field(model, key) if model is not None else None
+        model = _section_type(field) if field is not None else None
+    return field
+
+
+def _model_at(path: str) -> type[BaseModel] | None:
+    model = RunConfig
+    for key in filter(None, path.split(".")):
+        field = _field(model, key) if model is not None else None
+        model = _section_type(field) if field is not None else None
+    return model
+
+
+def _field(model: type[BaseModel], key: str) -> FieldInfo | None:
+    """The field named `key`, or whose alias it is (Nova's data_s3_path for train_data_path)."""
+    for name, field in model.model_fields.items():
+        if key == name or key in getattr(field.validation_alias, "choices", ()):
+            return field
+    return None
+
+
+def _section_type(field: FieldInfo) -> type[BaseModel] | None:
+    annotation = field.annotation
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None

@@ -7,15 +7,20 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tasks.config import RunConfig
+from tasks.run_record import RunRecord
 from tasks.tracking import client
 
 ALIAS = "candidate"  # the newest trained version; promotion to "champion" is a decision for later
 
 
 @task(name="register-model", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def register_model(hf_dir: str, registered_name: str, mlflow_run_id: str, tags: dict[str, str]) -> int:
+def register_model(record: RunRecord, config: RunConfig, hf_dir: str) -> int:
     """Log the Hugging Face export as an MLflow transformers model and register a new version of it."""
-    mlflow_client = client()
+    mlflow_client, mlflow_run_id = client(), record.mlflow_run_id
+    registered_name = config.registered_model_name(record.name)
+    tags = {"tessera.run_name": record.name, "tessera.base_model": config.run.model_name_or_path,
+            "tessera.task_type": config.run.task_type.value, "mlflow_run_id": mlflow_run_id}
     # MLflow 3.17 can log a checkpoint folder without loading it, but that path breaks on transformers 5.23
     # (pipeline classes became lazy strings), so log the loaded model and tokenizer.
     model = {"model": AutoModelForCausalLM.from_pretrained(hf_dir), "tokenizer": AutoTokenizer.from_pretrained(hf_dir)}

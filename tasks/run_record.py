@@ -1,4 +1,15 @@
-"""The run folder's record of a run (names and ids), read by hooks and the API without a server round trip."""
+"""A run's folder and its record (names and ids), read by the steps, the hooks and the API without a server
+round trip. The folder's layout is defined here and nowhere else:
+
+    TESSERA_HOME/runs/<run name>/
+        run.json                this record
+        spec.json               what the train task hands the worker (tasks.training.spec)
+        worker.pgid             the training worker's process group, while it runs
+        logs/                   worker.log, worker.stderr.log
+        checkpoints/            ep*-ba*/, huggingface/ba*/, latest-sharded-rank0.symlink (tasks.training.checkpoints)
+        custom_weights/         custom_weights_path, when fetched from a store
+        eval_generations.json   the answers to the eval prompts so far
+"""
 
 import getpass
 import json
@@ -19,6 +30,30 @@ class RunRecord:
     @property
     def dir(self) -> Path:
         return runs_dir() / self.name
+
+    @property
+    def spec(self) -> Path:
+        return self.dir / "spec.json"
+
+    @property
+    def pgid_file(self) -> Path:
+        return self.dir / "worker.pgid"
+
+    @property
+    def logs(self) -> Path:
+        return self.dir / "logs"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def custom_weights(self) -> Path:
+        return self.dir / "custom_weights"
+
+    @property
+    def generations(self) -> Path:
+        return self.dir / "eval_generations.json"
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -57,5 +57,4 @@ def start_run(params: dict, run_name: str, experiment_path: str, user: str) -> t
     client().log_batch(run.info.run_id, params=[
         mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items() if v is not None
     ])
-    client().log_dict(run.info.run_id, params, "config/resolved.yaml")  # the whole config, as a recipe reads
     return experiment_id, run.info.run_id

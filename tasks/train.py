@@ -2,8 +2,6 @@
 
 import json
 import math
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,76 +12,107 @@ from mlflow.entities import Metric
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.errors import InvalidInputError, TesseraError
+from tasks.config import RunConfig
+from tasks.errors import InvalidInputError, TrainingDiverged, WorkerFailed
 from tasks.events import RunEvent, emit
-from tasks.retries import unless_bad_input
+from tasks.process_group import stop_group
+from tasks.retries import retryable
+from tasks.run_record import RunRecord
 from tasks.tracking import client
 from tasks.training import protocol
 from tasks.training.spec import TrainSpec
 
 EVENT_EVERY_S = 2.0  # at most one TRAIN_UPDATED event per this many seconds (the last one always)
-PGID_FILE = "worker.pgid"
-
-
-class WorkerFailed(TesseraError):
-    """The training worker exited non-zero; the message is its own last words."""
-
-
-BAD_INPUT_EXIT = 2  # the worker's exit code for a spec or data it refuses: retrying cannot help
-DIVERGED_EXIT = 3  # the worker's exit code after a `diverged` line (worker.DIVERGED_EXIT, not imported: it loads torch)
 PROGRESS_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb", "mfu")
 
 
-class TrainingDiverged(InvalidInputError):
-    """The loss went non-finite or spiked. Not retried, like bad input: a retry from the same checkpoint with the
-    same learning rate would diverge again."""
-
-
-def diverged_message(diverged: dict, learning_rate: float) -> str:
-    """What happened and what to do: `training diverged at batch 7: loss nan (not a number); lower learning_rate
-    (now 0.5) and start again from the last checkpoint ep0-ba5`."""
-    where = (
-        f"from the last checkpoint {diverged['checkpoint']}" if diverged.get("checkpoint")
-        else "from the start (no checkpoint was saved before it)"
-    )
-    return (
-        f"training diverged at batch {diverged['batch']}: {diverged['reason']}; "
-        f"lower learning_rate (now {learning_rate:g}) and start again {where}"
-    )
-
-
-def train_message(p: dict, unit: str) -> str:
-    """`[epoch=1/2][batch=5/20][ETA=3min] Train loss: 1.71`, in the unit of the run's duration."""
-    eta = _eta(p)
-    if unit == "tok":
-        where = f"[token={p['tokens']}/{p['total_tokens']}]"
-    elif unit == "ba":
-        where = f"[batch={p['batch']}/{p['total_batches']}]"
-    else:
-        where = f"[epoch={p['epoch']}/{p['epochs']}][batch={p['batch']}/{p['total_batches']}]"
-    return f"{where}[ETA={eta}] Train loss: {p['loss']:.2f}"
-
-
-def finished_message(finished: dict, stopped: dict | None) -> str:
-    """TRAIN_FINISHED's message: the batches trained, or why early stopping ended the run where it did."""
+# A retry resumes from the latest checkpoint: the worker finds it through latest-sharded-rank0.symlink.
+@task(name="train", retries=2, retry_delay_seconds=5, retry_condition_fn=retryable, cache_policy=NO_CACHE)
+def train(record: RunRecord, config: RunConfig, model_dir: str, train_rows: str, eval_rows: str | None,
+          init_from: str | None) -> str:
+    """Train until the duration is reached, resuming from the latest checkpoint on a retry; returns the HF export."""
+    spec = TrainSpec.build(record.name, config, Path(model_dir), Path(train_rows), record.checkpoints,
+                           eval_data_dir=eval_rows, init_from=init_from,
+                           processes=processes_for(config.training_config.deepspeed.processes))
+    spec.save(record.spec)
+    record.logs.mkdir(exist_ok=True)
+    stderr_log = record.logs / "worker.stderr.log"
+    mlflow_client = client()
+    generations: list[dict] = []
+    finished: dict | None = None
+    stopped: dict | None = None  # early stopping's reason, when it ended the run
+    diverged: dict | None = None  # the divergence guard's finding, when it ended the run
+    last_event = 0.0
+    # stderr apart from stdout: its last line is the worker's reason when it fails.
+    with open(record.logs / "worker.log", "a") as log, open(stderr_log, "a") as stderr:
+        proc = subprocess.Popen(
+            worker_command(spec, str(record.spec)),
+            stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
+            start_new_session=True,  # its own group: cancel and retry kill DeepSpeed and its children too
+        )
+        record.pgid_file.write_text(str(proc.pid))
+        try:
+            for line in proc.stdout:
+                msg = protocol.parse(line)
+                if msg is None:
+                    log.write(line)
+                    continue
+                kind = msg["kind"]
+                if kind == "started" and msg.get("resumed_from"):
+                    emit(record.name, RunEvent.TRAIN_UPDATED, f"resumed from {msg['resumed_from']}", **msg)
+                elif kind == "progress":
+                    _log_metrics(mlflow_client, record.mlflow_run_id, msg["batch"],
+                                 {k: msg.get(k) for k in PROGRESS_METRICS})
+                    now = time.monotonic()
+                    if now - last_event >= EVENT_EVERY_S or msg["batch"] == msg["total_batches"]:
+                        emit(record.name, RunEvent.TRAIN_UPDATED, train_message(msg, config.duration.unit), **msg)
+                        last_event = now
+                elif kind == "eval":
+                    _log_metrics(mlflow_client, record.mlflow_run_id, msg["batch"], {"eval_loss": msg["loss"]})
+                elif kind == "generations":
+                    generations += [
+                        {"batch": msg["batch"], "prompt": p, "response": r}
+                        for p, r in zip(msg["prompts"], msg["responses"])
+                    ]
+                    record.generations.write_text(json.dumps(generations, indent=1))
+                elif kind == "pruned":
+                    log.write(pruned_message(msg))
+                elif kind == "diverged":
+                    diverged = msg
+                elif kind == "stopped":
+                    stopped = msg
+                elif kind == "finished":
+                    finished = msg
+            returncode = proc.wait()
+        finally:
+            if proc.poll() is None:  # cancelled or crashed while training: take the worker down with us
+                kill_worker(record)
+            record.pgid_file.unlink(missing_ok=True)
+    if generations:
+        mlflow_client.log_table(record.mlflow_run_id, data={k: [g[k] for g in generations] for k in generations[0]},
+                                artifact_file="eval_generations.json")
+    if returncode == protocol.DIVERGED_EXIT and diverged is not None:
+        raise TrainingDiverged(diverged_message(diverged, config.training_config.model.optim.lr))
+    if returncode == protocol.BAD_INPUT_EXIT:
+        raise InvalidInputError(protocol.why(stderr_log))
+    if returncode != 0 or finished is None:
+        raise WorkerFailed(f"training worker exited with code {returncode}: {protocol.why(stderr_log)}")
+    payload = {**finished, "stopped_early": stopped is not None}
     if stopped:
-        return f"training stopped early at batch {stopped['batch']}: {stopped['reason']}"
-    return f"training finished after {finished['batch']} batches"
+        payload.update(reason=stopped["reason"], best_eval_loss=stopped["best_loss"], best_batch=stopped["best_batch"])
+    emit(record.name, RunEvent.TRAIN_FINISHED, finished_message(finished, stopped), **payload)
+    return finished["hf_path"]
 
 
-def pruned_message(p: dict) -> str:
-    """A line for the worker log when save_top_k removed older checkpoints."""
-    return f"save_top_k={p['keep']}: removed {', '.join(p['removed'])}\n"
-
-
-def _eta(p: dict) -> str:
-    done = p["tokens"] / p["total_tokens"] if p.get("total_tokens") else p["batch"] / p["total_batches"]
-    seconds = p["elapsed_s"] * (1 - done) / done if done > 0 else 0
-    if seconds < 60:
-        return f"{int(seconds)}s"
-    if seconds < 3600:
-        return f"{round(seconds / 60)}min"
-    return f"{int(seconds // 3600)}h{round(seconds % 3600 / 60)}min"
+def kill_worker(record: RunRecord) -> bool:
+    """Stop the run's worker with its whole process group (DeepSpeed and its children); True if one was running."""
+    try:
+        pgid = int(record.pgid_file.read_text())
+    except FileNotFoundError:
+        return False
+    stopped = stop_group(pgid)
+    record.pgid_file.unlink(missing_ok=True)
+    return stopped
 
 
 def processes_for(requested: int | None) -> int:
@@ -95,8 +124,8 @@ def processes_for(requested: int | None) -> int:
         return max(1, gpus)
     if gpus and requested > gpus:
         raise InvalidInputError(
-            f"processes {requested} is more than the {gpus} GPU(s) on this machine: pass processes={gpus} or fewer, "
-            "or null for one per GPU"
+            f"training_config.deepspeed.processes {requested} is more than the {gpus} GPU(s) on this machine: "
+            f"set it to {gpus} or fewer, or null for one per GPU"
         )
     return requested
 
@@ -119,105 +148,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def kill_worker(run_dir: Path, grace_s: float = 10.0) -> bool:
-    """Stop the worker's whole process group (DeepSpeed and any children); True if one was running."""
-    pgid_file = run_dir / PGID_FILE
-    if not pgid_file.exists():
-        return False
-    pgid = int(pgid_file.read_text())
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        pgid_file.unlink(missing_ok=True)
-        return False
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
+def diverged_message(diverged: dict, learning_rate: float) -> str:
+    """What happened and what to do: `training diverged at batch 7: loss nan (not a number); lower learning_rate
+    (now 0.5) and start again from the last checkpoint ep0-ba5`."""
+    where = (
+        f"from the last checkpoint {diverged['checkpoint']}" if diverged.get("checkpoint")
+        else "from the start (no checkpoint was saved before it)"
+    )
+    return (
+        f"training diverged at batch {diverged['batch']}: {diverged['reason']}; "
+        f"lower learning_rate (now {learning_rate:g}) and start again {where}"
+    )
+
+
+def train_message(p: dict, unit: str) -> str:
+    """`[epoch=1/2][batch=5/20][ETA=3min] Train loss: 1.71`, in the unit of the run's duration."""
+    if unit == "tok":
+        where = f"[token={p['tokens']}/{p['total_tokens']}]"
+    elif unit == "ba":
+        where = f"[batch={p['batch']}/{p['total_batches']}]"
     else:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    pgid_file.unlink(missing_ok=True)
-    return True
+        where = f"[epoch={p['epoch']}/{p['epochs']}][batch={p['batch']}/{p['total_batches']}]"
+    return f"{where}[ETA={_duration(protocol.seconds_left(p) or 0)}] Train loss: {p['loss']:.2f}"
 
 
-# A retry resumes from the latest checkpoint: the worker finds it through latest-sharded-rank0.symlink.
-@task(name="train", retries=2, retry_delay_seconds=5, retry_condition_fn=unless_bad_input, cache_policy=NO_CACHE)
-def train(spec_path: str, mlflow_run_id: str, duration_unit: str) -> str:
-    """Train until the duration is reached, resuming from the latest checkpoint on a retry; returns the HF export."""
-    spec = TrainSpec.from_json(spec_path)
-    run_dir = Path(spec_path).parent
-    logs = run_dir / "logs"
-    logs.mkdir(exist_ok=True)
-    mlflow_client = client()
-    generations: list[dict] = []
-    finished: dict | None = None
-    stopped: dict | None = None  # early stopping's reason, when it ended the run
-    diverged: dict | None = None  # the divergence guard's finding, when it ended the run
-    last_event = 0.0
-    # stderr apart from stdout: its last line is the worker's reason when it fails.
-    with open(logs / "worker.log", "a") as log, open(logs / "worker.stderr.log", "a") as stderr:
-        proc = subprocess.Popen(
-            worker_command(spec, spec_path),
-            stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
-            start_new_session=True,  # its own group: cancel and retry kill DeepSpeed and its children too
-        )
-        (run_dir / PGID_FILE).write_text(str(proc.pid))
-        try:
-            for line in proc.stdout:
-                msg = protocol.parse(line)
-                if msg is None:
-                    log.write(line)
-                    continue
-                kind = msg["kind"]
-                if kind == "started" and msg.get("resumed_from"):
-                    emit(spec.run_name, RunEvent.TRAIN_UPDATED, f"resumed from {msg['resumed_from']}", **msg)
-                elif kind == "progress":
-                    _log_metrics(mlflow_client, mlflow_run_id, msg["batch"], {k: msg.get(k) for k in PROGRESS_METRICS})
-                    now = time.monotonic()
-                    if now - last_event >= EVENT_EVERY_S or msg["batch"] == msg["total_batches"]:
-                        emit(spec.run_name, RunEvent.TRAIN_UPDATED, train_message(msg, duration_unit), **msg)
-                        last_event = now
-                elif kind == "eval":
-                    _log_metrics(mlflow_client, mlflow_run_id, msg["batch"], {"eval_loss": msg["loss"]})
-                elif kind == "generations":
-                    generations += [
-                        {"batch": msg["batch"], "prompt": p, "response": r}
-                        for p, r in zip(msg["prompts"], msg["responses"])
-                    ]
-                    (run_dir / "eval_generations.json").write_text(json.dumps(generations, indent=1))
-                elif kind == "pruned":
-                    log.write(pruned_message(msg))
-                elif kind == "diverged":
-                    diverged = msg
-                elif kind == "stopped":
-                    stopped = msg
-                elif kind == "finished":
-                    finished = msg
-            returncode = proc.wait()
-        finally:
-            if proc.poll() is None:  # cancelled or crashed while training: take the worker down with us
-                kill_worker(run_dir)
-            (run_dir / PGID_FILE).unlink(missing_ok=True)
-    if generations:
-        mlflow_client.log_table(mlflow_run_id, data={k: [g[k] for g in generations] for k in generations[0]},
-                                artifact_file="eval_generations.json")
-    if returncode == DIVERGED_EXIT and diverged is not None:
-        raise TrainingDiverged(diverged_message(diverged, spec.learning_rate))
-    if returncode == BAD_INPUT_EXIT:
-        raise InvalidInputError(_last_words(logs / "worker.stderr.log"))
-    if returncode != 0 or finished is None:
-        raise WorkerFailed(f"training worker exited with code {returncode}: {_last_words(logs / 'worker.stderr.log')}")
-    payload = {**finished, "stopped_early": stopped is not None}
+def finished_message(finished: dict, stopped: dict | None) -> str:
+    """TRAIN_FINISHED's message: the batches trained, or why early stopping ended the run where it did."""
     if stopped:
-        payload.update(reason=stopped["reason"], best_eval_loss=stopped["best_loss"], best_batch=stopped["best_batch"])
-    emit(spec.run_name, RunEvent.TRAIN_FINISHED, finished_message(finished, stopped), **payload)
-    return finished["hf_path"]
+        return f"training stopped early at batch {stopped['batch']}: {stopped['reason']}"
+    return f"training finished after {finished['batch']} batches"
+
+
+def pruned_message(p: dict) -> str:
+    """A line for the worker log when save_top_k removed older checkpoints."""
+    return f"save_top_k={p['keep']}: removed {', '.join(p['removed'])}\n"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{int(seconds)}s"
+    if seconds < 3600:
+        return f"{round(seconds / 60)}min"
+    return f"{int(seconds // 3600)}h{round(seconds % 3600 / 60)}min"
 
 
 def _log_metrics(mlflow_client, run_id: str, step: int, values: dict) -> None:
@@ -225,8 +197,3 @@ def _log_metrics(mlflow_client, run_id: str, step: int, values: dict) -> None:
     # Not NaN or inf (a diverged step's loss): the `diverged` line reports those, and a chart cannot plot them.
     metrics = [Metric(k, float(v), now_ms, step) for k, v in values.items() if v is not None and math.isfinite(v)]
     mlflow_client.log_batch(run_id, metrics=metrics)
-
-
-def _last_words(log_path: Path) -> str:
-    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1] if lines else "no output; see the worker log"

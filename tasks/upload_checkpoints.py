@@ -6,9 +6,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import TesseraError
-from tasks.training.checkpoint_names import LATEST
+from tasks.run_record import RunRecord
 from tasks.tracking import client
-
+from tasks.training.checkpoint_names import LATEST
 
 
 def artifact_dir(run_name: str) -> str:
@@ -16,21 +16,21 @@ def artifact_dir(run_name: str) -> str:
 
 
 @task(name="upload-checkpoints", retries=3, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def upload_checkpoints(run_name: str, checkpoints_dir: str, mlflow_run_id: str) -> list[str]:
+def upload_checkpoints(record: RunRecord) -> list[str]:
     """Upload every checkpoint folder; the latest symlink travels as a text file naming its target."""
-    mlflow_client = client()
-    root = Path(checkpoints_dir)
-    dest = artifact_dir(run_name)
+    mlflow_client, run_id = client(), record.mlflow_run_id
+    root = record.checkpoints
+    dest = artifact_dir(record.name)
     for child in sorted(root.iterdir()):
         if child.name == LATEST:
             # Object stores have no symlinks; like Composer, store the target's name in a file.
-            marker = root.parent / "logs" / LATEST
+            marker = record.logs / LATEST
             marker.write_text(child.resolve().name)
-            mlflow_client.log_artifact(mlflow_run_id, str(marker), dest)
+            mlflow_client.log_artifact(run_id, str(marker), dest)
         elif child.is_dir():
-            mlflow_client.log_artifacts(mlflow_run_id, str(child), f"{dest}/{child.name}")
-    _verify(mlflow_client, mlflow_run_id, root, dest)
-    base = mlflow_client.get_run(mlflow_run_id).info.artifact_uri.rstrip("/")
+            mlflow_client.log_artifacts(run_id, str(child), f"{dest}/{child.name}")
+    _verify(mlflow_client, run_id, root, dest)
+    base = mlflow_client.get_run(run_id).info.artifact_uri.rstrip("/")
     return [f"{base}/{dest}/{p.name}" for p in sorted(root.glob("ep*-ba*")) if p.is_dir()]
 
 

@@ -1,39 +1,32 @@
 """Step 1: every path and name the run refers to exists, before any compute is spent."""
 
-from dataclasses import replace
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import RunConfig, TaskType
+from tasks.config import RunConfig
 from tasks.custom_weights import check_custom_weights
-from tasks.errors import InvalidInputError
-from tasks.models import check_model
-from tasks.storage import check_data_path
-
-DEFAULT_MAX_CONTEXT = 8192
+from tasks.models import context_length_for
+from tasks.run_record import RunRecord
+from tasks.data.sources import check_data_path
+from tasks.tracking import client
 
 
 def check_paths(config: RunConfig) -> RunConfig:
-    """The config with its context length resolved, or an InvalidInputError saying what to fix."""
-    max_context = check_model(config.model)
-    task_type = TaskType(config.task_type)
-    check_data_path(config.train_data_path, "train_data_path", task_type)
-    if config.eval_data_path:
-        check_data_path(config.eval_data_path, "eval_data_path", task_type)
-    if config.custom_weights_path:
-        check_custom_weights(config.custom_weights_path)
-    if config.context_length is None:
-        return replace(config, context_length=min(DEFAULT_MAX_CONTEXT, max_context))
-    if config.context_length > max_context:
-        raise InvalidInputError(
-            f"context_length {config.context_length} exceeds the maximum of {config.model} ({max_context}): "
-            f"pass context_length={max_context} or less"
-        )
-    return config
+    """The config with its context length resolved, or an InvalidInputError naming the setting to fix."""
+    run = config.run
+    for path in ("run.train_data_path", "run.eval_data_path"):
+        if uri := getattr(run, path.split(".")[1]):
+            check_data_path(uri, config.name_of(path), run.task_type)
+    if run.custom_weights_path:
+        check_custom_weights(run.custom_weights_path, config.name_of("run.custom_weights_path"))
+    length = context_length_for(run.model_name_or_path, config.training_config.max_length,
+                                config.name_of("training_config.max_length"))
+    return config.replace({"training_config.max_length": length})
 
 
 @task(name="validate-paths", cache_policy=NO_CACHE)
-def validate_paths(config: RunConfig) -> RunConfig:
-    """Check the model, data and checkpoint paths; resolve the context length."""
-    return check_paths(config)
+def validate_paths(record: RunRecord, config: RunConfig) -> RunConfig:
+    """Check the model, data and checkpoint paths; resolve the context length; keep the resolved config."""
+    config = check_paths(config)
+    client().log_dict(record.mlflow_run_id, config.to_recipe(), "config/resolved.yaml")  # a recipe that reruns it
+    return config

@@ -124,4 +124,15 @@ def test_create_from_a_recipe_refuses_a_bad_key_before_any_run(tmp_path):
     done = subprocess.run([str(Path(sys.executable).parent / "tessera"), "create", "--recipe", str(bad)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "training_config.model.optim.lr: learning_rate 0.03 is outside" in " ".join(done.stdout.split())
+    assert f"{bad}: training_config.model.optim.lr 0.03 must be at most 0.001" in " ".join(done.stdout.split())
+
+
+def test_create_sets_any_setting_by_its_path_and_refuses_a_wrong_one_before_any_run():
+    recipe = Path(__file__).parents[1] / "examples" / "recipes" / "full.yaml"
+    for setting, said in (("training_config.trainer.max_step=40", "training_config.trainer.max_step is not a recipe "
+                           "key; the keys allowed under training_config.trainer are max_epochs, max_steps"),
+                          ("training_config.seed=1.5", "training_config.seed 1.5 must be a whole number"),
+                          ("training_config.seed", "--set 'training_config.seed' is not PATH=VALUE")):
+        done = tessera("create", "--recipe", str(recipe), "--set", setting)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert said in " ".join(done.stdout.split()) and "Traceback" not in done.stdout + done.stderr

@@ -65,13 +65,6 @@ def test_percentiles_by_nearest_rank():
     assert TokenStats(8).summary() == {"min": 0, "p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0.0}
 
 
-def test_estimate_is_tokens_times_epochs():
-    stats = stats_of(2048, [1000, 500, 500])
-    assert stats.estimate(3) == 6000 and stats.estimate(0.5) == 1000
-    assert stats.estimate_message(3) == ("the data set has ~2,000 tokens to train on; 3 epoch(s) train on ~6,000 "
-                                         "tokens (tokens × epochs)")
-
-
 def test_warnings_at_their_thresholds():
     # Chat and instructions: fewer tokens than one full context.
     for task_type in (TaskType.CHAT_COMPLETION, TaskType.INSTRUCTION_FINETUNE):

@@ -1,16 +1,17 @@
-"""Nova-style recipes: every key lands in one RunConfig field, checked; unknown and unsupported keys are refused."""
+"""Nova-style recipes are the config's own YAML form: every key checked where it is, errors naming the file and
+the key, the anchor's arguments winning over it, and a run's resolved config a recipe that runs it again."""
 
-import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from flows.foundation_model import config_from
+from tasks.config import RunConfig
 from tasks.errors import InvalidInputError
-from tasks.recipe import load_recipe
+from tasks.recipe import configure, load_recipe
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "recipes" / "full.yaml"
+EXAMPLES = Path(__file__).parents[1] / "examples" / "recipes"
+EXAMPLE = EXAMPLES / "full.yaml"
 
 
 def recipe(**changes) -> dict:
@@ -28,74 +29,114 @@ def recipe(**changes) -> dict:
     return data
 
 
-def test_the_example_recipe_sets_the_run_config():
-    config = config_from(EXAMPLE, {})
-    assert (config.model, config.train_data_path, config.register_to) == (
+def test_the_example_recipe_sets_the_config():
+    config = configure(EXAMPLE)
+    run, training = config.run, config.training_config
+    assert (run.model_name_or_path, run.train_data_path, run.register_to) == (
         "HuggingFaceTB/SmolLM2-135M-Instruct", "examples/data/tessera_chat.jsonl", "main.demo")
-    assert (config.training_duration, config.context_length, config.learning_rate) == ("2ep", 256, 3e-4)
-    assert (config.warmup_steps, config.min_lr, config.lr_schedule, config.adam_betas) == (2, 3e-5, "cosine", [0.9, 0.95])
-    assert (config.eval_every_n_steps, config.save_every_n_steps, config.gradient_clip) == (6, 12, 1.0)
+    assert (str(config.duration), training.max_length, training.model.optim.lr) == ("2ep", 256, 3e-4)
+    sched = training.model.optim.sched
+    assert (sched.warmup_steps, sched.min_lr, sched.name, training.model.optim.betas) == (2, 3e-5, "cosine", [0.9, 0.95])
+    assert (training.trainer.val_check_interval, training.save_steps, training.trainer.gradient_clip_val) == (6, 12, 1.0)
+    assert (training.save_top_k, training.early_stopping.patience, training.early_stopping.min_delta) == (2, 3, 0.0)
 
 
-def test_checkpoint_pruning_and_early_stopping_come_from_the_recipe():
-    config = config_from(recipe(training_config__save_top_k=2,
-                                training_config__early_stopping={"monitor": "val_loss", "patience": 3,
-                                                                 "min_delta": 0.01}), {})
-    assert (config.save_top_k, config.early_stopping_patience, config.early_stopping_min_delta) == (2, 3, 0.01)
+def test_every_example_recipe_loads():
+    for path in EXAMPLES.glob("*.yaml"):
+        assert isinstance(configure(path), RunConfig), path
+    lora = configure(EXAMPLES / "lora.yaml").training_config.model.peft
+    assert (lora.peft_scheme, lora.lora_tuning.rank, lora.lora_tuning.alpha, lora.lora_tuning.loraplus_lr_ratio) == (
+        "lora", 16, 32, 8.0)
 
 
-def test_a_lora_recipe():
-    config = config_from(recipe(training_config__model__peft={
-        "peft_scheme": "lora", "lora_tuning": {"alpha": 64, "adapter_dropout": 0.01, "loraplus_lr_ratio": 8.0,
-                                               "rank": 8, "target_modules": ["q_proj", "v_proj"]}}), {})
-    assert (config.peft_scheme, config.lora_alpha, config.lora_dropout, config.loraplus_lr_ratio, config.lora_rank,
-            config.lora_target_modules) == ("lora", 64, 0.01, 8.0, 8, ["q_proj", "v_proj"])
+def test_arguments_and_overrides_win_over_the_recipe():
+    config = configure(EXAMPLE, {"learning_rate": 1e-4, "training_duration": "30ba", "model": "/models/other"})
+    assert (config.training_config.model.optim.lr, str(config.duration), config.run.model_name_or_path) == (
+        1e-4, "30ba", "/models/other")
+    assert config.training_config.trainer.max_epochs is None  # the argument replaced the recipe's duration
+    assert str(configure(recipe(training_config__trainer__max_epochs=None, training_config__trainer__max_steps=40))
+               .duration) == "40ba"
+    assert configure(EXAMPLE, overrides={"training_config.seed": 3}).training_config.seed == 3
 
 
-def test_arguments_override_the_recipe():
-    config = config_from(EXAMPLE, {"learning_rate": 1e-4, "training_duration": "30ba", "model": "/models/other"})
-    assert (config.learning_rate, config.training_duration, config.model) == (1e-4, "30ba", "/models/other")
-    assert config_from(recipe(training_config__trainer__max_epochs=None, training_config__trainer__max_steps=40),
-                       {}).training_duration == "40ba"
+def test_nova_names_and_empty_sections():
+    nova = recipe(run__train_data_path=None, run__data_s3_path="train.jsonl",
+                  run__eval_data_path=None, run__validation_data_s3_path="eval.jsonl")
+    config = configure(nova)
+    assert (config.run.train_data_path, config.run.eval_data_path) == ("train.jsonl", "eval.jsonl")
+    emptied = recipe(training_config__model__peft=None)
+    emptied["training_config"]["model"]["peft"] = None  # `peft:` with nothing under it
+    assert configure(emptied).training_config.model.peft.peft_scheme is None
 
 
 @pytest.mark.parametrize("changes, message", [
     (dict(training_config__model__optim__lr=2e-3),
-     "recipe: training_config.model.optim.lr: learning_rate 0.002 is outside 1e-06 to 0.001"),
+     "recipe: training_config.model.optim.lr 0.002 must be at most 0.001 (The peak learning rate"),
     (dict(training_config__model__optim__sched__warmup_steps=30),
-     "training_config.model.optim.sched.warmup_steps: warmup_steps 30 must be an integer from 1 to 20"),
+     "recipe: training_config.model.optim.sched.warmup_steps 30 must be at most 20 (Steps of linear warmup, 1-20"),
     (dict(training_config__model__optim__sched__min_lr=5e-4),
-     "training_config.model.optim.sched.min_lr: min_lr 0.0005 must be at least 0 and below learning_rate"),
+     "recipe: training_config.model.optim.sched.min_lr 0.0005 must be below training_config.model.optim.lr (0.0003)"),
     (dict(training_config__model__attention_dropout=1.5),
-     "training_config.model.attention_dropout: attention_dropout 1.5 must be from 0 to below 1"),
-    (dict(training_config__trainer__max_epochs=6), "training_config.trainer.max_epochs 6 must be an integer from 1 to 5"),
-    (dict(training_config__trainer__max_steps=10), "give training_config.trainer.max_epochs or "
+     "recipe: training_config.model.attention_dropout 1.5 must be below 1"),
+    (dict(training_config__trainer__max_epochs=0), "recipe: training_config.trainer.max_epochs 0 must be at least 1"),
+    (dict(training_config__trainer__max_steps=10), "recipe: give training_config.trainer.max_epochs or "
                                                    "training_config.trainer.max_steps, not both"),
-    (dict(training_config__model__optim__sched__name="step"), "lr_schedule 'step' is unknown: use one of cosine"),
-    (dict(training_config__model__optim__name="sgd"), "training_config.model.optim.name 'sgd' is unknown"),
-    (dict(training_config__model__optim__betas=[0.9]), "adam_betas [0.9] must be two numbers in [0, 1)"),
+    (dict(training_config__model__optim__sched__name="step"),
+     "training_config.model.optim.sched.name 'step' must be 'cosine', 'linear' or 'constant'"),
+    (dict(training_config__model__optim__name="sgd"),
+     "training_config.model.optim.name 'sgd' must be 'adamw', 'distributed_fused_adam' or 'fused_adam'"),
+    (dict(training_config__model__optim__adam_w_mode=False), "training_config.model.optim.adam_w_mode False must be True"),
+    (dict(training_config__model__optim__betas=[0.9]),
+     "training_config.model.optim.betas [0.9] must have at least 2 item(s)"),
+    (dict(training_config__model__optim__betas=[0.9, 1.0]), "recipe: training_config.model.optim.betas[1] 1.0 must be below 1"),
     (dict(training_config__max_lenght=256),
-     "training_config.max_lenght is not a recipe key; the keys allowed under training_config are max_length"),
-    (dict(run__model_type="amazon.nova-lite-v1:0:300k"), "run.model_type is not a recipe key"),
-    (dict(training_config__model__peft__peft_scheme="dora"), "peft_scheme 'dora' is unknown: use null"),
+     "recipe: training_config.max_lenght is not a recipe key; the keys allowed under training_config are max_length"),
+    (dict(run__model_type="amazon.nova-lite-v1:0:300k"), "recipe: run.model_type is not a recipe key"),
+    (dict(run__model="m"), "run.model is not a recipe key; the keys allowed under run are name, model_name_or_path"),
+    (dict(training_config__max_length=1000000.5), "recipe: training_config.max_length 1000000.5 must be a whole number"),
+    (dict(training_config__model__peft__peft_scheme="dora"),
+     "training_config.model.peft.peft_scheme 'dora' must be 'lora'"),
     (dict(training_config__model__peft__lora_tuning={"alpha": 48}),
-     "training_config.model.peft.lora_tuning.alpha: lora_alpha 48 must be one of 32, 64, 96, 128, 160, 192"),
-    (dict(training_config__model__peft__lora_tuning={"adapter_dropout": 1.0}), "lora_dropout 1.0 must be from 0"),
-    (dict(training_config__model__peft__lora_tuning={"loraplus_lr_ratio": 120}), "loraplus_lr_ratio 120 must be"),
-    (dict(training_config__model__peft__lora_tuning={"rank": 0}), "lora_rank 0 must be an integer from 1 to 256"),
-    (dict(training_config__early_stopping={"monitor": "train_loss"}), "'train_loss': only val_loss can be monitored"),
-    (dict(training_config__early_stopping={"patience": 0}), "early_stopping_patience 0 must be an integer of at least 1"),
-    (dict(training_config__save_top_k=0), "training_config.save_top_k: save_top_k 0 must be an integer of at least 1"),
-    (dict(training_config__model__hidden_dropout=1.5), "training_config.model.hidden_dropout: hidden_dropout 1.5 must be"),
-    (dict(training_config__deepspeed={"offload_optimizer": True}), "offload_optimizer needs zero_stage 1, 2 or 3"),
+     "recipe: training_config.model.peft.lora_tuning.alpha 48 must be 32, 64, 96, 128, 160 or 192"),
+    (dict(training_config__model__peft__lora_tuning={"adapter_dropout": 1.0}),
+     "training_config.model.peft.lora_tuning.adapter_dropout 1.0 must be below 1"),
+    (dict(training_config__model__peft__lora_tuning={"loraplus_lr_ratio": 120}),
+     "training_config.model.peft.lora_tuning.loraplus_lr_ratio 120 must be at most 100"),
+    (dict(training_config__model__peft__lora_tuning={"rank": 0}), "lora_tuning.rank 0 must be at least 1"),
+    (dict(training_config__model__peft__lora_tuning={"target_modules": []}),
+     "lora_tuning.target_modules must be all-linear or a non-empty list of module names"),
+    (dict(training_config__model__peft__lora_tuning={"target_modules": 5}), "lora_tuning.target_modules 5 is not valid"),
+    (dict(training_config__early_stopping={"monitor": "train_loss"}),
+     "training_config.early_stopping.monitor 'train_loss' must be 'val_loss'"),
+    (dict(training_config__early_stopping={"patience": 0}), "training_config.early_stopping.patience 0 must be at least 1"),
+    (dict(training_config__save_top_k=0), "recipe: training_config.save_top_k 0 must be at least 1"),
+    (dict(training_config__seed=True), "recipe: training_config.seed True must be a whole number"),
+    (dict(training_config__model__hidden_dropout=1.5), "training_config.model.hidden_dropout 1.5 must be below 1"),
+    (dict(training_config__deepspeed={"offload_optimizer": True}),
+     "recipe: training_config.deepspeed.offload_optimizer needs training_config.deepspeed.zero_stage 1, 2 or 3"),
+    (dict(training_config__deepspeed={"zero_stage": 4}),
+     "training_config.deepspeed.zero_stage 4 must be 0, 1, 2 or 3"),
     (dict(training_config__deepspeed={"processes": 3}),
-     "global_batch_size 8 must be a multiple of micro_batch_size 4 x processes 3"),
-    (dict(run__eval_data_path=None), "eval_every_n_steps 6 needs eval_data_path"),
-    (dict(run__register_to=None), "register_to is missing: pass it to create() or set it in the recipe's run"),
+     "recipe: training_config.global_batch_size 8 must be a multiple of training_config.micro_batch_size 4 x "
+     "training_config.deepspeed.processes 3"),
+    (dict(run__eval_data_path=None), "recipe: training_config.trainer.val_check_interval needs run.eval_data_path"),
+    (dict(run__register_to=None), "register_to is missing: pass register_to or set run.register_to in the recipe"),
+    (dict(training_config__trainer=[1]), "recipe: training_config.trainer [1] must be a mapping"),
 ])
-def test_bad_recipes_name_the_key_and_the_fix(changes, message):
-    with pytest.raises(InvalidInputError, match=re.escape(message)):
-        config_from(recipe(**changes), {})
+def test_bad_recipes_name_the_file_the_key_and_the_fix(changes, message):
+    with pytest.raises(InvalidInputError) as error:
+        configure(recipe(**changes))
+    assert message in str(error.value)
+
+
+def test_an_argument_is_named_as_the_argument_and_a_recipe_key_with_its_file(tmp_path):
+    with pytest.raises(InvalidInputError) as error:
+        configure(EXAMPLE, {"context_length": 2})
+    assert str(error.value).startswith("context_length 2 must be at least 8")
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump(recipe(training_config__max_length=2)))
+    with pytest.raises(InvalidInputError) as error:
+        configure(tmp_path / "short.yaml")
+    assert str(error.value).startswith(f"{tmp_path / 'short.yaml'}: training_config.max_length 2 must be at least 8")
 
 
 def test_a_file_that_is_not_yaml_names_its_line(tmp_path):
@@ -104,8 +145,12 @@ def test_a_file_that_is_not_yaml_names_its_line(tmp_path):
         load_recipe(tmp_path / "bad.yaml")
     with pytest.raises(InvalidInputError, match="recipe .*missing.yaml does not exist"):
         load_recipe(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(InvalidInputError, match="must be a mapping with the sections run and training_config"):
+        load_recipe(tmp_path / "list.yaml")
 
 
-def test_the_lora_example_recipe_loads():
-    config = config_from(EXAMPLE.with_name("lora.yaml"), {})
-    assert (config.peft_scheme, config.lora_rank, config.lora_alpha, config.loraplus_lr_ratio) == ("lora", 16, 32, 8.0)
+def test_a_resolved_config_written_as_yaml_is_a_recipe_for_the_same_run(tmp_path):
+    config = configure(EXAMPLES / "lora.yaml", {"learning_rate": 5e-4, "context_length": 128})
+    (tmp_path / "resolved.yaml").write_text(yaml.safe_dump(config.to_recipe(), sort_keys=False))
+    assert configure(tmp_path / "resolved.yaml") == config

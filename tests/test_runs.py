@@ -15,12 +15,14 @@ from pathlib import Path
 import mlflow
 import pyarrow as pa
 import pytest
-from deltalake import write_deltalake
 import yaml
+from deltalake import write_deltalake
+from prefect.client.schemas.actions import WorkPoolCreate
 
 from tasks.data.prepare import EVIDENCE
 from tasks.errors import InvalidInputError, TooManyActiveRunsError
 from tasks.home import tables_root, volumes_root
+from tasks.recipe import configure
 from tasks.tracking import client
 
 pytestmark = pytest.mark.e2e
@@ -151,10 +153,12 @@ def _worker_pids(run_name: str) -> list[str]:
     (dict(model="/no/such/folder"), r"model folder /no/such/folder does not exist"),
     (dict(train_data_path="/no/such/train.jsonl"), r"train_data_path /no/such/train.jsonl does not exist"),
     (dict(register_to="main"), r"register_to 'main' is malformed"),
-    (dict(task_type="CHAT"), r"task_type 'CHAT' is unknown"),
+    (dict(task_type="CHAT"), r"task_type 'CHAT' must be 'CHAT_COMPLETION'"),
     (dict(training_duration="two epochs"), r"is not a duration"),
     (dict(context_length=4096), r"context_length 4096 exceeds the maximum of .* \(1024\)"),
-    (dict(learning_rate=-1.0), r"learning_rate -1.0 must be a positive number"),
+    (dict(learning_rate=-1.0), r"learning_rate -1.0 must be at least 1e-06"),
+    (dict(learning_rate=1e-4, recipe={"training_config": {"max_length": 4096}}),
+     r"recipe: training_config.max_length 4096 exceeds the maximum of .* \(1024\)"),
     (dict(custom_weights_path="/no/such/ep1-ba4"), r"custom_weights_path /no/such/ep1-ba4 does not exist: pass a"),
     (dict(custom_weights_path="/tmp"), r"custom_weights_path /tmp is not a DeepSpeed checkpoint"),
 ])
@@ -194,27 +198,76 @@ def test_the_active_run_limit_holds_when_creates_race(fm, tiny_model_dir, chat_f
         _wait(fm, run, {fm.RunStatus.STOPPED}, timeout=180)
 
 
-def test_prefect_deployment_run_starts_the_same_flow(fm, tiny_model_dir, chat_file):
-    params = {"model": str(tiny_model_dir), "train_data_path": chat_file, "register_to": "main.cli",
-              "training_duration": "1ep", "context_length": 64}
-    done = subprocess.run(
+def _deployment_run(params: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-m", "prefect", "deployment", "run", "finetune/default", "--params", json.dumps(params)],
         capture_output=True, text=True, env={**os.environ, "PREFECT_API_URL": os.environ["PREFECT_API_URL"]},
         timeout=120,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", done.stdout).group(1)
-    deadline = time.monotonic() + 240
+
+
+def test_prefect_deployment_run_takes_the_config_or_the_anchors_arguments(fm, tiny_model_dir, chat_file):
+    config = {"run": {"model_name_or_path": str(tiny_model_dir), "train_data_path": chat_file, "register_to": "main.cli"},
+              "training_config": {"max_length": 64, "trainer": {"max_steps": 3}}}
+    anchor = {"model": str(tiny_model_dir), "train_data_path": chat_file, "register_to": "main.cli",
+              "training_duration": "1ep", "context_length": 64}
+    started = [_deployment_run(params) for params in ({"config": config}, anchor)]
+    assert all(done.returncode == 0 for done in started), [done.stdout + done.stderr for done in started]
+    flow_run_ids = [re.search(r"UUID: ([0-9a-f-]{36})", done.stdout).group(1) for done in started]
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        named = [r for r in fm.list(include_details=False) if r.flow_run_id == flow_run_id]
-        if named and named[0].status.is_terminal():
+        named = {r.flow_run_id: r for r in fm.list(include_details=False) if r.flow_run_id in flow_run_ids}
+        if len(named) == 2 and all(r.status.is_terminal() for r in named.values()):
             break
         time.sleep(2)
-    run = named[0]
-    assert run.status == fm.RunStatus.COMPLETED, run.details
-    assert run.name.startswith("ift-tiny-llama")  # the flow named itself like create() would
-    events = [e.type for e in fm.get_events(run.name, follow=True)]  # the server stores events a few s late
-    assert events[0] == "CREATED" and events[-1] == "COMPLETED", events
+    for flow_run_id, duration in zip(flow_run_ids, ("3ba", "1ep")):
+        run = named[flow_run_id]
+        assert run.status == fm.RunStatus.COMPLETED, run.details
+        assert run.name.startswith("ift-tiny-llama")  # the flow named itself like create() would
+        assert (run.training_duration, run.context_length, run.register_to) == (duration, 64, "main.cli")
+        events = [e.type for e in fm.get_events(run.name, follow=True)]  # the server stores events a few s late
+        assert events[0] == "CREATED" and events[-1] == "COMPLETED", events
+
+
+def test_the_deployment_refuses_a_bad_config_before_a_run_exists(fm, tiny_model_dir, chat_file):
+    """The deployment's parameter schema is the config's: the server (and the UI's form) check against it."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as prefect:
+        deployment = prefect.read_deployment_by_name("finetune/default")
+        before = len(prefect.read_flow_runs())
+    schema = deployment.parameter_openapi_schema
+    config = schema["definitions"]["RunConfig"]
+    assert set(config["properties"]) == {"run", "training_config"} and config["additionalProperties"] is False
+    lr = schema["definitions"]["Optim"]["properties"]["lr"]
+    assert (lr["maximum"], lr["default"]) == (1e-3, 5e-5) and "learning rate" in lr["description"]
+    assert {"model", "train_data_path", "register_to", "learning_rate"} <= set(schema["properties"])
+
+    bad = {"config": {"run": {"model_name_or_path": str(tiny_model_dir), "train_data_path": chat_file,
+                              "register_to": "main.cli"},
+                      "training_config": {"model": {"optim": {"lr": 5}}, "max_lenght": 64}}}
+    done = _deployment_run(bad)
+    assert done.returncode != 0 and "lr" in done.stdout + done.stderr, done.stdout + done.stderr
+    with get_client(sync_client=True) as prefect:
+        assert len(prefect.read_flow_runs()) == before  # refused before any run existed
+
+
+def test_a_work_pool_deployment_has_the_same_settings(fm, tmp_path):
+    from prefect import get_client
+
+    with get_client(sync_client=True) as prefect:
+        prefect.create_work_pool(WorkPoolCreate(name="tessera-test", type="process"))
+    done = subprocess.run([sys.executable, "-m", "deployments.deploy", "--pool", "tessera-test", "--name", "pool"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1],
+                          env={**os.environ, "PREFECT_API_URL": os.environ["PREFECT_API_URL"]})
+    assert done.returncode == 0, done.stdout + done.stderr
+    with get_client(sync_client=True) as prefect:
+        pooled = prefect.read_deployment_by_name("finetune/pool")
+        served = prefect.read_deployment_by_name("finetune/default")
+    assert pooled.work_pool_name == "tessera-test" and pooled.entrypoint == "flows/finetune.py:finetune"
+    assert pooled.global_concurrency_limit.limit == served.global_concurrency_limit.limit == 10
+    assert pooled.parameter_openapi_schema == served.parameter_openapi_schema
+    assert (pooled.tags, pooled.description) == (served.tags, served.description)
 
 
 def test_the_bundled_smollm2_fine_tunes_and_registers(fm, chat_file):
@@ -387,9 +440,19 @@ def test_a_recipe_sets_the_engine_knobs_and_the_resolved_config_is_kept(fm, tiny
     mlflow.set_tracking_uri(f"sqlite:///{os.environ['TESSERA_HOME']}/mlflow/mlflow.db")
     client = mlflow.MlflowClient()
     params = client.get_run(run.run_id).data.params
-    assert (params["learning_rate"], params["lr_schedule"], params["weight_decay"]) == ("0.0005", "linear", "0.01")
-    resolved = yaml.safe_load(Path(client.download_artifacts(run.run_id, "config/resolved.yaml")).read_text())
-    assert resolved["adam_betas"] == [0.9, 0.99] and resolved["training_duration"] == "6ba"
+    assert (params["training_config.model.optim.lr"], params["training_config.model.optim.sched.name"],
+            params["training_config.model.optim.weight_decay"]) == ("0.0005", "linear", "0.01")
+    # The resolved config, kept with the run and beside each checkpoint, is a recipe that runs it again.
+    resolved_path = Path(client.download_artifacts(run.run_id, "config/resolved.yaml"))
+    resolved = yaml.safe_load(resolved_path.read_text())
+    assert resolved["training_config"]["model"]["optim"]["betas"] == [0.9, 0.99]
+    assert resolved["training_config"]["trainer"]["max_steps"] == 6 and resolved["training_config"]["max_length"] == 64
+    assert run.config == configure(resolved_path) == configure(recipe, {"learning_rate": 5e-4}).replace(
+        {"run.experiment_path": run.experiment_path})
+    beside = Path(client.download_artifacts(run.run_id, f"{run.name}/checkpoints/{kept[0]}/recipe.yaml"))
+    assert configure(beside) == run.config
+    again = fm.create(recipe=str(resolved_path))
+    assert again.config == run.config and fm.cancel(again) == 1
     lrs = [m.value for m in sorted(client.get_metric_history(run.run_id, "lr"), key=lambda m: m.step)]
     assert lrs[0] == pytest.approx(5e-4)  # one warmup step, then linear decay towards min_lr
     assert all(a >= b for a, b in zip(lrs, lrs[1:])) and 1e-4 < lrs[-1] < 5e-4

@@ -2,13 +2,15 @@
 
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
+from tasks.config import Duration
 from tasks.errors import InvalidInputError
+from tasks.recipe import configure
 from tasks.training import protocol
 from tasks.training.checkpoints import (
     LATEST,
@@ -46,103 +48,61 @@ def write_rows(folder: Path, rows: int = 8, context_length: int = 32, seed: int 
     return folder
 
 
-def spec_for(tmp_path: Path, **overrides) -> TrainSpec:
-    values = dict(run_name="r", model_dir=tmp_path / "m", data_dir=tmp_path / "d", output_dir=tmp_path / "o")
-    return TrainSpec(**{**values, **overrides})
+def make_spec(run_name: str, model_dir: Path, data_dir: Path, output_dir: Path, *, eval_data_dir: Path | None = None,
+              duration: str = "1ep", learning_rate: float = 1e-3, eval_prompts: list[str] | None = None,
+              settings: dict | None = None, **runtime) -> TrainSpec:
+    """A TrainSpec as the train task builds one: the config from the anchor's arguments and `settings` (paths
+    under training_config), at the rows' context length; `runtime` sets the spec's own fields."""
+    context_length = json.loads((data_dir / "meta.json").read_text())["context_length"]
+    config = configure(
+        shorthands=dict(model=str(model_dir), train_data_path=str(data_dir), register_to="main.test",
+                        eval_data_path=str(eval_data_dir) if eval_data_dir else None, training_duration=duration,
+                        learning_rate=learning_rate, eval_prompts=eval_prompts, context_length=context_length),
+        overrides={f"training_config.{path}": value for path, value in (settings or {}).items()},
+    )
+    return TrainSpec.build(run_name, config, model_dir, data_dir, output_dir, eval_data_dir=eval_data_dir, **runtime)
 
 
 # --- TrainSpec -------------------------------------------------------------------------------------
 
 
-def test_spec_round_trips_through_json(tmp_path):
-    spec = spec_for(tmp_path, duration_value=3, duration_unit="ba", eval_prompts=["hi"], init_from=str(tmp_path / "c"))
-    spec.to_json(tmp_path / "spec.json")
-    again = TrainSpec.from_json(tmp_path / "spec.json")
-    assert again == spec
-    assert isinstance(again.model_dir, Path) and again.init_from == tmp_path / "c" and again.eval_data_dir is None
-    assert again.betas == (0.9, 0.95) and again.final_lr == pytest.approx(5e-6)  # min_lr None: a tenth of the peak
-
-    knobs = dict(schedule="linear", min_lr=0.0, constant_steps=5, weight_decay=0.1, betas=[0.8, 0.99], eps=1e-6,
-                 attention_dropout=0.1, eval_data_dir=tmp_path / "e", eval_every_n_batches=10,
-                 save_top_k=2, early_stopping_patience=3, early_stopping_min_delta=0.01,
-                 peft="lora", lora_rank=8, lora_alpha=64, lora_dropout=0.05, lora_target_modules=["q_proj", "v_proj"],
-                 loraplus_lr_ratio=16)
-    spec = spec_for(tmp_path, **knobs)
-    spec.to_json(tmp_path / "spec.json")
-    again = TrainSpec.from_json(tmp_path / "spec.json")
-    assert again == spec and again.betas == (0.8, 0.99) and isinstance(again.betas, tuple)  # JSON has a list
-    assert again.final_lr == 0.0
-    assert spec_for(tmp_path).peft is None  # LoRA is opt-in: by default every weight trains
+def test_spec_is_the_config_and_what_the_run_resolved(tmp_path):
+    data = write_rows(tmp_path / "d", rows=10, context_length=16)
+    spec = make_spec("r", tmp_path / "m", data, tmp_path / "o", duration="3ep", eval_prompts=["hi"],
+                     settings={"global_batch_size": 4, "micro_batch_size": 2}, init_from=tmp_path / "c")
+    # 10 rows, global batch 4: 2 steps an epoch; no warmup given: 10% of the run, at least 1 step.
+    assert (spec.plan.total_batches, spec.plan.batches_per_epoch, spec.plan.tokens_per_batch) == (6, 2, 64)
+    assert (spec.warmup_steps, spec.processes, spec.resume, spec.loss_spike_factor) == (1, 1, True, 10.0)
+    assert make_spec("r", tmp_path / "m", data, tmp_path / "o", duration="200ba",
+                     settings={"model.optim.sched.warmup_steps": 5}).warmup_steps == 5
+    assert make_spec("r", tmp_path / "m", data, tmp_path / "o", duration="400ba").warmup_steps == 20  # at most 20
+    spec.save(tmp_path / "spec.json")
+    again = TrainSpec.load(tmp_path / "spec.json")
+    assert again == spec and again.config == spec.config and isinstance(again.model_dir, Path)
+    assert again.config.run.eval_prompts == ["hi"] and again.init_from == tmp_path / "c"
 
 
-@pytest.mark.parametrize(
-    "overrides, words",
-    [
-        (dict(duration_unit="epochs"), "duration_unit must be one of ep, ba, tok"),
-        (dict(duration_value=0), "duration_value must be an integer >= 1"),
-        (dict(duration_value=1.5), "duration_value must be an integer"),
-        (dict(global_batch_size=10, micro_batch_size=4), "multiple of micro_batch_size"),
-        (dict(zero_stage=4), "zero_stage must be 0, 1, 2 or 3"),
-        (dict(learning_rate=0), "learning_rate must be a number in (0, 1)"),
-        (dict(learning_rate=float("nan")), "learning_rate"),
-        (dict(gradient_clip=-1), "gradient_clip must be >= 0"),
-        (dict(save_every_n_batches=0), "save_every_n_batches must be an integer >= 1"),
-        (dict(micro_batch_size=True), "micro_batch_size must be an integer"),
-        (dict(eval_prompts="hi"), "eval_prompts must be a list"),
-        (dict(run_name=""), "run_name"),
-        (dict(resume="yes"), "resume must be true or false"),
-        (dict(schedule="step"), "schedule must be one of cosine, linear, constant, got 'step'"),
-        (dict(min_lr=5e-5), "min_lr must be a number >= 0 and below learning_rate (5e-05)"),
-        (dict(min_lr=-1e-6), "min_lr must be a number >= 0"),
-        (dict(min_lr="0"), "min_lr must be a number"),
-        (dict(constant_steps=-1), "constant_steps must be an integer >= 0"),
-        (dict(weight_decay=-0.1), "weight_decay must be a number >= 0"),
-        (dict(betas=(0.9, 1.0)), "betas must be two numbers in [0, 1)"),
-        (dict(betas=[0.9]), "betas must be two numbers in [0, 1)"),
-        (dict(betas=0.9), "betas must be two numbers in [0, 1)"),
-        (dict(eps=0), "eps must be a number > 0"),
-        (dict(attention_dropout=1.0), "attention_dropout must be a number in [0, 1)"),
-        (dict(attention_dropout=-0.1), "attention_dropout must be a number in [0, 1)"),
-        (dict(eval_every_n_batches=0, eval_data_dir="e"), "eval_every_n_batches must be an integer >= 1"),
-        (dict(eval_every_n_batches=5), "eval_every_n_batches (5) needs eval_data_dir"),
-        (dict(save_top_k=0), "save_top_k must be an integer >= 1, got 0"),
-        (dict(save_top_k=1.0), "save_top_k must be an integer >= 1"),
-        (dict(early_stopping_patience=0, eval_data_dir="e"), "early_stopping_patience must be an integer >= 1"),
-        (dict(early_stopping_patience=3), "early_stopping_patience (3) needs eval_data_dir"),
-        (dict(early_stopping_min_delta=-0.1), "early_stopping_min_delta must be a number >= 0"),
-        (dict(early_stopping_min_delta="0"), "early_stopping_min_delta must be a number >= 0"),
-        (dict(peft="qlora"), "peft must be one of lora, or null to train every weight; got 'qlora'"),
-        (dict(peft="lora", lora_rank=0), "lora_rank must be an integer from 1 to 256, got 0"),
-        (dict(lora_rank=257), "lora_rank must be an integer from 1 to 256, got 257"),
-        (dict(lora_rank=8.0), "lora_rank must be an integer from 1 to 256"),
-        (dict(lora_alpha=0), "lora_alpha must be an integer >= 1, got 0"),
-        (dict(lora_dropout=1.0), "lora_dropout must be a number in [0, 1)"),
-        (dict(lora_dropout=-0.1), "lora_dropout must be a number in [0, 1)"),
-        (dict(lora_target_modules=[]), "lora_target_modules must be a non-empty list of module names"),
-        (dict(lora_target_modules=["q_proj", ""]), "lora_target_modules must be a non-empty list"),
-        (dict(lora_target_modules=" "), "lora_target_modules must be"),
-        (dict(loraplus_lr_ratio=0.5), "loraplus_lr_ratio must be a number >= 1 (1: plain LoRA"),
-        (dict(loraplus_lr_ratio=float("inf")), "loraplus_lr_ratio must be a number >= 1"),
-        (dict(hidden_dropout=1.0), "hidden_dropout must be a number in [0, 1)"),
-        (dict(ffn_dropout=-0.1), "ffn_dropout must be a number in [0, 1)"),
-        (dict(offload_optimizer=True), "offload_optimizer needs zero_stage 1, 2 or 3"),
-        (dict(offload_optimizer="yes", zero_stage=2), "offload_optimizer must be true or false"),
-        (dict(processes=0), "processes must be an integer >= 1, got 0"),
-    ],
-)
-def test_spec_rejects_bad_values_naming_the_field(tmp_path, overrides, words):
-    with pytest.raises(InvalidInputError, match=re.escape(words)):
-        spec_for(tmp_path, **overrides)
+@pytest.mark.parametrize("runtime, words", [
+    (dict(loss_spike_factor=0.5), "loss_spike_factor"),
+    (dict(loss_spike_factor=math.nan), "loss_spike_factor"),
+    (dict(peak_flops=0), "peak_flops"),
+    (dict(peak_flops=math.inf), "peak_flops"),
+    (dict(processes=0), "processes"),
+    (dict(run_name="two\nlines"), "run_name"),
+])
+def test_spec_refuses_bad_run_time_values(tmp_path, runtime, words):
+    with pytest.raises(ValidationError, match=words):
+        make_spec(runtime.pop("run_name", "r"), tmp_path / "m", write_rows(tmp_path / "d"), tmp_path / "o", **runtime)
 
 
-def test_spec_from_json_names_unknown_and_missing_fields(tmp_path):
+def test_spec_load_names_the_file_and_the_problem(tmp_path):
     path = tmp_path / "spec.json"
-    path.write_text(json.dumps({"run_name": "r", "model_dir": "m", "data_dir": "d", "output_dir": "o", "lr": 1}))
-    with pytest.raises(InvalidInputError, match="unknown field.*lr"):
-        TrainSpec.from_json(path)
-    path.write_text(json.dumps({"run_name": "r"}))
-    with pytest.raises(InvalidInputError, match="incomplete"):
-        TrainSpec.from_json(path)
+    make_spec("r", tmp_path / "m", write_rows(tmp_path / "d"), tmp_path / "o").save(path)
+    path.write_text(path.read_text().replace('"resume": true', '"resume": true, "lr": 1'))
+    with pytest.raises(InvalidInputError, match=r"(?s)cannot read the training spec .*spec.json.*lr"):
+        TrainSpec.load(path)
+    with pytest.raises(InvalidInputError, match="cannot read the training spec"):
+        TrainSpec.load(tmp_path / "missing.json")
 
 
 # --- schedule --------------------------------------------------------------------------------------
@@ -150,12 +110,12 @@ def test_spec_from_json_names_unknown_and_missing_fields(tmp_path):
 
 def test_plan_turns_durations_into_steps():
     # 10 rows, global batch 4: 2 steps per epoch (the last 2 rows of each shuffle are dropped); 4 x 16 tokens a step.
-    assert plan_duration(3, "ep", 10, 16, 4) == plan_duration(6, "ba", 10, 16, 4)
-    plan = plan_duration(5, "ba", 10, 16, 4)
+    assert plan_duration(Duration(3, "ep"), 10, 16, 4) == plan_duration(Duration(6, "ba"), 10, 16, 4)
+    plan = plan_duration(Duration(5, "ba"), 10, 16, 4)
     assert (plan.epochs, plan.batches_per_epoch, plan.total_batches, plan.total_tokens) == (3, 2, 5, 320)
-    assert plan_duration(129, "tok", 10, 16, 4).total_batches == 3  # whole steps, at least that many tokens
+    assert plan_duration(Duration(129, "tok"), 10, 16, 4).total_batches == 3  # whole steps, at least that many tokens
     with pytest.raises(InvalidInputError, match="fewer than global_batch_size"):
-        plan_duration(1, "ep", 3, 16, 4)
+        plan_duration(Duration(1, "ep"), 3, 16, 4)
 
 
 # Warmup 4, held 10 steps, then 100 steps of decay (steps 14..113) from 1.0 towards 0.2.

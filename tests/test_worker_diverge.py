@@ -1,7 +1,8 @@
 """The divergence guard and the progress line's efficiency figures (peak memory, MFU).
 
-One real run: a checkpointed run, then runs from its weights with an absurd weight decay (AdamW multiplies every
-matrix by 1 - lr x weight_decay, which overflows to inf), so the next loss is NaN for certain.
+Real runs: a checkpointed run, then runs of a copy of its model whose embedding of one token is infinite, with
+that token only in the rows of step 2: step 1 trains as usual (nothing looks the row up, and it gets no gradient),
+and at step 2 the RMS norm of an infinite vector is NaN, so the loss is NaN for certain.
 """
 
 import math
@@ -10,13 +11,18 @@ import shutil
 
 import pytest
 
-from tasks.errors import InvalidInputError
-from tasks.retries import unless_bad_input
-from tasks.train import TrainingDiverged, diverged_message
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from tasks.errors import TrainingDiverged
+from tasks.retries import retryable
+from tasks.train import diverged_message
 from tasks.training.checkpoints import LATEST
-from tasks.training.spec import TrainSpec
-from tasks.training.worker import DIVERGED_EXIT, SPIKE_WARMUP, DivergenceGuard, flops_per_token
-from test_worker import spec_for, write_rows
+from tasks.training.data import epoch_order
+from tasks.training.protocol import DIVERGED_EXIT
+from tasks.training.worker import SPIKE_WARMUP, DivergenceGuard, flops_per_token
+from test_worker import make_spec, write_rows
 from test_worker_runs import Worker, folders
 
 
@@ -46,14 +52,17 @@ def test_a_spike_over_the_factor_times_the_recent_mean_diverges_after_warm_up():
 
 
 def test_spec_checks_the_spike_factor_and_peak_flops(tmp_path):
-    assert spec_for(tmp_path).loss_spike_factor == 10.0 and spec_for(tmp_path).peak_flops is None
-    assert spec_for(tmp_path, loss_spike_factor=None, peak_flops=312e12).loss_spike_factor is None
-    for bad in (0.5, math.nan, "10", True):
-        with pytest.raises(InvalidInputError, match="loss_spike_factor must be a number >= 1"):
-            spec_for(tmp_path, loss_spike_factor=bad)
+    def spec(**runtime):
+        return make_spec("r", tmp_path / "m", write_rows(tmp_path / "d"), tmp_path / "o", **runtime)
+
+    assert spec().loss_spike_factor == 10.0 and spec().peak_flops is None
+    assert spec(loss_spike_factor=None, peak_flops=312e12).loss_spike_factor is None
+    for bad in (0.5, math.nan, "ten"):
+        with pytest.raises(ValidationError, match="loss_spike_factor"):
+            spec(loss_spike_factor=bad)
     for bad in (0, -1.0, math.inf):
-        with pytest.raises(InvalidInputError, match="peak_flops must be a number > 0"):
-            spec_for(tmp_path, peak_flops=bad)
+        with pytest.raises(ValidationError, match="peak_flops"):
+            spec(peak_flops=bad)
 
 
 def test_flops_per_token_is_6n_plus_12_l_d_t_and_lora_skips_the_frozen_weight_gradients():
@@ -74,27 +83,49 @@ def test_the_train_task_says_where_it_diverged_and_what_to_do():
     assert diverged_message({**diverged, "checkpoint": None}, 5e-5).endswith(
         "lower learning_rate (now 5e-05) and start again from the start (no checkpoint was saved before it)"
     )
-    # Not retried: the same non-retried type as bad input.
+    # Not retried: the error says so itself.
     error = TrainingDiverged(diverged_message(diverged, 0.5))
     state = type("State", (), {"result": lambda self, raise_on_failure: error})()
-    assert isinstance(error, InvalidInputError) and unless_bad_input(None, None, state) is False
+    assert error.retryable is False and retryable(None, None, state) is False
+
+
+POISON = 7  # the token whose embedding is made infinite
 
 
 @pytest.fixture(scope="module")
 def diverged_runs(tiny_model_dir, tmp_path_factory):
-    """"good": 2 steps at a sane learning rate, checkpointed at 2. Then two runs from its weights (init_from, not
-    resumed, in copies of its output_dir) with weight_decay 1e300: their first update makes the weights infinite,
-    so step 2's loss is NaN. "logged" logs every step; "unlogged" logs every 4 steps but checkpoints at 2."""
+    """"good": 2 steps of an untied tiny model, checkpointed at 2. Then, in copies of its output_dir, two fresh runs
+    (resume off) of the same model with token POISON's embedding set to inf, which only the rows of step 2 hold:
+    "logged" logs every step; "unlogged" logs every 4 steps but checkpoints at 2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     folder = tmp_path_factory.mktemp("diverge")
-    settings = dict(model_dir=tiny_model_dir, data_dir=write_rows(folder / "train", rows=8), duration_unit="ba",
-                    micro_batch_size=1, global_batch_size=2, learning_rate=1e-3)
-    good = TrainSpec(run_name="good", output_dir=folder / "logged", duration_value=2, **settings)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(  # untied: the LM head does not read the poisoned embedding
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False))
+    model.save_pretrained(folder / "model")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[POISON] = math.inf
+    model.save_pretrained(folder / "poisoned")
+    # 8 rows of tokens 10-499; the rows step 2 takes (global batch 2, seed 17's first epoch) also hold POISON.
+    train = write_rows(folder / "train", rows=8)
+    input_ids = np.load(train / "input_ids.npy")
+    input_ids[input_ids == POISON] = 10
+    input_ids[epoch_order(8, 17, 0)[2:4], 5] = POISON
+    np.save(train / "input_ids.npy", input_ids)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # exported with the weights (nothing is generated)
+        for model_dir in ("model", "poisoned"):
+            shutil.copy(tiny_model_dir / name, folder / model_dir / name)
+    settings = {"micro_batch_size": 1, "global_batch_size": 2}
+    good = make_spec("good", folder / "model", train, folder / "logged", duration="2ba", settings=settings)
     good_lines = Worker(good, folder, "good").finish()
     shutil.copytree(good.output_dir, folder / "unlogged", symlinks=True)
-    bad = dict(duration_value=4, save_every_n_batches=2, weight_decay=1e300, resume=False,
-               init_from=good.output_dir / LATEST, **settings)
-    logged = Worker(TrainSpec(run_name="logged", output_dir=folder / "logged", **bad), folder, "logged")
-    unlogged = Worker(TrainSpec(run_name="unlogged", output_dir=folder / "unlogged", log_every_n_batches=4, **bad),
+    bad = dict(duration="4ba", resume=False)
+    logged = Worker(make_spec("logged", folder / "poisoned", train, folder / "logged",
+                              settings={**settings, "save_steps": 2}, **bad), folder, "logged")
+    unlogged = Worker(make_spec("unlogged", folder / "poisoned", train, folder / "unlogged",
+                                settings={**settings, "save_steps": 2, "trainer.log_every_n_steps": 4}, **bad),
                       folder, "unlogged")
     return good_lines, logged, logged.finish(DIVERGED_EXIT), unlogged, unlogged.finish(DIVERGED_EXIT), folder
 

@@ -14,27 +14,26 @@ import pytest
 import torch
 
 from tasks.training.checkpoints import LATEST, check_same_architecture, load_weights, point_latest
-from tasks.training.spec import TrainSpec
-from test_worker import write_rows
+from test_worker import make_spec, write_rows
 from test_worker_runs import Worker, losses
 
-RANK, RATIO = 8, 4.0
+RANK, ALPHA, RATIO = 8, 64, 4.0
 
 
 @pytest.fixture(scope="module")
 def lora(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora")
-    spec = TrainSpec(
-        run_name="lora", model_dir=tiny_model_dir, output_dir=folder / "lora",
-        data_dir=write_rows(folder / "train", rows=8, context_length=64, repeated=True),
-        eval_data_dir=write_rows(folder / "eval", rows=2, context_length=64, repeated=True),
-        eval_prompts=["What is Tessera?"], duration_value=6, duration_unit="ba", save_every_n_batches=3,
-        micro_batch_size=1, global_batch_size=2, learning_rate=1e-2, weight_decay=0.1,
-        peft="lora", lora_rank=RANK, lora_alpha=16, loraplus_lr_ratio=RATIO,
+    spec = make_spec(
+        "lora", tiny_model_dir, write_rows(folder / "train", rows=8, context_length=64, repeated=True),
+        folder / "lora", eval_data_dir=write_rows(folder / "eval", rows=2, context_length=64, repeated=True),
+        eval_prompts=["What is Tessera?"], duration="6ba", learning_rate=1e-3,
+        settings={"save_steps": 3, "micro_batch_size": 1, "global_batch_size": 2, "model.optim.weight_decay": 0.1,
+                  "model.peft.peft_scheme": "lora", "model.peft.lora_tuning.rank": RANK,
+                  "model.peft.lora_tuning.alpha": ALPHA, "model.peft.lora_tuning.loraplus_lr_ratio": RATIO},
     )
     lines = Worker(spec, folder, "lora").finish()
     # The same run from a copy of its step-3 checkpoint, as if it had been killed after it, on 2 processes.
-    resumed = TrainSpec(**{**vars(spec), "run_name": "resumed", "output_dir": folder / "resumed", "processes": 2})
+    resumed = spec.model_copy(update={"run_name": "resumed", "output_dir": folder / "resumed", "processes": 2})
     resumed.output_dir.mkdir()
     shutil.copytree(spec.output_dir / "ep0-ba3", resumed.output_dir / "ep0-ba3")
     point_latest(resumed.output_dir, "ep0-ba3")
@@ -115,7 +114,7 @@ def test_the_export_is_the_merged_model_and_the_adapter_reloads(lora, tiny_model
     a, b = weights[f"{name}.lora_A.default.weight"], weights[f"{name}.lora_B.default.weight"]
     torch.testing.assert_close(
         merged.state_dict()["model.layers.0.self_attn.q_proj.weight"],
-        weights[f"{name}.base_layer.weight"] + b @ a * (16 / RANK), atol=1e-6, rtol=0,
+        weights[f"{name}.base_layer.weight"] + b @ a * (ALPHA / RANK), atol=1e-6, rtol=0,
     )
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from tasks.errors import InvalidInputError
 from tasks.training.data import IGNORE, MicroBatch, PackedRows, step_batches
-from tasks.training.spec import TrainSpec
+from tasks.recipe import configure
 from test_worker import write_rows
 
 
@@ -132,9 +132,11 @@ def test_weight_decay_shrinks_matrices_but_not_biases_or_norm_weights(one_rank, 
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, attention_bias=True, mlp_bias=True,  # biases too, which Llama leaves out by default
     ))
-    spec = TrainSpec(run_name="r", model_dir=tmp_path, data_dir=tmp_path, output_dir=tmp_path,
-                     learning_rate=0.1, weight_decay=0.5, betas=(0.8, 0.9), eps=1e-6)
-    optimizer = build_optimizer(model, spec, cuda=False)
+    settings = configure(shorthands=dict(model="m", train_data_path="t", register_to="main.test", learning_rate=1e-3),
+                         overrides={"training_config.model.optim.weight_decay": 0.5,
+                                    "training_config.model.optim.betas": [0.8, 0.9],
+                                    "training_config.model.optim.eps": 1e-6}).training_config.model
+    optimizer = build_optimizer(model, settings, offloaded_from_gpu=False, cuda=False)
     decayed, spared = optimizer.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert (decayed["weight_decay"], spared["weight_decay"]) == (0.5, 0.0)
@@ -154,7 +156,7 @@ def test_weight_decay_shrinks_matrices_but_not_biases_or_norm_weights(one_rank, 
     engine.backward(sum(p.sum() for p in engine.module.parameters()) * 0.0)
     engine.step()
     for name, after in engine.module.named_parameters():
-        expected = before[name] * (1 - 0.1 * 0.5) if after.ndim >= 2 else before[name]
+        expected = before[name] * (1 - 1e-3 * 0.5) if after.ndim >= 2 else before[name]
         torch.testing.assert_close(after.detach(), expected, rtol=1e-6, atol=0, msg=name)
 
 

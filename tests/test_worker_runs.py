@@ -21,8 +21,10 @@ from transformers import AutoModelForCausalLM
 from tasks.train import worker_command
 from tasks.training.checkpoints import LATEST, load_weights
 from tasks.training.protocol import parse
+from tasks.recipe import configure
+from tasks.training.checkpoints import RECIPE
 from tasks.training.spec import TrainSpec
-from test_worker import write_rows
+from test_worker import make_spec, write_rows
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny model: tied embeddings, 2 x (q, o 64x64; k, v 32x64; gate, up, down 64x128; 2 norms), final norm.
@@ -33,7 +35,7 @@ class Worker:
     """A worker process in its own session; stdout and stderr go to files, read back while it runs."""
 
     def __init__(self, spec: TrainSpec, folder: Path, label: str):
-        spec.to_json(folder / f"{label}.json")
+        spec.save(folder / f"{label}.json")
         self.stdout, self.stderr = folder / f"{label}.stdout", folder / f"{label}.stderr"
         with open(self.stdout, "w") as stdout, open(self.stderr, "w") as stderr:
             self.process = subprocess.Popen(
@@ -84,17 +86,15 @@ def runs(tiny_model_dir, tmp_path_factory):
     "killed", the same training checkpointing every 3 steps, SIGKILLed at step 4 and run again.
     """
     folder = tmp_path_factory.mktemp("runs")
-    settings = dict(
-        model_dir=tiny_model_dir, data_dir=write_rows(folder / "train", rows=16, context_length=64, repeated=True),
-        duration_value=2, duration_unit="ep", learning_rate=3e-3, warmup_steps=2,
-        micro_batch_size=2, global_batch_size=4,
-    )
-    full = TrainSpec(
-        run_name="full", output_dir=folder / "full", eval_prompts=["What is Tessera?"],
+    train = write_rows(folder / "train", rows=16, context_length=64, repeated=True)
+    settings = {"micro_batch_size": 2, "global_batch_size": 4, "model.optim.sched.warmup_steps": 2}
+    full = make_spec(
+        "full", tiny_model_dir, train, folder / "full", duration="2ep", eval_prompts=["What is Tessera?"],
         eval_data_dir=write_rows(folder / "eval", rows=3, context_length=64, repeated=True),  # the rows it learns
-        **settings,
+        settings=settings,
     )
-    killed = TrainSpec(run_name="killed", output_dir=folder / "killed", save_every_n_batches=3, **settings)
+    killed = make_spec("killed", tiny_model_dir, train, folder / "killed", duration="2ep",
+                       settings={**settings, "save_steps": 3})
     full_worker, killed_worker = Worker(full, folder, "full"), Worker(killed, folder, "killed")
     killed_worker.kill_when(lambda m: m["kind"] == "progress" and m["batch"] == 4)
     before = killed_worker.finish(returncode=-signal.SIGKILL)
@@ -110,9 +110,10 @@ def launched(runs):
     optimizer states partitioned) with the optimizer offloaded: 1 micro batch of 2 rows per rank per step instead
     of 2 accumulated on one. The full run has eval data and a prompt, so this one too: ZeRO-3 evaluates, exports
     and generates with the weights spread over the ranks."""
-    spec = TrainSpec(run_name="launched", output_dir=runs.folder / "launched", processes=2, zero_stage=3,
-                     eval_data_dir=runs.full.eval_data_dir, eval_prompts=runs.full.eval_prompts,
-                     offload_optimizer=True, **runs.settings)
+    spec = make_spec("launched", runs.full.model_dir, runs.full.data_dir, runs.folder / "launched", duration="2ep",
+                     eval_data_dir=runs.full.eval_data_dir, eval_prompts=runs.full.config.run.eval_prompts,
+                     settings={**runs.settings, "deepspeed.zero_stage": 3, "deepspeed.offload_optimizer": True},
+                     processes=2)
     worker = Worker(spec, runs.folder, "launched")
     worker.kill_when(lambda m: m["kind"] == "started", kill=False)
     commands = worker.group_commands()
@@ -132,10 +133,11 @@ def test_full_run_reports_checkpoints_exports_and_learns(runs):
     assert [m["epoch"] for m in progress] == [1] * 4 + [2] * 4
     assert [m["tokens"] for m in progress] == [b * 4 * 64 for b in range(1, 9)]
     assert all((m["epochs"], m["total_batches"], m["total_tokens"]) == (2, 8, 2048) for m in progress)
-    assert [m["lr"] for m in progress[:3]] == pytest.approx([1.5e-3, 3e-3, 3e-3])  # warmup, then cosine down
-    assert progress[-1]["lr"] < progress[3]["lr"] < 3e-3
+    assert [m["lr"] for m in progress[:3]] == pytest.approx([5e-4, 1e-3, 1e-3])  # warmup, then cosine down
+    assert progress[-1]["lr"] < progress[3]["lr"] < 1e-3
     assert all(m["grad_norm"] > 0 and m["tokens_per_s"] > 0 and m["elapsed_s"] > 0 for m in progress)
-    assert progress[-1]["loss"] < progress[0]["loss"] - 1.0, [m["loss"] for m in progress]  # it learns
+    learned = [m["loss"] for m in progress]
+    assert all(a > b for a, b in zip(learned, learned[1:])) and learned[-1] < learned[0] - 0.5, learned  # it learns
 
     checkpoints = [m for m in lines if m["kind"] == "checkpoint"]
     assert checkpoints == [
@@ -148,12 +150,15 @@ def test_full_run_reports_checkpoints_exports_and_learns(runs):
     assert evals[1]["loss"] < evals[0]["loss"]
     generations = [m for m in lines if m["kind"] == "generations"]
     assert [m["batch"] for m in generations] == [0, 4, 8]
-    assert all(m["prompts"] == runs.full.eval_prompts and len(m["responses"]) == 1 for m in generations)
+    assert all(m["prompts"] == ["What is Tessera?"] and len(m["responses"]) == 1 for m in generations)
     assert lines[-1] == {"kind": "finished", "batch": 8, "hf_path": str(out / "huggingface/ba8")}
 
     assert os.readlink(out / LATEST) == "ep2-ba8"
     assert (out / "ep2-ba8" / "mp_rank_00_model_states.pt").is_file()
     assert sorted(p.name for p in (out / "huggingface").iterdir()) == ["ba4", "ba8"]
+    # Beside every checkpoint and export, the run's config as a recipe that runs it again.
+    for folder in (out / "ep1-ba4", out / "ep2-ba8", out / "huggingface/ba4", out / "huggingface/ba8"):
+        assert configure(folder / RECIPE) == runs.full.config, folder
 
 
 def test_hf_export_loads_generates_and_matches_the_checkpoint(runs):
@@ -232,12 +237,13 @@ def test_two_processes_through_the_launcher_train_like_one_with_accumulation(run
 
 def test_recipe_settings_reach_the_optimizer_the_schedule_the_evals_and_the_model(tiny_model_dir, tmp_path):
     # 6 rows, global batch 2: 3 steps an epoch, 6 steps, checkpoints at 3 and 6; eval every 4 steps and at the end.
-    spec = TrainSpec(
-        run_name="recipe", model_dir=tiny_model_dir, data_dir=write_rows(tmp_path / "train", rows=6),
-        eval_data_dir=write_rows(tmp_path / "eval", rows=2, seed=1), eval_every_n_batches=4,
-        output_dir=tmp_path / "out", duration_value=6, duration_unit="ba", micro_batch_size=1, global_batch_size=2,
-        learning_rate=1e-3, warmup_steps=2, constant_steps=1, schedule="linear", min_lr=1e-4,
-        weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6, attention_dropout=0.1,
+    spec = make_spec(
+        "recipe", tiny_model_dir, write_rows(tmp_path / "train", rows=6), tmp_path / "out", duration="6ba",
+        eval_data_dir=write_rows(tmp_path / "eval", rows=2, seed=1), learning_rate=1e-3,
+        settings={"trainer.val_check_interval": 4, "micro_batch_size": 1, "global_batch_size": 2,
+                  "model.optim.sched.warmup_steps": 2, "model.optim.sched.constant_steps": 1,
+                  "model.optim.sched.name": "linear", "model.optim.sched.min_lr": 1e-4, "model.optim.weight_decay": 0.1,
+                  "model.optim.betas": [0.8, 0.99], "model.optim.eps": 1e-6, "model.attention_dropout": 0.1},
     )
     lines = Worker(spec, tmp_path, "recipe").finish()
 
@@ -262,8 +268,9 @@ def test_recipe_settings_reach_the_optimizer_the_schedule_the_evals_and_the_mode
 def test_a_bad_input_fails_with_the_reason_last_on_stderr(tiny_model_dir, tmp_path, processes):
     empty = tmp_path / "empty"
     empty.mkdir()
-    spec = TrainSpec(run_name="bad", model_dir=tiny_model_dir, data_dir=empty, output_dir=tmp_path / "out",
-                     processes=processes)
+    spec = make_spec("bad", tiny_model_dir, write_rows(tmp_path / "rows"), tmp_path / "out", processes=processes,
+                     settings={"global_batch_size": 2, "micro_batch_size": 1})
+    spec = spec.model_copy(update={"data_dir": empty})
     worker = Worker(spec, tmp_path, "bad")
     assert worker.finish(returncode=2) == []
     assert worker.stderr.read_text().strip().splitlines()[-1] == (
@@ -287,18 +294,22 @@ def top_k_and_stopping(tiny_model_dir, tmp_path_factory):
     as the train task's retry would: it resumes stopped and reports the same end without training.
     """
     folder = tmp_path_factory.mktemp("recipe-runs")
-    settings = dict(model_dir=tiny_model_dir, data_dir=write_rows(folder / "train", rows=8), duration_unit="ba",
-                    micro_batch_size=1, global_batch_size=2, learning_rate=1e-3)
-    top2 = TrainSpec(run_name="top2", output_dir=folder / "top2", duration_value=5, save_every_n_batches=1,
-                     save_top_k=2, **settings)
-    stop = TrainSpec(run_name="stop", output_dir=folder / "stop", duration_value=10, save_every_n_batches=2,
-                     save_top_k=1, eval_data_dir=write_rows(folder / "eval", rows=2, seed=1), eval_every_n_batches=1,
-                     early_stopping_patience=2, early_stopping_min_delta=1e9, **settings)
+    train, batches = write_rows(folder / "train", rows=8), {"micro_batch_size": 1, "global_batch_size": 2}
+    top2 = make_spec("top2", tiny_model_dir, train, folder / "top2", duration="5ba",
+                     settings={**batches, "save_steps": 1, "save_top_k": 2})
+
+    def stopping(patience: int) -> TrainSpec:
+        return make_spec("stop", tiny_model_dir, train, folder / "stop", duration="10ba",
+                         eval_data_dir=write_rows(folder / "eval", rows=2, seed=1),
+                         settings={**batches, "save_steps": 2, "save_top_k": 1, "trainer.val_check_interval": 1,
+                                   "early_stopping.patience": patience, "early_stopping.min_delta": 1e9})
+
+    stop = stopping(patience=2)
     top2_worker, stop_worker = Worker(top2, folder, "top2"), Worker(stop, folder, "stop")
     stop_lines = stop_worker.finish()
     stop_folders = folders(stop.output_dir), os.readlink(stop.output_dir / LATEST)
     stop_export = sorted(p.name for p in (stop.output_dir / "huggingface/ba3").iterdir())  # before "again" prunes it
-    stop.early_stopping_patience = 3
+    stop = stopping(patience=3)
     again = Worker(stop, folder, "again").finish()
     return SimpleNamespace(top2=top2, top2_lines=top2_worker.finish(), stop=stop, stop_lines=stop_lines,
                            stop_folders=stop_folders, stop_export=stop_export, again=again,
@@ -333,7 +344,7 @@ def test_early_stopping_stops_checkpoints_and_reports_why(top_k_and_stopping):
     }
     assert lines[-1] == {"kind": "finished", "batch": 3, "hf_path": str(out / "huggingface/ba3")}
     assert top_k_and_stopping.stop_folders == ((["ep0-ba3"], ["ba3"]), "ep0-ba3")  # save_top_k=1
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(top_k_and_stopping.stop_export)
+    assert {"config.json", "model.safetensors", "tokenizer.json", RECIPE} <= set(top_k_and_stopping.stop_export)
 
 
 def test_a_resumed_run_counts_on_from_the_checkpoints_early_stopping_state(top_k_and_stopping):

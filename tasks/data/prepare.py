@@ -6,7 +6,6 @@ input_ids.npy, labels.npy and position_ids.npy (int32, [num_rows, context_length
 PreparedDataset fields but path), and the evidence a user reads: report.txt, stats.json, quality.json
 (the great-expectations result) and lengths.png. A rejected data set keeps its evidence in `<key>.rejected`."""
 
-import fcntl
 import hashlib
 import json
 import os
@@ -36,7 +35,8 @@ from tasks.data.template import probe
 from tasks.data.tokenize import IGNORE
 from tasks.errors import InvalidDataError
 from tasks.home import cache_dir
-from tasks.storage import LocalData, fetch
+from tasks.publish import publish_once
+from tasks.data.sources import LocalData, fetch, text_files
 
 FORMAT_VERSION = 2  # bump when tokenization or packing changes, so older prepared folders are not reused
 ARRAYS = ("input_ids", "labels", "position_ids")
@@ -79,32 +79,23 @@ def prepare_dataset(data_path: str, model_dir: Path, task_type: str, context_len
     key = _sha256(json.dumps([FORMAT_VERSION, data.fingerprint, tokenizer_hash(model_dir), context_length, task,
                               allow_percentage_invalid]))
     target = cache_dir() / "prepared" / key
-    if (target / "meta.json").is_file():
-        return PreparedDataset.load(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runs on the same data prepare it once
-        if (target / "meta.json").is_file():
-            return PreparedDataset.load(target)
-        staging = target.with_name(f"{key}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+    rejected = target.with_name(f"{key}.rejected")  # refused data: the report and statistics, kept as evidence
+
+    def build(staging: Path) -> None:
         try:
             meta = _prepare(data, Path(model_dir), task, context_length, allow_percentage_invalid, staging)
-            meta |= dict(source=str(data_path), content_hash=data.fingerprint)
-            (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-            shutil.rmtree(target.with_name(f"{key}.rejected"), ignore_errors=True)
-            staging.rename(target)  # atomic: a folder with meta.json under its final name is complete
         except InvalidDataError as e:
-            rejected = target.with_name(f"{key}.rejected")
             shutil.rmtree(rejected, ignore_errors=True)
             for name in ARRAYS:
                 (staging / f"{name}.npy").unlink(missing_ok=True)
             staging.rename(rejected)
             raise InvalidDataError(str(e), evidence=rejected) from None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return PreparedDataset.load(target)
+        meta |= dict(source=str(data_path), content_hash=data.fingerprint)
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(rejected, ignore_errors=True)
+
+    # Concurrent runs on the same data prepare it once; a folder with meta.json under its final name is complete.
+    return PreparedDataset.load(publish_once(target, build, complete=lambda folder: (folder / "meta.json").is_file()))
 
 
 def _prepare(data: LocalData, model_dir: Path, task: TaskType, context_length: int, allow_percentage_invalid: float,
@@ -183,7 +174,7 @@ def _parts(data: LocalData, task: TaskType, report: DataReport) -> list[Slice]:
                                            "use a .txt file, or a folder of .txt files"))
                 return []
             return slices(data.path, data.name, "line", text=True)
-        files = sorted(p for p in data.path.rglob("*.txt") if p.is_file())
+        files = text_files(data.path)
         if not files:
             report.add_problem(Problem(data.name, None, "", "no .txt files", "put each document in a .txt file"))
         return [part for file in files for part in slices(file, str(file.relative_to(data.path)), "line", text=True)]

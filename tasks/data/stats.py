@@ -80,15 +80,6 @@ class TokenStats:
         mean = round(self.num_tokens / self.num_examples, 1)
         return {"min": shortest, **self.percentiles(), "max": self.max_length, "mean": mean}
 
-    def estimate(self, epochs: float) -> int:
-        """Tokens the run trains on: the data set's tokens times the epochs, as the anchor estimates a run's cost."""
-        return round(self.num_tokens * epochs)
-
-    def estimate_message(self, epochs: float) -> str:
-        """The estimate in words, as the anchor's validation notebook prints it: tokens, epochs, their product."""
-        return (f"the data set has ~{self.num_tokens:,} tokens to train on; {epochs:g} epoch(s) train on "
-                f"~{self.estimate(epochs):,} tokens (tokens × epochs)")
-
     def warnings(self, task_type: TaskType) -> list[str]:
         """Too little data for the task, and examples cut or left out."""
         notes = []

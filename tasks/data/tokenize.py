@@ -49,14 +49,12 @@ class Encoder:
         self.backend = tokenizer.backend_tokenizer
         self.byte_lengths = _byte_lengths(tokenizer)
         self.twin = tiktoken_twin(tokenizer) if self.byte_lengths is not None else None
-        self.batches_checked = 0  # batches whose first text both encoded, to compare
 
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens added around it."""
         texts = list(texts)
         if self.twin is not None and texts:
             ids = fast_bpe.encode(self.twin, texts)
-            self.batches_checked += 1
             if ids[0] == self.backend.encode(texts[0], add_special_tokens=False).ids:
                 return ids
             self.twin = None  # they differ on this data: the original from here on

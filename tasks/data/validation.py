@@ -8,10 +8,9 @@ from tasks.config import Duration, TaskType
 from tasks.data.formats import parse_task_type
 from tasks.data.prepare import PreparedDataset, prepare_dataset
 from tasks.errors import InvalidDataError, InvalidInputError
-from tasks.models import check_model, resolve_model
-from tasks.storage import check_data_path
+from tasks.models import context_length_for, tokenizer_folder
+from tasks.data.sources import check_data_path
 from tasks.training.schedule import plan_duration
-from tasks.validate_paths import DEFAULT_MAX_CONTEXT
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # bundled, so a check works offline with no model named
 
@@ -50,16 +49,10 @@ def validate_data(
     raise: it comes back with ok=False and the report."""
     task = parse_task_type(task_type)
     duration = Duration.parse(training_duration)
-    max_context = check_model(model)
+    context_length = context_length_for(model, context_length)
     check_data_path(data_path, "data_path", task)
-    context_length = context_length or min(DEFAULT_MAX_CONTEXT, max_context)
-    if context_length > max_context:
-        raise InvalidInputError(
-            f"context_length {context_length} exceeds the maximum of {model} ({max_context}): "
-            f"pass context_length={max_context} or less"
-        )
     try:
-        prepared = prepare_dataset(data_path, resolve_model(model), task, context_length,
+        prepared = prepare_dataset(data_path, tokenizer_folder(model), task, context_length,
                                    allow_percentage_invalid_samples)
     except InvalidDataError as e:
         if e.evidence is None:
@@ -67,7 +60,7 @@ def validate_data(
         return _read(e.evidence, ok=False, report=str(e), training_duration=training_duration)
     validation = _read(prepared.path, ok=True, prepared=prepared, training_duration=training_duration)
     try:
-        plan = plan_duration(duration.value, duration.unit, prepared.num_rows, context_length, global_batch_size)
+        plan = plan_duration(duration, prepared.num_rows, context_length, global_batch_size)
     except InvalidInputError as e:  # valid data, too little of it for one optimizer step: say so, don't fail
         validation.stats["warnings"] = [*validation.warnings, str(e)]
         return validation

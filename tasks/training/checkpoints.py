@@ -4,6 +4,7 @@ output_dir/
   ep{E}-ba{B}/                   DeepSpeed's checkpoint: weights, optimizer, step, data position, RNG
   huggingface/ba{B}/             save_pretrained of the model and tokenizer at that step; for a LoRA run the
                                  adapters merged into the base weights, and the adapter alone in adapter/
+  */recipe.yaml                  in each of them: the run's resolved config, a recipe that runs it again
   latest-sharded-rank0.symlink   -> the newest complete ep*-ba* folder (relative, replaced atomically)
 
 With save_top_k, `prune` removes all but the newest k of each once a new checkpoint is complete.
@@ -15,7 +16,9 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 
+from tasks.config import RunConfig
 from tasks.errors import InvalidInputError
 from tasks.training.checkpoint_names import LATEST, MODEL_STATES
 
@@ -23,6 +26,7 @@ TAG = re.compile(r"ep(\d+)-ba(\d+)")
 EXPORT = re.compile(r"ba(\d+)")
 DELETING = ".deleting"  # a folder renamed to .{name}.deleting is on its way out
 ADAPTER = "adapter"  # a LoRA run's export holds its adapter here, beside the merged model
+RECIPE = "recipe.yaml"  # the run's resolved config, beside every checkpoint and export (as litgpt keeps its own)
 
 
 def checkpoint_tag(step: int, batches_per_epoch: int) -> str:
@@ -88,12 +92,19 @@ def prune(output_dir: Path, keep: int) -> list[Path]:
     return removed
 
 
-def save_huggingface(engine, tokenizer, path: Path, zero_stage: int, master: bool, lora: bool = False) -> None:
+def save_recipe(folder: Path, config: RunConfig) -> None:
+    """The run's resolved config as a recipe, into a checkpoint folder: `create(recipe=...)` runs it again."""
+    (folder / RECIPE).write_text(yaml.safe_dump(config.to_recipe(), sort_keys=False))
+
+
+def save_huggingface(engine, tokenizer, path: Path, zero_stage: int, master: bool, config: RunConfig,
+                     lora: bool = False) -> None:
     """A plain HF folder (loadable with from_pretrained) of the current weights; every rank must call it.
 
     With `lora`, engine.module is a peft model: the folder holds the adapters merged into the base weights,
     so that it loads without peft, and `adapter/` the adapter alone (PeftModel.from_pretrained(base, it)).
     The merge is computed on CPU copies of the merged matrices; the training model is left as it was.
+    The run's recipe goes beside it.
     """
     # ZeRO-3 splits each weight over the ranks: gathering them is a collective, so all ranks take part.
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
@@ -109,6 +120,7 @@ def save_huggingface(engine, tokenizer, path: Path, zero_stage: int, master: boo
     else:
         engine.module.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
+    save_recipe(staging, config)
     shutil.rmtree(path, ignore_errors=True)  # left by a run that died before it moved the latest link
     staging.rename(path)
 

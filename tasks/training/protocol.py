@@ -1,6 +1,7 @@
-"""The worker's machine-readable output: one JSON object per stdout line, after a fixed prefix.
+"""The worker's contract with the train task: progress as protocol lines on stdout, the outcome as an exit code.
 
-Everything else the worker, DeepSpeed or transformers print is free-form log. Only rank 0 writes them:
+Stdout: one JSON object per line after a fixed prefix; everything else the worker, DeepSpeed or transformers
+print is free-form log. Only rank 0 writes them:
 
   started      epochs, batches_per_epoch, total_batches, total_tokens, resumed_from (a tag or null),
                trainable_params, total_params (LoRA trains only its adapters)
@@ -16,23 +17,30 @@ Everything else the worker, DeepSpeed or transformers print is free-form log. On
   pruned       batch, keep, removed (paths of the ep*-ba* folders and huggingface/ba* exports deleted): with
                save_top_k, right after a checkpoint line when older ones were removed
   eval         batch, loss (mean over eval_data_dir's loss tokens), tokens: when the spec has eval data, at
-               each checkpoint (just before its checkpoint line), or every eval_every_n_batches steps and at
+               each checkpoint (just before its checkpoint line), or every val_check_interval steps and at
                the end when that is set
   stopped      batch, best_loss, best_batch, evals_without_improvement, reason (a sentence): early stopping
                ended the run before its planned end, after the final checkpoint at `batch`; `finished` follows
   diverged     batch, loss, grad_norm, reason (a phrase, e.g. "loss nan (not a number)"), checkpoint (the tag the
                latest link points at, or null): at a log point (or before a checkpoint) the loss or grad norm
                was not finite, or the loss was over spec.loss_spike_factor x the mean of the recent logged
-               losses; the worker saves nothing more and exits with DIVERGED_EXIT (3)
+               losses; the worker saves nothing more and exits with DIVERGED_EXIT
   finished     batch, hf_path of the final export
 
 Tokens count every position of a row (rows x context length), padding included.
+
+Exit code: 0 once `finished` is written; otherwise the last line on stderr is the reason (`say_why`, read back
+by `why`): BAD_INPUT_EXIT for a spec or data the worker refuses, DIVERGED_EXIT after a `diverged` line (retrying
+cannot help either), anything else for a failure a retry may get past (killed, out of memory, a crash).
 """
 
 import json
 import sys
+from pathlib import Path
 
 PREFIX = "@@tessera "
+BAD_INPUT_EXIT = 2
+DIVERGED_EXIT = 3
 
 
 def emit(kind: str, **fields) -> None:
@@ -46,3 +54,25 @@ def parse(line: str) -> dict | None:
     if not line.startswith(PREFIX):
         return None
     return json.loads(line[len(PREFIX) :])
+
+
+def say_why(reason: str) -> None:
+    """Make `reason` the worker's last line on stderr, on one line."""
+    sys.stdout.flush()
+    print(" ".join(reason.split()), file=sys.stderr, flush=True)
+
+
+def why(stderr_log: Path) -> str:
+    """The worker's reason for exiting: the last line of its stderr."""
+    lines = [line.strip() for line in stderr_log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "no output; see the worker log"
+
+
+def seconds_left(progress: dict) -> float | None:
+    """Training seconds still to go after a progress line: its elapsed time scaled by the share of the tokens (or
+    batches) not yet trained; None before any."""
+    if progress.get("total_tokens"):
+        done = progress["tokens"] / progress["total_tokens"]
+    else:
+        done = progress["batch"] / progress["total_batches"]
+    return progress["elapsed_s"] * (1 - done) / done if done > 0 else None

@@ -3,6 +3,7 @@
 import math
 from dataclasses import dataclass
 
+from tasks.config import Duration
 from tasks.errors import InvalidInputError
 
 
@@ -18,8 +19,8 @@ class Plan:
         return self.total_batches * self.tokens_per_batch
 
 
-def plan_duration(value: int, unit: str, rows: int, context_length: int, global_batch_size: int) -> Plan:
-    """Turn a duration like 3 "ep", 100 "ba" or 2_000_000 "tok" into optimizer steps."""
+def plan_duration(duration: Duration, rows: int, context_length: int, global_batch_size: int) -> Plan:
+    """Turn a duration like 3ep, 100ba or 2_000_000tok into optimizer steps over `rows` rows."""
     batches_per_epoch = rows // global_batch_size
     if batches_per_epoch == 0:
         raise InvalidInputError(
@@ -27,18 +28,23 @@ def plan_duration(value: int, unit: str, rows: int, context_length: int, global_
             "lower global_batch_size or add data"
         )
     tokens_per_batch = global_batch_size * context_length
-    if unit == "ep":
-        total = value * batches_per_epoch
-    elif unit == "ba":
-        total = value
+    if duration.unit == "ep":
+        total = duration.value * batches_per_epoch
+    elif duration.unit == "ba":
+        total = duration.value
     else:  # "tok": enough whole steps to see at least that many tokens
-        total = math.ceil(value / tokens_per_batch)
+        total = math.ceil(duration.value / tokens_per_batch)
     return Plan(
         epochs=math.ceil(total / batches_per_epoch),
         batches_per_epoch=batches_per_epoch,
         total_batches=total,
         tokens_per_batch=tokens_per_batch,
     )
+
+
+def default_warmup(total_batches: int) -> int:
+    """10% of the run, within Nova's 1-20 steps."""
+    return min(20, max(1, total_batches // 10))
 
 
 def learning_rate_at(

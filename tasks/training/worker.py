@@ -2,9 +2,9 @@
 
     python -m tasks.training.worker --run-name NAME --spec /path/spec.json
 
-It reads a TrainSpec, trains the model with DeepSpeed, checkpoints under spec.output_dir and reports on
-stdout in protocol lines (see protocol.py). Exit 0 on success; otherwise the last stderr line says why:
-2 for a bad input, DIVERGED_EXIT when the loss diverged (after a `diverged` line), 1 for anything else.
+It reads a TrainSpec, trains the model with DeepSpeed, checkpoints under spec.output_dir and reports in
+protocol lines on stdout; its exit code and last stderr line say how it ended (see protocol.py).
+Read `train` top to bottom: `setup` builds the engine, `restore` resumes, `loop` trains, `save` checkpoints.
 """
 
 import argparse
@@ -25,7 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from tasks.errors import InvalidInputError
+from tasks.config import Model, TrainingConfig
+from tasks.errors import InvalidInputError, TrainingDiverged
 from tasks.training.checkpoints import (
     check_same_architecture,
     checkpoint_tag,
@@ -34,52 +35,91 @@ from tasks.training.checkpoints import (
     point_latest,
     prune,
     save_huggingface,
+    save_recipe,
 )
 from tasks.training.chunked_loss import chunked_cross_entropy
 from tasks.training.data import IGNORE, MicroBatch, PackedRows, Prefetcher, StepBatch, eval_batches, step_batches
 from tasks.training.dropout import add_dropouts
-from tasks.training.protocol import emit
-from tasks.training.schedule import learning_rate_at, plan_duration
+from tasks.training.protocol import BAD_INPUT_EXIT, DIVERGED_EXIT, emit, say_why
+from tasks.training.schedule import learning_rate_at
 from tasks.training.spec import TrainSpec
 
 # DeepSpeed calls torch.distributed functions that torch has renamed; the warning would repeat every step.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
-DIVERGED_EXIT = 3  # the exit code after a `diverged` line: retrying would only diverge again
 SPIKE_WARMUP = 5  # logged losses before the spike check starts, so the noisy first steps cannot trigger it
 SPIKE_MIN_RISE = 1.0  # nats: how far above the mean a spike must also be
 SPIKE_WINDOW = 20  # the spike check compares with the mean of at most this many of the latest logged losses
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM: the MFU denominator on CUDA unless the spec says otherwise
 
 
-class TrainingDiverged(Exception):
-    """The loss or grad norm went non-finite or the loss spiked: stop without checkpointing."""
-
-
 def train(spec: TrainSpec) -> None:
+    session = setup(spec)
+    state = restore(session)
+    loop(session, state)
+    dist.destroy_process_group()
+
+
+@dataclass
+class Session:
+    """What setup builds and the loop reads: the engine, the data, and where this rank stands."""
+
+    spec: TrainSpec
+    training: TrainingConfig  # spec.config.training_config
+    data: PackedRows
+    eval_data: PackedRows | None
+    engine: deepspeed.DeepSpeedEngine
+    optimizer: torch.optim.Optimizer
+    tokenizer: object
+    device: torch.device
+    rank: int
+    world_size: int
+    clip_here: bool  # fp32 ZeRO-0 reports no grad norm: the step clips and measures it itself
+    chunked: bool  # the LM head's loss a chunk of rows at a time (token_loss)
+    token_flops: int  # training FLOPs per token, for the MFU
+    peak_flops: float | None
+    output_dir: Path
+    trainable_params: int  # LoRA trains only its adapters
+    total_params: int
+
+    @property
+    def master(self) -> bool:
+        """Rank 0: the one that reports and writes the Hugging Face exports."""
+        return self.rank == 0
+
+
+@dataclass
+class State:
+    """Where training stands: what a checkpoint carries besides the engine's own state, and resume restores."""
+
+    step: int = 0  # optimizer steps done
+    elapsed_s: float = 0.0  # training seconds before this process started (the run's, across resumes)
+    watch: "EvalWatch" = field(default_factory=lambda: EvalWatch())  # early stopping
+    guard: "DivergenceGuard | None" = None  # the divergence guard and its window of recent losses
+    resumed_from: str | None = None  # the checkpoint this process started from
+
+
+def setup(spec: TrainSpec) -> Session:
+    """Check the inputs, join the process group and build the DeepSpeed engine around the model and AdamW."""
+    training, model_settings = spec.config.training_config, spec.config.training_config.model
     # Inputs first: a wrong folder should fail before the model loads and DeepSpeed starts.
     data = PackedRows(spec.data_dir, "data_dir")
     eval_data = PackedRows(spec.eval_data_dir, "eval_data_dir") if spec.eval_data_dir else None
     if not (spec.model_dir / "config.json").is_file():
         raise InvalidInputError(f"model_dir {spec.model_dir} has no config.json: pass a Hugging Face model folder")
-    config = model_config(spec.model_dir, spec.attention_dropout)
-    plan = plan_duration(
-        spec.duration_value, spec.duration_unit, data.rows, data.context_length, spec.global_batch_size
-    )
+    config = model_config(spec.model_dir, model_settings.attention_dropout)
     output_dir = spec.output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
 
     # One process per rank; the deepspeed launcher sets these variables, a lone worker is rank 0 of 1.
     _single_process_defaults()
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    master = rank == 0  # the one rank that reports and writes the Hugging Face exports
-    rows_per_micro_step = spec.micro_batch_size * world_size
-    if spec.global_batch_size % rows_per_micro_step:
+    rows_per_micro_step = training.micro_batch_size * world_size
+    if training.global_batch_size % rows_per_micro_step:
         raise InvalidInputError(
-            f"global_batch_size ({spec.global_batch_size}) must be a multiple of micro_batch_size "
-            f"({spec.micro_batch_size}) x processes ({world_size}) = {rows_per_micro_step}"
+            f"global_batch_size ({training.global_batch_size}) must be a multiple of micro_batch_size "
+            f"({training.micro_batch_size}) x processes ({world_size}) = {rows_per_micro_step}"
         )
-    grad_accum = spec.global_batch_size // rows_per_micro_step
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -87,262 +127,285 @@ def train(spec: TrainSpec) -> None:
     bf16 = cuda and torch.cuda.is_bf16_supported()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     # The same seed on every rank keeps their RNG streams identical, so rank 0's state stands for all in a checkpoint.
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(training.seed)
 
     # The model, from the base folder or, for a fresh run, with the weights of another run's checkpoint.
     # Loaded in fp32 on every rank; with bf16, DeepSpeed keeps fp32 master weights in the optimizer.
-    resume_tag = latest_tag(output_dir) if spec.resume else None
     tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
     model = AutoModelForCausalLM.from_pretrained(spec.model_dir, config=config, dtype=torch.float32)
-    if spec.init_from and not resume_tag:
+    if spec.init_from and not (spec.resume and latest_tag(output_dir)):
         weights = load_weights(spec.init_from)
         check_same_architecture(weights, model, spec.init_from, spec.model_dir)
         model.load_state_dict(weights)
         del weights
-    if spec.peft == "lora":
-        model = wrap_lora(model, spec)
-    add_dropouts(model, spec.hidden_dropout, spec.ffn_dropout)  # after LoRA, so the adapters see the dropped inputs
+    if model_settings.peft.peft_scheme == "lora":
+        model = wrap_lora(model, model_settings)
+    # After LoRA, so the adapters see the dropped inputs.
+    add_dropouts(model, model_settings.hidden_dropout, model_settings.ffn_dropout)
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
     token_flops = flops_per_token(
         total_params, trainable_params, getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0),
         data.context_length,
     )
-    peak_flops = spec.peak_flops or (H100_BF16_FLOPS if cuda else None)  # CPU: no meaningful peak, no MFU
-    chunked = spec.chunked_loss and chunked_loss_applies(model, spec.zero_stage)
+    zero_stage = training.deepspeed.zero_stage
+    chunked = spec.chunked_loss and chunked_loss_applies(model, zero_stage)
     model.to(device)
-    optimizer = build_optimizer(model, spec, cuda)  # the learning rate is set every step below
+    optimizer = build_optimizer(model, model_settings, training.deepspeed.offload_optimizer and cuda, cuda)
     # DeepSpeed reports the grad norm only from its ZeRO and mixed-precision optimizers; in plain fp32
     # stage 0 we clip ourselves (clip_grad_norm_ returns the norm).
-    clip_here = spec.zero_stage == 0 and not bf16
+    clip_here = zero_stage == 0 and not bf16
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         config={
-            "train_batch_size": spec.global_batch_size,
-            "train_micro_batch_size_per_gpu": spec.micro_batch_size,
-            "gradient_accumulation_steps": grad_accum,
+            "train_batch_size": training.global_batch_size,
+            "train_micro_batch_size_per_gpu": training.micro_batch_size,
+            "gradient_accumulation_steps": training.global_batch_size // rows_per_micro_step,
             "zero_optimization": {
-                "stage": spec.zero_stage,
-                **({"offload_optimizer": {"device": "cpu", "pin_memory": cuda}} if spec.offload_optimizer else {}),
+                "stage": zero_stage,
+                **({"offload_optimizer": {"device": "cpu", "pin_memory": cuda}}
+                   if training.deepspeed.offload_optimizer else {}),
             },
             # Offloaded, the optimizer steps on CPU tensors: DeepSpeedCPUAdam on a GPU machine (see build_optimizer),
             # torch's AdamW where everything is on the CPU anyway.
             "zero_force_ds_cpu_optimizer": False,
-            "gradient_clipping": 0.0 if clip_here else spec.gradient_clip,
+            "gradient_clipping": 0.0 if clip_here else training.trainer.gradient_clip_val,
             "bf16": {"enabled": bf16},
             "steps_per_print": 2**31 - 1,  # progress is ours to report
         },
     )
-
-    # Resume: weights, optimizer, step and RNG from the latest checkpoint; the data order follows from the step.
-    step, elapsed_before = 0, 0.0  # elapsed_s counts the run's training time across resumes
-    watch = EvalWatch()  # early stopping's state, carried across resumes
-    recent_losses: list[float] = []  # the divergence guard's window, carried across resumes too
-    if resume_tag:
-        loaded, client_state = engine.load_checkpoint(output_dir, tag=resume_tag)
-        if loaded is None:  # DeepSpeed logs why and returns None rather than raising
-            raise InvalidInputError(
-                f"cannot resume from {output_dir / resume_tag}: DeepSpeed could not load it (see the log above)"
-            )
-        saved = client_state["tessera"]
-        ours = {"rows": data.rows, "global_batch_size": spec.global_batch_size, "seed": spec.seed}
-        if changed := {k: (saved[k], v) for k, v in ours.items() if saved[k] != v}:
-            said = ", ".join(f"{k} {was} -> {now}" for k, (was, now) in changed.items())
-            raise InvalidInputError(
-                f"cannot resume from {output_dir / resume_tag}: the data order has changed ({said}); "
-                "use the original settings, or set resume=false with a fresh output_dir"
-            )
-        step, elapsed_before = saved["step"], saved["elapsed_s"]
-        watch = EvalWatch(**saved.get("eval_watch", {}))
-        recent_losses = saved.get("recent_losses", [])
-        torch.set_rng_state(saved["rng"])
-        if cuda:
-            torch.cuda.set_rng_state(saved["cuda_rng"])
-
-    if master:
+    session = Session(
+        spec=spec, training=training, data=data, eval_data=eval_data, engine=engine, optimizer=optimizer,
+        tokenizer=tokenizer, device=device, rank=rank, world_size=world_size, clip_here=clip_here, chunked=chunked,
+        token_flops=token_flops, peak_flops=spec.peak_flops or (H100_BF16_FLOPS if cuda else None),  # CPU: no MFU
+        output_dir=output_dir, trainable_params=trainable_params, total_params=total_params,
+    )
+    if session.master:
+        lora = model_settings.peft.lora_tuning
         print(
             f"tessera worker {spec.run_name}: {data.rows} rows x {data.context_length} tokens, {world_size} "
-            f"process(es) on {device.type}{' bf16' if bf16 else ''}, ZeRO {spec.zero_stage}, "
-            f"{spec.micro_batch_size} rows x {grad_accum} accumulation steps per rank, starting at step {step}; "
-            f"training {trainable_params:,} of {total_params:,} parameters"
-            f"{f' (LoRA rank {spec.lora_rank})' if spec.peft else ''}; {'chunked' if chunked else 'full-logits'} loss",
+            f"process(es) on {device.type}{' bf16' if bf16 else ''}, ZeRO {zero_stage}, "
+            f"{training.micro_batch_size} rows x {training.global_batch_size // rows_per_micro_step} accumulation "
+            f"steps per rank; training {trainable_params:,} of {total_params:,} parameters"
+            f"{f' (LoRA rank {lora.rank})' if model_settings.peft.peft_scheme else ''}; "
+            f"{'chunked' if chunked else 'full-logits'} loss",
             flush=True,
         )
-        emit(
-            "started",
-            epochs=plan.epochs,
-            batches_per_epoch=plan.batches_per_epoch,
-            total_batches=plan.total_batches,
-            total_tokens=plan.total_tokens,
-            resumed_from=resume_tag,
-            trainable_params=trainable_params,
-            total_params=total_params,
+    return session
+
+
+def restore(s: Session) -> State:
+    """A fresh state, or the latest checkpoint's: weights, optimizer, step, RNG, early stopping and the divergence
+    guard's window; the data order follows from the step."""
+    tag = latest_tag(s.output_dir) if s.spec.resume else None
+    if tag is None:
+        return State(guard=DivergenceGuard(s.spec.loss_spike_factor))
+    loaded, client_state = s.engine.load_checkpoint(s.output_dir, tag=tag)
+    if loaded is None:  # DeepSpeed logs why and returns None rather than raising
+        raise InvalidInputError(
+            f"cannot resume from {s.output_dir / tag}: DeepSpeed could not load it (see the log above)"
         )
-    # A run that stopped early checkpointed where it stopped: resumed there, it stays stopped (unless the
-    # spec's patience has grown since).
-    stopped = step < plan.total_batches and watch.exhausted(spec.early_stopping_patience)
-    # ZeRO-3 generation is a collective: ranks must keep stepping until the longest answer is done.
-    synced_generate = spec.zero_stage == 3 and world_size > 1
-    if spec.eval_prompts and step == 0:
-        responses = answer(engine, tokenizer, spec.eval_prompts, spec.seed, device, synced_generate)
-        if master:
-            emit("generations", batch=0, prompts=spec.eval_prompts, responses=responses)
-
-    batches = iter(
-        Prefetcher(
-            step_batches(
-                data,
-                seed=spec.seed,
-                start_step=step,
-                total_steps=plan.total_batches,
-                batches_per_epoch=plan.batches_per_epoch,
-                global_batch_size=spec.global_batch_size,
-                micro_batch_size=spec.micro_batch_size,
-                rank=rank,
-                world_size=world_size,
-            ),
-            pin_memory=cuda,
+    saved = client_state["tessera"]
+    ours = {"rows": s.data.rows, "global_batch_size": s.training.global_batch_size, "seed": s.training.seed}
+    if changed := {k: (saved[k], v) for k, v in ours.items() if saved[k] != v}:
+        said = ", ".join(f"{k} {was} -> {now}" for k, (was, now) in changed.items())
+        raise InvalidInputError(
+            f"cannot resume from {s.output_dir / tag}: the data order has changed ({said}); "
+            "use the original settings, or start a fresh run"
         )
-    )
-    engine.train()
-    # Loss accumulates on the device between log points: reading it is the loop's only host sync.
-    window_loss, window_tokens, window_steps = torch.zeros((), device=device), 0, 0
-    loop_start = window_start = time.time()
-    guard = DivergenceGuard(spec.loss_spike_factor, recent_losses)
+    torch.set_rng_state(saved["rng"])
+    if s.device.type == "cuda":
+        torch.cuda.set_rng_state(saved["cuda_rng"])
+    return State(step=saved["step"], elapsed_s=saved["elapsed_s"], watch=EvalWatch(**saved.get("eval_watch", {})),
+                 guard=DivergenceGuard(s.spec.loss_spike_factor, saved.get("recent_losses", [])), resumed_from=tag)
 
-    def check_divergence(loss: float, norm: float | None, record: bool) -> None:
-        """Raise TrainingDiverged (rank 0 says so in a `diverged` line) before anything more is saved.
 
-        Every rank decides alike: the loss is all-reduced and the grad norm is global.
-        """
-        if reason := guard.check(loss, norm):
-            if master:
-                emit("diverged", batch=step, loss=loss, grad_norm=norm, reason=reason,
-                     checkpoint=latest_tag(output_dir))
-            raise TrainingDiverged(f"training diverged at batch {step}: {reason}")
-        if record:
-            guard.record(loss)
+def loop(s: Session, state: State) -> None:
+    """Optimizer steps until the plan's end or early stopping, with progress, evals and checkpoints when due."""
+    plan, training, spec = s.spec.plan, s.training, s.spec
+    trainer, optim, patience = training.trainer, training.model.optim, training.early_stopping.patience
+    prompts = spec.config.run.eval_prompts or []
+    if s.master:
+        emit("started", epochs=plan.epochs, batches_per_epoch=plan.batches_per_epoch, total_batches=plan.total_batches,
+             total_tokens=plan.total_tokens, resumed_from=state.resumed_from, trainable_params=s.trainable_params,
+             total_params=s.total_params)
+    # A run that stopped early checkpointed where it stopped: resumed there, it stays stopped (unless patience grew).
+    stopped = state.step < plan.total_batches and state.watch.exhausted(patience)
+    if prompts and state.step == 0:
+        generate(s, 0, prompts)
+    batches = iter(Prefetcher(
+        step_batches(s.data, seed=training.seed, start_step=state.step, total_steps=plan.total_batches,
+                     batches_per_epoch=plan.batches_per_epoch, global_batch_size=training.global_batch_size,
+                     micro_batch_size=training.micro_batch_size, rank=s.rank, world_size=s.world_size),
+        pin_memory=s.device.type == "cuda",
+    ))
+    s.engine.train()
+    loop_start = time.time()
+    window = Window(s.device, loop_start)
 
-    def report_progress(now: float | None = None) -> None:
-        """The progress line for the steps since the last one; every rank calls it (the loss is all-reduced).
-
-        `now` ends the window; by default the time once the loss has been read, i.e. once its steps have run."""
-        nonlocal window_tokens, window_steps, window_start
-        if world_size > 1:
-            dist.all_reduce(window_loss)
-        loss = window_loss.item() / max(1, window_tokens)  # mean over the window's loss tokens
-        now = time.time() if now is None else now
-        norm = None if grad_norm is None else float(grad_norm)
-        tokens_per_s = window_steps * plan.tokens_per_batch / (now - window_start)
-        if master:
-            emit(
-                "progress",
-                epoch=(step - 1) // plan.batches_per_epoch + 1,
-                epochs=plan.epochs,
-                batch=step,
-                total_batches=plan.total_batches,
-                tokens=step * plan.tokens_per_batch,
-                total_tokens=plan.total_tokens,
-                loss=loss,
-                lr=lr,
-                grad_norm=norm,
-                tokens_per_s=tokens_per_s,
-                elapsed_s=elapsed_before + now - loop_start,
-                peak_memory_mb=peak_memory_mb(device),
-                mfu=tokens_per_s * token_flops / (peak_flops * world_size) if peak_flops else None,
-            )
-        window_loss.zero_()
-        window_tokens, window_steps, window_start = 0, 0, now
-        check_divergence(loss, norm, record=True)
-
-    while step < plan.total_batches and not stopped:
-        lr = learning_rate_at(
-            step, spec.learning_rate, spec.warmup_steps, plan.total_batches, spec.schedule, spec.final_lr,
-            spec.constant_steps,
-        )
-        for group in optimizer.param_groups:
+    while state.step < plan.total_batches and not stopped:
+        lr = learning_rate_at(state.step, optim.lr, spec.warmup_steps, plan.total_batches, optim.sched.name,
+                              optim.final_lr, optim.sched.constant_steps)
+        for group in s.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # LoRA+: the B matrices' groups learn faster
         batch = next(batches)
-        loss_sum, grad_norm = train_step(
-            engine, batch, device, world_size, spec.gradient_clip if clip_here else None, chunked
-        )
-        window_loss += loss_sum
-        window_tokens += batch.loss_tokens
-        window_steps += 1
-        step += 1
+        loss_sum, grad_norm = train_step(s.engine, batch, s.device, s.world_size,
+                                         trainer.gradient_clip_val if s.clip_here else None, s.chunked)
+        window.add(loss_sum, batch.loss_tokens)
+        state.step += 1
 
-        if step % spec.log_every_n_batches == 0 or step == plan.total_batches:
-            report_progress()
+        if state.step % trainer.log_every_n_steps == 0 or state.step == plan.total_batches:
+            report(s, state, window, lr, grad_norm, loop_start)
 
-        checkpoint_now = checkpoint_due(step, plan.batches_per_epoch, plan.total_batches, spec.save_every_n_batches)
-        eval_now = eval_data is not None and eval_due(
-            step, plan.total_batches, spec.eval_every_n_batches, checkpoint_now
-        )
-        if checkpoint_now and window_steps:  # steps since the last log point: check them before anything is saved
-            pending = window_loss.clone()
-            if world_size > 1:
-                dist.all_reduce(pending)
-            check_divergence(
-                pending.item() / max(1, window_tokens), None if grad_norm is None else float(grad_norm), record=False
-            )
-        if checkpoint_now or eval_now:
-            pause_start = time.time()
-            if eval_now:  # before the checkpoint, so that its early-stopping state counts this eval
-                eval_loss, eval_tokens = evaluate(
-                    engine, eval_data, spec.micro_batch_size, rank, world_size, device, chunked
-                )
-                watch.update(eval_loss, step, spec.early_stopping_min_delta)
-                if master:
-                    emit("eval", batch=step, loss=eval_loss, tokens=eval_tokens)
-                # The eval loss is all-reduced, so every rank takes the same decision and stops at the same step.
-                stopped = step < plan.total_batches and watch.exhausted(spec.early_stopping_patience)
-                if stopped:
-                    checkpoint_now = True  # the final checkpoint and export, as at the planned end
-                    if window_steps:
-                        report_progress(pause_start)
-            if checkpoint_now:
-                tag = checkpoint_tag(step, plan.batches_per_epoch)
-                rng = {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if cuda else None}
-                engine.save_checkpoint(
-                    output_dir,
-                    tag=tag,
-                    client_state={"tessera": {
-                        "step": step, "elapsed_s": elapsed_before + pause_start - loop_start, **rng,
-                        "rows": data.rows, "global_batch_size": spec.global_batch_size, "seed": spec.seed,
-                        "eval_watch": asdict(watch), "recent_losses": guard.recent,
-                        "lora": lora_settings(spec),
-                    }},
-                    save_latest=False,  # the latest link below is ours, moved only once the export is written too
-                )
-                hf_path = output_dir / "huggingface" / f"ba{step}"
-                save_huggingface(engine, tokenizer, hf_path, spec.zero_stage, master, lora=spec.peft == "lora")
-                dist.barrier()  # every rank's shard is on disk before the link says the checkpoint exists
-                if master:
-                    point_latest(output_dir, tag)
-                    emit("checkpoint", tag=tag, path=str(output_dir / tag), hf_path=str(hf_path))
-                    # Only now, with the new checkpoint complete and linked and no save under way, and only
-                    # here on rank 0: the other ranks never touch older folders.
-                    if spec.save_top_k and (removed := prune(output_dir, spec.save_top_k)):
-                        emit("pruned", batch=step, keep=spec.save_top_k, removed=[str(p) for p in removed])
-            if checkpoint_now and spec.eval_prompts:
-                responses = answer(engine, tokenizer, spec.eval_prompts, spec.seed, device, synced_generate)
-                if master:
-                    emit("generations", batch=step, prompts=spec.eval_prompts, responses=responses)
-            window_start += time.time() - pause_start  # tokens_per_s measures training, not checkpoints or evals
+        checkpoint_now = checkpoint_due(state.step, plan.batches_per_epoch, plan.total_batches, training.save_steps)
+        eval_now = s.eval_data is not None and eval_due(state.step, plan.total_batches, trainer.val_check_interval,
+                                                        checkpoint_now)
+        if checkpoint_now and window.steps:  # steps since the last log point: check them before anything is saved
+            stop_if_diverged(s, state, window.mean_loss(s.world_size, keep=True), _number(grad_norm), record=False)
+        if not (checkpoint_now or eval_now):
+            continue
+        pause_start = time.time()  # tokens_per_s measures training, not evals, checkpoints or generation
+        if eval_now:  # before the checkpoint, so that its early-stopping state counts this eval
+            eval_loss, eval_tokens = evaluate(s.engine, s.eval_data, training.micro_batch_size, s.rank,
+                                              s.world_size, s.device, s.chunked)
+            state.watch.update(eval_loss, state.step, training.early_stopping.min_delta)
+            if s.master:
+                emit("eval", batch=state.step, loss=eval_loss, tokens=eval_tokens)
+            # The eval loss is all-reduced, so every rank takes the same decision and stops at the same step.
+            stopped = state.step < plan.total_batches and state.watch.exhausted(patience)
+            if stopped:
+                checkpoint_now = True  # the final checkpoint and export, as at the planned end
+                if window.steps:
+                    report(s, state, window, lr, grad_norm, loop_start, now=pause_start)
+        if checkpoint_now:
+            save(s, state, state.elapsed_s + pause_start - loop_start)
+            if prompts:
+                generate(s, state.step, prompts)
+        window.start += time.time() - pause_start
 
-    if stopped and master:
+    if stopped and s.master:
+        emit("stopped", batch=state.step, best_loss=state.watch.best_loss, best_batch=state.watch.best_batch,
+             evals_without_improvement=state.watch.evals_without_improvement,
+             reason=state.watch.reason(training.early_stopping.min_delta))
+    if s.master:
+        emit("finished", batch=state.step, hf_path=str(s.output_dir / "huggingface" / f"ba{state.step}"))
+
+
+def _number(value) -> float | None:
+    """A tensor or float as a float (reading a device tensor waits for the device: only at log points)."""
+    return None if value is None else float(value)
+
+
+class Window:
+    """The steps since the last progress line: their summed token loss (kept on the device, so reading it is the
+    loop's only host sync), their loss tokens, how many, and when the window started."""
+
+    def __init__(self, device: torch.device, start: float):
+        self.loss, self.tokens, self.steps, self.start = torch.zeros((), device=device), 0, 0, start
+
+    def add(self, loss_sum: torch.Tensor, loss_tokens: int) -> None:
+        self.loss += loss_sum
+        self.tokens += loss_tokens
+        self.steps += 1
+
+    def mean_loss(self, world_size: int, keep: bool = False) -> float:
+        """The mean over the window's loss tokens of every rank (a collective: all ranks call it)."""
+        total = self.loss.clone() if keep else self.loss
+        if world_size > 1:
+            dist.all_reduce(total)
+        return total.item() / max(1, self.tokens)
+
+    def reset(self, now: float) -> None:
+        self.loss.zero_()
+        self.tokens, self.steps, self.start = 0, 0, now
+
+
+def report(s: Session, state: State, window: Window, lr: float, grad_norm, loop_start: float,
+           now: float | None = None) -> None:
+    """The progress line for the window's steps, then the divergence check; every rank calls it.
+
+    `now` ends the window; by default the time once the loss has been read, i.e. once its steps have run."""
+    plan = s.spec.plan
+    loss, norm = window.mean_loss(s.world_size), _number(grad_norm)
+    now = time.time() if now is None else now
+    tokens_per_s = window.steps * plan.tokens_per_batch / (now - window.start)
+    if s.master:
         emit(
-            "stopped",
-            batch=step,
-            best_loss=watch.best_loss,
-            best_batch=watch.best_batch,
-            evals_without_improvement=watch.evals_without_improvement,
-            reason=watch.reason(spec.early_stopping_min_delta),
+            "progress",
+            epoch=(state.step - 1) // plan.batches_per_epoch + 1,
+            epochs=plan.epochs,
+            batch=state.step,
+            total_batches=plan.total_batches,
+            tokens=state.step * plan.tokens_per_batch,
+            total_tokens=plan.total_tokens,
+            loss=loss,
+            lr=lr,
+            grad_norm=norm,
+            tokens_per_s=tokens_per_s,
+            elapsed_s=state.elapsed_s + now - loop_start,
+            peak_memory_mb=peak_memory_mb(s.device),
+            mfu=tokens_per_s * s.token_flops / (s.peak_flops * s.world_size) if s.peak_flops else None,
         )
-    if master:
-        emit("finished", batch=step, hf_path=str(output_dir / "huggingface" / f"ba{step}"))
-    dist.destroy_process_group()
+    window.reset(now)
+    stop_if_diverged(s, state, loss, norm, record=True)
+
+
+def stop_if_diverged(s: Session, state: State, loss: float, norm: float | None, record: bool) -> None:
+    """Raise TrainingDiverged (rank 0 says so in a `diverged` line) before anything more is saved.
+
+    Every rank decides alike: the loss is all-reduced and the grad norm is global."""
+    if reason := state.guard.check(loss, norm):
+        if s.master:
+            emit("diverged", batch=state.step, loss=loss, grad_norm=norm, reason=reason,
+                 checkpoint=latest_tag(s.output_dir))
+        raise TrainingDiverged(f"training diverged at batch {state.step}: {reason}")
+    if record:
+        state.guard.record(loss)
+
+
+def save(s: Session, state: State, elapsed_s: float) -> None:
+    """The checkpoint `ep{E}-ba{B}` and its Hugging Face export, each with the run's recipe beside it; then the
+    latest link, and save_top_k's pruning. Every rank calls it."""
+    training = s.training
+    tag = checkpoint_tag(state.step, s.spec.plan.batches_per_epoch)
+    cuda = s.device.type == "cuda"
+    lora = training.model.peft
+    s.engine.save_checkpoint(
+        s.output_dir,
+        tag=tag,
+        client_state={"tessera": {
+            "step": state.step, "elapsed_s": elapsed_s,
+            "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if cuda else None,
+            "rows": s.data.rows, "global_batch_size": training.global_batch_size, "seed": training.seed,
+            "eval_watch": asdict(state.watch), "recent_losses": state.guard.recent,
+            # What init_from needs to merge the adapters into the base weights later.
+            "lora": {"rank": lora.lora_tuning.rank, "alpha": lora.lora_tuning.alpha} if lora.peft_scheme else None,
+        }},
+        save_latest=False,  # the latest link below is ours, moved only once the export is written too
+    )
+    hf_path = s.output_dir / "huggingface" / f"ba{state.step}"
+    save_huggingface(s.engine, s.tokenizer, hf_path, training.deepspeed.zero_stage, s.master,
+                     lora=lora.peft_scheme == "lora", config=s.spec.config)
+    if s.master:
+        save_recipe(s.output_dir / tag, s.spec.config)
+    dist.barrier()  # every rank's shard is on disk before the link says the checkpoint exists
+    if s.master:
+        point_latest(s.output_dir, tag)
+        emit("checkpoint", tag=tag, path=str(s.output_dir / tag), hf_path=str(hf_path))
+        # Only now, with the new checkpoint complete and linked and no save under way, and only here on rank 0:
+        # the other ranks never touch older folders.
+        if training.save_top_k and (removed := prune(s.output_dir, training.save_top_k)):
+            emit("pruned", batch=state.step, keep=training.save_top_k, removed=[str(p) for p in removed])
+
+
+def generate(s: Session, step: int, prompts: list[str]) -> None:
+    """Answer the eval prompts with the current weights; ZeRO-3 generation is a collective (every rank steps until
+    the longest answer is done)."""
+    synced = s.training.deepspeed.zero_stage == 3 and s.world_size > 1
+    responses = answer(s.engine, s.tokenizer, prompts, s.training.seed, s.device, synced)
+    if s.master:
+        emit("generations", batch=step, prompts=prompts, responses=responses)
 
 
 @dataclass
@@ -512,55 +575,49 @@ def model_config(model_dir: Path, attention_dropout: float):
     return config
 
 
-def lora_settings(spec: TrainSpec) -> dict | None:
-    """What a checkpoint records of its LoRA adapters: enough to merge them into the base weights later (init_from)."""
-    return {"rank": spec.lora_rank, "alpha": spec.lora_alpha} if spec.peft == "lora" else None
-
-
-def wrap_lora(model: torch.nn.Module, spec: TrainSpec) -> torch.nn.Module:
-    """The model with peft's LoRA adapters on spec.lora_target_modules; only the adapters train."""
+def wrap_lora(model: torch.nn.Module, settings: Model) -> torch.nn.Module:
+    """The model with peft's LoRA adapters on lora_tuning.target_modules; only the adapters train."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(
-        r=spec.lora_rank,
-        lora_alpha=spec.lora_alpha,
-        lora_dropout=spec.lora_dropout,
-        target_modules=spec.lora_target_modules,
-        task_type="CAUSAL_LM",
-    )
+    lora = settings.peft.lora_tuning
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.adapter_dropout,
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # e.g. target modules not found in the model
         raise InvalidInputError(f"cannot put LoRA adapters on this model: {e}") from e
 
 
-def build_optimizer(model: torch.nn.Module, spec: TrainSpec, cuda: bool) -> torch.optim.Optimizer:
-    """AdamW with the spec's settings over the parameters that train (with LoRA, only the adapters).
+def build_optimizer(model: torch.nn.Module, settings: Model, offloaded_from_gpu: bool,
+                    cuda: bool) -> torch.optim.Optimizer:
+    """AdamW with the recipe's settings over the parameters that train (with LoRA, only the adapters).
 
     Weight decay only on weight matrices and embeddings (ndim >= 2), never on biases or norm weights.
-    Each group carries an `lr_scale`, the multiple of the step's learning rate it learns at: 1, and
-    loraplus_lr_ratio for the LoRA B matrices (LoRA+, Hayou et al. 2024).
+    Each group carries an `lr_scale`, the multiple of the step's learning rate it learns at: 1, and LoRA+'s
+    ratio for the LoRA B matrices (Hayou et al. 2024).
     """
+    optim, b_scale = settings.optim, settings.peft.lora_tuning.b_lr_scale
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            lora_b = spec.loraplus_lr_ratio != 1 and ".lora_B." in name
+            lora_b = b_scale != 1 and ".lora_B." in name
             groups.setdefault((parameter.ndim >= 2, lora_b), []).append(parameter)
     param_groups = [
         {
             "params": groups[decay, lora_b],
-            "weight_decay": spec.weight_decay if decay else 0.0,
-            "lr_scale": float(spec.loraplus_lr_ratio) if lora_b else 1.0,
+            "weight_decay": optim.weight_decay if decay else 0.0,
+            "lr_scale": b_scale if lora_b else 1.0,
         }
         for decay, lora_b in ((True, False), (False, False), (True, True), (False, True))
         if groups.get((decay, lora_b))
     ]
-    if spec.offload_optimizer and cuda:
+    betas = tuple(optim.betas)
+    if offloaded_from_gpu:
         # The offloaded step runs on the CPU: DeepSpeed's vectorised CPU Adam is several times torch's there.
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(param_groups, lr=spec.learning_rate, betas=spec.betas, eps=spec.eps, adamw_mode=True)
-    return torch.optim.AdamW(param_groups, lr=spec.learning_rate, betas=spec.betas, eps=spec.eps, fused=cuda)
+        return DeepSpeedCPUAdam(param_groups, lr=optim.lr, betas=betas, eps=optim.eps, adamw_mode=True)
+    return torch.optim.AdamW(param_groups, lr=optim.lr, betas=betas, eps=optim.eps, fused=cuda)
 
 
 @torch.no_grad()
@@ -632,14 +689,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
-        spec = TrainSpec.from_json(args.spec)
+        spec = TrainSpec.load(args.spec)
         if spec.run_name != args.run_name:
-            raise InvalidInputError(
-                f"--run-name {args.run_name} does not match run_name {spec.run_name} in {args.spec}"
-            )
+            raise InvalidInputError(f"--run-name {args.run_name} does not match run_name {spec.run_name} in {args.spec}")
         train(spec)
     except InvalidInputError as e:
-        return _fail(str(e), 2)
+        return _fail(str(e), BAD_INPUT_EXIT)
     except TrainingDiverged as e:
         return _fail(str(e), DIVERGED_EXIT)
     except Exception as e:
@@ -649,11 +704,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(reason: str, code: int) -> int:
-    """Make the reason the last line on stderr, where the train task looks for it."""
     if dist.is_initialized():
         dist.destroy_process_group()
-    sys.stdout.flush()
-    print(" ".join(reason.split()), file=sys.stderr, flush=True)
+    say_why(reason)
     return code
 
 

@@ -1,4 +1,4 @@
-"""tasks.storage: every kind of train_data_path resolved to local files, against real stores (a local folder,
+"""tasks.data.sources: every kind of train_data_path resolved to local files, against real stores (a local folder,
 moto's S3 server over HTTP, Delta tables written by deltalake, datasets' own on-disk formats)."""
 
 import hashlib
@@ -16,7 +16,7 @@ from deltalake import write_deltalake
 
 from tasks.config import TaskType
 from tasks.errors import InvalidInputError
-from tasks.storage import check_data_path, fetch
+from tasks.data.sources import check_data_path, fetch
 
 CHAT = TaskType.CHAT_COMPLETION
 CPT = TaskType.CONTINUED_PRETRAIN
