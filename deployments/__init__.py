@@ -1,1 +1,1 @@
-"""How Tessera's flows are served: the local runner (embedded default) and prefect.yaml for work pools."""
+"""How Tessera's flows are served: the local runner (embedded default) and deploy.py for work pools."""
