@@ -497,7 +497,7 @@ def test_a_killed_worker_is_resumed_by_the_train_tasks_retry(fm, tiny_model_dir,
     recipe = {
         "run": {"model_name_or_path": str(tiny_model_dir), "train_data_path": chat_file, "register_to": "main.test"},
         "training_config": {"max_length": 64, "global_batch_size": 4, "micro_batch_size": 2, "save_steps": 10,
-                            "save_top_k": 2, "trainer": {"max_steps": 80}, "deepspeed": {"processes": 2}},
+                            "save_top_k": 2, "trainer": {"max_steps": 30}, "deepspeed": {"processes": 2}},
     }
     run = fm.create(recipe=recipe, learning_rate=1e-3)
     checkpoints = Path(os.environ["TESSERA_HOME"]) / "runs" / run.name / "checkpoints"
@@ -513,8 +513,8 @@ def test_a_killed_worker_is_resumed_by_the_train_tasks_retry(fm, tiny_model_dir,
     events = list(fm.get_events(run, follow=True))
     assert events[-1].type == "COMPLETED", [(e.type, e.message) for e in events]
     assert f"resumed from {resumed_from}" in [e.message for e in events if e.type == "TRAIN_UPDATED"]
-    assert next(e for e in events if e.type == "TRAIN_FINISHED").message == "training finished after 80 batches"
+    assert next(e for e in events if e.type == "TRAIN_FINISHED").message == "training finished after 30 batches"
     log = (checkpoints.parent / "logs" / "worker.log").read_text()
     assert log.count("2 process(es) on cpu") == 2  # the first attempt and the retry, both on two ranks
     kept = fm.get_checkpoints(run)
-    assert len(kept) == 2 and kept[-1].endswith("-ba80"), kept  # save_top_k held across the retry
+    assert len(kept) == 2 and kept[-1].endswith("-ba30"), kept  # save_top_k held across the retry
