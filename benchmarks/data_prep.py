@@ -27,7 +27,7 @@ from transformers import AutoTokenizer
 
 from tasks.data.prepare import prepare_dataset
 from tasks.home import cache_dir
-from tasks.models import resolve_model
+from tasks.models import tokenizer_folder
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SEED = 1234
@@ -73,7 +73,7 @@ def main() -> None:
         worker(args.worker, args.corpus, args.model_dir, args.context_length, args.result)
         return
 
-    model_dir = resolve_model(MODEL)  # before TESSERA_CACHE is redirected, so the converted model is reused
+    model_dir = tokenizer_folder(MODEL)  # before TESSERA_CACHE is redirected, so the extracted tokenizer is reused
     corpus = build_corpus(args.conversations, model_dir)
     results = [measure(system, corpus, model_dir, args.context_length, args.conversations)
                for system in ("tessera", "peer")]

@@ -7,12 +7,14 @@ import yaml
 from cyclopts import App, Parameter
 from rich.markup import escape
 from rich.table import Table
+from ruamel.yaml import YAMLError
 
 from flows import foundation_model as fm
 from flows import services
 from flows.console import console, data_summary, follow, runs_table
 from tasks.data.validation import DEFAULT_MODEL
 from tasks.errors import InvalidInputError, TesseraError
+from tasks.recipe import read_yaml
 
 app = App(name="tessera", help="Self-hosted fine-tuning of foundation language models.")
 server = App(name="server", help="The embedded Prefect server, runner and MLflow UI.")
@@ -81,8 +83,8 @@ def _path_value(setting: str) -> tuple[str, object]:
             f"--set {setting!r} is not PATH=VALUE: write e.g. --set training_config.trainer.max_steps=40"
         )
     try:
-        return path.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as e:
+        return path.strip(), read_yaml(value)
+    except YAMLError as e:
         raise InvalidInputError(f"--set {setting!r}: the value is not valid YAML: {e}") from None
 
 

@@ -8,8 +8,8 @@ from tasks.events import RunEvent, emit, flush
 from tasks.init_model import init_model
 from tasks.recipe import SHORTHANDS, configure
 from tasks.register_model import register_model
-from tasks.run_record import RunRecord, current_user
-from tasks.tracking import client, start_run
+from tasks.run_record import RunRecord, current_user, run_tags
+from tasks.tracking import client, experiment_path, start_run
 from tasks.train import kill_worker, train
 from tasks.upload_checkpoints import upload_checkpoints
 from tasks.validate_data import validate_data
@@ -77,7 +77,8 @@ def finetune(
         run_name: Set by create(); empty, the run names itself.
         mlflow_run_id: Set by create(); empty, the run starts its own MLflow run.
     """
-    config = configure(config, shorthands={k: v for k, v in locals().items() if k in SHORTHANDS}, called="config")
+    # Keys of `config` are named by their path in errors; the arguments by their own names.
+    config = configure(config, shorthands={k: v for k, v in locals().items() if k in SHORTHANDS}, called=None)
     record = _name_run(config, run_name, mlflow_run_id)
     emit(record.name, RunEvent.STARTED, f"run {record.name} started")
 
@@ -97,18 +98,20 @@ def finetune(
 
 
 def _name_run(config: RunConfig, run_name: str | None, mlflow_run_id: str | None) -> RunRecord:
-    """The run's record; a run started straight from the deployment gets its name and MLflow run here."""
-    flow_run_id = str(current_flow_run.id)
-    if run_name is None:
-        run_name = run_name_for(config.run.model_name_or_path, config.run.task_type)
-        with get_client(sync_client=True) as prefect:
-            prefect.update_flow_run(flow_run_id, name=run_name)
-        emit(run_name, RunEvent.CREATED, f"run {run_name} created from its deployment")
+    """The run's record; a run started straight from the deployment gets its name, MLflow run and tags here."""
+    flow_run_id, user = str(current_flow_run.id), current_user()
+    named_here = run_name is None
+    run_name = run_name or run_name_for(config.run.model_name_or_path, config.run.task_type)
     if mlflow_run_id is None:
-        experiment_path = config.run.experiment_path or f"/Users/{current_user()}/{run_name}"
-        experiment_id, mlflow_run_id = start_run(config.params(), run_name, experiment_path, current_user())
+        experiment_id, mlflow_run_id = start_run(config.params(), run_name, experiment_path(config, run_name, user),
+                                                 user)
+        with get_client(sync_client=True) as prefect:
+            tags = prefect.read_flow_run(flow_run_id).tags
+            prefect.update_flow_run(flow_run_id, name=run_name, tags=sorted({*tags, *run_tags(user, experiment_id)}))
     else:
         experiment_id = client().get_run(mlflow_run_id).info.experiment_id
+    if named_here:
+        emit(run_name, RunEvent.CREATED, f"run {run_name} created from its deployment")
     record = RunRecord(run_name, flow_run_id, experiment_id, mlflow_run_id)
     record.save()
     return record

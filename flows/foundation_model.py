@@ -21,13 +21,22 @@ from typing import Any
 
 from prefect import get_client
 from prefect.client.schemas.filters import (
-    FlowRunFilter, FlowRunFilterExpectedStartTime, FlowRunFilterName, FlowRunFilterState,
-    FlowRunFilterStateType, FlowRunFilterTags,
+    FlowRunFilter,
+    FlowRunFilterExpectedStartTime,
+    FlowRunFilterName,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
-from prefect.events.filters import EventFilter, EventOccurredFilter, EventOrder, EventResourceFilter
+from prefect.events.filters import (
+    EventFilter,
+    EventOccurredFilter,
+    EventOrder,
+    EventResourceFilter,
+)
 from prefect.states import Cancelled, Cancelling
 
 from flows import services
@@ -38,14 +47,13 @@ from tasks.events import RunEvent, emit, flush, resource_id
 from tasks.models import ModelInfo
 from tasks.models import get_models as _catalog
 from tasks.recipe import SHORTHANDS, configure
-from tasks.run_record import RunRecord, current_user
+from tasks.run_record import RUN_TAG, RunRecord, current_user, run_tags, tag_value
 from tasks.tracking import client as mlflow_client
-from tasks.tracking import start_run
+from tasks.tracking import experiment_path, start_run
 from tasks.training.protocol import seconds_left
 from tasks.upload_checkpoints import artifact_dir
 from tasks.validate_paths import check_paths
 
-RUN_TAG = "tessera"
 PAGE = 200
 FOLLOW_POLL_S = 2.0
 FOLLOW_GRACE_S = 15.0
@@ -175,12 +183,11 @@ def create(
         warnings.warn("data_prep_cluster_id is ignored: Tessera prepares data inside the run, no cluster needed",
                       stacklevel=2)
     arguments = locals()
-    config = configure(recipe, shorthands={k: arguments[k] for k in SHORTHANDS}, overrides=overrides)
+    given = {k: arguments[k] for k in SHORTHANDS if arguments[k] is not None}
+    config = configure(recipe, shorthands=given, overrides=overrides)
     if validate_inputs:
         config = check_paths(config)
     name = run_name_for(config.run.model_name_or_path, config.run.task_type)
-    if config.run.experiment_path is None:
-        config = config.replace({"run.experiment_path": f"/Users/{current_user()}/{name}"})
     with services.connected():
         with open(services.services_dir() / "create.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # count and submit as one step: racing creates cannot pass the limit
@@ -191,13 +198,16 @@ def create(
                     f"{active} runs are active, the limit is {services.max_active_runs()}: cancel one "
                     "(fm.cancel(name)) or wait for one to finish, then create again"
                 )
-            experiment_id, mlflow_run_id = start_run(config.params(), name, config.run.experiment_path, current_user())
+            experiment_id, mlflow_run_id = start_run(config.params(), name,
+                                                     experiment_path(config, name, current_user()), current_user())
             try:
                 flow_run = run_deployment(
                     services.DEPLOYMENT,
-                    parameters={"config": config.to_recipe(), "run_name": name, "mlflow_run_id": mlflow_run_id},
+                    # The arguments beside the config they are in: the run names a setting as it was given.
+                    parameters={"config": config.to_recipe(), **given, "run_name": name,
+                                "mlflow_run_id": mlflow_run_id},
                     flow_run_name=name, timeout=0, as_subflow=False,
-                    tags=[RUN_TAG, f"created_by:{current_user()}", f"experiment:{experiment_id}"],
+                    tags=run_tags(current_user(), experiment_id),
                 )
             except Exception:
                 mlflow_client().set_terminated(mlflow_run_id, "FAILED")  # no MLflow run without its flow run
@@ -343,9 +353,8 @@ def _training_run(flow_run, include_details: bool) -> TrainingRun:
         config = None
     run = config.run if config else None
     run_id = p.get("mlflow_run_id") or (record.mlflow_run_id if record else None)
-    experiment_id = next((t.split(":", 1)[1] for t in flow_run.tags if t.startswith("experiment:")),
-                         record.experiment_id if record else None)
-    created_by = next((t.split(":", 1)[1] for t in flow_run.tags if t.startswith("created_by:")), "prefect")
+    experiment_id = tag_value(flow_run.tags, "experiment") or (record.experiment_id if record else None)
+    created_by = tag_value(flow_run.tags, "created_by") or "prefect"
     details = flow_run.state.message if flow_run.state and status == RunStatus.FAILED else None
     return TrainingRun(
         name=flow_run.name, status=status, created_by=created_by,
@@ -353,7 +362,7 @@ def _training_run(flow_run, include_details: bool) -> TrainingRun:
         train_data_path=run.train_data_path if run else p.get("train_data_path"),
         register_to=run.register_to if run else p.get("register_to"),
         task_type=run.task_type.value if run else p.get("task_type"),
-        experiment_path=(run.experiment_path if run else None) or "",
+        experiment_path=experiment_path(config, flow_run.name, created_by) if config else "",
         eval_data_path=run.eval_data_path if run else None, eval_prompts=run.eval_prompts if run else None,
         custom_weights_path=run.custom_weights_path if run else None,
         training_duration=str(config.duration) if config else p.get("training_duration"),

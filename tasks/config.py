@@ -24,7 +24,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from tasks.errors import InvalidInputError
 
@@ -149,8 +157,10 @@ class Trainer(Section):
     @model_validator(mode="after")
     def _one_duration(self) -> Self:
         given = [key for key in DURATION_KEYS.values() if getattr(self, key) is not None]
-        if len(given) > 1:
-            raise Rule(f"give {' or '.join(['{}'] * len(given))}, not both", *given)
+        if len(given) == 2:
+            raise Rule("give {} or {}, not both", *given)
+        if len(given) == 3:
+            raise Rule("give only one of {}, {} and {}", *given)
         return self
 
 
@@ -344,7 +354,11 @@ class RunConfig(Section):
         data = self.to_recipe()
         for path, value in updates.items():
             set_path(data, path, value)
-        config = RunConfig.model_validate(data)
+        try:
+            config = RunConfig.model_validate(data)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in e.errors())
+            raise InvalidInputError(f"cannot set {', '.join(updates)}: {problems}") from None
         config._names = self._names
         return config
 

@@ -12,9 +12,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
+from ruamel.yaml import YAML, YAMLError
 
 from tasks.config import DURATION_KEYS, Duration, Rule, RunConfig, set_path
 from tasks.errors import InvalidInputError
@@ -38,13 +38,16 @@ SHORTHANDS: dict[str, str] = {
 
 
 def configure(recipe: "str | Path | dict | RunConfig | None" = None, shorthands: dict[str, Any] | None = None,
-              overrides: dict[str, Any] | None = None, called: str = "recipe") -> RunConfig:
+              overrides: dict[str, Any] | None = None, called: str | None = "recipe") -> RunConfig:
     """The checked config: the recipe, then the overrides and the shorthands that are not None on top.
-    Errors name a recipe file by its path, a dict or RunConfig as `called`."""
+    Errors name a recipe file by its path, a dict or RunConfig as `called` (None: each key by its path alone)."""
     if isinstance(recipe, RunConfig):
         recipe = recipe.to_recipe()
     data, source = load_recipe(recipe, called) if recipe is not None else ({}, None)
     names = {path: path for path, _ in _leaves(data)}  # recipe keys, as written
+    durations = {path for path, value in (overrides or {}).items() if path in _DURATION_PATHS and value is not None}
+    if durations:
+        _clear_duration(data, keep=durations)  # a duration given replaces whichever the recipe gave
     for path, value in (overrides or {}).items():
         set_path(data, path, value)
         names[path] = path
@@ -55,9 +58,8 @@ def configure(recipe: "str | Path | dict | RunConfig | None" = None, shorthands:
             raise InvalidInputError(f"{argument} is not an argument: use one of {', '.join(SHORTHANDS)}")
         if argument == "training_duration":
             duration = Duration.parse(value)
-            for key in DURATION_KEYS.values():  # the argument replaces whichever the recipe gave
-                set_path(data, f"training_config.trainer.{key}", None)
             path = f"training_config.trainer.{DURATION_KEYS[duration.unit]}"
+            _clear_duration(data, keep={path})
             value = duration.value
         else:
             path = SHORTHANDS[argument]
@@ -75,22 +77,35 @@ def configure(recipe: "str | Path | dict | RunConfig | None" = None, shorthands:
     return config
 
 
-def load_recipe(recipe: "str | Path | dict", called: str = "recipe") -> tuple[dict, str]:
-    """A recipe's content (a copy) and how errors name it: its file, or `called` for a dict."""
+_DURATION_PATHS = {f"training_config.trainer.{key}" for key in DURATION_KEYS.values()}
+
+
+def _clear_duration(data: dict, keep: set[str]) -> None:
+    for path in _DURATION_PATHS - keep:
+        set_path(data, path, None)
+
+
+def load_recipe(recipe: "str | Path | dict", called: str | None = "recipe") -> tuple[dict, str | None]:
+    """A recipe's content (a copy) and how errors name it: its file, or `called` for a dict (None: by path alone)."""
     if isinstance(recipe, dict):
         return copy.deepcopy(recipe), called
     path = Path(recipe).expanduser()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path.read_text())
     except FileNotFoundError:
         raise InvalidInputError(f"recipe {path} does not exist: check the path") from None
-    except yaml.YAMLError as e:
+    except YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise InvalidInputError(f"recipe {path}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(data, dict):
         raise InvalidInputError(f"recipe {path} must be a mapping with the sections run and training_config")
     return data, str(path)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML as version 1.2 reads it, so `lr: 5e-5` is a number (1.1, and so PyYAML, reads a string) and `yes` text."""
+    return YAML(typ="safe", pure=True).load(text)
 
 
 def _leaves(data: Any, prefix: str = ""):
@@ -138,7 +153,7 @@ def _problems(error: ValidationError, names: dict[str, str], recipe_keys: set[st
         else:  # a value of the wrong type or out of range; for a union, whichever branch it missed
             rule = "is not valid" if branch else _rule(e)
             line = f"{names.get(path, path)} {e['input']!r} {rule}{_fix(_field_at(path))}"
-        if source and any(_within(p, recipe_keys) for p in paths):
+        if source and paths and _within(paths[0], recipe_keys):  # the setting the line is about is the recipe's
             line = f"{source}: {line}"
         if line not in lines:  # each branch of a union reports the same value
             lines.append(line)

@@ -65,6 +65,19 @@ class RunRecord:
         return cls(**json.loads(path.read_text())) if path.exists() else None
 
 
+RUN_TAG = "tessera"  # every run's flow run carries it, and the two below
+
+
+def run_tags(user: str, experiment_id: str) -> list[str]:
+    """A run's flow-run tags: who created it and its MLflow experiment, which list() filters on."""
+    return [RUN_TAG, f"created_by:{user}", f"experiment:{experiment_id}"]
+
+
+def tag_value(tags: list[str], key: str) -> str | None:
+    """The value of a `key:value` tag."""
+    return next((t.split(":", 1)[1] for t in tags if t.startswith(f"{key}:")), None)
+
+
 def current_user() -> str:
     """Who creates runs: `TESSERA_USER` (an email, as the anchor records), else the login name."""
     return os.environ.get("TESSERA_USER") or getpass.getuser()

@@ -5,6 +5,7 @@ import os
 import mlflow
 from mlflow import MlflowClient
 
+from tasks.config import RunConfig
 from tasks.home import tessera_home
 
 
@@ -46,6 +47,11 @@ def ensure_experiment(path: str) -> str:
         return mlflow_client.create_experiment(path, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # a concurrent create() won the race
         return mlflow_client.get_experiment_by_name(path).experiment_id
+
+
+def experiment_path(config: RunConfig, run_name: str, user: str) -> str:
+    """The run's MLflow experiment: run.experiment_path, else the anchor's `/Users/<user>/<run name>`."""
+    return config.run.experiment_path or f"/Users/{user}/{run_name}"
 
 
 def start_run(params: dict, run_name: str, experiment_path: str, user: str) -> tuple[str, str]:

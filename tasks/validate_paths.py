@@ -5,9 +5,9 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import RunConfig
 from tasks.custom_weights import check_custom_weights
+from tasks.data.sources import check_data_path
 from tasks.models import context_length_for
 from tasks.run_record import RunRecord
-from tasks.data.sources import check_data_path
 from tasks.tracking import client
 
 

@@ -132,6 +132,7 @@ def test_create_sets_any_setting_by_its_path_and_refuses_a_wrong_one_before_any_
     for setting, said in (("training_config.trainer.max_step=40", "training_config.trainer.max_step is not a recipe "
                            "key; the keys allowed under training_config.trainer are max_epochs, max_steps"),
                           ("training_config.seed=1.5", "training_config.seed 1.5 must be a whole number"),
+                          ("training_config.model.optim.lr=5e-2", "training_config.model.optim.lr 0.05 must be at most"),
                           ("training_config.seed", "--set 'training_config.seed' is not PATH=VALUE")):
         done = tessera("create", "--recipe", str(recipe), "--set", setting)
         assert done.returncode == 2, done.stdout + done.stderr

@@ -57,6 +57,25 @@ def test_arguments_and_overrides_win_over_the_recipe():
     assert str(configure(recipe(training_config__trainer__max_epochs=None, training_config__trainer__max_steps=40))
                .duration) == "40ba"
     assert configure(EXAMPLE, overrides={"training_config.seed": 3}).training_config.seed == 3
+    # A duration given by path replaces the recipe's as the argument does.
+    assert str(configure(EXAMPLE, overrides={"training_config.trainer.max_steps": 40}).duration) == "40ba"
+
+
+def test_recipes_read_as_yaml_1_2(tmp_path):
+    """`lr: 5e-5` is a number (YAML 1.1 readers say text), `yes` is text."""
+    text = EXAMPLE.read_text().replace("lr: 3.0e-4", "lr: 3e-4").replace("name: tessera-demo-full", "name: yes")
+    (tmp_path / "short.yaml").write_text(text)
+    config = configure(tmp_path / "short.yaml")
+    assert (config.training_config.model.optim.lr, config.run.name) == (3e-4, "yes")
+
+
+def test_a_rule_is_the_recipes_only_when_the_setting_it_is_about_came_from_the_file():
+    with pytest.raises(InvalidInputError) as error:
+        configure(EXAMPLE, overrides={"training_config.model.optim.sched.min_lr": 0.5})
+    assert str(error.value).startswith("training_config.model.optim.sched.min_lr 0.5 must be below")
+    with pytest.raises(InvalidInputError) as error:
+        configure(recipe(training_config__model__optim__sched__min_lr=0.5))
+    assert str(error.value).startswith("recipe: training_config.model.optim.sched.min_lr 0.5 must be below")
 
 
 def test_nova_names_and_empty_sections():

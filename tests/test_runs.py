@@ -224,6 +224,7 @@ def test_prefect_deployment_run_takes_the_config_or_the_anchors_arguments(fm, ti
         run = named[flow_run_id]
         assert run.status == fm.RunStatus.COMPLETED, run.details
         assert run.name.startswith("ift-tiny-llama")  # the flow named itself like create() would
+        assert run.experiment_id and run.name in [r.name for r in fm.list(experiment_id=run.experiment_id)]
         assert (run.training_duration, run.context_length, run.register_to) == (duration, 64, "main.cli")
         events = [e.type for e in fm.get_events(run.name, follow=True)]  # the server stores events a few s late
         assert events[0] == "CREATED" and events[-1] == "COMPLETED", events
@@ -447,12 +448,12 @@ def test_a_recipe_sets_the_engine_knobs_and_the_resolved_config_is_kept(fm, tiny
     resolved = yaml.safe_load(resolved_path.read_text())
     assert resolved["training_config"]["model"]["optim"]["betas"] == [0.9, 0.99]
     assert resolved["training_config"]["trainer"]["max_steps"] == 6 and resolved["training_config"]["max_length"] == 64
-    assert run.config == configure(resolved_path) == configure(recipe, {"learning_rate": 5e-4}).replace(
-        {"run.experiment_path": run.experiment_path})
+    assert run.config == configure(resolved_path) == configure(recipe, {"learning_rate": 5e-4})
     beside = Path(client.download_artifacts(run.run_id, f"{run.name}/checkpoints/{kept[0]}/recipe.yaml"))
     assert configure(beside) == run.config
     again = fm.create(recipe=str(resolved_path))
-    assert again.config == run.config and fm.cancel(again) == 1
+    assert again.config == run.config and again.experiment_path == f"/Users/{again.created_by}/{again.name}"
+    assert fm.cancel(again) == 1
     lrs = [m.value for m in sorted(client.get_metric_history(run.run_id, "lr"), key=lambda m: m.step)]
     assert lrs[0] == pytest.approx(5e-4)  # one warmup step, then linear decay towards min_lr
     assert all(a >= b for a, b in zip(lrs, lrs[1:])) and 1e-4 < lrs[-1] < 5e-4

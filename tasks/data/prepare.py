@@ -28,15 +28,23 @@ from tasks.data.pack import RowBlock, pack_stream
 from tasks.data.quality import run_suite
 from tasks.data.report import DataReport, Problem
 from tasks.data.shard import (
-    MAX_LINE_BYTES, LineTooLong, Slice, SliceJob, SliceResult, encoder_for, offset_lines, run_slice, slices,
+    MAX_LINE_BYTES,
+    LineTooLong,
+    Slice,
+    SliceJob,
+    SliceResult,
+    encoder_for,
+    offset_lines,
+    run_slice,
+    slices,
 )
+from tasks.data.sources import LocalData, fetch, text_files
 from tasks.data.stats import TokenStats
 from tasks.data.template import probe
 from tasks.data.tokenize import IGNORE
 from tasks.errors import InvalidDataError
 from tasks.home import cache_dir
 from tasks.publish import publish_once
-from tasks.data.sources import LocalData, fetch, text_files
 
 FORMAT_VERSION = 2  # bump when tokenization or packing changes, so older prepared folders are not reused
 ARRAYS = ("input_ids", "labels", "position_ids")

@@ -17,7 +17,14 @@ from tasks.data.pack import RowBlock, pack_best_fit
 from tasks.data.quality import QUALITY_COLUMNS
 from tasks.data.report import DataReport, Problem
 from tasks.data.template import TemplateSupport
-from tasks.data.tokenize import IGNORE, Encoder, Example, tokenize_chat, tokenize_documents, tokenize_instructions
+from tasks.data.tokenize import (
+    IGNORE,
+    Encoder,
+    Example,
+    tokenize_chat,
+    tokenize_documents,
+    tokenize_instructions,
+)
 
 SLICE_BYTES = 4 << 20  # big enough to amortise a task's overhead, small enough to spread a file over every core
 MAX_LINE_BYTES = 64 << 20

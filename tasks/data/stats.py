@@ -103,7 +103,9 @@ class TokenStats:
 
     def histogram_png(self, path: Path) -> None:
         """Examples per length in about BARS bars, context_length marked, titled with the counts."""
-        from matplotlib.figure import Figure  # on use: a second to import; Figure needs no pyplot or backend state
+        from matplotlib.figure import (
+            Figure,  # on use: a second to import; Figure needs no pyplot or backend state
+        )
 
         top = min(max(self.max_length, 1), self.context_length)  # the longest bin with examples
         width = ceil((top + 1) / BARS)

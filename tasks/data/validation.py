@@ -7,9 +7,9 @@ from pathlib import Path
 from tasks.config import Duration, TaskType
 from tasks.data.formats import parse_task_type
 from tasks.data.prepare import PreparedDataset, prepare_dataset
+from tasks.data.sources import check_data_path
 from tasks.errors import InvalidDataError, InvalidInputError
 from tasks.models import context_length_for, tokenizer_folder
-from tasks.data.sources import check_data_path
 from tasks.training.schedule import plan_duration
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # bundled, so a check works offline with no model named

@@ -174,7 +174,9 @@ def load_weights(source: Path) -> dict[str, torch.Tensor]:
     states = torch.load(model_states, map_location="cpu", mmap=True, weights_only=False)
     if any(folder.glob("zero_pp_rank_*_optim_states.pt")):
         # ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer states: merge them.
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         weights = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     else:  # ZeRO 0: the whole model in the model states file

@@ -8,12 +8,11 @@ where the model and the prepared rows are, how many steps the duration makes, ho
 
 from pathlib import Path
 
-import numpy as np
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.config import RunConfig
 from tasks.errors import InvalidInputError
+from tasks.training.data import PackedRows
 from tasks.training.schedule import Plan, default_warmup, plan_duration
 
 
@@ -42,9 +41,9 @@ class TrainSpec(BaseModel):
     def build(cls, run_name: str, config: RunConfig, model_dir: Path, data_dir: Path, output_dir: Path,
               **runtime) -> "TrainSpec":
         """The spec for training `config` on the prepared rows in `data_dir`: its plan and warmup worked out."""
-        rows, context_length = np.load(Path(data_dir) / "input_ids.npy", mmap_mode="r").shape
+        rows = PackedRows(Path(data_dir), "data_dir")  # refused in words, before the worker starts
         training = config.training_config
-        plan = plan_duration(config.duration, rows, context_length, training.global_batch_size)
+        plan = plan_duration(config.duration, rows.rows, rows.context_length, training.global_batch_size)
         warmup = training.model.optim.sched.warmup_steps or default_warmup(plan.total_batches)
         return cls(run_name=run_name, config=config, model_dir=model_dir, data_dir=data_dir, output_dir=output_dir,
                    plan=plan, warmup_steps=warmup, **runtime)

@@ -38,7 +38,15 @@ from tasks.training.checkpoints import (
     save_recipe,
 )
 from tasks.training.chunked_loss import chunked_cross_entropy
-from tasks.training.data import IGNORE, MicroBatch, PackedRows, Prefetcher, StepBatch, eval_batches, step_batches
+from tasks.training.data import (
+    IGNORE,
+    MicroBatch,
+    PackedRows,
+    Prefetcher,
+    StepBatch,
+    eval_batches,
+    step_batches,
+)
 from tasks.training.dropout import add_dropouts
 from tasks.training.protocol import BAD_INPUT_EXIT, DIVERGED_EXIT, emit, say_why
 from tasks.training.schedule import learning_rate_at
@@ -227,6 +235,7 @@ def loop(s: Session, state: State) -> None:
     trainer, optim, patience = training.trainer, training.model.optim, training.early_stopping.patience
     prompts = spec.config.run.eval_prompts or []
     if s.master:
+        print(f"tessera worker {spec.run_name}: starting at step {state.step}", flush=True)
         emit("started", epochs=plan.epochs, batches_per_epoch=plan.batches_per_epoch, total_batches=plan.total_batches,
              total_tokens=plan.total_tokens, resumed_from=state.resumed_from, trainable_params=s.trainable_params,
              total_params=s.total_params)
