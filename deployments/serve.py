@@ -1,29 +1,47 @@
-"""The local runner: serves `finetune/default` from this machine. Started by the embedded default.
+"""The local runner: serves `finetune/default` and `sweep/default` from this machine. Started by the embedded default.
 
-`deployment_options` is the deployment's one definition, shared with deployments/deploy.py (work pools).
+`DEPLOYMENTS` is the deployments' one definition, shared with deployments/deploy.py (work pools).
 """
 
 from prefect import serve
+from prefect.client.orchestration import get_client
 from prefect.deployments.runner import EntrypointType
 
 from flows.finetune import finetune
-from flows.services import max_active_runs
+from flows.services import device_slots, max_active_runs
+from flows.sweep import sweep
+from tasks.run_record import RUN_TAG, SWEEP_TAG
+from tasks.train import DEVICE_SLOTS
 
 
-def deployment_options() -> dict:
-    return dict(
-        name="default",
-        description="One Tessera fine-tuning run, from validation to a registered model.",
-        tags=["tessera"],
-        # Runs past the limit wait in AwaitingConcurrencySlot (QUEUED) instead of overloading the box.
-        concurrency_limit=max_active_runs(),
-    )
+def deployments() -> list[tuple]:
+    """Each flow, where it is in the repository, and its deployment's settings."""
+    return [
+        (finetune, "flows/finetune.py:finetune", dict(
+            name="default", description="One Tessera fine-tuning run, from validation to a registered model.",
+            tags=[RUN_TAG],
+            # Runs past the limit wait in AwaitingConcurrencySlot (QUEUED) instead of overloading the box.
+            concurrency_limit=max_active_runs(),
+        )),
+        (sweep, "flows/sweep.py:sweep", dict(
+            name="default", description="A hyperparameter sweep: trials as finetune runs, the best registered.",
+            tags=[SWEEP_TAG],
+        )),
+    ]
+
+
+def ensure_device_slots() -> None:
+    """The global concurrency limit training takes slots of (one per GPU): two runs never share a GPU."""
+    with get_client(sync_client=True) as prefect:
+        prefect.upsert_global_concurrency_limit_by_name(DEVICE_SLOTS, device_slots())
 
 
 def main() -> None:
+    ensure_device_slots()
     # Importable from any working directory.
-    deployment = finetune.to_deployment(**deployment_options(), entrypoint_type=EntrypointType.MODULE_PATH)
-    serve(deployment, limit=max_active_runs(), print_starting_message=False)
+    served = [flow.to_deployment(**options, entrypoint_type=EntrypointType.MODULE_PATH)
+              for flow, _, options in deployments()]
+    serve(*served, print_starting_message=False)  # finetune's concurrency limit bounds its runs
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from ruamel.yaml import YAMLError
 
 from flows import foundation_model as fm
 from flows import services
-from flows.console import console, data_summary, follow, runs_table
+from flows.console import console, data_summary, follow, runs_table, sweeps_table
 from tasks.data.validation import DEFAULT_MODEL
 from tasks.errors import InvalidInputError, TesseraError
 from tasks.recipe import read_yaml
@@ -88,6 +88,43 @@ def _path_value(setting: str) -> tuple[str, object]:
         raise InvalidInputError(f"--set {setting!r}: the value is not valid YAML: {e}") from None
 
 
+@app.command(name="sweep")
+def start_sweep(
+    *,
+    recipe: str | None = None,
+    resume: str | None = None,
+    settings: Annotated[list[str] | None, Parameter(name="--set")] = None,
+    follow_events: Annotated[bool, Parameter(name="--follow")] = False,
+):
+    """Start a hyperparameter sweep from a recipe with a `sweep:` section, or resume one; with --follow, stream its
+    events (each trial started and finished, the best) until it ends.
+
+    Parameters
+    ----------
+    recipe
+        a YAML recipe with a sweep: section (examples/recipes/sweep.yaml)
+    resume
+        the name of a sweep whose flow crashed, failed or was stopped: its study continues
+    settings
+        PATH=VALUE: any setting by its path, e.g. --set sweep.max_trials=4; repeatable
+    """
+    if (recipe is None) == (resume is None):
+        raise InvalidInputError("give --recipe FILE to start a sweep, or --resume NAME to continue one")
+    sweep = fm.resume_sweep(resume) if resume else fm.sweep(recipe=recipe,
+                                                          overrides=dict(map(_path_value, settings or [])))
+    console.print(f"{'resumed' if resume else 'created'} sweep [bold]{sweep.name}[/bold]; follow it with "
+                  f"`tessera events {sweep.name} --follow`")
+    if follow_events:
+        last = follow(sweep)
+        return 0 if last is not None and last.type == "COMPLETED" else 1
+
+
+@app.command
+def sweeps(*, status: list[str] | None = None, limit: int = 100):
+    """List sweeps, newest first."""
+    console.print(sweeps_table(fm.list_sweeps(statuses=status, limit=limit)))
+
+
 @app.command
 def validate(
     data_path: str,
@@ -145,8 +182,8 @@ def list_runs(*, status: list[str] | None = None, limit: int = 100):
 
 @app.command
 def cancel(names: list[str]):
-    """Cancel runs by name."""
-    console.print(f"cancelled {fm.cancel(names)} run(s)")
+    """Cancel runs or sweeps (a sweep with all its trials) by name."""
+    console.print(f"cancelled {sum(fm.cancel(name) for name in names)} run(s)")
 
 
 @app.command

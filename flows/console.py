@@ -17,8 +17,8 @@ from tasks.data.validation import DataValidation
 console = Console()
 
 
-def follow(run: "fm.TrainingRun | str") -> "fm.FineTuningEvent | None":
-    """Print the run's events as they come, with a progress bar while it trains; returns the last event."""
+def follow(run: "fm.TrainingRun | fm.Sweep | str") -> "fm.FineTuningEvent | None":
+    """Print a run's or a sweep's events as they come, with a progress bar while a run trains; returns the last."""
     last = None
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
@@ -43,6 +43,16 @@ def runs_table(runs: "list[fm.TrainingRun]") -> Table:
     for r in runs:
         table.add_row(r.name, r.status.display_name, r.model, r.task_type, r.training_duration,
                       f"{r.created_at:%Y-%m-%d %H:%M:%S}", r.created_by)
+    return table
+
+
+def sweeps_table(sweeps: "list[fm.Sweep]") -> Table:
+    table = Table("name", "status", "trials", "searched", "strategy", "created", "created by")
+    for s in sweeps:
+        settings = s.config.sweep if s.config else None
+        table.add_row(s.name, s.status.display_name, str(settings.trials) if settings else "?",
+                      ", ".join(settings.space) if settings else "?", settings.strategy if settings else "?",
+                      f"{s.created_at:%Y-%m-%d %H:%M:%S}", s.created_by)
     return table
 
 

@@ -9,7 +9,7 @@ from tasks.init_model import init_model
 from tasks.recipe import SHORTHANDS, configure
 from tasks.register_model import register_model
 from tasks.run_record import RunRecord, current_user, run_tags
-from tasks.tracking import client, experiment_path, start_run
+from tasks.tracking import client, experiment_for, start_run
 from tasks.train import kill_worker, train
 from tasks.upload_checkpoints import upload_checkpoints
 from tasks.validate_data import validate_data
@@ -67,6 +67,7 @@ def finetune(
     allow_percentage_invalid_samples: float | None = None,
     run_name: str | None = None,
     mlflow_run_id: str | None = None,
+    register: bool = True,
 ) -> dict:
     """Fine-tune a model on a data set and register the result.
 
@@ -76,6 +77,7 @@ def finetune(
             setting in config (the README's table), or they make the whole config without one.
         run_name: Set by create(); empty, the run names itself.
         mlflow_run_id: Set by create(); empty, the run starts its own MLflow run.
+        register: Off for a sweep's trials: the sweep registers its best.
     """
     # Keys of `config` are named by their path in errors; the arguments by their own names.
     config = configure(config, shorthands={k: v for k, v in locals().items() if k in SHORTHANDS}, called=None)
@@ -88,13 +90,19 @@ def finetune(
     model_dir, init_from = init_model(record, config)
     hf_dir = train(record, config, model_dir, train_rows, eval_rows, init_from)
     upload_checkpoints(record)
+    if not register:
+        return _completed(record, f"run {record.name} completed (not registered: a sweep registers its best)")
     version = register_model(record, config, hf_dir)
 
     registered = config.registered_model_name(record.name)
+    return _completed(record, f"run {record.name} completed: registered {registered} version {version}",
+                      registered_model=registered, version=version)
+
+
+def _completed(record: RunRecord, message: str, **payload) -> dict:
     client().set_terminated(record.mlflow_run_id, "FINISHED")
-    emit(record.name, RunEvent.COMPLETED, f"run {record.name} completed: registered {registered} version {version}",
-         registered_model=registered, version=version)
-    return {"run_name": record.name, "registered_model": registered, "version": version}
+    emit(record.name, RunEvent.COMPLETED, message, **payload)
+    return {"run_name": record.name, **payload}
 
 
 def _name_run(config: RunConfig, run_name: str | None, mlflow_run_id: str | None) -> RunRecord:
@@ -103,7 +111,7 @@ def _name_run(config: RunConfig, run_name: str | None, mlflow_run_id: str | None
     named_here = run_name is None
     run_name = run_name or run_name_for(config.run.model_name_or_path, config.run.task_type)
     if mlflow_run_id is None:
-        experiment_id, mlflow_run_id = start_run(config.params(), run_name, experiment_path(config, run_name, user),
+        experiment_id, mlflow_run_id = start_run(config.params(), run_name, experiment_for(config, run_name, user),
                                                  user)
         with get_client(sync_client=True) as prefect:
             tags = prefect.read_flow_run(flow_run_id).tags

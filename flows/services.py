@@ -29,6 +29,16 @@ def max_active_runs() -> int:
     return int(os.environ.get("TESSERA_MAX_ACTIVE_RUNS", "10"))
 
 
+def device_slots() -> int:
+    """Slots of the global concurrency limit that training takes, one per process: one per GPU on this machine, or
+    TESSERA_DEVICE_SLOTS (on a CPU machine, default max_active_runs())."""
+    import torch  # here: the API does not need it
+
+    if "TESSERA_DEVICE_SLOTS" in os.environ:
+        return int(os.environ["TESSERA_DEVICE_SLOTS"])
+    return torch.cuda.device_count() or max_active_runs()
+
+
 @dataclass(frozen=True)
 class Service:
     name: str

@@ -349,13 +349,13 @@ class RunConfig(Section):
         """How an error should name a setting: as the user wrote it (an argument's name or the path)."""
         return self._names.get(path, path)
 
-    def replace(self, updates: dict[str, Any]) -> "RunConfig":
+    def replace(self, updates: dict[str, Any]) -> Self:
         """A copy with values set at dotted paths, checked like the original (names kept)."""
         data = self.to_recipe()
         for path, value in updates.items():
             set_path(data, path, value)
         try:
-            config = RunConfig.model_validate(data)
+            config = type(self).model_validate(data)
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in e.errors())
             raise InvalidInputError(f"cannot set {', '.join(updates)}: {problems}") from None
@@ -364,7 +364,7 @@ class RunConfig(Section):
 
     def to_recipe(self) -> dict[str, Any]:
         """The config as a recipe reads it: JSON types, every key, nulls included."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
 
     def params(self) -> dict[str, Any]:
         """Flat `path: value` pairs of every set value, for MLflow's params."""
@@ -395,9 +395,10 @@ def _leaves(data: Any, prefix: str):
         yield prefix[:-1], data
 
 
-def run_name_for(model: str, task_type: str) -> str:
-    """The anchor's names: `ift-<model>-<6 chars>` or `contd-pretrain-<model>-<6 chars>`, RFC 1123, <= 63 chars."""
-    prefix = "contd-pretrain" if task_type == TaskType.CONTINUED_PRETRAIN else "ift"
+def run_name_for(model: str, task_type: str, prefix: str | None = None) -> str:
+    """The anchor's names: `ift-<model>-<6 chars>` or `contd-pretrain-<model>-<6 chars>` (or `<prefix>-...`, e.g. a
+    sweep's), RFC 1123, <= 63 chars."""
+    prefix = prefix or ("contd-pretrain" if task_type == TaskType.CONTINUED_PRETRAIN else "ift")
     base = re.sub(r"[^a-z0-9]+", "-", model.rstrip("/").split("/")[-1].lower()).strip("-") or "model"
     suffix = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(6))
     base = base[: 63 - len(prefix) - len(suffix) - 2].strip("-")

@@ -1,4 +1,4 @@
-"""Run events (CREATED … COMPLETED) as Prefect events on the resource `tessera.run.<name>`."""
+"""Run and sweep events (CREATED … COMPLETED) as Prefect events on the resource `tessera.run.<name>`."""
 
 from enum import StrEnum
 
@@ -13,6 +13,8 @@ class RunEvent(StrEnum):
     MODEL_INITIALIZED = "MODEL_INITIALIZED"
     TRAIN_UPDATED = "TRAIN_UPDATED"
     TRAIN_FINISHED = "TRAIN_FINISHED"
+    PRUNED = "PRUNED"  # a sweep's trial stopped because its eval loss fell behind the other trials'
+    TRIAL_FINISHED = "TRIAL_FINISHED"  # on a sweep: one of its trials ended, with its metric
     COMPLETED = "COMPLETED"
     CANCELED = "CANCELED"
     FAILED = "FAILED"

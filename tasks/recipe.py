@@ -10,7 +10,7 @@ names the setting as the user wrote it (the argument, or the recipe's file and k
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
@@ -38,9 +38,11 @@ SHORTHANDS: dict[str, str] = {
 
 
 def configure(recipe: "str | Path | dict | RunConfig | None" = None, shorthands: dict[str, Any] | None = None,
-              overrides: dict[str, Any] | None = None, called: str | None = "recipe") -> RunConfig:
+              overrides: dict[str, Any] | None = None, called: str | None = "recipe",
+              schema: type[RunConfig] = RunConfig) -> RunConfig:
     """The checked config: the recipe, then the overrides and the shorthands that are not None on top.
-    Errors name a recipe file by its path, a dict or RunConfig as `called` (None: each key by its path alone)."""
+    Errors name a recipe file by its path, a dict or RunConfig as `called` (None: each key by its path alone).
+    `schema`: RunConfig, or a config that extends it (a sweep's)."""
     if isinstance(recipe, RunConfig):
         recipe = recipe.to_recipe()
     data, source = load_recipe(recipe, called) if recipe is not None else ({}, None)
@@ -68,9 +70,9 @@ def configure(recipe: "str | Path | dict | RunConfig | None" = None, shorthands:
     recipe_keys = {path for path, name in names.items() if name == path} - set(overrides or {})
     data.setdefault("run", {})
     try:
-        config = RunConfig.model_validate(data)
+        config = schema.model_validate(data)
     except ValidationError as e:
-        raise InvalidInputError("\n".join(_problems(e, names, recipe_keys if source else set(), source))) from None
+        raise InvalidInputError("\n".join(_problems(e, schema, names, recipe_keys if source else set(), source))) from None
     # Later checks (paths, the model's context limit) name a setting as given: the argument, or the recipe's key.
     config._names = {path: name for path, name in names.items() if name != path}
     config._names |= {path: f"{source}: {path}" for path in recipe_keys} if source else {}
@@ -78,6 +80,17 @@ def configure(recipe: "str | Path | dict | RunConfig | None" = None, shorthands:
 
 
 _DURATION_PATHS = {f"training_config.trainer.{key}" for key in DURATION_KEYS.values()}
+
+
+def is_setting(path: str) -> bool:
+    """Whether `path` names one setting of RunConfig (not a section, not an unknown key)."""
+    model: type[BaseModel] | None = RunConfig
+    for key in path.split("."):
+        field = _field(model, key) if model is not None else None
+        if field is None:
+            return False
+        model = _section_type(field)
+    return model is None
 
 
 def _clear_duration(data: dict, keep: set[str]) -> None:
@@ -130,14 +143,17 @@ _RULES = {  # pydantic's error type -> what the value must be
 }
 
 
-def _problems(error: ValidationError, names: dict[str, str], recipe_keys: set[str], source: str | None) -> list[str]:
+def _problems(error: ValidationError, schema: type[BaseModel], names: dict[str, str], recipe_keys: set[str],
+              source: str | None) -> list[str]:
     """One line per problem: `<file>: <path> <value> <what it must be> (<the setting>): e.g. <example>`."""
     lines: list[str] = []
     for e in error.errors():
-        path, branch = _path(e["loc"])
+        path, branch = _path(schema, e["loc"])
         cause = e.get("ctx", {}).get("error")
         paths = [path]
-        if isinstance(cause, Rule):  # a validator's rule joining settings: name each as the user wrote it
+        if branch:  # a union's branches each say how the value misses them: say once that it fits none
+            line = f"{names.get(path, path)} {e['input']!r} is not valid{_fix(_field_at(schema, path))}"
+        elif isinstance(cause, Rule):  # a validator's rule joining settings: name each as the user wrote it
             paths = [f"{path}.{p}" if path else p for p in cause.paths]
             line = cause.message.format(*(names.get(p, p) for p in paths))
         elif e["type"] == "missing":
@@ -147,12 +163,13 @@ def _problems(error: ValidationError, names: dict[str, str], recipe_keys: set[st
         elif e["type"] == "extra_forbidden":
             parent = path.rpartition(".")[0]
             line = (f"{path} is not a recipe key; the keys allowed {f'under {parent}' if parent else 'at the top'} "
-                    f"are {_keys(parent)}")
+                    f"are {_keys(schema, parent)}")
+            if path == "sweep":
+                line += " (a recipe with a sweep section runs as a sweep: fm.sweep(recipe=...), tessera sweep --recipe)"
         elif e["type"] == "model_type":  # a section that is not a mapping
-            line = f"{names.get(path, path)} {e['input']!r} must be a mapping with the keys {_keys(path)}"
-        else:  # a value of the wrong type or out of range; for a union, whichever branch it missed
-            rule = "is not valid" if branch else _rule(e)
-            line = f"{names.get(path, path)} {e['input']!r} {rule}{_fix(_field_at(path))}"
+            line = f"{names.get(path, path)} {e['input']!r} must be a mapping with the keys {_keys(schema, path)}"
+        else:  # a value of the wrong type or out of range
+            line = f"{names.get(path, path)} {e['input']!r} {_rule(e)}{_fix(_field_at(schema, path))}"
         if source and paths and _within(paths[0], recipe_keys):  # the setting the line is about is the recipe's
             line = f"{source}: {line}"
         if line not in lines:  # each branch of a union reports the same value
@@ -165,22 +182,23 @@ def _within(path: str, keys: set[str]) -> bool:
     return any(path == key or path.startswith((f"{key}.", f"{key}[")) for key in keys)
 
 
-def _keys(section: str) -> str:
-    return ", ".join(_model_at(section).model_fields)
+def _keys(schema: type[BaseModel], section: str) -> str:
+    return ", ".join(_model_at(schema, section).model_fields)
 
 
-def _path(loc: tuple) -> tuple[str, bool]:
+def _path(schema: type[BaseModel], loc: tuple) -> tuple[str, bool]:
     """`training_config.model.optim.betas[1]` from pydantic's loc, keys as written, and whether it went through a
     union's branch (whose tags are left out of the path)."""
-    path, model, branch = "", RunConfig, False
+    path, model, keyed, branch = "", schema, False, False
     for part in loc:
         field = _field(model, part) if model is not None and isinstance(part, str) else None
         if isinstance(part, int):
             path += f"[{part}]"
-        elif field is not None or model is not None:  # a key, or an unknown key
+        elif field is not None or model is not None or keyed:  # a key, an unknown key, or a mapping's own key
             path += f".{part}" if path else part
         else:
             branch = True
+        keyed = field is not None and get_origin(field.annotation) is dict  # its next part is one of its keys
         model = _section_type(field) if field is not None else None
     return path, branch
 
@@ -200,16 +218,19 @@ def _fix(field: FieldInfo | None) -> str:
     return described + example
 
 
-def _field_at(path: str) -> FieldInfo | None:
-    model, field = RunConfig, None
-    for key in path.split("[")[0].split("."):  # an item of a list: the list's field describes it
-        field = _field(model, key) if model is not None else None
+def _field_at(schema: type[BaseModel], path: str) -> FieldInfo | None:
+    """The field a path is in: an item of a list or a mapping is described by the list's or mapping's field."""
+    model, field = schema, None
+    for key in path.split("[")[0].split("."):
+        if model is None:
+            break
+        field = _field(model, key)
         model = _section_type(field) if field is not None else None
     return field
 
 
-def _model_at(path: str) -> type[BaseModel] | None:
-    model = RunConfig
+def _model_at(schema: type[BaseModel], path: str) -> type[BaseModel] | None:
+    model = schema
     for key in filter(None, path.split(".")):
         field = _field(model, key) if model is not None else None
         model = _section_type(field) if field is not None else None

@@ -11,16 +11,17 @@ from tasks.config import RunConfig
 from tasks.run_record import RunRecord
 from tasks.tracking import client
 
-ALIAS = "candidate"  # the newest trained version; promotion to "champion" is a decision for later
+ALIAS = "candidate"  # a run's newest version; a sweep's best is its "challenger"
 
 
 @task(name="register-model", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def register_model(record: RunRecord, config: RunConfig, hf_dir: str) -> int:
+def register_model(record: RunRecord, config: RunConfig, hf_dir: str, alias: str = ALIAS,
+                   tags: dict[str, str] | None = None) -> int:
     """Log the Hugging Face export as an MLflow transformers model and register a new version of it."""
     mlflow_client, mlflow_run_id = client(), record.mlflow_run_id
     registered_name = config.registered_model_name(record.name)
     tags = {"tessera.run_name": record.name, "tessera.base_model": config.run.model_name_or_path,
-            "tessera.task_type": config.run.task_type.value, "mlflow_run_id": mlflow_run_id}
+            "tessera.task_type": config.run.task_type.value, "mlflow_run_id": mlflow_run_id, **(tags or {})}
     # MLflow 3.17 can log a checkpoint folder without loading it, but that path breaks on transformers 5.23
     # (pipeline classes became lazy strings), so log the loaded model and tokenizer.
     model = {"model": AutoModelForCausalLM.from_pretrained(hf_dir), "tokenizer": AutoTokenizer.from_pretrained(hf_dir)}
@@ -34,7 +35,7 @@ def register_model(record: RunRecord, config: RunConfig, hf_dir: str) -> int:
                               f"accelerate=={version('accelerate')}"],
         )
     registered = mlflow.register_model(info.model_uri, registered_name, tags=tags)
-    mlflow_client.set_registered_model_alias(registered_name, ALIAS, registered.version)
+    mlflow_client.set_registered_model_alias(registered_name, alias, registered.version)
     for key, value in tags.items():
         mlflow_client.set_registered_model_tag(registered_name, key, value)
     return int(registered.version)

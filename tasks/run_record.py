@@ -66,11 +66,22 @@ class RunRecord:
 
 
 RUN_TAG = "tessera"  # every run's flow run carries it, and the two below
+SWEEP_TAG = "tessera-sweep"  # a sweep's flow runs, instead: fm.list() lists runs only
 
 
 def run_tags(user: str, experiment_id: str) -> list[str]:
     """A run's flow-run tags: who created it and its MLflow experiment, which list() filters on."""
     return [RUN_TAG, f"created_by:{user}", f"experiment:{experiment_id}"]
+
+
+def sweep_tags(user: str, experiment_id: str) -> list[str]:
+    """A sweep's flow-run tags: a run's, with SWEEP_TAG for RUN_TAG."""
+    return [SWEEP_TAG, *run_tags(user, experiment_id)[1:]]
+
+
+def trial_tag(sweep_name: str) -> str:
+    """The tag of a sweep's trials (runs, tagged as runs besides)."""
+    return f"sweep:{sweep_name}"
 
 
 def tag_value(tags: list[str], key: str) -> str | None:

@@ -49,17 +49,19 @@ def ensure_experiment(path: str) -> str:
         return mlflow_client.get_experiment_by_name(path).experiment_id
 
 
-def experiment_path(config: RunConfig, run_name: str, user: str) -> str:
+def experiment_for(config: RunConfig, run_name: str, user: str) -> str:
     """The run's MLflow experiment: run.experiment_path, else the anchor's `/Users/<user>/<run name>`."""
     return config.run.experiment_path or f"/Users/{user}/{run_name}"
 
 
-def start_run(params: dict, run_name: str, experiment_path: str, user: str) -> tuple[str, str]:
-    """An MLflow run for a Tessera run, its parameters logged: (experiment_id, run_id)."""
+def start_run(params: dict, run_name: str, experiment_path: str, user: str,
+              parent_run_id: str | None = None) -> tuple[str, str]:
+    """An MLflow run for a Tessera run (nested under `parent_run_id`: a sweep's), its parameters logged:
+    (experiment_id, run_id)."""
     experiment_id = ensure_experiment(experiment_path)
-    run = client().create_run(
-        experiment_id, run_name=run_name, tags={"mlflow.user": user, "tessera.run_name": run_name}
-    )
+    tags = {"mlflow.user": user, "tessera.run_name": run_name}
+    run = client().create_run(experiment_id, run_name=run_name,
+                              tags=tags | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}))
     client().log_batch(run.info.run_id, params=[
         mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items() if v is not None
     ])

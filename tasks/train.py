@@ -11,6 +11,7 @@ from pathlib import Path
 from mlflow.entities import Metric
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 
 from tasks.config import RunConfig
 from tasks.errors import InvalidInputError, TrainingDiverged, WorkerFailed
@@ -22,6 +23,7 @@ from tasks.tracking import client
 from tasks.training import protocol
 from tasks.training.spec import TrainSpec
 
+DEVICE_SLOTS = "tessera-devices"  # a Prefect global concurrency limit: runs never share a GPU (deployments/serve.py)
 EVENT_EVERY_S = 2.0  # at most one TRAIN_UPDATED event per this many seconds (the last one always)
 PROGRESS_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb", "mfu")
 
@@ -43,8 +45,10 @@ def train(record: RunRecord, config: RunConfig, model_dir: str, train_rows: str,
     stopped: dict | None = None  # early stopping's reason, when it ended the run
     diverged: dict | None = None  # the divergence guard's finding, when it ended the run
     last_event = 0.0
-    # stderr apart from stdout: its last line is the worker's reason when it fails.
-    with open(record.logs / "worker.log", "a") as log, open(stderr_log, "a") as stderr:
+    # One slot per process of the global limit (one slot per GPU), held while training; stderr apart from stdout:
+    # its last line is the worker's reason when it fails.
+    with (concurrency(DEVICE_SLOTS, occupy=spec.processes),
+          open(record.logs / "worker.log", "a") as log, open(stderr_log, "a") as stderr):
         proc = subprocess.Popen(
             worker_command(spec, str(record.spec)),
             stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,

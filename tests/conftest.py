@@ -1,7 +1,9 @@
 """Shared fixtures: an isolated Tessera home per session, a tiny model built locally, and an S3 store."""
 
+import json
 import os
 import shutil
+import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+CHAT = [
+    {"messages": [{"role": "user", "content": f"What is fact number {i}?"},
+                  {"role": "assistant", "content": f"Fact {i} is that Tessera fine-tunes models."}]}
+    for i in range(24)
+]
 
 
 @pytest.fixture(scope="session")
@@ -99,3 +106,37 @@ def s3(s3_endpoint: str, aws_env: dict[str, str | None], monkeypatch):
     _set_env(monkeypatch, aws_env)
     yield boto3.session.Session().client("s3")
     urllib.request.urlopen(urllib.request.Request(f"{s3_endpoint}/moto-api/reset", method="POST")).close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def fm(aws_env, tmp_path_factory):
+    """The public API with the embedded services started on free ports, once per session; stopped afterwards.
+
+    A run reads its data in the runner's process, with the environment the services started with, as a user's
+    runs do: so S3 (the moto server), the volumes root and the tables root are set before they start."""
+    os.environ["TESSERA_PREFECT_PORT"] = str(_free_port())
+    os.environ["TESSERA_MLFLOW_PORT"] = str(_free_port())
+    stores = tmp_path_factory.mktemp("stores")
+    with pytest.MonkeyPatch.context() as env:
+        _set_env(env, aws_env)
+        env.setenv("TESSERA_VOLUMES_ROOT", str(stores / "volumes"))
+        env.setenv("TESSERA_TABLES_ROOT", str(stores / "tables"))
+        from flows import foundation_model, services
+
+        services.ensure_started()
+        yield foundation_model
+        services.stop()
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory) -> str:
+    """24 short conversations, for runs of the tiny model."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+    return str(path)

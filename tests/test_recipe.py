@@ -9,6 +9,7 @@ import yaml
 from tasks.config import RunConfig
 from tasks.errors import InvalidInputError
 from tasks.recipe import configure, load_recipe
+from tasks.search import SweepConfig, configure_sweep
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "recipes"
 EXAMPLE = EXAMPLES / "full.yaml"
@@ -43,7 +44,12 @@ def test_the_example_recipe_sets_the_config():
 
 def test_every_example_recipe_loads():
     for path in EXAMPLES.glob("*.yaml"):
-        assert isinstance(configure(path), RunConfig), path
+        if "sweep:" in path.read_text():
+            assert isinstance(configure_sweep(path), SweepConfig), path
+            with pytest.raises(InvalidInputError, match="runs as a sweep: fm.sweep"):
+                configure(path)
+        else:
+            assert isinstance(configure(path), RunConfig), path
     lora = configure(EXAMPLES / "lora.yaml").training_config.model.peft
     assert (lora.peft_scheme, lora.lora_tuning.rank, lora.lora_tuning.alpha, lora.lora_tuning.loraplus_lr_ratio) == (
         "lora", 16, 32, 8.0)

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,55 +23,14 @@ from tasks.errors import InvalidInputError, TooManyActiveRunsError
 from tasks.home import tables_root, volumes_root
 from tasks.recipe import configure
 from tasks.tracking import client
+from conftest import CHAT
 
 pytestmark = pytest.mark.e2e
 
-CHAT = [
-    {"messages": [{"role": "user", "content": f"What is fact number {i}?"},
-                  {"role": "assistant", "content": f"Fact {i} is that Tessera fine-tunes models."}]}
-    for i in range(24)
-]
 
 
 def jsonl(records: list) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def fm(aws_env, tmp_path_factory):
-    """The public API with the embedded services started on free ports; stopped afterwards.
-
-    A run reads its data in the runner's process, with the environment the services started with, as a user's
-    runs do: so S3 (the moto server), the volumes root and the tables root are set before they start."""
-    os.environ["TESSERA_PREFECT_PORT"] = str(_free_port())
-    os.environ["TESSERA_MLFLOW_PORT"] = str(_free_port())
-    stores = tmp_path_factory.mktemp("stores")
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in aws_env.items():
-            if value is None:
-                env.delenv(name, raising=False)
-            else:
-                env.setenv(name, value)
-        env.setenv("TESSERA_VOLUMES_ROOT", str(stores / "volumes"))
-        env.setenv("TESSERA_TABLES_ROOT", str(stores / "tables"))
-        from flows import foundation_model, services
-
-        services.ensure_started()
-        yield foundation_model
-        services.stop()
-
-
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in CHAT))
-    return str(path)
 
 
 def _wait(fm, run, statuses, timeout=240):
@@ -263,12 +221,15 @@ def test_a_work_pool_deployment_has_the_same_settings(fm, tmp_path):
                           env={**os.environ, "PREFECT_API_URL": os.environ["PREFECT_API_URL"]})
     assert done.returncode == 0, done.stdout + done.stderr
     with get_client(sync_client=True) as prefect:
-        pooled = prefect.read_deployment_by_name("finetune/pool")
-        served = prefect.read_deployment_by_name("finetune/default")
-    assert pooled.work_pool_name == "tessera-test" and pooled.entrypoint == "flows/finetune.py:finetune"
-    assert pooled.global_concurrency_limit.limit == served.global_concurrency_limit.limit == 10
-    assert pooled.parameter_openapi_schema == served.parameter_openapi_schema
-    assert (pooled.tags, pooled.description) == (served.tags, served.description)
+        for flow in ("finetune", "sweep"):
+            pooled = prefect.read_deployment_by_name(f"{flow}/pool")
+            served = prefect.read_deployment_by_name(f"{flow}/default")
+            assert pooled.work_pool_name == "tessera-test" and pooled.entrypoint == f"flows/{flow}.py:{flow}"
+            assert pooled.parameter_openapi_schema == served.parameter_openapi_schema
+            assert (pooled.tags, pooled.description) == (served.tags, served.description)
+        assert prefect.read_deployment_by_name("finetune/pool").global_concurrency_limit.limit == 10
+        # Training takes slots of one global limit, one per GPU; on a CPU machine TESSERA_DEVICE_SLOTS, default 10.
+        assert prefect.read_global_concurrency_limit_by_name("tessera-devices").limit == 10
 
 
 def test_the_bundled_smollm2_fine_tunes_and_registers(fm, chat_file):

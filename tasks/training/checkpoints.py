@@ -47,6 +47,14 @@ def latest_tag(output_dir: Path) -> str | None:
     return tag
 
 
+def final_export(output_dir: Path) -> Path:
+    """The Hugging Face export of the checkpoint the latest link names: a finished run's model."""
+    tag = latest_tag(output_dir)
+    if tag is None:
+        raise InvalidInputError(f"{output_dir} has no checkpoint yet: the run did not finish")
+    return output_dir / "huggingface" / f"ba{TAG.fullmatch(tag).group(2)}"
+
+
 def point_latest(output_dir: Path, tag: str) -> None:
     """Repoint the latest link at `tag` in one rename, so a reader never sees it missing or half-written."""
     staging = output_dir / f".{LATEST}.partial"

@@ -1,11 +1,7 @@
-"""The public face, mirroring `databricks.model_training.foundation_model`.
+"""Runs: create, get, list, cancel, their events and checkpoints, as the anchor's foundation_model has them.
 
-    from flows import foundation_model as fm
-    run = fm.create(model="HuggingFaceTB/SmolLM2-135M-Instruct", train_data_path="train.jsonl",
-                    register_to="main.demo", training_duration="2ep")
-    for event in fm.get_events(run, follow=True): print(event.message)
-
-`fm.validate_data(path, task_type=...)` checks a data set before any run, as `tessera validate` does.
+A run is a flow run of the `finetune/default` deployment tagged `tessera`; its status is the flow run's Prefect
+state, its events Prefect events on the resource `tessera.run.<name>`.
 """
 
 import builtins
@@ -49,7 +45,7 @@ from tasks.models import get_models as _catalog
 from tasks.recipe import SHORTHANDS, configure
 from tasks.run_record import RUN_TAG, RunRecord, current_user, run_tags, tag_value
 from tasks.tracking import client as mlflow_client
-from tasks.tracking import experiment_path, start_run
+from tasks.tracking import experiment_for, start_run
 from tasks.training.protocol import seconds_left
 from tasks.upload_checkpoints import artifact_dir
 from tasks.validate_paths import check_paths
@@ -199,22 +195,28 @@ def create(
                     "(fm.cancel(name)) or wait for one to finish, then create again"
                 )
             experiment_id, mlflow_run_id = start_run(config.params(), name,
-                                                     experiment_path(config, name, current_user()), current_user())
+                                                     experiment_for(config, name, current_user()), current_user())
             try:
-                flow_run = run_deployment(
-                    services.DEPLOYMENT,
-                    # The arguments beside the config they are in: the run names a setting as it was given.
-                    parameters={"config": config.to_recipe(), **given, "run_name": name,
-                                "mlflow_run_id": mlflow_run_id},
-                    flow_run_name=name, timeout=0, as_subflow=False,
-                    tags=run_tags(current_user(), experiment_id),
-                )
+                # The arguments beside the config they are in: the run names a setting as it was given.
+                flow_run = submit(config, name, mlflow_run_id, run_tags(current_user(), experiment_id), given)
             except Exception:
                 mlflow_client().set_terminated(mlflow_run_id, "FAILED")  # no MLflow run without its flow run
                 raise
-        emit(name, RunEvent.CREATED, f"run {name} created", flow_run_id=str(flow_run.id))
-        flush()
         return _training_run(flow_run, include_details=False)
+
+
+def submit(config: RunConfig, name: str, mlflow_run_id: str, tags: "builtins.list[str]", given: dict | None = None,
+           register: bool = True, as_subflow: bool = False):
+    """Start a flow run of the finetune deployment, its MLflow run made by the caller; returns the flow run.
+
+    `given`: the arguments the config was made with; `register=False` leaves registration to the caller (a sweep,
+    which registers only its best trial); `as_subflow`: from inside a flow, shown as its subflow."""
+    parameters = {"config": config.to_recipe(), **(given or {}), "run_name": name, "mlflow_run_id": mlflow_run_id}
+    flow_run = run_deployment(services.DEPLOYMENT, parameters=parameters | ({} if register else {"register": False}),
+                              flow_run_name=name, timeout=0, as_subflow=as_subflow, tags=tags)
+    emit(name, RunEvent.CREATED, f"run {name} created", flow_run_id=str(flow_run.id))
+    flush()
+    return flow_run
 
 
 def get(training_run: "str | TrainingRun") -> TrainingRun:
@@ -362,7 +364,7 @@ def _training_run(flow_run, include_details: bool) -> TrainingRun:
         train_data_path=run.train_data_path if run else p.get("train_data_path"),
         register_to=run.register_to if run else p.get("register_to"),
         task_type=run.task_type.value if run else p.get("task_type"),
-        experiment_path=experiment_path(config, flow_run.name, created_by) if config else "",
+        experiment_path=experiment_for(config, flow_run.name, created_by) if config else "",
         eval_data_path=run.eval_data_path if run else None, eval_prompts=run.eval_prompts if run else None,
         custom_weights_path=run.custom_weights_path if run else None,
         training_duration=str(config.duration) if config else p.get("training_duration"),
@@ -401,7 +403,9 @@ def _read_events(name: str) -> "builtins.list[FineTuningEvent]":
     return sorted(events, key=lambda e: e.time)
 
 
-def _follow(name: str) -> Iterator[FineTuningEvent]:
+def _follow(name: str, status_of=None) -> Iterator[FineTuningEvent]:
+    """The events of a run (or, with `status_of` for its status, a sweep) as they come, to a terminal one."""
+    status_of = status_of or (lambda n: RunStatus.from_state(_flow_run(n).state))
     seen: set[tuple] = set()
     ended_at = None  # when Prefect first showed the run ended: its last events may still be on their way
     with services.connected():
@@ -414,7 +418,7 @@ def _follow(name: str) -> Iterator[FineTuningEvent]:
                 yield event
                 if RunEvent(event.type).is_terminal:
                     return
-            if ended_at is None and RunStatus.from_state(_flow_run(name).state).is_terminal():
+            if ended_at is None and status_of(name).is_terminal():
                 ended_at = time.monotonic()
             if ended_at is not None and time.monotonic() - ended_at > FOLLOW_GRACE_S:
                 return  # ended without a terminal event (e.g. the runner itself was killed)

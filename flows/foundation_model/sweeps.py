@@ -1,0 +1,217 @@
+"""Sweeps: start one, read it back (its status, trials and best trial), list, resume and cancel them.
+
+A sweep is a flow run of the `sweep/default` deployment (flows/sweep.py) tagged `tessera-sweep`; its trials are
+runs tagged `sweep:<name>`, and its events Prefect events on the resource `tessera.run.<name>`, as a run's.
+"""
+
+import builtins
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from prefect import get_client
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.deployments import run_deployment
+from prefect.states import Cancelled, Cancelling
+
+from flows import services
+from flows.foundation_model.runs import (
+    ACTIVE,
+    RunStatus,
+    TrainingRun,
+    _filter,
+    _follow,
+    _read_events,
+    _read_flow_runs,
+    _training_run,
+    get,
+)
+from flows.foundation_model.runs import cancel as cancel_runs
+from tasks.config import run_name_for
+from tasks.errors import InvalidInputError, RunNotFoundError
+from tasks.events import RunEvent, emit, flush
+from tasks.recipe import SHORTHANDS
+from tasks.run_record import (
+    RUN_TAG,
+    SWEEP_TAG,
+    RunRecord,
+    current_user,
+    sweep_tags,
+    tag_value,
+    trial_tag,
+)
+from tasks.search import SweepConfig, configure_sweep, storage_url
+from tasks.tracking import experiment_for, start_run
+from tasks.validate_paths import check_paths
+
+DEPLOYMENT = "sweep/default"
+
+
+@dataclass
+class Sweep:
+    name: str
+    status: RunStatus
+    created_by: str
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    experiment_id: str | None
+    run_id: str | None  # the parent MLflow run, which the trials' runs are nested under
+    details: str | None
+    flow_run_id: str
+    config: SweepConfig | None = field(default=None, repr=False)
+
+    @property
+    def trials(self) -> "builtins.list[TrainingRun]":
+        """Every trial's run so far, oldest first."""
+        with services.connected(), get_client(sync_client=True) as prefect:
+            found = _read_flow_runs(prefect, _filter(tags=[RUN_TAG, trial_tag(self.name)]), limit=10_000)
+            return sorted((_training_run(r, include_details=False) for r in found), key=lambda r: r.created_at)
+
+    @property
+    def best(self) -> TrainingRun | None:
+        """The trial with the best metric among those that completed, or None before one has."""
+        try:
+            study = optuna.load_study(study_name=self.name, storage=storage_url())
+        except KeyError:  # the sweep has not opened its study yet
+            return None
+        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            return None
+        return get(study.best_trial.user_attrs["run"])
+
+    def refresh(self) -> "Sweep":
+        self.__dict__.update(get_sweep(self.name).__dict__)
+        return self
+
+    def cancel(self) -> int:
+        """Stop the sweep and every trial still running; returns how many trials were stopped."""
+        with services.connected(), get_client(sync_client=True) as prefect:
+            flow_run = _latest(prefect, self.name)
+            state = RunStatus.from_state(flow_run.state)
+            if not state.is_terminal() and state != RunStatus.TERMINATING:
+                scheduled = state in (RunStatus.PENDING, RunStatus.QUEUED)
+                new = Cancelled(message="cancelled before it started") if scheduled else Cancelling(
+                    message="cancelled by the user")
+                prefect.set_flow_run_state(flow_run.id, new, force=True)
+            trials = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[trial_tag(self.name)]), limit=10_000)
+        stopped = cancel_runs([t.name for t in trials]) if trials else 0
+        if state in (RunStatus.PENDING, RunStatus.QUEUED):
+            emit(self.name, RunEvent.CANCELED, "sweep cancelled before it started", flow_run_id=str(flow_run.id))
+            flush()
+        return stopped
+
+    def get_events(self, follow: bool = False):
+        """The sweep's events (started, each trial started and finished, completed), oldest first; with
+        follow=True an iterator that ends at a terminal event."""
+        if follow:
+            return _follow(self.name, _latest_status)
+        with services.connected():
+            return _read_events(self.name)
+
+
+def sweep(
+    space: dict[str, Any] | None = None,
+    *,
+    strategy: str | None = None,
+    metric: str | None = None,
+    mode: str | None = None,
+    max_trials: int | None = None,
+    max_parallel: int | None = None,
+    prune: bool | None = None,
+    recipe: "str | dict | SweepConfig | None" = None,
+    overrides: dict[str, Any] | None = None,
+    validate_inputs: bool = True,
+    **arguments: Any,
+) -> Sweep:
+    """Start a hyperparameter sweep and return at once: trials of the base run with the settings of `space` set.
+
+    `space` maps a create() argument's name or a config path to a list of values, {"uniform": [lo, hi]},
+    {"loguniform": [lo, hi]} or {"int": [lo, hi]}. The base run is `recipe` (which may hold a `sweep` section),
+    `overrides` by path and create()'s own arguments (model, train_data_path, eval_data_path, register_to, ...);
+    the arguments here win. Every value the space can take is checked before anything runs."""
+    unknown = sorted(set(arguments) - set(SHORTHANDS))
+    if unknown:
+        raise InvalidInputError(f"sweep() has no argument {', '.join(unknown)}: use create()'s ({', '.join(SHORTHANDS)})")
+    given = dict(space=space, strategy=strategy, metric=metric, mode=mode, max_trials=max_trials,
+                 max_parallel=max_parallel, prune=prune)
+    config = configure_sweep(recipe, shorthands=arguments,
+                             overrides=(overrides or {}) | {f"sweep.{k}": v for k, v in given.items() if v is not None})
+    if validate_inputs:
+        config = check_paths(config)
+    name, user = run_name_for(config.run.model_name_or_path, config.run.task_type, prefix="sweep"), current_user()
+    with services.connected():
+        experiment_id, mlflow_run_id = start_run(config.params(), name, experiment_for(config, name, user), user)
+        flow_run = run_deployment(DEPLOYMENT, parameters={"config": config.to_recipe(), "sweep_name": name,
+                                                          "mlflow_run_id": mlflow_run_id},
+                                  flow_run_name=name, timeout=0, as_subflow=False, tags=sweep_tags(user, experiment_id))
+        emit(name, RunEvent.CREATED, f"sweep {name} created: {config.sweep.trials} trials", flow_run_id=str(flow_run.id))
+        flush()
+        return _sweep(flow_run)
+
+
+def get_sweep(sweep: "str | Sweep") -> Sweep:
+    """The sweep by name, with its current status."""
+    with services.connected(), get_client(sync_client=True) as prefect:
+        return _sweep(_latest(prefect, sweep.name if isinstance(sweep, Sweep) else sweep))
+
+
+def list_sweeps(statuses: "builtins.list[str | RunStatus] | None" = None, limit: int = 100) -> "builtins.list[Sweep]":
+    """Sweeps, newest first (a sweep run again shows once, as its latest attempt)."""
+    wanted = [RunStatus(s) for s in statuses] if statuses else None
+    with services.connected(), get_client(sync_client=True) as prefect:
+        latest: dict[str, Sweep] = {}
+        for flow_run in _read_flow_runs(prefect, _filter(tags=[SWEEP_TAG]), limit=10_000):
+            latest.setdefault(flow_run.name, _sweep(flow_run))  # newest first: the first of a name is its latest
+    found = [s for s in latest.values() if wanted is None or s.status in wanted]
+    return sorted(found, key=lambda s: s.created_at, reverse=True)[:limit]
+
+
+def resume_sweep(sweep: "str | Sweep") -> Sweep:
+    """Run a sweep whose flow crashed, failed or was stopped again: its study continues, finished trials are kept
+    and trials still training are watched to their end."""
+    name = sweep.name if isinstance(sweep, Sweep) else sweep
+    with services.connected(), get_client(sync_client=True) as prefect:
+        earlier = _latest(prefect, name)
+        status = RunStatus.from_state(earlier.state)
+        if not status.is_terminal() or status == RunStatus.COMPLETED:
+            raise InvalidInputError(f"sweep {name} is {status.value}: only a sweep that crashed, failed or was stopped "
+                                    "can be resumed")
+        flow_run = run_deployment(DEPLOYMENT, parameters=earlier.parameters, flow_run_name=name, timeout=0,
+                                  as_subflow=False, tags=earlier.tags)
+        emit(name, RunEvent.CREATED, f"sweep {name} resumed", flow_run_id=str(flow_run.id))
+        flush()
+        return _sweep(flow_run)
+
+
+def _latest(prefect, name: str):
+    """The sweep's newest flow run (a resumed sweep has one per attempt)."""
+    found = prefect.read_flow_runs(flow_run_filter=_filter(names=[name], tags=[SWEEP_TAG]),
+                                   sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
+    if not found:
+        raise RunNotFoundError(f"no sweep named {name!r} on {services.prefect_api_url()}: see fm.list_sweeps()")
+    return found[0]
+
+
+def _latest_status(name: str) -> RunStatus:
+    with get_client(sync_client=True) as prefect:
+        return RunStatus.from_state(_latest(prefect, name).state)
+
+
+def _sweep(flow_run) -> Sweep:
+    status = RunStatus.from_state(flow_run.state)
+    record = RunRecord.load(flow_run.name)
+    try:
+        config = configure_sweep(flow_run.parameters.get("config"), called=None)
+    except InvalidInputError:  # refused by the sweep itself, which says why in its FAILED state
+        config = None
+    return Sweep(
+        name=flow_run.name, status=status, created_by=tag_value(flow_run.tags, "created_by") or "prefect",
+        created_at=flow_run.created, started_at=flow_run.start_time,
+        completed_at=flow_run.end_time if status.is_terminal() else None,
+        experiment_id=tag_value(flow_run.tags, "experiment") or (record.experiment_id if record else None),
+        run_id=flow_run.parameters.get("mlflow_run_id") or (record.mlflow_run_id if record else None),
+        details=flow_run.state.message if flow_run.state and status == RunStatus.FAILED else None,
+        flow_run_id=str(flow_run.id), config=config,
+    )

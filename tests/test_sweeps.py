@@ -1,0 +1,192 @@
+"""Sweeps through the real services: trials as finetune runs of the tiny model, searched and pruned by Optuna.
+
+Each trial trains a few steps (a run takes ~20 s here, most of it starting processes), so the sweeps are small:
+a grid of 4 (2 at a time), a random sweep that prunes its bad trial, a TPE sweep cancelled mid-way, and a TPE
+sweep whose flow is killed and resumed.
+"""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from tasks.errors import InvalidInputError
+from tasks.search import storage_url
+
+pytestmark = pytest.mark.e2e
+
+
+def base(tiny_model_dir, chat_file, **changes) -> dict:
+    """A recipe of the tiny model on the chat data, evaluated every 2 steps, with a sweep section."""
+    recipe = {
+        "run": {"model_name_or_path": str(tiny_model_dir), "train_data_path": chat_file, "eval_data_path": chat_file,
+                "register_to": "main.sweep"},
+        "training_config": {"max_length": 64, "global_batch_size": 4, "micro_batch_size": 2,
+                            "trainer": {"max_steps": 4, "val_check_interval": 2}},
+        "sweep": {"space": {"learning_rate": [1e-4, 1e-3]}, "max_parallel": 2},
+    }
+    for section, values in changes.items():
+        recipe[section] = {**recipe[section], **values}
+    return recipe
+
+
+def _wait(sweep, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sweep.refresh().status.is_terminal():
+            return sweep
+        time.sleep(2)
+    raise AssertionError(f"sweep {sweep.name} stayed {sweep.status} for {timeout}s")
+
+
+def _registry() -> MlflowClient:
+    mlflow.set_tracking_uri(f"sqlite:///{os.environ['TESSERA_HOME']}/mlflow/mlflow.db")
+    return MlflowClient()
+
+
+def test_a_bad_space_is_refused_before_anything_runs(fm, tiny_model_dir, chat_file):
+    before = len(fm.list_sweeps())
+    recipe = base(tiny_model_dir, chat_file)
+    for space, said in (({"learning_rate": [1e-2]}, "sweep.space.learning_rate value 0.01 cannot be trained: "
+                                                    "learning_rate 0.01 must be at most 0.001"),
+                        ({"training_config.nope": [1]}, "sweep.space.training_config.nope is not a setting"),
+                        ({"learning_rate": {"uniform": [1e-3, 1e-4]}}, "must go from low to high")):
+        with pytest.raises(InvalidInputError, match=said):
+            fm.sweep(space=space, recipe=recipe)
+    no_eval = base(tiny_model_dir, chat_file, run={"eval_data_path": None}, training_config={"trainer": {}})
+    with pytest.raises(InvalidInputError, match="sweep.metric eval_loss needs run.eval_data_path"):
+        fm.sweep(recipe=no_eval)
+    assert len(fm.list_sweeps()) == before
+
+
+def test_a_grid_sweep_runs_every_combination_two_at_a_time_and_registers_only_the_best(fm, tiny_model_dir,
+                                                                                        chat_file):
+    space = {"learning_rate": [1e-4, 1e-3], "training_duration": ["2ba", "4ba"]}
+    sweep = _wait(fm.sweep(space=space, strategy="grid", max_trials=8, recipe=base(tiny_model_dir, chat_file)))
+    assert sweep.status == fm.RunStatus.COMPLETED, sweep.details
+    trials = sweep.trials
+    assert len(trials) == 4 and all(t.status == fm.RunStatus.COMPLETED for t in trials)  # the grid has 4
+    assert {(t.learning_rate, t.training_duration) for t in trials} == {
+        (lr, d) for lr in (1e-4, 1e-3) for d in ("2ba", "4ba")}
+    # Never more than max_parallel=2 trials at once: at any trial's start, at most one other is under way.
+    for trial in trials:
+        overlapping = [o for o in trials if o is not trial and o.started_at < trial.started_at < o.completed_at]
+        assert len(overlapping) <= 1, [(o.name, o.started_at, o.completed_at) for o in trials]
+
+    best = sweep.best
+    registry = _registry()
+    assert best is not None and best.learning_rate == 1e-3 and best.training_duration == "4ba"  # learns the most
+    version = registry.get_model_version_by_alias(f"main.sweep.{best.name}", "challenger")
+    assert version.tags["tessera.sweep"] == sweep.name and float(version.tags["tessera.sweep_eval_loss"]) > 0
+    registered = [m.name for m in registry.search_registered_models(filter_string="name LIKE 'main.sweep.%'")]
+    assert registered == [f"main.sweep.{best.name}"]  # the other trials keep their runs, not registry entries
+
+    parent = registry.get_run(sweep.run_id)
+    assert parent.data.tags["tessera.best_run"] == best.name
+    artifacts = {a.path for a in registry.list_artifacts(sweep.run_id, "sweep")}
+    assert {"sweep/trials.json", "sweep/sweep.json", "sweep/metric_by_setting.png"} <= artifacts
+    for trial in trials:  # each trial's MLflow run is nested under the sweep's, and its flow run a subflow
+        assert registry.get_run(trial.run_id).data.tags["mlflow.parentRunId"] == sweep.run_id
+    from prefect import get_client
+
+    with get_client(sync_client=True) as prefect:
+        assert all(prefect.read_flow_run(t.flow_run_id).parent_task_run_id for t in trials)
+    events = [e for e in sweep.get_events(follow=True)]
+    assert events[-1].type == "COMPLETED" and f"registered main.sweep.{best.name}" in events[-1].message
+    assert [e.type for e in events].count("TRIAL_FINISHED") == 4
+
+
+def _seed_asking(space: dict, order: list) -> int:
+    """A seed with which Optuna's random sampler asks for the choices of `space` in `order` (it depends only on
+    the seed)."""
+    distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()}
+    for seed in range(100):
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+        if [study.ask(distributions).params for _ in order] == order:
+            return seed
+    raise AssertionError(f"no seed asks for {order}")
+
+
+def test_pruning_stops_a_trial_that_falls_behind(fm, tiny_model_dir, chat_file):
+    """A good and a hopeless learning rate, one trial at a time, the good one first (by the seed): at its first
+    eval the hopeless one is behind, and is pruned there rather than training its 20 steps."""
+    space = {"learning_rate": [1e-3, 1e-6]}
+    seed = _seed_asking(space, [{"learning_rate": 1e-3}, {"learning_rate": 1e-6}])
+    recipe = base(tiny_model_dir, chat_file, training_config={
+        "seed": seed, "trainer": {"max_steps": 20, "val_check_interval": 2},
+        "model": {"optim": {"sched": {"warmup_steps": 1}}}})
+    sweep = _wait(fm.sweep(space=space, strategy="random", max_trials=2, max_parallel=1, prune=True, recipe=recipe))
+    assert sweep.status == fm.RunStatus.COMPLETED, sweep.details
+    first, second = sweep.trials
+    assert (first.learning_rate, first.status) == (1e-3, fm.RunStatus.COMPLETED)
+    assert (second.learning_rate, second.status) == (1e-6, fm.RunStatus.STOPPED)
+    pruned = next(e for e in fm.get_events(second, follow=True) if e.type == "PRUNED")
+    assert f"pruned by sweep {sweep.name} at batch" in pruned.message and "behind the median" in pruned.message
+    assert pruned.payload["batch"] < 20 and sweep.best.name == first.name
+
+
+def _sweep_process(flow_run_id: str) -> int | None:
+    """The pid of the process running a flow run (the runner gives it PREFECT__FLOW_RUN_ID)."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in environ.read_bytes().split(b"\0"):
+                return int(environ.parent.name)
+        except OSError:
+            continue
+    return None
+
+
+def _training(run_name: str) -> bool:
+    found = subprocess.run(["pgrep", "-f", f"tasks.training.worker --run-name {run_name}"], capture_output=True)
+    return found.returncode == 0
+
+
+def test_cancelling_a_sweep_stops_all_its_trials(fm, tiny_model_dir, chat_file):
+    recipe = base(tiny_model_dir, chat_file, training_config={"trainer": {"max_steps": 100_000,
+                                                                         "val_check_interval": 1000}})
+    sweep = fm.sweep(strategy="tpe", max_trials=4, recipe=recipe)
+    deadline = time.monotonic() + 240
+    while not (len(trials := sweep.trials) == 2 and all(_training(t.name) for t in trials)):
+        assert time.monotonic() < deadline, [(t.name, t.status) for t in trials]
+        time.sleep(1)
+    assert fm.cancel(sweep) == 2
+    sweep = _wait(sweep, timeout=120)
+    assert sweep.status == fm.RunStatus.STOPPED
+    deadline = time.monotonic() + 60
+    while any(_training(t.name) for t in trials) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not any(_training(t.name) for t in trials), "no training process may outlive a cancelled sweep"
+    assert all(t.refresh().status == fm.RunStatus.STOPPED for t in trials)
+    assert len(sweep.trials) == 2  # nothing started after the cancel
+
+
+def test_a_crashed_sweep_continues_its_study_when_run_again(fm, tiny_model_dir, chat_file):
+    """One trial at a time; the sweep's own process is killed while its second trial trains. Run again, it keeps
+    the first trial, watches the second to its end and runs the third: three trials, none twice."""
+    recipe = base(tiny_model_dir, chat_file, sweep={"space": {"learning_rate": {"loguniform": [1e-4, 1e-3]}},
+                                                    "max_parallel": 1, "max_trials": 3})
+    sweep = fm.sweep(recipe=recipe)
+    deadline = time.monotonic() + 300
+    while len(sweep.trials) < 2:
+        assert time.monotonic() < deadline and not sweep.refresh().status.is_terminal(), sweep.status
+        time.sleep(1)
+    os.kill(_sweep_process(sweep.refresh().flow_run_id), signal.SIGKILL)
+    crashed = _wait(sweep, timeout=120)
+    assert crashed.status == fm.RunStatus.FAILED
+    failed = list(fm.get_events(sweep.name, follow=True))[-1]  # the server stores events a few s late
+    assert failed.type == "FAILED" and f"fm.resume_sweep('{sweep.name}') continues it" in failed.message
+
+    resumed = _wait(fm.resume_sweep(sweep.name))
+    assert resumed.status == fm.RunStatus.COMPLETED, resumed.details
+    trials = resumed.trials
+    assert [t.name for t in trials] == [f"{sweep.name}-t{n}" for n in range(3)]
+    assert all(t.status == fm.RunStatus.COMPLETED for t in trials)
+    study = optuna.load_study(study_name=sweep.name, storage=storage_url())
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert resumed.best.name in [t.name for t in trials]
