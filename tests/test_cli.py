@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.foundation_model import _parse_time, get_models
+from flows.foundation_model import get_models
+from flows.foundation_model.runs import _parse_time
 from tasks.errors import InvalidInputError
 
 
