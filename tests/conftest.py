@@ -20,6 +20,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")  # the runner picks up a new run within a second
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CHAT = [

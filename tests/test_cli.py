@@ -128,13 +128,21 @@ def test_create_from_a_recipe_refuses_a_bad_key_before_any_run(tmp_path):
     assert f"{bad}: training_config.model.optim.lr 0.03 must be at most 0.001" in " ".join(done.stdout.split())
 
 
-def test_create_sets_any_setting_by_its_path_and_refuses_a_wrong_one_before_any_run():
+@pytest.mark.parametrize("setting, said", [
+    ("training_config.trainer.max_step=40",
+     "training_config.trainer.max_step is not a recipe key; the keys allowed under training_config.trainer are "
+     "max_epochs, max_steps"),
+    ("training_config.seed=1.5", "training_config.seed 1.5 must be a whole number"),
+    ("training_config.model.optim.lr=5e-2", "training_config.model.optim.lr 0.05 must be at most"),  # YAML 1.2
+    ("training_config.seed", "--set 'training_config.seed' is not PATH=VALUE"),
+])
+def test_create_sets_any_setting_by_its_path_and_refuses_a_wrong_one_before_any_run(setting, said, monkeypatch,
+                                                                                       capsys):
+    from flows import cli
+
     recipe = Path(__file__).parents[1] / "examples" / "recipes" / "full.yaml"
-    for setting, said in (("training_config.trainer.max_step=40", "training_config.trainer.max_step is not a recipe "
-                           "key; the keys allowed under training_config.trainer are max_epochs, max_steps"),
-                          ("training_config.seed=1.5", "training_config.seed 1.5 must be a whole number"),
-                          ("training_config.model.optim.lr=5e-2", "training_config.model.optim.lr 0.05 must be at most"),
-                          ("training_config.seed", "--set 'training_config.seed' is not PATH=VALUE")):
-        done = tessera("create", "--recipe", str(recipe), "--set", setting)
-        assert done.returncode == 2, done.stdout + done.stderr
-        assert said in " ".join(done.stdout.split()) and "Traceback" not in done.stdout + done.stderr
+    monkeypatch.setattr(sys, "argv", ["tessera", "create", "--recipe", str(recipe), "--set", setting])
+    with pytest.raises(SystemExit) as exit:
+        cli.main()
+    out = capsys.readouterr().out
+    assert exit.value.code == 2 and said in " ".join(out.split()) and "Traceback" not in out

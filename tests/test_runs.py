@@ -43,20 +43,37 @@ def _wait(fm, run, statuses, timeout=240):
     raise AssertionError(f"{run.name} stayed {run.status} for {timeout}s")
 
 
-def test_a_run_goes_from_create_to_a_registered_model(fm, tiny_model_dir, chat_file):
-    run = fm.create(model=str(tiny_model_dir), train_data_path=chat_file, register_to="main.test",
+def test_a_run_goes_from_s3_data_to_a_registered_model(fm, tiny_model_dir, s3):
+    """Trained on S3 data, evaluated on a volume: every step's event, the data's evidence, metrics, checkpoints and
+    a registered model that loads and generates."""
+    # A record no earlier session wrote: the runner's download and prepared-data caches miss, so the run fetches.
+    fresh = {"messages": [{"role": "user", "content": "Which session is this?"},
+                          {"role": "assistant", "content": f"Session {uuid.uuid4().hex}."}]}
+    s3.create_bucket(Bucket="tessera-data")
+    s3.put_object(Bucket="tessera-data", Key="chat/train.jsonl", Body=jsonl([*CHAT, fresh]).encode())
+    held_out = Path(volumes_root(), "main", "test", "raw", "eval.jsonl")
+    held_out.parent.mkdir(parents=True)
+    held_out.write_text(jsonl([fresh, *CHAT[:5]]))
+    run = fm.create(model=str(tiny_model_dir), train_data_path="s3://tessera-data/chat/train.jsonl",
+                    eval_data_path="dbfs:/Volumes/main/test/raw/eval.jsonl", register_to="main.test",
                     training_duration="2ep", learning_rate=1e-3, context_length=64, eval_prompts=["Hi there"])
     assert re.fullmatch(r"ift-tiny-llama\d*-[a-z0-9]{6}", run.name)
     assert not run.status.is_terminal()  # create() returns at once
 
     events = list(fm.get_events(run, follow=True))
     types = [e.type for e in events]
-    assert types[0] == "CREATED" and types[-1] == "COMPLETED", types
+    assert types[0] == "CREATED" and types[-1] == "COMPLETED", [(e.type, e.message) for e in events]
     order = ["CREATED", "STARTED", "DATA_VALIDATED", "MODEL_INITIALIZED", "TRAIN_UPDATED", "TRAIN_FINISHED", "COMPLETED"]
     assert [t for t in types if t in order] == sorted([t for t in types if t in order], key=order.index)
     assert set(order) <= set(types)
     updates = [e.message for e in events if e.type == "TRAIN_UPDATED"]
     assert all(re.fullmatch(r"\[epoch=\d/2\]\[batch=\d+/\d+\]\[ETA=\S+\] Train loss: \d+\.\d\d", m) for m in updates), updates
+    (validated,) = [e for e in events if e.type == "DATA_VALIDATED"]  # the train split's; eval's is logged only
+    p = validated.payload
+    assert (p["num_records"], p["num_examples"], p["num_invalid"], p["num_dropped"]) == (25, 25, 0, 0)
+    assert 0 < p["num_loss_tokens"] < p["num_tokens"] <= p["num_rows"] * 64
+    assert p["training_tokens"] == 2 * (p["num_rows"] // 8 * 8 * 64)  # 2ep: whole global batches of 8 rows of 64
+    assert f"25 examples, {p['num_tokens']:,} tokens in {p['num_rows']} rows of 64" in validated.message
 
     run = _wait(fm, run, {fm.RunStatus.COMPLETED})
     assert run.completed_at and run.started_at and run.run_id and run.experiment_id
@@ -68,11 +85,22 @@ def test_a_run_goes_from_create_to_a_registered_model(fm, tiny_model_dir, chat_f
     assert checkpoints and all(re.search(rf"/{run.name}/checkpoints/ep\d-ba\d+$", c) for c in checkpoints)
     assert Path(checkpoints[-1].removeprefix("file://")).is_dir()
 
-    mlflow.set_tracking_uri(f"sqlite:///{os.environ['TESSERA_HOME']}/mlflow/mlflow.db")
-    losses = mlflow.MlflowClient().get_metric_history(run.run_id, "loss")
-    assert len(losses) >= 2
+    store = client()
+    for split, source, count in (("train", "s3://tessera-data/chat/train.jsonl", 25),
+                                 ("eval", "dbfs:/Volumes/main/test/raw/eval.jsonl", 6)):
+        logged = {Path(a.path).name for a in store.list_artifacts(run.run_id, f"data/{split}")}
+        assert set(EVIDENCE) <= logged, logged
+        report = Path(store.download_artifacts(run.run_id, f"data/{split}/report.txt")).read_text()
+        assert report == f"{source}: {count} valid CHAT_COMPLETION records\n"
+    stats = json.loads(Path(store.download_artifacts(run.run_id, "data/train/stats.json")).read_text())
+    assert (stats["num_examples"], stats["num_tokens"]) == (25, p["num_tokens"])
+    quality = json.loads(Path(store.download_artifacts(run.run_id, "data/train/quality.json")).read_text())
+    assert quality["success"] and quality["failed"] == []
+    assert len(store.get_metric_history(run.run_id, "loss")) >= 2
+    assert len(store.get_metric_history(run.run_id, "eval_loss")) == 2  # at each epoch's checkpoint
+
     registered = f"main.test.{run.name}"
-    version = mlflow.MlflowClient().get_model_version_by_alias(registered, "candidate")
+    version = store.get_model_version_by_alias(registered, "candidate")
     assert version.tags["tessera.run_name"] == run.name
     generator = mlflow.transformers.load_model(f"models:/{registered}@candidate")
     text = generator("Hello", max_new_tokens=5, do_sample=False)[0]["generated_text"]
@@ -244,68 +272,26 @@ def test_the_bundled_smollm2_fine_tunes_and_registers(fm, chat_file):
     assert all(table["response"].str.len() > 0)
 
 
-def test_bad_records_fail_the_run_with_file_line_and_field(fm, tiny_model_dir, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(CHAT[0]) + "\n" + json.dumps({"messages": [{"role": "bot", "content": "hi"}]}) + "\n")
-    run = fm.create(model=str(tiny_model_dir), train_data_path=str(bad), register_to="main.test", context_length=64)
-    events = list(fm.get_events(run, follow=True))
-    assert events[-1].type == "FAILED"
-    assert "bad.jsonl line 2, field messages[0].role: found 'bot'" in events[-1].message
-    assert "DATA_VALIDATED" not in [e.type for e in events]  # nothing past validation ran
-    assert _wait(fm, run, {fm.RunStatus.FAILED}).status == fm.RunStatus.FAILED
-
-
 # Every data source through create() and fm.validate_data
 
 
-def test_a_run_trains_on_s3_data_and_evaluates_on_a_volume(fm, tiny_model_dir, s3):
-    # A record no earlier session wrote: the runner's download and prepared-data caches miss, so the run fetches.
-    fresh = {"messages": [{"role": "user", "content": "Which session is this?"},
-                          {"role": "assistant", "content": f"Session {uuid.uuid4().hex}."}]}
-    s3.create_bucket(Bucket="tessera-data")
-    s3.put_object(Bucket="tessera-data", Key="chat/train.jsonl", Body=jsonl([*CHAT, fresh]).encode())
-    held_out = Path(volumes_root(), "main", "test", "raw", "eval.jsonl")
-    held_out.parent.mkdir(parents=True)
-    held_out.write_text(jsonl([fresh, *CHAT[:5]]))
-    run = fm.create(model=str(tiny_model_dir), train_data_path="s3://tessera-data/chat/train.jsonl",
-                    eval_data_path="dbfs:/Volumes/main/test/raw/eval.jsonl", register_to="main.test",
-                    training_duration="1ep", learning_rate=1e-3, context_length=64)
-    events = list(fm.get_events(run, follow=True))
-    assert events[-1].type == "COMPLETED", events[-1].message
-    (validated,) = [e for e in events if e.type == "DATA_VALIDATED"]  # the train split's; eval's is logged only
-    p = validated.payload
-    assert (p["num_records"], p["num_examples"], p["num_invalid"], p["num_dropped"]) == (25, 25, 0, 0)
-    assert 0 < p["num_loss_tokens"] < p["num_tokens"] <= p["num_rows"] * 64
-    assert p["training_tokens"] == p["num_rows"] // 8 * 8 * 64  # 1ep: whole global batches of 8 rows of 64
-    assert f"25 examples, {p['num_tokens']:,} tokens in {p['num_rows']} rows of 64" in validated.message
-
-    run = _wait(fm, run, {fm.RunStatus.COMPLETED})
-    store = client()
-    for split, source, count in (("train", "s3://tessera-data/chat/train.jsonl", 25),
-                                 ("eval", "dbfs:/Volumes/main/test/raw/eval.jsonl", 6)):
-        logged = {Path(a.path).name for a in store.list_artifacts(run.run_id, f"data/{split}")}
-        assert set(EVIDENCE) <= logged, logged
-        report = Path(store.download_artifacts(run.run_id, f"data/{split}/report.txt")).read_text()
-        assert report == f"{source}: {count} valid CHAT_COMPLETION records\n"
-    stats = json.loads(Path(store.download_artifacts(run.run_id, "data/train/stats.json")).read_text())
-    assert (stats["num_examples"], stats["num_tokens"]) == (25, p["num_tokens"])
-    quality = json.loads(Path(store.download_artifacts(run.run_id, "data/train/quality.json")).read_text())
-    assert quality["success"] and quality["failed"] == []
-
-
-def test_bad_rows_in_a_delta_table_fail_the_run_with_row_and_field(fm, tiny_model_dir):
+def test_bad_records_fail_the_run_at_validation_with_where_and_what(fm, tiny_model_dir, tmp_path):
+    """A file's bad record by line, a Delta table's by row: both runs fail at validate-data, the why kept."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(CHAT[0]) + "\n" + json.dumps({"messages": [{"role": "bot", "content": "hi"}]}) + "\n")
     rows = [CHAT[0], {"messages": [{"role": "User", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
             *CHAT[1:4]]
     write_deltalake(str(Path(tables_root(), "main", "test", "chats")), chat_table(rows))
-    run = fm.create(model=str(tiny_model_dir), train_data_path="main.test.chats", register_to="main.test",
-                    context_length=64)
-    events = list(fm.get_events(run, follow=True))
-    assert events[-1].type == "FAILED"
-    assert "main.test.chats row 2, field messages[0].role: found 'User'; use lowercase 'user'" in events[-1].message
-    assert "DATA_VALIDATED" not in [e.type for e in events]
-    run = _wait(fm, run, {fm.RunStatus.FAILED})
-    report = Path(client().download_artifacts(run.run_id, "data/train/report.txt")).read_text()
-    assert "main.test.chats row 2, field messages[0].role" in report  # why stays with the run
+    runs = [fm.create(model=str(tiny_model_dir), train_data_path=path, register_to="main.test", context_length=64)
+            for path in (str(bad), "main.test.chats")]  # started together
+    for run, said in zip(runs, ("bad.jsonl line 2, field messages[0].role: found 'bot'",
+                                "main.test.chats row 2, field messages[0].role: found 'User'; use lowercase 'user'")):
+        events = list(fm.get_events(run, follow=True))
+        assert events[-1].type == "FAILED" and said in events[-1].message, events[-1].message
+        assert "DATA_VALIDATED" not in [e.type for e in events]  # nothing past validation ran
+        run = _wait(fm, run, {fm.RunStatus.FAILED})
+        report = Path(client().download_artifacts(run.run_id, "data/train/report.txt")).read_text()
+        assert said.split(": found")[0] in report  # why stays with the run
 
 
 def chat_table(rows: list[dict]) -> pa.Table:

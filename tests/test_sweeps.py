@@ -168,14 +168,14 @@ def test_cancelling_a_sweep_stops_all_its_trials(fm, tiny_model_dir, chat_file):
 
 def test_a_crashed_sweep_continues_its_study_when_run_again(fm, tiny_model_dir, chat_file):
     """One trial at a time; the sweep's own process is killed while its second trial trains. Run again, it keeps
-    the first trial, watches the second to its end and runs the third: three trials, none twice."""
+    the first trial and watches the second, which trained on, to its end: two trials, none twice."""
     recipe = base(tiny_model_dir, chat_file, sweep={"space": {"learning_rate": {"loguniform": [1e-4, 1e-3]}},
-                                                    "max_parallel": 1, "max_trials": 3})
+                                                    "max_parallel": 1, "max_trials": 2})
     sweep = fm.sweep(recipe=recipe)
     deadline = time.monotonic() + 300
-    while len(sweep.trials) < 2:
+    while len(trials := sweep.trials) < 2:
         assert time.monotonic() < deadline and not sweep.refresh().status.is_terminal(), sweep.status
-        time.sleep(1)
+        time.sleep(0.5)
     os.kill(_sweep_process(sweep.refresh().flow_run_id), signal.SIGKILL)
     crashed = _wait(sweep, timeout=120)
     assert crashed.status == fm.RunStatus.FAILED
@@ -184,9 +184,8 @@ def test_a_crashed_sweep_continues_its_study_when_run_again(fm, tiny_model_dir, 
 
     resumed = _wait(fm.resume_sweep(sweep.name))
     assert resumed.status == fm.RunStatus.COMPLETED, resumed.details
-    trials = resumed.trials
-    assert [t.name for t in trials] == [f"{sweep.name}-t{n}" for n in range(3)]
-    assert all(t.status == fm.RunStatus.COMPLETED for t in trials)
+    assert [(t.name, t.flow_run_id) for t in resumed.trials] == [(t.name, t.flow_run_id) for t in trials]
+    assert all(t.status == fm.RunStatus.COMPLETED for t in resumed.trials)
     study = optuna.load_study(study_name=sweep.name, storage=storage_url())
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 2
     assert resumed.best.name in [t.name for t in trials]

@@ -51,7 +51,7 @@ from tasks.upload_checkpoints import artifact_dir
 from tasks.validate_paths import check_paths
 
 PAGE = 200
-FOLLOW_POLL_S = 2.0
+FOLLOW_POLL_S = 1.0
 FOLLOW_GRACE_S = 15.0
 
 
