@@ -198,10 +198,11 @@ def _trial_finished(record: RunRecord, running: Running, how: str, value: float 
 
 
 def _others_at(study: optuna.Study, number: int, step: int) -> str:
-    """What a pruned trial was judged against: the other trials' values at that step."""
-    values = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False)
+    """What a pruned trial was judged against: the completed trials' values at that step (the median pruner's)."""
+    values = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if t.number != number and step in t.intermediate_values]
-    return f"the median {statistics.median(values):.4f} of {len(values)} other trial(s) there" if values else "the rest"
+    return f"the median {statistics.median(values):.4f} of {len(values)} completed trial(s) there" if values else (
+        "the completed trials")
 
 
 def _asked(study: optuna.Study) -> int:

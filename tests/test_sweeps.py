@@ -1,8 +1,8 @@
 """Sweeps through the real services: trials as finetune runs of the tiny model, searched and pruned by Optuna.
 
 Each trial trains a few steps (a run takes ~20 s here, most of it starting processes), so the sweeps are small:
-a grid of 4 (2 at a time), a random sweep that prunes its bad trial, a TPE sweep cancelled mid-way, and a TPE
-sweep whose flow is killed and resumed.
+a grid of 4 (2 at a time) that prunes its hopeless trials, a random sweep cancelled mid-way, and a TPE sweep
+whose flow is killed and resumed.
 """
 
 import os
@@ -65,15 +65,23 @@ def test_a_bad_space_is_refused_before_anything_runs(fm, tiny_model_dir, chat_fi
     assert len(fm.list_sweeps()) == before
 
 
-def test_a_grid_sweep_runs_every_combination_two_at_a_time_and_registers_only_the_best(fm, tiny_model_dir,
+def test_a_grid_sweep_two_at_a_time_prunes_what_falls_behind_and_registers_only_the_best(fm, tiny_model_dir,
                                                                                         chat_file):
-    space = {"learning_rate": [1e-4, 1e-3], "training_duration": ["2ba", "4ba"]}
-    sweep = _wait(fm.sweep(space=space, strategy="grid", max_trials=8, recipe=base(tiny_model_dir, chat_file)))
+    """A grid of a good and a hopeless learning rate by 4 or 20 steps, in order: the good ones first, then the
+    hopeless ones, judged at each eval (every 2 steps) against the others. The hopeless 20-step trial is pruned
+    long before its end (the 4-step one may end first)."""
+    space = {"learning_rate": [1e-3, 1e-6], "training_duration": ["4ba", "20ba"]}
+    recipe = base(tiny_model_dir, chat_file, training_config={"model": {"optim": {"sched": {"warmup_steps": 1}}}})
+    sweep = _wait(fm.sweep(space=space, strategy="grid", max_trials=8, prune=True, recipe=recipe))
     assert sweep.status == fm.RunStatus.COMPLETED, sweep.details
     trials = sweep.trials
-    assert len(trials) == 4 and all(t.status == fm.RunStatus.COMPLETED for t in trials)  # the grid has 4
-    assert {(t.learning_rate, t.training_duration) for t in trials} == {
-        (lr, d) for lr in (1e-4, 1e-3) for d in ("2ba", "4ba")}
+    assert [(t.learning_rate, t.training_duration) for t in trials] == [
+        (lr, d) for lr in (1e-3, 1e-6) for d in ("4ba", "20ba")]  # every combination, once (the grid has 4)
+    assert [t.status for t in trials[:2]] == [fm.RunStatus.COMPLETED] * 2
+    assert trials[2].status in (fm.RunStatus.COMPLETED, fm.RunStatus.STOPPED) and trials[3].status == fm.RunStatus.STOPPED
+    pruned = next(e for e in fm.get_events(trials[3], follow=True) if e.type == "PRUNED")
+    assert f"pruned by sweep {sweep.name} at batch" in pruned.message and "behind the median" in pruned.message
+    assert pruned.payload["batch"] < 20
     # Never more than max_parallel=2 trials at once: at any trial's start, at most one other is under way.
     for trial in trials:
         overlapping = [o for o in trials if o is not trial and o.started_at < trial.started_at < o.completed_at]
@@ -81,7 +89,7 @@ def test_a_grid_sweep_runs_every_combination_two_at_a_time_and_registers_only_th
 
     best = sweep.best
     registry = _registry()
-    assert best is not None and best.learning_rate == 1e-3 and best.training_duration == "4ba"  # learns the most
+    assert best.name == trials[1].name  # the good learning rate, for longer
     version = registry.get_model_version_by_alias(f"main.sweep.{best.name}", "challenger")
     assert version.tags["tessera.sweep"] == sweep.name and float(version.tags["tessera.sweep_eval_loss"]) > 0
     registered = [m.name for m in registry.search_registered_models(filter_string="name LIKE 'main.sweep.%'")]
@@ -100,35 +108,6 @@ def test_a_grid_sweep_runs_every_combination_two_at_a_time_and_registers_only_th
     events = [e for e in sweep.get_events(follow=True)]
     assert events[-1].type == "COMPLETED" and f"registered main.sweep.{best.name}" in events[-1].message
     assert [e.type for e in events].count("TRIAL_FINISHED") == 4
-
-
-def _seed_asking(space: dict, order: list) -> int:
-    """A seed with which Optuna's random sampler asks for the choices of `space` in `order` (it depends only on
-    the seed)."""
-    distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()}
-    for seed in range(100):
-        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-        if [study.ask(distributions).params for _ in order] == order:
-            return seed
-    raise AssertionError(f"no seed asks for {order}")
-
-
-def test_pruning_stops_a_trial_that_falls_behind(fm, tiny_model_dir, chat_file):
-    """A good and a hopeless learning rate, one trial at a time, the good one first (by the seed): at its first
-    eval the hopeless one is behind, and is pruned there rather than training its 20 steps."""
-    space = {"learning_rate": [1e-3, 1e-6]}
-    seed = _seed_asking(space, [{"learning_rate": 1e-3}, {"learning_rate": 1e-6}])
-    recipe = base(tiny_model_dir, chat_file, training_config={
-        "seed": seed, "trainer": {"max_steps": 20, "val_check_interval": 2},
-        "model": {"optim": {"sched": {"warmup_steps": 1}}}})
-    sweep = _wait(fm.sweep(space=space, strategy="random", max_trials=2, max_parallel=1, prune=True, recipe=recipe))
-    assert sweep.status == fm.RunStatus.COMPLETED, sweep.details
-    first, second = sweep.trials
-    assert (first.learning_rate, first.status) == (1e-3, fm.RunStatus.COMPLETED)
-    assert (second.learning_rate, second.status) == (1e-6, fm.RunStatus.STOPPED)
-    pruned = next(e for e in fm.get_events(second, follow=True) if e.type == "PRUNED")
-    assert f"pruned by sweep {sweep.name} at batch" in pruned.message and "behind the median" in pruned.message
-    assert pruned.payload["batch"] < 20 and sweep.best.name == first.name
 
 
 def _sweep_process(flow_run_id: str) -> int | None:
@@ -150,7 +129,7 @@ def _training(run_name: str) -> bool:
 def test_cancelling_a_sweep_stops_all_its_trials(fm, tiny_model_dir, chat_file):
     recipe = base(tiny_model_dir, chat_file, training_config={"trainer": {"max_steps": 100_000,
                                                                          "val_check_interval": 1000}})
-    sweep = fm.sweep(strategy="tpe", max_trials=4, recipe=recipe)
+    sweep = fm.sweep(strategy="random", max_trials=4, recipe=recipe)
     deadline = time.monotonic() + 240
     while not (len(trials := sweep.trials) == 2 and all(_training(t.name) for t in trials)):
         assert time.monotonic() < deadline, [(t.name, t.status) for t in trials]
@@ -162,7 +141,11 @@ def test_cancelling_a_sweep_stops_all_its_trials(fm, tiny_model_dir, chat_file):
     while any(_training(t.name) for t in trials) and time.monotonic() < deadline:
         time.sleep(1)
     assert not any(_training(t.name) for t in trials), "no training process may outlive a cancelled sweep"
-    assert all(t.refresh().status == fm.RunStatus.STOPPED for t in trials)
+    # The runner marks a run cancelled once its flow process is gone and its hook has run: slow under load.
+    deadline = time.monotonic() + 180
+    while not all(t.refresh().status == fm.RunStatus.STOPPED for t in trials):
+        assert time.monotonic() < deadline, [(t.name, t.status) for t in trials]
+        time.sleep(2)
     assert len(sweep.trials) == 2  # nothing started after the cancel
 
 
