@@ -235,9 +235,10 @@ def server_status():
 
 def main() -> None:
     try:
-        result = app()
+        result = app(sys.argv[1:])
     except TesseraError as e:
-        console.print(f"[bold red]error:[/bold red] {e}")
+        # Unwrapped and unmarked: a path in the message stays whole and copyable, brackets stay literal.
+        console.print(f"[bold red]error:[/bold red] {escape(str(e))}", soft_wrap=True)
         sys.exit(2)
     sys.exit(result if isinstance(result, int) else 0)
 
