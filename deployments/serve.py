@@ -1,4 +1,5 @@
-"""The local runner: serves `finetune/default` and `sweep/default` from this machine. Started by the embedded default.
+"""The local runner: serves `finetune/`, `sweep/` and `retrain/default` from this machine. Started by the embedded
+default.
 
 `DEPLOYMENTS` is the deployments' one definition, shared with deployments/deploy.py (work pools).
 """
@@ -8,9 +9,10 @@ from prefect.client.orchestration import get_client
 from prefect.deployments.runner import EntrypointType
 
 from flows.finetune import finetune
+from flows.retrain import retrain
 from flows.services import device_slots, max_active_runs
 from flows.sweep import sweep
-from tasks.run_record import RUN_TAG, SWEEP_TAG
+from tasks.run_record import RETRAIN_TAG, RUN_TAG, SWEEP_TAG
 from tasks.train import DEVICE_SLOTS
 
 
@@ -26,6 +28,13 @@ def deployments() -> list[tuple]:
         (sweep, "flows/sweep.py:sweep", dict(
             name="default", description="A hyperparameter sweep: trials as finetune runs, the best registered.",
             tags=[SWEEP_TAG],
+        )),
+        # Each model's retraining is a schedule of this deployment (fm.schedule_retraining), kept when it is served
+        # again: Prefect keeps schedules that have a slug.
+        (retrain, "flows/retrain.py:retrain", dict(
+            name="default", description="Retrain a registered model on its new data; promote the challenger if "
+                                        "it beats the champion.",
+            tags=[RETRAIN_TAG],
         )),
     ]
 

@@ -11,7 +11,15 @@ from ruamel.yaml import YAMLError
 
 from flows import foundation_model as fm
 from flows import services
-from flows.console import console, data_summary, follow, runs_table, sweeps_table
+from flows.console import (
+    console,
+    data_summary,
+    follow,
+    retrainings_table,
+    runs_table,
+    schedules_table,
+    sweeps_table,
+)
 from tasks.data.validation import DEFAULT_MODEL
 from tasks.errors import InvalidInputError, TesseraError
 from tasks.recipe import read_yaml
@@ -19,6 +27,8 @@ from tasks.recipe import read_yaml
 app = App(name="tessera", help="Self-hosted fine-tuning of foundation language models.")
 server = App(name="server", help="The embedded Prefect server, runner and MLflow UI.")
 app.command(server)
+retrain = App(name="retrain", help="Scheduled retraining: keep a registered model's @champion current.")
+app.command(retrain)
 
 
 @app.command
@@ -123,6 +133,113 @@ def start_sweep(
 def sweeps(*, status: list[str] | None = None, limit: int = 100):
     """List sweeps, newest first."""
     console.print(sweeps_table(fm.list_sweeps(statuses=status, limit=limit)))
+
+
+@retrain.command(name="schedule")
+def retrain_schedule(
+    registered_model: str,
+    *,
+    cron: str,
+    timezone: str = "UTC",
+    train_data_path: str | None = None,
+    eval_data_path: str | None = None,
+    mode: Literal["continue", "from_base"] | None = None,
+    min_improvement: float | None = None,
+    model: str | None = None,
+    recipe: str | None = None,
+    settings: Annotated[list[str] | None, Parameter(name="--set")] = None,
+):
+    """Retrain a registered model on a cron schedule (a Prefect schedule of retrain/default); again, replace it.
+
+    Parameters
+    ----------
+    registered_model
+        catalog.schema.model: the model whose @champion this maintains
+    cron
+        five cron fields, e.g. "0 3 * * *" (03:00 every day, in --timezone)
+    train_data_path
+        a folder or S3 prefix of .jsonl files, or a Delta table, that grows
+    eval_data_path
+        the frozen set champion and challenger are judged on
+    mode
+        continue (from the champion's checkpoint, on what is new; default) or from_base (the base model, on all)
+    min_improvement
+        how far the challenger's eval loss must fall below the champion's to be promoted (default 0)
+    model
+        the base model (default: the one the champion was trained from)
+    recipe
+        a YAML recipe with a retrain: section (examples/recipes/retrain.yaml); the other options override it
+    settings
+        PATH=VALUE: any setting by its path, e.g. --set training_config.trainer.max_steps=40; repeatable
+    """
+    schedule = fm.schedule_retraining(
+        registered_model, train_data_path, eval_data_path, cron=cron, timezone=timezone, mode=mode,
+        min_improvement=min_improvement, model=model, recipe=recipe, overrides=dict(map(_path_value, settings or [])))
+    console.print(schedules_table([schedule]))
+    console.print(f"served by the runner; pause it with `tessera retrain pause {registered_model}` or in the Prefect "
+                  f"UI ({services.prefect_ui_url()}/deployments)")
+
+
+@retrain.command(name="now")
+def retrain_now(
+    registered_model: str,
+    *,
+    recipe: str | None = None,
+    settings: Annotated[list[str] | None, Parameter(name="--set")] = None,
+    follow_events: Annotated[bool, Parameter(name="--follow")] = False,
+):
+    """Retrain a registered model now, with the settings of its schedule (or of --recipe and --set).
+
+    Parameters
+    ----------
+    registered_model
+        catalog.schema.model
+    recipe
+        a YAML recipe with a retrain: section, instead of the schedule's settings
+    settings
+        PATH=VALUE: any setting by its path; repeatable
+    """
+    retraining = fm.retrain_now(registered_model, recipe=recipe,
+                                overrides=dict(map(_path_value, settings or [])) or None)
+    console.print(f"started retraining [bold]{retraining.name}[/bold]; follow it with "
+                  f"`tessera events {retraining.name} --follow`")
+    if follow_events:
+        last = follow(retraining)
+        return 0 if last is not None and last.type == "COMPLETED" else 1
+
+
+@retrain.command(name="list")
+def retrain_list(registered_model: str | None = None, *, limit: int = 100):
+    """The retraining schedules, and the retrainings so far (of one model, when given), newest first."""
+    schedules = fm.list_retraining_schedules()
+    console.print(schedules_table([s for s in schedules if registered_model in (None, s.registered_model)]))
+    console.print(retrainings_table(fm.list_retrainings(registered_model, limit=limit)))
+
+
+@retrain.command(name="pause")
+def retrain_pause(registered_model: str):
+    """Pause a model's retraining schedule."""
+    console.print(schedules_table([fm.pause_retraining(registered_model)]))
+
+
+@retrain.command(name="resume")
+def retrain_resume(registered_model: str):
+    """Resume a model's paused retraining schedule."""
+    console.print(schedules_table([fm.pause_retraining(registered_model, paused=False)]))
+
+
+@retrain.command(name="unschedule")
+def retrain_unschedule(registered_model: str):
+    """Remove a model's retraining schedule; its retrainings so far and its champion stay."""
+    fm.unschedule_retraining(registered_model)
+    console.print(f"{registered_model} is no longer retrained on a schedule")
+
+
+@app.command
+def promote(registered_model: str, version: int):
+    """Move a registered model's @champion to a version by hand (a rollback)."""
+    before = fm.promote(registered_model, version)
+    console.print(f"{registered_model}@champion: version {version}" + (f" (was {before})" if before else ""))
 
 
 @app.command

@@ -17,7 +17,7 @@ from tasks.data.validation import DataValidation
 console = Console()
 
 
-def follow(run: "fm.TrainingRun | fm.Sweep | str") -> "fm.FineTuningEvent | None":
+def follow(run: "fm.TrainingRun | fm.Sweep | fm.Retraining | str") -> "fm.FineTuningEvent | None":
     """Print a run's or a sweep's events as they come, with a progress bar while a run trains; returns the last."""
     last = None
     with Progress(
@@ -53,6 +53,22 @@ def sweeps_table(sweeps: "list[fm.Sweep]") -> Table:
         table.add_row(s.name, s.status.display_name, str(settings.trials) if settings else "?",
                       ", ".join(settings.space) if settings else "?", settings.strategy if settings else "?",
                       f"{s.created_at:%Y-%m-%d %H:%M:%S}", s.created_by)
+    return table
+
+
+def schedules_table(schedules: "list[fm.RetrainingSchedule]") -> Table:
+    table = Table("registered model", "cron", "timezone", "active", "mode", "min improvement", "data")
+    for s in schedules:
+        table.add_row(s.registered_model, s.cron, s.timezone, "yes" if s.active else "paused", s.config.retrain.mode,
+                      f"{s.config.retrain.min_improvement:g}", s.config.run.train_data_path)
+    return table
+
+
+def retrainings_table(retrainings: "list[fm.Retraining]") -> Table:
+    table = Table("name", "registered model", "status", "outcome", "challenger", "created")
+    for r in retrainings:
+        table.add_row(r.name, r.registered_model, r.status.display_name, r.outcome or "", r.challenger or "",
+                      f"{r.created_at:%Y-%m-%d %H:%M:%S}")
     return table
 
 

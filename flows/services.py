@@ -20,6 +20,8 @@ from tasks.home import tessera_home
 from tasks.process_group import stop_group
 
 DEPLOYMENT = "finetune/default"
+SWEEP_DEPLOYMENT = "sweep/default"
+RETRAIN_DEPLOYMENT = "retrain/default"
 STARTUP_TIMEOUT_S = 120
 
 
@@ -126,8 +128,9 @@ def ensure_started() -> str:
             _wait_for(lambda: _answers(f"{url}/health"), PREFECT, "the Prefect server")
         if RUNNER.pid() is None:
             _spawn(RUNNER, [sys.executable, "-m", "deployments.serve"], env)
-            _wait_for(lambda: _answers(f"{url}/deployments/name/{DEPLOYMENT}"), RUNNER,
-                      f"the runner serving {DEPLOYMENT}")
+            served = (DEPLOYMENT, SWEEP_DEPLOYMENT, RETRAIN_DEPLOYMENT)
+            _wait_for(lambda: all(_answers(f"{url}/deployments/name/{d}") for d in served), RUNNER,
+                      f"the runner serving {', '.join(served)}")
         if mlflow_ui_url() and MLFLOW.pid() is None:
             tracking.client().search_experiments(max_results=1)  # create the tables first: the UI would race create()
             _spawn(MLFLOW, [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",

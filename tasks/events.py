@@ -1,4 +1,4 @@
-"""Run and sweep events (CREATED … COMPLETED) as Prefect events on the resource `tessera.run.<name>`."""
+"""Run, sweep and retraining events (CREATED … COMPLETED) as Prefect events on the resource `tessera.run.<name>`."""
 
 from enum import StrEnum
 
@@ -15,6 +15,9 @@ class RunEvent(StrEnum):
     TRAIN_FINISHED = "TRAIN_FINISHED"
     PRUNED = "PRUNED"  # a sweep's trial stopped because its eval loss fell behind the other trials'
     TRIAL_FINISHED = "TRIAL_FINISHED"  # on a sweep: one of its trials ended, with its metric
+    RETRAIN_SKIPPED = "RETRAIN_SKIPPED"  # a retraining found nothing new to train on
+    RETRAIN_PROMOTED = "RETRAIN_PROMOTED"  # its challenger became the champion, with both eval losses
+    RETRAIN_REJECTED = "RETRAIN_REJECTED"  # its challenger did not beat the champion, with both eval losses
     COMPLETED = "COMPLETED"
     CANCELED = "CANCELED"
     FAILED = "FAILED"

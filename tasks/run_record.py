@@ -67,6 +67,7 @@ class RunRecord:
 
 RUN_TAG = "tessera"  # every run's flow run carries it, and the two below
 SWEEP_TAG = "tessera-sweep"  # a sweep's flow runs, instead: fm.list() lists runs only
+RETRAIN_TAG = "tessera-retrain"  # a retraining's flow runs, instead
 
 
 def run_tags(user: str, experiment_id: str) -> list[str]:
@@ -77,6 +78,16 @@ def run_tags(user: str, experiment_id: str) -> list[str]:
 def sweep_tags(user: str, experiment_id: str) -> list[str]:
     """A sweep's flow-run tags: a run's, with SWEEP_TAG for RUN_TAG."""
     return [SWEEP_TAG, *run_tags(user, experiment_id)[1:]]
+
+
+def retrain_tags(user: str, experiment_id: str, registered_model: str) -> list[str]:
+    """A retraining's flow-run tags: a run's, with RETRAIN_TAG for RUN_TAG, and the model it maintains."""
+    return [RETRAIN_TAG, *run_tags(user, experiment_id)[1:], f"model:{registered_model}"]
+
+
+def challenger_tag(retraining_name: str) -> str:
+    """The tag of a retraining's challenger run."""
+    return f"retraining:{retraining_name}"
 
 
 def trial_tag(sweep_name: str) -> str:

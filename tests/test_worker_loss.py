@@ -107,7 +107,7 @@ def test_accumulated_micro_batches_match_one_big_batch(one_rank, tiny_model_dir,
 def test_packed_documents_do_not_see_each_other(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from tasks.training.worker import logits_of
+    from tasks.training.data import logits_of
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     first, second = torch.randint(3, 500, (1, 10)), torch.randint(3, 500, (1, 6))

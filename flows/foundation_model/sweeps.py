@@ -29,6 +29,7 @@ from flows.foundation_model.runs import (
     get,
 )
 from flows.foundation_model.runs import cancel as cancel_runs
+from flows.services import SWEEP_DEPLOYMENT
 from tasks.config import run_name_for
 from tasks.errors import InvalidInputError, RunNotFoundError
 from tasks.events import RunEvent, emit, flush
@@ -45,8 +46,6 @@ from tasks.run_record import (
 from tasks.search import SweepConfig, configure_sweep, storage_url
 from tasks.tracking import experiment_for, start_run
 from tasks.validate_paths import check_paths
-
-DEPLOYMENT = "sweep/default"
 
 
 @dataclass
@@ -143,7 +142,7 @@ def sweep(
     name, user = run_name_for(config.run.model_name_or_path, config.run.task_type, prefix="sweep"), current_user()
     with services.connected():
         experiment_id, mlflow_run_id = start_run(config.params(), name, experiment_for(config, name, user), user)
-        flow_run = run_deployment(DEPLOYMENT, parameters={"config": config.to_recipe(), "sweep_name": name,
+        flow_run = run_deployment(SWEEP_DEPLOYMENT, parameters={"config": config.to_recipe(), "sweep_name": name,
                                                           "mlflow_run_id": mlflow_run_id},
                                   flow_run_name=name, timeout=0, as_subflow=False, tags=sweep_tags(user, experiment_id))
         emit(name, RunEvent.CREATED, f"sweep {name} created: {config.sweep.trials} trials", flow_run_id=str(flow_run.id))
@@ -178,7 +177,7 @@ def resume_sweep(sweep: "str | Sweep") -> Sweep:
         if not status.is_terminal() or status == RunStatus.COMPLETED:
             raise InvalidInputError(f"sweep {name} is {status.value}: only a sweep that crashed, failed or was stopped "
                                     "can be resumed")
-        flow_run = run_deployment(DEPLOYMENT, parameters=earlier.parameters, flow_run_name=name, timeout=0,
+        flow_run = run_deployment(SWEEP_DEPLOYMENT, parameters=earlier.parameters, flow_run_name=name, timeout=0,
                                   as_subflow=False, tags=earlier.tags)
         emit(name, RunEvent.CREATED, f"sweep {name} resumed", flow_run_id=str(flow_run.id))
         flush()

@@ -116,6 +116,17 @@ def step_batches(
         )
 
 
+def logits_of(model, micro_batch: MicroBatch) -> torch.Tensor:
+    """fp32 logits of packed rows, each document attending only to itself.
+
+    Given position_ids and no attention_mask, HF builds per-document masks from where the positions
+    restart, but only without a KV cache: with use_cache left at the config's True it silently falls back
+    to one causal mask over the whole row.
+    """
+    output = model(input_ids=micro_batch.input_ids, position_ids=micro_batch.position_ids, use_cache=False)
+    return output.logits.float()
+
+
 def eval_batches(data: PackedRows, micro_batch_size: int, rank: int, world_size: int) -> Iterator[MicroBatch]:
     """All eval rows once, strided over ranks; every rank yields the same number of micro batches.
 

@@ -45,6 +45,7 @@ from tasks.training.data import (
     Prefetcher,
     StepBatch,
     eval_batches,
+    logits_of,
     step_batches,
 )
 from tasks.training.dropout import add_dropouts
@@ -541,17 +542,6 @@ def chunked_loss_applies(model: torch.nn.Module, zero_stage: int) -> bool:
         zero_stage < 3 and type(head) is torch.nn.Linear and head.bias is None and not rescaled
         and callable(getattr(causal_lm, "get_decoder", None))
     )
-
-
-def logits_of(model, micro_batch: MicroBatch) -> torch.Tensor:
-    """fp32 logits of packed rows, each document attending only to itself.
-
-    Given position_ids and no attention_mask, HF builds per-document masks from where the positions
-    restart, but only without a KV cache: with use_cache left at the config's True it silently falls back
-    to one causal mask over the whole row.
-    """
-    output = model(input_ids=micro_batch.input_ids, position_ids=micro_batch.position_ids, use_cache=False)
-    return output.logits.float()
 
 
 def checkpoint_due(step: int, batches_per_epoch: int, total_batches: int, every: int | None) -> bool:

@@ -1,0 +1,244 @@
+"""Scheduled retraining as a Prefect flow: keep a registered model's @champion current as its data grows.
+
+Each run looks at what the training source holds now against what the last retraining saw; with nothing new it
+ends at once (RETRAIN_SKIPPED). Otherwise it trains a challenger as a finetune run (a subflow, its MLflow run nested
+under the retraining's), judges champion and challenger on the same frozen eval set, and moves @champion only when
+the challenger's eval loss beats the champion's by min_improvement (RETRAIN_PROMOTED; else RETRAIN_REJECTED, and the
+challenger's version is tagged rejected). What it saw is recorded only once it has judged, so a retraining that
+fails leaves the new data new for the next one.
+
+`retrain/default` is served with one Prefect schedule per registered model (slug: the model's name), whose
+parameters are that model's settings: `{"registered_model": name}` alone runs it with them.
+"""
+
+import time
+
+import mlflow
+from prefect import flow, get_client, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run as current_flow_run
+
+from flows.foundation_model.retraining import scheduled_config
+from flows.foundation_model.runs import (
+    ACTIVE,
+    RunStatus,
+    _filter,
+    _read_flow_runs,
+    cancel,
+    get,
+    submit,
+)
+from tasks.config import RunConfig, run_name_for
+from tasks.data.increments import Inventory, gather, take_inventory
+from tasks.errors import InvalidInputError, TesseraError
+from tasks.events import RunEvent, emit, flush
+from tasks.judge import Verdict, judge
+from tasks.retraining import (
+    CHALLENGER_TAG,
+    CHAMPION,
+    OUTCOME_TAG,
+    RetrainConfig,
+    champion,
+    configure_retraining,
+)
+from tasks.retries import retryable
+from tasks.run_record import (
+    RunRecord,
+    challenger_tag,
+    current_user,
+    retrain_tags,
+    run_tags,
+)
+from tasks.tracking import client, experiment_for, start_run
+from tasks.training.checkpoint_names import LATEST
+from tasks.upload_checkpoints import artifact_dir
+
+POLL_S = 1.0  # how often the challenger's run is looked at
+SEEN = "tessera.retrain.seen"  # registered-model tag: the MLflow run of the last retraining that judged
+INVENTORY = "retrain/inventory.json"  # that run's artifact: what the source held when it looked
+
+
+class ChallengerFailed(TesseraError):
+    """The challenger's run did not complete: nothing to judge, the champion stays."""
+
+    retryable = False
+
+
+def end_challenger(flow, flow_run, state) -> None:
+    """Cancelled: stop the challenger's run. Failed or crashed: say why. The MLflow run ends either way."""
+    record = RunRecord.load(flow_run.name)
+    if record is None:  # it never got as far as naming itself
+        return
+    if state.is_cancelled():
+        with get_client(sync_client=True) as prefect:
+            running = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[challenger_tag(record.name)]), limit=10)
+        stopped = cancel([r.name for r in running]) if running else 0
+        emit(record.name, RunEvent.CANCELED, f"retraining cancelled; {stopped} challenger run(s) stopped, the "
+             "champion is unchanged", flow_run_id=str(flow_run.id))
+        client().set_terminated(record.mlflow_run_id, "KILLED")
+    else:
+        exc = state.result(raise_on_failure=False) if state.is_failed() else None
+        reason = str(exc) if isinstance(exc, BaseException) else f"the retraining's flow crashed ({state.message})"
+        emit(record.name, RunEvent.FAILED, reason, flow_run_id=str(flow_run.id))
+        client().set_terminated(record.mlflow_run_id, "FAILED")
+    flush()
+
+
+# Parameters arrive as JSON and are checked by configure_retraining, as fm.schedule_retraining() checks them.
+@flow(name="retrain", validate_parameters=False, on_cancellation=[end_challenger], on_crashed=[end_challenger],
+      on_failure=[end_challenger])
+def retrain(config: RetrainConfig | None = None, registered_model: str | None = None, run_name: str | None = None,
+            mlflow_run_id: str | None = None) -> dict:
+    """Train a challenger on what is new, judge it against the champion on the frozen eval set, promote the better.
+
+    Args:
+        config: The recipe each challenger is trained with, and its `retrain` section.
+        registered_model: Without `config`: run with the settings of this model's schedule.
+        run_name: Set by fm.retrain_now(); empty, the retraining names itself.
+        mlflow_run_id: Set by fm.retrain_now(); empty, the retraining starts its own MLflow run.
+    """
+    if config is None and registered_model is None:
+        raise InvalidInputError("retrain takes config, or registered_model to run with the settings of its schedule")
+    config = configure_retraining(config if config is not None else scheduled_config(registered_model), called=None)
+    record = _name_retraining(config, run_name, mlflow_run_id)
+    settings, source = config.retrain, config.run.train_data_path
+    model = settings.registered_model
+    emit(record.name, RunEvent.STARTED, f"retraining {record.name} of {model} started ({settings.mode})")
+
+    now, new = find_new(config)
+    if not new:
+        emit(record.name, RunEvent.RETRAIN_SKIPPED, f"nothing new in {source} since the last retraining "
+             f"({len(now.files)} file(s) seen): nothing trained, {model}@{CHAMPION} unchanged", registered_model=model)
+        return _completed(record, now, model, "skipped")
+
+    incumbent = champion(model)
+    continuing = settings.mode == "continue" and incumbent is not None
+    files = new if continuing else sorted(now.files)
+    train_file = gather(source, files, record.dir / "train.jsonl", config.name_of("run.train_data_path"))
+    weights = champion_checkpoint(incumbent) if continuing else None
+    start = f"the champion (version {incumbent.version})" if continuing else config.run.model_name_or_path
+    challenger_run, version = train_challenger(record, config.challenger(str(train_file), weights),
+                                               experiment_path(config, current_user()),
+                                               f"{len(files)} file(s) from {start}")
+
+    verdict = judge(record, config, version, int(incumbent.version) if incumbent else None)
+    outcome = decide(record, config, incumbent, challenger_run, version, verdict)
+    return _completed(record, now, model, outcome, version=version)
+
+
+@task(name="find-new-data", retries=2, retry_delay_seconds=10, retry_condition_fn=retryable, cache_policy=NO_CACHE)
+def find_new(config: RetrainConfig) -> tuple[Inventory, list[str]]:
+    """What the training source holds now, and which of its files the last retraining did not see."""
+    now = take_inventory(config.run.train_data_path, config.name_of("run.train_data_path"))
+    return now, now.new_since(last_inventory(config.retrain.registered_model))
+
+
+@task(name="decide", cache_policy=NO_CACHE)
+def decide(record: RunRecord, config: RetrainConfig, incumbent, challenger_run: str, version: int,
+           verdict: Verdict) -> str:
+    """Promote the challenger if it beats the champion by more than min_improvement (or there is none), else tag
+    it rejected; say which with both figures. Returns "promoted" or "rejected"."""
+    model, margin = config.retrain.registered_model, config.retrain.min_improvement
+    figures = {"challenger_eval_loss": verdict.challenger_loss, "champion_eval_loss": verdict.champion_loss,
+               "registered_model": model, "version": version,
+               "champion_version": int(incumbent.version) if incumbent else None}
+    promoted = incumbent is None or verdict.champion_loss - verdict.challenger_loss > margin
+    mlflow_client = client()
+    tags = {OUTCOME_TAG: "promoted" if promoted else "rejected", "tessera.retraining": record.name,
+            "tessera.eval_loss": str(verdict.challenger_loss), "tessera.champion_eval_loss": str(verdict.champion_loss)}
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(model, str(version), key, value)
+    if promoted:
+        mlflow_client.set_registered_model_alias(model, CHAMPION, str(version))
+        against = (f"beats the champion's {verdict.champion_loss:.4f} (version {incumbent.version}) by more than "
+                   f"{margin:g}" if incumbent else "the first champion")
+        emit(record.name, RunEvent.RETRAIN_PROMOTED, f"{model} version {version} ({challenger_run}) promoted to "
+             f"@{CHAMPION}: eval loss {verdict.challenger_loss:.4f} {against}", **figures)
+        return "promoted"
+    emit(record.name, RunEvent.RETRAIN_REJECTED, f"{model} version {version} ({challenger_run}) rejected: eval loss "
+         f"{verdict.challenger_loss:.4f} does not beat the champion's {verdict.champion_loss:.4f} (version "
+         f"{incumbent.version}) by more than {margin:g}; the champion stays", **figures)
+    return "rejected"
+
+
+def last_inventory(registered_model: str) -> Inventory | None:
+    """What the source held when the last retraining of the model judged (None: never)."""
+    mlflow_client = client()
+    try:
+        seen = mlflow_client.get_registered_model(registered_model).tags.get(SEEN)
+    except mlflow.exceptions.MlflowException:  # no such model yet
+        return None
+    return Inventory.from_json(mlflow.artifacts.load_text(f"runs:/{seen}/{INVENTORY}")) if seen else None
+
+
+def champion_checkpoint(version) -> str:
+    """The latest checkpoint of the champion's run: in its run folder on this machine, else in the artifact store."""
+    run_name = version.tags.get("tessera.run_name")
+    if run_name is None:
+        raise InvalidInputError(f"the champion, version {version.version}, was not trained by Tessera (no "
+                                "tessera.run_name tag), so there is no checkpoint to continue from: set retrain.mode "
+                                "to from_base")
+    record = RunRecord.load(run_name)
+    if record is not None and (record.checkpoints / LATEST).exists():
+        return str(record.checkpoints / LATEST)
+    artifacts = client().get_run(version.run_id).info.artifact_uri.rstrip("/")
+    return f"{artifacts}/{artifact_dir(run_name)}/{LATEST}"
+
+
+def train_challenger(record: RunRecord, config: RunConfig, experiment: str, what: str) -> tuple[str, int]:
+    """The challenger as a finetune run (a subflow, its MLflow run nested under the retraining's), waited for;
+    returns its name and its registered version."""
+    user = current_user()
+    name = f"{record.name}-challenger"
+    experiment_id, mlflow_run_id = start_run(config.params(), name, experiment, user,
+                                             parent_run_id=record.mlflow_run_id)
+    submit(config, name, mlflow_run_id, [*run_tags(user, experiment_id), challenger_tag(record.name)], as_subflow=True)
+    client().set_tag(record.mlflow_run_id, CHALLENGER_TAG, name)
+    emit(record.name, RunEvent.TRAIN_UPDATED, f"challenger run {name} started on {what}", run=name)
+    while not (run := get(name)).status.is_terminal():
+        time.sleep(POLL_S)
+    if run.status != RunStatus.COMPLETED:
+        raise ChallengerFailed(f"challenger run {name} ended {run.status.value}: {run.details or 'see its events'}; "
+                               f"the champion is unchanged and the new data stays new for the next retraining")
+    versions = client().search_model_versions(f"name='{config.run.register_to}' and run_id='{mlflow_run_id}'")
+    return name, int(versions[0].version)
+
+
+def _completed(record: RunRecord, now: Inventory, model: str, outcome: str, **payload) -> dict:
+    """Record what the source held (once judged, or found with nothing new) and end the run."""
+    mlflow_client = client()
+    mlflow_client.log_text(record.mlflow_run_id, now.to_json(), INVENTORY)
+    mlflow_client.set_tag(record.mlflow_run_id, OUTCOME_TAG, outcome)
+    if outcome != "skipped":  # a skip saw nothing the last record lacks
+        mlflow_client.set_registered_model_tag(model, SEEN, record.mlflow_run_id)
+    mlflow_client.set_terminated(record.mlflow_run_id, "FINISHED")
+    emit(record.name, RunEvent.COMPLETED, f"retraining {record.name} completed: {outcome}", outcome=outcome,
+         registered_model=model, **payload)
+    flush()  # on the server before the flow run's state says COMPLETED
+    return {"run_name": record.name, "outcome": outcome, "registered_model": model, **payload}
+
+
+def _name_retraining(config: RetrainConfig, run_name: str | None, mlflow_run_id: str | None) -> RunRecord:
+    """The retraining's record: named, with its MLflow run, by fm.retrain_now(); here when started by its schedule
+    or from the deployment. Its MLflow experiment is the model's (run.experiment_path, else
+    /Users/<user>/retrain-<model>), so its retrainings sit together."""
+    flow_run_id, user = str(current_flow_run.id), current_user()
+    model = config.retrain.registered_model
+    name = run_name or run_name_for(config.run.model_name_or_path, config.run.task_type, prefix="retrain")
+    if mlflow_run_id is None:
+        experiment_id, mlflow_run_id = start_run(config.params(), name, experiment_path(config, user), user)
+        with get_client(sync_client=True) as prefect:
+            tags = prefect.read_flow_run(flow_run_id).tags
+            prefect.update_flow_run(flow_run_id, name=name,
+                                    tags=sorted({*tags, *retrain_tags(user, experiment_id, model)}))
+        emit(name, RunEvent.CREATED, f"retraining {name} of {model} created by its schedule or deployment")
+    else:
+        experiment_id = client().get_run(mlflow_run_id).info.experiment_id
+    record = RunRecord(name, flow_run_id, experiment_id, mlflow_run_id)
+    record.save()
+    return record
+
+
+def experiment_path(config: RetrainConfig, user: str) -> str:
+    """The model's retraining experiment: run.experiment_path, else /Users/<user>/retrain-<model>."""
+    return experiment_for(config, f"retrain-{config.retrain.registered_model}", user)
