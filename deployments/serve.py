@@ -12,8 +12,8 @@ from flows.finetune import finetune
 from flows.retrain import retrain
 from flows.services import device_slots, max_active_runs
 from flows.sweep import sweep
+from tasks.devices import DEVICE_SLOTS
 from tasks.run_record import RETRAIN_TAG, RUN_TAG, SWEEP_TAG
-from tasks.train import DEVICE_SLOTS
 
 
 def deployments() -> list[tuple]:

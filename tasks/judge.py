@@ -11,11 +11,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
 from tasks.data.prepare import prepare_dataset
+from tasks.devices import DEVICE_SLOTS, claim_gpus
 from tasks.models import tokenizer_folder
 from tasks.retraining import RetrainConfig
 from tasks.run_record import RunRecord
 from tasks.tracking import client
-from tasks.train import DEVICE_SLOTS
 from tasks.training.data import IGNORE, PackedRows, eval_batches, logits_of
 
 MAX_NEW_TOKENS = 100  # as the worker answers the eval prompts at each checkpoint
@@ -35,14 +35,13 @@ def judge(record: RunRecord, config: RetrainConfig, challenger: int, champion: i
     eval_rows = PackedRows(prepare_dataset(
         run.eval_data_path, tokenizer_folder(run.model_name_or_path), run.task_type, config.training_config.max_length,
         run.allow_percentage_invalid_samples, field=config.name_of("run.eval_data_path")).path, "eval rows")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     versions = {"challenger": challenger} | ({"champion": champion} if champion is not None else {})
     losses, answers = {}, {}
-    with concurrency(DEVICE_SLOTS, occupy=1):
+    with concurrency(DEVICE_SLOTS, occupy=1), claim_gpus(1) as gpus:
+        device = torch.device(f"cuda:{gpus[0]}" if gpus else "cpu")
         for role, version in versions.items():
-            parts = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components",
-                                                   device=device.type)
-            model = parts["model"].float().eval()
+            parts = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components")
+            model = parts["model"].float().to(device).eval()
             losses[role] = eval_loss(model, eval_rows, config.training_config.micro_batch_size, device)
             answers[role] = [answer(model, parts["tokenizer"], prompt, device) for prompt in run.eval_prompts or []]
             del model, parts

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
 from tasks.config import RunConfig
+from tasks.devices import DEVICE_SLOTS, claim_gpus
 from tasks.errors import InvalidInputError, TrainingDiverged, WorkerFailed
 from tasks.events import RunEvent, emit
 from tasks.process_group import stop_group
@@ -23,7 +25,6 @@ from tasks.tracking import client
 from tasks.training import protocol
 from tasks.training.spec import TrainSpec
 
-DEVICE_SLOTS = "tessera-devices"  # a Prefect global concurrency limit: runs never share a GPU (deployments/serve.py)
 EVENT_EVERY_S = 2.0  # at most one TRAIN_UPDATED event per this many seconds (the last one always)
 PROGRESS_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb", "mfu")
 
@@ -45,12 +46,12 @@ def train(record: RunRecord, config: RunConfig, model_dir: str, train_rows: str,
     stopped: dict | None = None  # early stopping's reason, when it ended the run
     diverged: dict | None = None  # the divergence guard's finding, when it ended the run
     last_event = 0.0
-    # One slot per process of the global limit (one slot per GPU), held while training; stderr apart from stdout:
-    # its last line is the worker's reason when it fails.
-    with (concurrency(DEVICE_SLOTS, occupy=spec.processes),
+    # One slot per process of the global limit (one slot per GPU) and that many GPUs of this machine, held while
+    # training; stderr apart from stdout: its last line is the worker's reason when it fails.
+    with (concurrency(DEVICE_SLOTS, occupy=spec.processes), claim_gpus(spec.processes) as gpus,
           open(record.logs / "worker.log", "a") as log, open(stderr_log, "a") as stderr):
         proc = subprocess.Popen(
-            worker_command(spec, str(record.spec)),
+            worker_command(spec, str(record.spec), gpus), env=worker_env(gpus),
             stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
             start_new_session=True,  # its own group: cancel and retry kill DeepSpeed and its children too
         )
@@ -134,16 +135,23 @@ def processes_for(requested: int | None) -> int:
     return requested
 
 
-def worker_command(spec: TrainSpec, spec_path: str) -> list[str]:
-    """The worker's command line; several processes go through the deepspeed launcher, which gives each its rank.
+def worker_command(spec: TrainSpec, spec_path: str, gpus: list[int] | None = None) -> list[str]:
+    """The worker's command line; several processes go through the deepspeed launcher, which gives each its rank
+    (and each its GPU of `gpus`, the ones this run holds).
 
     Every process's command line names the run, so `ps` shows which run it belongs to.
     """
     worker = ["tasks.training.worker", "--run-name", spec.run_name, "--spec", spec_path]
     if spec.processes == 1:
         return [sys.executable, "-m", *worker]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(spec.processes),
-            "--master_port", str(_free_port()), "--module", *worker]
+    where = ["--include", f"localhost:{','.join(map(str, gpus))}"] if gpus else ["--num_gpus", str(spec.processes)]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", str(_free_port()),
+            "--module", *worker]
+
+
+def worker_env(gpus: list[int]) -> dict[str, str] | None:
+    """One process sees only the GPU it holds (the launcher does this for several); None: this process's own."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpus[0])} if len(gpus) == 1 else None
 
 
 def _free_port() -> int:

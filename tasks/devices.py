@@ -1,0 +1,49 @@
+"""Which devices a run trains on. The Prefect global concurrency limit DEVICE_SLOTS (one slot per GPU,
+deployments/serve.py) bounds how many GPUs are in use at once; a lock file per GPU under TESSERA_HOME says which
+ones each run holds, so two runs never share a GPU. The operating system drops a lock when its holder dies, so a
+killed run frees its GPUs."""
+
+import fcntl
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+from tasks.home import tessera_home
+
+DEVICE_SLOTS = "tessera-devices"
+POLL_S = 1.0  # how often a run waiting for a GPU held outside the limit looks again
+
+
+@contextmanager
+def claim_gpus(count: int, available: int | None = None) -> Iterator[list[int]]:
+    """Hold `count` of this machine's `available` GPUs (default: all CUDA sees) until the block ends; yields their
+    indices, [] on a machine without GPUs."""
+    if available is None:
+        import torch  # here: the API does not need it
+
+        available = torch.cuda.device_count()
+    if not available:
+        yield []
+        return
+    folder = tessera_home() / "services" / "gpus"
+    folder.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as held:
+        claimed: list[int] = []
+        while True:
+            for gpu in range(available):
+                if len(claimed) == count:
+                    break
+                if gpu in claimed:
+                    continue
+                lock = open(folder / f"gpu{gpu}.lock", "w")
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # another run's
+                    lock.close()
+                    continue
+                held.enter_context(lock)
+                claimed.append(gpu)
+            if len(claimed) == count:
+                break
+            time.sleep(POLL_S)
+        yield claimed
