@@ -8,6 +8,7 @@ promoted; with nothing new the next retraining skips; a rollback by hand moves @
 
 import json
 import os
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -93,7 +94,8 @@ def _verdict(retraining) -> dict:
     return next(e for e in events if e.type.startswith("RETRAIN_"))
 
 
-def test_a_model_retrained_on_its_schedule_keeps_the_better_champion(fm, tiny_model_dir, chat_file, tmp_path, webhook):
+def test_a_model_retrained_on_its_schedule_keeps_the_better_champion(fm, tiny_model_dir, chat_file, tmp_path, webhook,
+                                                                      monkeypatch, capsys):
     incoming = tmp_path / "incoming"
     incoming.mkdir()
     recipe = {
@@ -172,5 +174,15 @@ def test_a_model_retrained_on_its_schedule_keeps_the_better_champion(fm, tiny_mo
     # A rollback by hand.
     assert fm.promote(MODEL, 1) == 3
     assert int(registry.get_model_version_by_alias(MODEL, "champion").version) == 1
+
+    from flows import cli  # the CLI over the same API
+
+    for argv, code, said in ((["retrain", "list", MODEL], 0, ["0 3 * * *", "promoted", "rejected", "skipped"]),
+                             (["promote", MODEL, "9"], 2, [f"error: {MODEL} has no version 9"])):
+        monkeypatch.setattr(sys, "argv", ["tessera", *argv])
+        with pytest.raises(SystemExit) as exit:
+            cli.main()
+        out = " ".join(capsys.readouterr().out.split())
+        assert exit.value.code == code and all(s in out for s in said), out
     fm.unschedule_retraining(MODEL)
     assert fm.list_retraining_schedules() == []
