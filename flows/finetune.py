@@ -16,14 +16,8 @@ from tasks.validate_data import validate_data
 from tasks.validate_paths import validate_paths
 
 
-def _record(flow_run) -> RunRecord | None:
-    """The run's record, by the flow run's current name (the flow renames itself when started without one)."""
-    with get_client(sync_client=True) as prefect:
-        return RunRecord.load(prefect.read_flow_run(flow_run.id).name)
-
-
 def _end(flow_run, kind: RunEvent, mlflow_status: str, message: str) -> None:
-    record = _record(flow_run)
+    record = RunRecord.of_flow_run(flow_run)
     if record is None:  # it never got as far as naming itself
         return
     if kill_worker(record):

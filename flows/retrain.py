@@ -14,7 +14,8 @@ parameters are that model's settings: `{"registered_model": name}` alone runs it
 import time
 
 import mlflow
-from prefect import flow, get_client, task
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 
@@ -43,6 +44,7 @@ from tasks.retraining import (
 )
 from tasks.retries import retryable
 from tasks.run_record import (
+    RETRAIN_TAG,
     RunRecord,
     challenger_tag,
     current_user,
@@ -65,21 +67,23 @@ class ChallengerFailed(TesseraError):
 
 
 def end_challenger(flow, flow_run, state) -> None:
-    """Cancelled: stop the challenger's run. Failed or crashed: say why. The MLflow run ends either way."""
-    record = RunRecord.load(flow_run.name)
+    """However it ends early (cancelled, failed, crashed): stop the challenger's run, say why, end the MLflow run.
+    The champion is unchanged, and what was new stays new for the next retraining."""
+    record = RunRecord.of_flow_run(flow_run)
     if record is None:  # it never got as far as naming itself
         return
+    with get_client(sync_client=True) as prefect:
+        running = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[challenger_tag(record.name)]), limit=10)
+    stopped = cancel([r.name for r in running]) if running else 0
+    challenger = "; its challenger run was stopped" if stopped else ""
     if state.is_cancelled():
-        with get_client(sync_client=True) as prefect:
-            running = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[challenger_tag(record.name)]), limit=10)
-        stopped = cancel([r.name for r in running]) if running else 0
-        emit(record.name, RunEvent.CANCELED, f"retraining cancelled; {stopped} challenger run(s) stopped, the "
-             "champion is unchanged", flow_run_id=str(flow_run.id))
+        emit(record.name, RunEvent.CANCELED, f"retraining cancelled{challenger}; the champion is unchanged",
+             flow_run_id=str(flow_run.id))
         client().set_terminated(record.mlflow_run_id, "KILLED")
     else:
         exc = state.result(raise_on_failure=False) if state.is_failed() else None
         reason = str(exc) if isinstance(exc, BaseException) else f"the retraining's flow crashed ({state.message})"
-        emit(record.name, RunEvent.FAILED, reason, flow_run_id=str(flow_run.id))
+        emit(record.name, RunEvent.FAILED, reason + challenger, flow_run_id=str(flow_run.id))
         client().set_terminated(record.mlflow_run_id, "FAILED")
     flush()
 
@@ -104,6 +108,10 @@ def retrain(config: RetrainConfig | None = None, registered_model: str | None = 
     settings, source = config.retrain, config.run.train_data_path
     model = settings.registered_model
     emit(record.name, RunEvent.STARTED, f"retraining {record.name} of {model} started ({settings.mode})")
+    if other := _another_retraining(record, model):
+        emit(record.name, RunEvent.RETRAIN_SKIPPED, f"retraining {other} of {model} is still running: this one "
+             "trains nothing, and what is new stays new for the next", registered_model=model)
+        return _completed(record, None, model, "skipped")
 
     now, new = find_new(config)
     if not new:
@@ -142,7 +150,9 @@ def decide(record: RunRecord, config: RetrainConfig, incumbent, challenger_run: 
     figures = {"challenger_eval_loss": verdict.challenger_loss, "champion_eval_loss": verdict.champion_loss,
                "registered_model": model, "version": version,
                "champion_version": int(incumbent.version) if incumbent else None}
-    promoted = incumbent is None or verdict.champion_loss - verdict.challenger_loss > margin
+    current = champion(model)
+    moved = (current and current.version) != (incumbent and incumbent.version)  # by hand, while this one ran
+    promoted = not moved and (incumbent is None or verdict.champion_loss - verdict.challenger_loss > margin)
     mlflow_client = client()
     tags = {OUTCOME_TAG: "promoted" if promoted else "rejected", "tessera.retraining": record.name,
             "tessera.eval_loss": str(verdict.challenger_loss), "tessera.champion_eval_loss": str(verdict.champion_loss)}
@@ -155,20 +165,38 @@ def decide(record: RunRecord, config: RetrainConfig, incumbent, challenger_run: 
         emit(record.name, RunEvent.RETRAIN_PROMOTED, f"{model} version {version} ({challenger_run}) promoted to "
              f"@{CHAMPION}: eval loss {verdict.challenger_loss:.4f} {against}", **figures)
         return "promoted"
-    emit(record.name, RunEvent.RETRAIN_REJECTED, f"{model} version {version} ({challenger_run}) rejected: eval loss "
-         f"{verdict.challenger_loss:.4f} does not beat the champion's {verdict.champion_loss:.4f} (version "
-         f"{incumbent.version}) by more than {margin:g}; the champion stays", **figures)
+    why = (f"@{CHAMPION} moved to version {current.version if current else None} while it trained" if moved else
+           f"eval loss {verdict.challenger_loss:.4f} does not beat the champion's {verdict.champion_loss:.4f} "
+           f"(version {incumbent.version}) by more than {margin:g}")
+    emit(record.name, RunEvent.RETRAIN_REJECTED, f"{model} version {version} ({challenger_run}) rejected: {why}; "
+         "the champion stays", **figures)
     return "rejected"
 
 
 def last_inventory(registered_model: str) -> Inventory | None:
-    """What the source held when the last retraining of the model judged (None: never)."""
-    mlflow_client = client()
+    """What the source held when the last retraining of the model judged (None: never, or its record is gone)."""
     try:
-        seen = mlflow_client.get_registered_model(registered_model).tags.get(SEEN)
-    except mlflow.exceptions.MlflowException:  # no such model yet
+        seen = client().get_registered_model(registered_model).tags.get(SEEN)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):  # no such model yet
+            return None
+        raise
+    if not seen:
         return None
-    return Inventory.from_json(mlflow.artifacts.load_text(f"runs:/{seen}/{INVENTORY}")) if seen else None
+    try:
+        return Inventory.from_json(mlflow.artifacts.load_text(f"runs:/{seen}/{INVENTORY}"))
+    except mlflow.exceptions.MlflowException:
+        get_run_logger().warning(f"the record of what the last retraining saw (MLflow run {seen}, {INVENTORY}) is "
+                                 "gone: every file counts as new")
+        return None
+
+
+def _another_retraining(record: RunRecord, model: str) -> str | None:
+    """The name of another retraining of the model still under way (a schedule firing while one runs, or
+    retrain_now): two at once would train on the same new data and race for @champion."""
+    with get_client(sync_client=True) as prefect:
+        active = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[RETRAIN_TAG, f"model:{model}"]), limit=10)
+    return next((r.name for r in active if str(r.id) != record.flow_run_id), None)
 
 
 def champion_checkpoint(version) -> str:
@@ -204,12 +232,13 @@ def train_challenger(record: RunRecord, config: RunConfig, experiment: str, what
     return name, int(versions[0].version)
 
 
-def _completed(record: RunRecord, now: Inventory, model: str, outcome: str, **payload) -> dict:
+def _completed(record: RunRecord, now: Inventory | None, model: str, outcome: str, **payload) -> dict:
     """Record what the source held (once judged, or found with nothing new) and end the run."""
     mlflow_client = client()
-    mlflow_client.log_text(record.mlflow_run_id, now.to_json(), INVENTORY)
+    if now is not None:
+        mlflow_client.log_text(record.mlflow_run_id, now.to_json(), INVENTORY)
     mlflow_client.set_tag(record.mlflow_run_id, OUTCOME_TAG, outcome)
-    if outcome != "skipped":  # a skip saw nothing the last record lacks
+    if outcome != "skipped":  # a skip saw nothing the last record lacks, or did not look
         mlflow_client.set_registered_model_tag(model, SEEN, record.mlflow_run_id)
     mlflow_client.set_terminated(record.mlflow_run_id, "FINISHED")
     emit(record.name, RunEvent.COMPLETED, f"retraining {record.name} completed: {outcome}", outcome=outcome,

@@ -133,9 +133,12 @@ def ensure_started() -> str:
                       f"the runner serving {', '.join(served)}")
         if mlflow_ui_url() and MLFLOW.pid() is None:
             tracking.client().search_experiments(max_results=1)  # create the tables first: the UI would race create()
+            # Without MLflow's job runner: its 9 processes serve GenAI features Tessera does not use, and cost ~40 s
+            # of CPU and ~1 GiB at every start.
             _spawn(MLFLOW, [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
                             "--port", str(MLFLOW.port), "--backend-store-uri", tracking.tracking_uri(),
-                            "--default-artifact-root", tracking.default_artifact_root(), "--workers", "1"], env)
+                            "--default-artifact-root", tracking.default_artifact_root(), "--workers", "1"],
+                   {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **env})
     os.environ["PREFECT_API_URL"] = url
     os.environ["TESSERA_EMBEDDED"] = "1"
     return url

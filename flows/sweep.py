@@ -68,7 +68,7 @@ class Running:
 def stop_trials(flow, flow_run, state) -> None:
     """Cancelled: stop every running trial. Crashed or failed: say why; a crash leaves the trials running for the
     sweep, run again, to watch."""
-    record = RunRecord.load(flow_run.name)
+    record = RunRecord.of_flow_run(flow_run)
     if record is None:  # it never got as far as naming itself
         return
     if state.is_cancelled():

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
 from tasks.data.prepare import prepare_dataset
-from tasks.devices import DEVICE_SLOTS, claim_gpus
+from tasks.devices import DEVICE_SLOTS, claim_gpus, visible_gpus
 from tasks.models import tokenizer_folder
 from tasks.retraining import RetrainConfig
 from tasks.run_record import RunRecord
@@ -38,7 +38,7 @@ def judge(record: RunRecord, config: RetrainConfig, challenger: int, champion: i
     versions = {"challenger": challenger} | ({"champion": champion} if champion is not None else {})
     losses, answers = {}, {}
     with concurrency(DEVICE_SLOTS, occupy=1), claim_gpus(1) as gpus:
-        device = torch.device(f"cuda:{gpus[0]}" if gpus else "cpu")
+        device = torch.device(f"cuda:{visible_gpus().index(gpus[0])}" if gpus else "cpu")
         for role, version in versions.items():
             parts = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components")
             model = parts["model"].float().to(device).eval()

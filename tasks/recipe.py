@@ -166,6 +166,9 @@ def _problems(error: ValidationError, schema: type[BaseModel], names: dict[str, 
                     f"are {_keys(schema, parent)}")
             if path == "sweep":
                 line += " (a recipe with a sweep section runs as a sweep: fm.sweep(recipe=...), tessera sweep --recipe)"
+            elif path == "retrain":
+                line += (" (a recipe with a retrain section is a retraining: fm.schedule_retraining(recipe=...), "
+                         "tessera retrain schedule --recipe)")
         elif e["type"] == "model_type":  # a section that is not a mapping
             line = f"{names.get(path, path)} {e['input']!r} must be a mapping with the keys {_keys(schema, path)}"
         else:  # a value of the wrong type or out of range

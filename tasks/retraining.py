@@ -15,6 +15,11 @@ from typing import Any, Literal, Self
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_DOES_NOT_EXIST,
+    ErrorCode,
+)
 from pydantic import Field, model_validator
 
 from tasks.config import Rule, RunConfig, Section, TaskType
@@ -86,11 +91,14 @@ def configure_retraining(recipe, shorthands: dict[str, Any] | None = None, overr
 
 
 def champion(registered_model: str) -> ModelVersion | None:
-    """The version the alias `champion` marks, or None (no such model yet, or none promoted)."""
+    """The version the alias `champion` marks, or None (no such model yet, or none promoted). Any other error of the
+    store is raised: taken for "no champion", it would let a challenger replace the champion unjudged."""
     try:
         return client().get_model_version_by_alias(registered_model, CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if e.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)):
+            return None
+        raise
 
 
 def check_retraining(config: RetrainConfig) -> RetrainConfig:
@@ -101,6 +109,11 @@ def check_retraining(config: RetrainConfig) -> RetrainConfig:
         raise InvalidInputError(f"{config.name_of('run.train_data_path')} {run.train_data_path} holds no .jsonl "
                                 "files (or table rows) yet: add the first data, then schedule its retraining")
     check_data_path(run.eval_data_path, config.name_of("run.eval_data_path"), run.task_type)
+    incumbent = champion(config.retrain.registered_model)
+    if config.retrain.mode == "continue" and incumbent is not None and "tessera.run_name" not in incumbent.tags:
+        raise InvalidInputError(f"retrain.mode continue: the champion of {config.retrain.registered_model}, version "
+                                f"{incumbent.version}, was not trained by Tessera (no tessera.run_name tag), so there "
+                                "is no checkpoint to continue from: use mode from_base")
     length = context_length_for(run.model_name_or_path, config.training_config.max_length,
                                 config.name_of("training_config.max_length"))
     return config.replace({"training_config.max_length": length})

@@ -64,6 +64,15 @@ class RunRecord:
         path = runs_dir() / name / "run.json"
         return cls(**json.loads(path.read_text())) if path.exists() else None
 
+    @classmethod
+    def of_flow_run(cls, flow_run) -> "RunRecord | None":
+        """For a flow's hooks: the record by the flow run's current name. The object a hook gets was read when the
+        flow started, before a run started from its deployment or schedule named itself."""
+        from prefect import get_client
+
+        with get_client(sync_client=True) as prefect:
+            return cls.load(prefect.read_flow_run(flow_run.id).name)
+
 
 RUN_TAG = "tessera"  # every run's flow run carries it, and the two below
 SWEEP_TAG = "tessera-sweep"  # a sweep's flow runs, instead: fm.list() lists runs only

@@ -135,23 +135,23 @@ def processes_for(requested: int | None) -> int:
     return requested
 
 
-def worker_command(spec: TrainSpec, spec_path: str, gpus: list[int] | None = None) -> list[str]:
+def worker_command(spec: TrainSpec, spec_path: str, gpus: list[str] | None = None) -> list[str]:
     """The worker's command line; several processes go through the deepspeed launcher, which gives each its rank
-    (and each its GPU of `gpus`, the ones this run holds).
+    (and, given no resource arguments, one each of the GPUs worker_env makes visible).
 
     Every process's command line names the run, so `ps` shows which run it belongs to.
     """
     worker = ["tasks.training.worker", "--run-name", spec.run_name, "--spec", spec_path]
     if spec.processes == 1:
         return [sys.executable, "-m", *worker]
-    where = ["--include", f"localhost:{','.join(map(str, gpus))}"] if gpus else ["--num_gpus", str(spec.processes)]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", str(_free_port()),
+    processes = [] if gpus else ["--num_gpus", str(spec.processes)]  # on the CPU: how many
+    return [sys.executable, "-m", "deepspeed.launcher.runner", *processes, "--master_port", str(_free_port()),
             "--module", *worker]
 
 
-def worker_env(gpus: list[int]) -> dict[str, str] | None:
-    """One process sees only the GPU it holds (the launcher does this for several); None: this process's own."""
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpus[0])} if len(gpus) == 1 else None
+def worker_env(gpus: list[str]) -> dict[str, str] | None:
+    """The worker sees only the GPUs its run holds (by machine-wide id); None on the CPU: this process's own."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else None
 
 
 def _free_port() -> int:

@@ -54,6 +54,8 @@ def test_an_s3_prefix_by_etag(s3, tmp_path):
     assert now.new_since(first) == ["b.jsonl"]
     assert said(gather("s3://data/incoming/", now.new_since(first), tmp_path / "train.jsonl")) == ["b1", "b2"]
     assert said(gather("s3://data/incoming", sorted(now.files), tmp_path / "all.jsonl")) == ["a1", "b1", "b2"]
+    with pytest.raises(InvalidInputError, match="is one object: retraining watches a source that grows"):
+        take_inventory("s3://data/incoming/a.jsonl")
 
 
 def test_a_delta_table_by_its_files(tmp_path):

@@ -9,6 +9,7 @@ import yaml
 from tasks.config import RunConfig
 from tasks.errors import InvalidInputError
 from tasks.recipe import configure, load_recipe
+from tasks.retraining import RetrainConfig, configure_retraining
 from tasks.search import SweepConfig, configure_sweep
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "recipes"
@@ -47,6 +48,10 @@ def test_every_example_recipe_loads():
         if "sweep:" in path.read_text():
             assert isinstance(configure_sweep(path), SweepConfig), path
             with pytest.raises(InvalidInputError, match="runs as a sweep: fm.sweep"):
+                configure(path)
+        elif "retrain:" in path.read_text():
+            assert isinstance(configure_retraining(path), RetrainConfig), path
+            with pytest.raises(InvalidInputError, match="is a retraining: fm.schedule_retraining"):
                 configure(path)
         else:
             assert isinstance(configure(path), RunConfig), path

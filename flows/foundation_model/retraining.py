@@ -9,6 +9,7 @@ resource `tessera.run.<name>`, as a run's.
 import builtins
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from prefect import get_client
@@ -250,6 +251,9 @@ def _configure(registered_model: str, recipe, overrides, mode, min_improvement, 
         arguments = dict(arguments, model=incumbent.tags.get("tessera.base_model"))
     config = configure_retraining(recipe, shorthands=arguments,
                                   overrides=(overrides or {}) | {k: v for k, v in given.items() if v is not None})
+    # The schedule runs in the runner, whose working directory is not this one.
+    config = config.replace({f"run.{key}": str(Path(value).resolve()) for key in ("train_data_path", "eval_data_path")
+                             if (value := getattr(config.run, key)) and Path(value).exists()})
     return check_retraining(config) if validate_inputs else config
 
 

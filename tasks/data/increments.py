@@ -28,6 +28,7 @@ from tasks.data.sources import (
     _resolve,
     _s3_client,
     _s3_errors,
+    _s3_head,
     _s3_list,
     _s3_prefix,
     _Table,
@@ -71,13 +72,20 @@ def take_inventory(uri: str, field: str = "run.train_data_path") -> Inventory:
         case Path():
             raise _does_not_exist(uri, field, source)
         case _S3():
-            prefix = _s3_prefix(source)
+            client, prefix = _s3_client(), _s3_prefix(source)
             with _s3_errors(uri, field, source):
+                if _s3_head(client, source) is not None:
+                    raise InvalidInputError(f"{field} {_label(uri, source)} is one object: retraining watches a source "
+                                            f"that grows; pass {_FORMS}")
                 return Inventory({o.key.removeprefix(prefix): f"{o.etag}:{o.size}"
-                                  for o in _s3_list(_s3_client(), source.bucket, prefix) if o.key.endswith(".jsonl")})
+                                  for o in _s3_list(client, source.bucket, prefix) if o.key.endswith(".jsonl")})
         case _Table():
             table = _open_table(source, uri, field)
-            return Inventory({f.path: "" for f in table.to_pyarrow_dataset().get_fragments()}, table.version())
+            try:
+                files = {f.path: "" for f in table.to_pyarrow_dataset().get_fragments()}
+            except (DeltaError, OSError, pa.ArrowException) as e:
+                raise InvalidInputError(f"{field} {uri}: cannot read the Delta table: {_delta_reason(e)}") from None
+            return Inventory(files, table.version())
         case _HFDataset() if source.folder is not None and not (source.folder / source.split).exists():
             raise _does_not_exist(uri, field, source.folder / source.split)  # a missing folder, as it looks
         case _HFDataset():
@@ -92,8 +100,12 @@ def gather(uri: str, files: list[str], target: Path, field: str = "run.train_dat
         case Path():
             with target.open("wb") as out:
                 for name in files:
-                    with (source / name).open("rb") as f:
-                        _append(f, out)
+                    try:
+                        with (source / name).open("rb") as f:
+                            _append(f, out)
+                    except OSError as e:
+                        raise InvalidInputError(f"{field} {uri}: cannot read {name}: {e.strerror}; was it removed "
+                                                "while the retraining ran?") from None
         case _S3():
             client, prefix = _s3_client(), _s3_prefix(source)
             with _s3_errors(uri, field, source), target.open("wb") as out:
