@@ -269,8 +269,10 @@ def cancel(runs: "str | TrainingRun | builtins.list[str | TrainingRun] | None" =
                 status = RunStatus.from_state(flow_run.state)
                 if status.is_terminal() or status == RunStatus.TERMINATING:
                     continue
-                if flow_run.state.type == StateType.SCHEDULED:
-                    # Not picked up yet: nothing runs, so no hook will; end it and say so here.
+                if flow_run.state.type in (StateType.SCHEDULED, StateType.PENDING):
+                    # Not running yet: nothing to stop, and no hook will run. A runner told to cancel a run whose
+                    # process is still starting finds no process and lets it be (it would stay TERMINATING); a run
+                    # already ended here is one Prefect's engine refuses to start. End it and say so here.
                     prefect.set_flow_run_state(flow_run.id, Cancelled(message="cancelled before it started"), force=True)
                     emit(flow_run.name, RunEvent.CANCELED, "run cancelled before it started", flow_run_id=str(flow_run.id))
                 else:
