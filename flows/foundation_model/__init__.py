@@ -17,18 +17,7 @@
 import builtins
 
 from flows.foundation_model import runs as _runs
-from flows.foundation_model.runs import (  # noqa: F401  (the public API)
-    ACTIVE,
-    FineTuningEvent,
-    RunStatus,
-    TrainingRun,
-    create,
-    get,
-    get_checkpoints,
-    get_models,
-    list,
-)
-from flows.foundation_model.retraining import (  # noqa: F401
+from flows.foundation_model.retraining import (  # noqa: F401  (the public API, with the two below)
     Retraining,
     RetrainingSchedule,
     get_retraining,
@@ -40,6 +29,17 @@ from flows.foundation_model.retraining import (  # noqa: F401
     retrain_now,
     schedule_retraining,
     unschedule_retraining,
+)
+from flows.foundation_model.runs import (  # noqa: F401
+    ACTIVE,
+    FineTuningEvent,
+    RunStatus,
+    TrainingRun,
+    create,
+    get,
+    get_checkpoints,
+    get_models,
+    list,
 )
 from flows.foundation_model.sweeps import (  # noqa: F401
     Sweep,

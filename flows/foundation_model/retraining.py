@@ -19,7 +19,6 @@ from prefect.client.schemas.actions import (
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
-from prefect.states import Cancelled, Cancelling
 from pydantic import ValidationError
 
 from flows import services
@@ -30,6 +29,7 @@ from flows.foundation_model.runs import (
     _follow,
     _read_events,
     _read_flow_runs,
+    stop_flow_run,
 )
 from flows.foundation_model.runs import cancel as cancel_runs
 from flows.services import RETRAIN_DEPLOYMENT
@@ -86,16 +86,9 @@ class Retraining:
     def cancel(self) -> int:
         """Stop the retraining and its challenger's run; the champion stays. Returns how many runs were stopped."""
         with services.connected(), get_client(sync_client=True) as prefect:
-            flow_run = _latest(prefect, self.name)
-            status = RunStatus.from_state(flow_run.state)
-            if not status.is_terminal() and status != RunStatus.TERMINATING:
-                scheduled = status in (RunStatus.PENDING, RunStatus.QUEUED)
-                prefect.set_flow_run_state(flow_run.id, Cancelled(message="cancelled before it started") if scheduled
-                                           else Cancelling(message="cancelled by the user"), force=True)
+            stop_flow_run(prefect, _latest(prefect, self.name), "retraining")
             running = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[challenger_tag(self.name)]), limit=10)
-        if status in (RunStatus.PENDING, RunStatus.QUEUED):
-            emit(self.name, RunEvent.CANCELED, "retraining cancelled before it started", flow_run_id=str(flow_run.id))
-            flush()
+        flush()
         return cancel_runs([r.name for r in running]) if running else 0
 
     def get_events(self, follow: bool = False):

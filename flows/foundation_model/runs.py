@@ -263,24 +263,28 @@ def cancel(runs: "str | TrainingRun | builtins.list[str | TrainingRun] | None" =
             with get_client(sync_client=True) as prefect:
                 targets = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[RUN_TAG, f"experiment:{experiment_id}"]),
                                           limit=10_000)
-        cancelled = 0
         with get_client(sync_client=True) as prefect:
-            for flow_run in targets:
-                status = RunStatus.from_state(flow_run.state)
-                if status.is_terminal() or status == RunStatus.TERMINATING:
-                    continue
-                if flow_run.state.type in (StateType.SCHEDULED, StateType.PENDING):
-                    # Not running yet: nothing to stop, and no hook will run. A runner told to cancel a run whose
-                    # process is still starting finds no process and lets it be (it would stay TERMINATING); a run
-                    # already ended here is one Prefect's engine refuses to start. End it and say so here.
-                    prefect.set_flow_run_state(flow_run.id, Cancelled(message="cancelled before it started"), force=True)
-                    emit(flow_run.name, RunEvent.CANCELED, "run cancelled before it started", flow_run_id=str(flow_run.id))
-                else:
-                    # The runner kills the flow process; the flow's hook stops the training worker.
-                    prefect.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by the user"), force=True)
-                cancelled += 1
+            cancelled = sum(stop_flow_run(prefect, flow_run, "run") for flow_run in targets)
         flush()
         return cancelled
+
+
+def stop_flow_run(prefect, flow_run, what: str) -> bool:
+    """Cancel a run's, sweep's or retraining's flow run; False when it has ended or is ending already.
+
+    One not running yet is ended here, with its CANCELED event (nothing to stop, and no hook will run): a runner told
+    to cancel a run whose process is still starting finds no process and lets it be (it would stay TERMINATING),
+    while a flow run already ended is one Prefect's engine refuses to start. A running one is set Cancelling: the
+    runner kills its process and the flow's hook cleans up. The caller flushes the events."""
+    status = RunStatus.from_state(flow_run.state)
+    if status.is_terminal() or status == RunStatus.TERMINATING:
+        return False
+    if flow_run.state.type in (StateType.SCHEDULED, StateType.PENDING):
+        prefect.set_flow_run_state(flow_run.id, Cancelled(message="cancelled before it started"), force=True)
+        emit(flow_run.name, RunEvent.CANCELED, f"{what} cancelled before it started", flow_run_id=str(flow_run.id))
+    else:
+        prefect.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by the user"), force=True)
+    return True
 
 
 def get_events(training_run: "str | TrainingRun", follow: bool = False):

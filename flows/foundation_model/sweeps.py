@@ -14,7 +14,6 @@ from optuna.trial import TrialState
 from prefect import get_client
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
-from prefect.states import Cancelled, Cancelling
 
 from flows import services
 from flows.foundation_model.runs import (
@@ -27,6 +26,7 @@ from flows.foundation_model.runs import (
     _read_flow_runs,
     _training_run,
     get,
+    stop_flow_run,
 )
 from flows.foundation_model.runs import cancel as cancel_runs
 from flows.services import SWEEP_DEPLOYMENT
@@ -87,19 +87,10 @@ class Sweep:
     def cancel(self) -> int:
         """Stop the sweep and every trial still running; returns how many trials were stopped."""
         with services.connected(), get_client(sync_client=True) as prefect:
-            flow_run = _latest(prefect, self.name)
-            state = RunStatus.from_state(flow_run.state)
-            if not state.is_terminal() and state != RunStatus.TERMINATING:
-                scheduled = state in (RunStatus.PENDING, RunStatus.QUEUED)
-                new = Cancelled(message="cancelled before it started") if scheduled else Cancelling(
-                    message="cancelled by the user")
-                prefect.set_flow_run_state(flow_run.id, new, force=True)
+            stop_flow_run(prefect, _latest(prefect, self.name), "sweep")
             trials = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[trial_tag(self.name)]), limit=10_000)
-        stopped = cancel_runs([t.name for t in trials]) if trials else 0
-        if state in (RunStatus.PENDING, RunStatus.QUEUED):
-            emit(self.name, RunEvent.CANCELED, "sweep cancelled before it started", flow_run_id=str(flow_run.id))
-            flush()
-        return stopped
+        flush()
+        return cancel_runs([t.name for t in trials]) if trials else 0
 
     def get_events(self, follow: bool = False):
         """The sweep's events (started, each trial started and finished, completed), oldest first; with
