@@ -1,12 +1,17 @@
-"""The local runner: serves `finetune/`, `sweep/` and `retrain/default` from this machine. Started by the embedded
-default.
+"""The local runner: serves `finetune/`, `sweep/` and `retrain/default`, and each model's `retrain/<model>` as
+fm.schedule_retraining() creates it, from this machine. Started by the embedded default.
 
-`DEPLOYMENTS` is the deployments' one definition, shared with deployments/deploy.py (work pools).
+`deployments()` is their one definition, shared with deployments/deploy.py (work pools).
 """
 
-from prefect import serve
-from prefect.client.orchestration import get_client
+import asyncio
+
+import anyio
+from prefect import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
 from prefect.deployments.runner import EntrypointType
+from prefect.logging import get_logger
+from prefect.runner import Runner
 
 from flows.finetune import finetune
 from flows.retrain import retrain
@@ -14,6 +19,8 @@ from flows.services import device_slots, max_active_runs
 from flows.sweep import sweep
 from tasks.devices import DEVICE_SLOTS
 from tasks.run_record import RETRAIN_TAG, RUN_TAG, SWEEP_TAG
+
+ADOPT_EVERY_S = 5  # how soon a new model's retrain deployment is served: its first run waits at most this long
 
 
 def deployments() -> list[tuple]:
@@ -29,8 +36,7 @@ def deployments() -> list[tuple]:
             name="default", description="A hyperparameter sweep: trials as finetune runs, the best registered.",
             tags=[SWEEP_TAG],
         )),
-        # Each model's retraining is a schedule of this deployment (fm.schedule_retraining), kept when it is served
-        # again: Prefect keeps schedules that have a slug.
+        # Each model's scheduled retraining is this deployment's twin, retrain/<model> (fm.schedule_retraining).
         (retrain, "flows/retrain.py:retrain", dict(
             name="default", description="Retrain a registered model on its new data; promote the challenger if "
                                         "it beats the champion.",
@@ -45,12 +51,42 @@ def ensure_device_slots() -> None:
         prefect.upsert_global_concurrency_limit_by_name(DEVICE_SLOTS, device_slots())
 
 
+async def serve_model_retrainings(runner: Runner) -> None:
+    """Serve each retrain/<model> deployment this runner did not start with, as it appears.
+
+    Prefect's runner serves the deployments it is given, and its add_deployment() re-applies one, which would reset
+    the model's schedule and settings; so the deployment is registered as it stands. Those in a work pool are its
+    workers' to run."""
+    registry = runner._deployment_registry  # Prefect 3.9: no public way to serve an existing deployment
+    logger = get_logger("tessera.runner")
+    while True:
+        try:
+            async with get_client() as prefect:
+                found = await prefect.read_deployments(
+                    deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[RETRAIN_TAG])))
+            for deployment in found:
+                if deployment.work_pool_name is None and deployment.id not in registry.get_deployment_ids():
+                    registry.register_deployment(deployment.id, deployment.name)
+                    logger.info("serving retrain/%s", deployment.name)
+        except Exception as e:  # the server restarting: try again at the next round
+            logger.warning("could not list the retrain deployments: %s", e)
+        await anyio.sleep(ADOPT_EVERY_S)
+
+
+async def serve() -> None:
+    # Schedules stay on when the runner stops: a retraining due while it is down runs, late, when it is back.
+    runner = Runner(name="tessera", pause_on_shutdown=False)
+    for flow, _, options in deployments():  # importable from any working directory
+        await runner.aadd_deployment(await flow.ato_deployment(**options, entrypoint_type=EntrypointType.MODULE_PATH))
+    async with anyio.create_task_group() as group:
+        group.start_soon(serve_model_retrainings, runner)
+        await runner.start()  # until SIGTERM; finetune's concurrency limit bounds its runs
+        group.cancel_scope.cancel()
+
+
 def main() -> None:
     ensure_device_slots()
-    # Importable from any working directory.
-    served = [flow.to_deployment(**options, entrypoint_type=EntrypointType.MODULE_PATH)
-              for flow, _, options in deployments()]
-    serve(*served, print_starting_message=False)  # finetune's concurrency limit bounds its runs
+    asyncio.run(serve())
 
 
 if __name__ == "__main__":

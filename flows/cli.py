@@ -149,7 +149,7 @@ def retrain_schedule(
     recipe: str | None = None,
     settings: Annotated[list[str] | None, Parameter(name="--set")] = None,
 ):
-    """Retrain a registered model on a cron schedule (a Prefect schedule of retrain/default); again, replace it.
+    """Retrain a registered model on a cron schedule (the deployment retrain/<model>); again, replace it.
 
     Parameters
     ----------
@@ -176,8 +176,9 @@ def retrain_schedule(
         registered_model, train_data_path, eval_data_path, cron=cron, timezone=timezone, mode=mode,
         min_improvement=min_improvement, model=model, recipe=recipe, overrides=dict(map(_path_value, settings or [])))
     console.print(schedules_table([schedule]))
-    console.print(f"served by the runner; pause it with `tessera retrain pause {registered_model}` or in the Prefect "
-                  f"UI ({services.prefect_ui_url()}/deployments)")
+    console.print(f"deployment retrain/{registered_model}: run it now with `tessera retrain now {registered_model}` "
+                  f"or `prefect deployment run 'retrain/{registered_model}'`; pause it with "
+                  f"`tessera retrain pause {registered_model}` or in the Prefect UI ({services.prefect_ui_url()}/deployments)")
 
 
 @retrain.command(name="now")
@@ -230,7 +231,7 @@ def retrain_resume(registered_model: str):
 
 @retrain.command(name="unschedule")
 def retrain_unschedule(registered_model: str):
-    """Remove a model's retraining schedule; its retrainings so far and its champion stay."""
+    """Remove a model's retraining schedule and its deployment; its retrainings so far and its champion stay."""
     fm.unschedule_retraining(registered_model)
     console.print(f"{registered_model} is no longer retrained on a schedule")
 

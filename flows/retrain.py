@@ -7,8 +7,8 @@ the challenger's eval loss beats the champion's by min_improvement (RETRAIN_PROM
 challenger's version is tagged rejected). What it saw is recorded only once it has judged, so a retraining that
 fails leaves the new data new for the next one.
 
-`retrain/default` is served with one Prefect schedule per registered model (slug: the model's name), whose
-parameters are that model's settings: `{"registered_model": name}` alone runs it with them.
+Each scheduled model has its own deployment, `retrain/<model>`, whose parameters are its settings
+(flows/foundation_model/retraining.py); `retrain/default` runs the settings it is given.
 """
 
 import time
@@ -19,7 +19,6 @@ from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 
-from flows.foundation_model.retraining import scheduled_config
 from flows.foundation_model.runs import (
     ACTIVE,
     RunStatus,
@@ -91,19 +90,15 @@ def end_challenger(flow, flow_run, state) -> None:
 # Parameters arrive as JSON and are checked by configure_retraining, as fm.schedule_retraining() checks them.
 @flow(name="retrain", validate_parameters=False, on_cancellation=[end_challenger], on_crashed=[end_challenger],
       on_failure=[end_challenger])
-def retrain(config: RetrainConfig | None = None, registered_model: str | None = None, run_name: str | None = None,
-            mlflow_run_id: str | None = None) -> dict:
+def retrain(config: RetrainConfig, run_name: str | None = None, mlflow_run_id: str | None = None) -> dict:
     """Train a challenger on what is new, judge it against the champion on the frozen eval set, promote the better.
 
     Args:
         config: The recipe each challenger is trained with, and its `retrain` section.
-        registered_model: Without `config`: run with the settings of this model's schedule.
         run_name: Set by fm.retrain_now(); empty, the retraining names itself.
         mlflow_run_id: Set by fm.retrain_now(); empty, the retraining starts its own MLflow run.
     """
-    if config is None and registered_model is None:
-        raise InvalidInputError("retrain takes config, or registered_model to run with the settings of its schedule")
-    config = configure_retraining(config if config is not None else scheduled_config(registered_model), called=None)
+    config = configure_retraining(config, called=None)
     record = _name_retraining(config, run_name, mlflow_run_id)
     settings, source = config.retrain, config.run.train_data_path
     model = settings.registered_model

@@ -25,6 +25,11 @@ RETRAIN_DEPLOYMENT = "retrain/default"
 STARTUP_TIMEOUT_S = 120
 
 
+def model_retrain_deployment(registered_model: str) -> str:
+    """The model's scheduled retraining: a twin of retrain/default with the model's settings as its parameters."""
+    return f"retrain/{registered_model}"
+
+
 def max_active_runs() -> int:
     """Runs that may be active at once (TESSERA_MAX_ACTIVE_RUNS, default the anchor's 10): create() refuses one
     more, and the deployment queues runs past it (AwaitingConcurrencySlot)."""

@@ -1,5 +1,6 @@
-"""Scheduled retraining through the real services: a Prefect schedule of retrain/default, challengers trained as
-finetune runs of the tiny model, judged against the champion on a frozen eval set in the MLflow registry.
+"""Scheduled retraining through the real services: the model's own deployment retrain/<model> with its Prefect
+schedule, taken up by the running runner; challengers trained as finetune runs of the tiny model, judged against
+the champion on a frozen eval set in the MLflow registry.
 
 One model's life, in order: scheduled (a real Prefect schedule, paused and resumed); its first retraining promotes;
 garbage data makes the challenger worse on the frozen set, so it is rejected and the champion stays; good data is
@@ -20,7 +21,7 @@ from prefect import get_client
 from prefect.deployments import run_deployment
 
 from flows import services
-from tasks.errors import InvalidInputError
+from tasks.errors import InvalidInputError, RunNotFoundError
 from conftest import CHAT
 
 pytestmark = pytest.mark.e2e
@@ -114,10 +115,10 @@ def test_a_model_retrained_on_its_schedule_keeps_the_better_champion(fm, tiny_mo
 
     schedule = fm.schedule_retraining(MODEL, str(incoming), cron="0 3 * * *", timezone="Europe/Paris", recipe=recipe)
     assert (schedule.cron, schedule.timezone, schedule.active) == ("0 3 * * *", "Europe/Paris", True)
-    with services.connected(), get_client(sync_client=True) as prefect:  # a Prefect schedule the runner serves
-        deployment = prefect.read_deployment_by_name("retrain/default")
-        (found,) = [s for s in deployment.schedules if s.slug == MODEL]
-        assert found.schedule.cron == "0 3 * * *" and found.parameters["config"]["retrain"]["registered_model"] == MODEL
+    with services.connected(), get_client(sync_client=True) as prefect:  # the model's own deployment and schedule
+        deployment = prefect.read_deployment_by_name(f"retrain/{MODEL}")
+        (found,) = deployment.schedules
+        assert found.schedule.cron == "0 3 * * *" and deployment.parameters["config"]["retrain"]["registered_model"] == MODEL
     # Resumed and paused again: left paused, so 03:00 in Paris cannot start a retraining in the middle of this test.
     assert fm.pause_retraining(MODEL, paused=False).active and not fm.pause_retraining(MODEL).active
     url, posted = webhook
@@ -139,9 +140,8 @@ def test_a_model_retrained_on_its_schedule_keeps_the_better_champion(fm, tiny_mo
 
     # 2. Garbage arrives: trained from the champion on it alone, the challenger does worse on the frozen set.
     (incoming / "week2.jsonl").write_text(conversations(garbage()))
-    with services.connected():  # as `prefect deployment run 'retrain/default' --params ...` does
-        flow_run = run_deployment("retrain/default", parameters={"registered_model": MODEL}, timeout=600,
-                                  poll_interval=1)
+    with services.connected():  # as `prefect deployment run 'retrain/<model>'` does: the runner took it up
+        flow_run = run_deployment(f"retrain/{MODEL}", timeout=600, poll_interval=1)
     second = fm.get_retraining(flow_run.name)
     assert (second.status, second.outcome) == (fm.RunStatus.COMPLETED, "rejected"), second.details
     rejected = _verdict(second)
@@ -188,3 +188,5 @@ def test_a_model_retrained_on_its_schedule_keeps_the_better_champion(fm, tiny_mo
         assert exit.value.code == code and all(s in out for s in said), out
     fm.unschedule_retraining(MODEL)
     assert fm.list_retraining_schedules() == []
+    with pytest.raises(RunNotFoundError, match="has no retraining schedule"):
+        fm.retrain_now(MODEL)

@@ -1,9 +1,10 @@
 """Scheduled retraining: schedule it, run it now, read retrainings back, and move @champion by hand.
 
-A model's retraining is a Prefect schedule on the `retrain/default` deployment (slug: the registered model's name;
-parameters: its settings), so the Prefect UI shows and pauses it and the runner serves it. Each retraining is a
-flow run tagged `tessera-retrain` and `model:<name>` (flows/retrain.py); its events are Prefect events on the
-resource `tessera.run.<name>`, as a run's.
+A model's retraining is its own Prefect deployment, `retrain/<model>`: a twin of `retrain/default` whose parameters
+are the model's settings and whose schedule is its cron, so the Prefect UI shows and pauses it, the runner (or the
+work pool) serves it, and `prefect deployment run 'retrain/<model>'` runs it. Each retraining is a flow run tagged
+`tessera-retrain` and `model:<name>` (flows/retrain.py); its events are Prefect events on the resource
+`tessera.run.<name>`, as a run's.
 """
 
 import builtins
@@ -13,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_client
-from prefect.client.schemas.actions import (
-    DeploymentScheduleCreate,
-)
+from prefect.client.schemas.actions import DeploymentScheduleCreate
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
 
 from flows import services
@@ -32,7 +33,7 @@ from flows.foundation_model.runs import (
     stop_flow_run,
 )
 from flows.foundation_model.runs import cancel as cancel_runs
-from flows.services import RETRAIN_DEPLOYMENT
+from flows.services import RETRAIN_DEPLOYMENT, model_retrain_deployment
 from tasks.config import run_name_for
 from tasks.errors import InvalidInputError, RunNotFoundError
 from tasks.events import RunEvent, emit, flush
@@ -114,11 +115,12 @@ def schedule_retraining(
     validate_inputs: bool = True,
     **arguments: Any,
 ) -> RetrainingSchedule:
-    """Retrain `registered_model` on `cron` (a Prefect schedule of `retrain/default`; scheduling a model again
-    replaces its schedule). The settings are checked now, as create() checks a run's: `train_data_path` is a folder
-    or S3 prefix of .jsonl files, or a Delta table, that grows; `eval_data_path` the frozen set champion and
-    challenger are judged on; `mode` "continue" (from the champion, on what is new) or "from_base"; the rest as
-    create() takes them, or by `recipe` and `overrides`. The base model defaults to the champion's."""
+    """Retrain `registered_model` on `cron`, as the deployment `retrain/<registered_model>` (scheduling a model
+    again replaces its settings and schedule). The settings are checked now, as create() checks a run's:
+    `train_data_path` is a folder or S3 prefix of .jsonl files, or a Delta table, that grows; `eval_data_path` the
+    frozen set champion and challenger are judged on; `mode` "continue" (from the champion, on what is new) or
+    "from_base"; the rest as create() takes them, or by `recipe` and `overrides`. The base model defaults to the
+    champion's."""
     config = _configure(registered_model, recipe, overrides, mode, min_improvement,
                         dict(arguments, train_data_path=train_data_path, eval_data_path=eval_data_path),
                         validate_inputs)
@@ -127,44 +129,45 @@ def schedule_retraining(
     except ValidationError as e:
         raise InvalidInputError(f"cron {cron!r} (timezone {timezone!r}) is not a schedule: "
                                 f"{e.errors()[0]['msg']}; write five fields, e.g. '0 3 * * *' (03:00 daily)") from None
-    schedule = dict(schedule=cron_schedule, active=True, parameters={"config": config.to_recipe()},
-                    slug=registered_model)
     with services.connected(), get_client(sync_client=True) as prefect:
-        deployment = prefect.read_deployment_by_name(RETRAIN_DEPLOYMENT)
-        existing = next((s for s in deployment.schedules if s.slug == registered_model), None)
-        if existing is None:
-            prefect.create_deployment_schedules(deployment.id, [DeploymentScheduleCreate(**schedule)])
-        else:
-            prefect.update_deployment_schedule(deployment.id, existing.id, **schedule)
+        base = prefect.read_deployment_by_name(RETRAIN_DEPLOYMENT)
+        # The same flow, served where retrain/default is (the embedded runner, or a work pool's workers).
+        prefect.create_deployment(
+            base.flow_id, registered_model, parameters={"config": config.to_recipe()},
+            schedules=[DeploymentScheduleCreate(schedule=cron_schedule, active=True)],
+            description=f"Retrain {registered_model} on its new data; promote the challenger if it beats the champion.",
+            tags=[RETRAIN_TAG, f"model:{registered_model}"], entrypoint=base.entrypoint, path=base.path,
+            pull_steps=base.pull_steps, work_pool_name=base.work_pool_name, work_queue_name=base.work_queue_name,
+            job_variables=base.job_variables, parameter_openapi_schema=base.parameter_openapi_schema,
+            enforce_parameter_schema=base.enforce_parameter_schema,
+        )
     return get_retraining_schedule(registered_model)
 
 
 def get_retraining_schedule(registered_model: str) -> RetrainingSchedule:
     with services.connected(), get_client(sync_client=True) as prefect:
-        return _schedule_of(_schedule(prefect, registered_model))
+        return _schedule_of(_deployment(prefect, registered_model))
 
 
 def list_retraining_schedules() -> "builtins.list[RetrainingSchedule]":
     with services.connected(), get_client(sync_client=True) as prefect:
-        schedules = prefect.read_deployment_by_name(RETRAIN_DEPLOYMENT).schedules
-    return sorted((_schedule_of(s) for s in schedules if s.slug), key=lambda s: s.registered_model)
+        found = prefect.read_deployments(deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(
+            all_=[RETRAIN_TAG])))
+    return sorted((_schedule_of(d) for d in found if tag_value(d.tags, "model")), key=lambda s: s.registered_model)
 
 
 def pause_retraining(registered_model: str, paused: bool = True) -> RetrainingSchedule:
     """Pause the model's schedule (paused=False: resume it), as the Prefect UI's toggle does."""
     with services.connected(), get_client(sync_client=True) as prefect:
-        schedule = _schedule(prefect, registered_model)
-        # The PATCH route replaces parameters it is not given with {}: send them back (the UI's toggle does too).
-        prefect.update_deployment_schedule(schedule.deployment_id, schedule.id, active=not paused,
-                                           parameters=schedule.parameters)
+        deployment = _deployment(prefect, registered_model)
+        prefect.update_deployment_schedule(deployment.id, deployment.schedules[0].id, active=not paused)
     return get_retraining_schedule(registered_model)
 
 
 def unschedule_retraining(registered_model: str) -> None:
-    """Remove the model's schedule; its retrainings so far and its champion stay."""
+    """Remove the model's schedule and its deployment; its retrainings so far and its champion stay."""
     with services.connected(), get_client(sync_client=True) as prefect:
-        schedule = _schedule(prefect, registered_model)
-        prefect.delete_deployment_schedule(schedule.deployment_id, schedule.id)
+        prefect.delete_deployment(_deployment(prefect, registered_model).id)
 
 
 def retrain_now(
@@ -177,13 +180,16 @@ def retrain_now(
     validate_inputs: bool = True,
     **arguments: Any,
 ) -> Retraining:
-    """Start a retraining of `registered_model` now and return at once: with the settings of its schedule when
-    none are given here, else with these (as schedule_retraining() takes them)."""
+    """Start a retraining of `registered_model` now and return at once: as a run of its deployment
+    retrain/<registered_model> when no settings are given here, else of retrain/default with these (as
+    schedule_retraining() takes them)."""
     given = {k: v for k, v in arguments.items() if v is not None}
     if recipe is None and not given and not overrides and mode is None and min_improvement is None:
+        deployment = model_retrain_deployment(registered_model)
         with services.connected():
             config = get_retraining_schedule(registered_model).config
     else:
+        deployment = RETRAIN_DEPLOYMENT
         config = _configure(registered_model, recipe, overrides, mode, min_improvement, given, validate_inputs)
     name, user = run_name_for(config.run.model_name_or_path, config.run.task_type, prefix="retrain"), current_user()
     from flows.retrain import (
@@ -192,7 +198,7 @@ def retrain_now(
 
     with services.connected():
         experiment_id, mlflow_run_id = start_run(config.params(), name, experiment_path(config, user), user)
-        flow_run = run_deployment(RETRAIN_DEPLOYMENT, parameters={"config": config.to_recipe(), "run_name": name,
+        flow_run = run_deployment(deployment, parameters={"config": config.to_recipe(), "run_name": name,
                                                           "mlflow_run_id": mlflow_run_id},
                                   flow_run_name=name, timeout=0, as_subflow=False,
                                   tags=retrain_tags(user, experiment_id, registered_model))
@@ -250,23 +256,18 @@ def _configure(registered_model: str, recipe, overrides, mode, min_improvement, 
     return check_retraining(config) if validate_inputs else config
 
 
-def _schedule(prefect, registered_model: str):
-    deployment = prefect.read_deployment_by_name(RETRAIN_DEPLOYMENT)
-    found = next((s for s in deployment.schedules if s.slug == registered_model), None)
-    if found is None:
+def _deployment(prefect, registered_model: str):
+    """The model's retrain/<model> deployment."""
+    try:
+        return prefect.read_deployment_by_name(model_retrain_deployment(registered_model))
+    except ObjectNotFound:
         raise RunNotFoundError(f"{registered_model} has no retraining schedule: create one with "
-                               "fm.schedule_retraining() or `tessera retrain schedule`")
-    return found
+                               "fm.schedule_retraining() or `tessera retrain schedule`") from None
 
 
-def scheduled_config(registered_model: str) -> dict:
-    """The settings of the model's schedule, as its parameters hold them."""
-    with services.connected(), get_client(sync_client=True) as prefect:
-        return _schedule(prefect, registered_model).parameters["config"]
-
-
-def _schedule_of(schedule) -> RetrainingSchedule:
-    config = configure_retraining(schedule.parameters["config"], called=None)
+def _schedule_of(deployment) -> RetrainingSchedule:
+    config = configure_retraining(deployment.parameters["config"], called=None)
+    (schedule,) = deployment.schedules
     return RetrainingSchedule(config.retrain.registered_model, schedule.schedule.cron, schedule.schedule.timezone,
                               schedule.active, config)
 
