@@ -177,8 +177,8 @@ def retrain_schedule(
         min_improvement=min_improvement, model=model, recipe=recipe, overrides=dict(map(_path_value, settings or [])))
     console.print(schedules_table([schedule]))
     console.print(f"deployment retrain/{registered_model}: run it now with `tessera retrain now {registered_model}` "
-                  f"or `prefect deployment run 'retrain/{registered_model}'`; pause it with "
-                  f"`tessera retrain pause {registered_model}` or in the Prefect UI ({services.prefect_ui_url()}/deployments)")
+                  f"or `prefect deployment run 'retrain/{registered_model}'`; pause it with `tessera retrain pause "
+                  f"{registered_model}` or in the Prefect UI ({services.prefect_ui_url()}/deployments)")
 
 
 @retrain.command(name="now")
@@ -354,7 +354,7 @@ def server_status():
 def main() -> None:
     try:
         result = app(sys.argv[1:])
-    except TesseraError as e:
+    except (TesseraError, OSError) as e:  # OSError: the machine's (a full disk, a folder taken away), not a bug
         # Unwrapped and unmarked: a path in the message stays whole and copyable, brackets stay literal.
         console.print(f"[bold red]error:[/bold red] {escape(str(e))}", soft_wrap=True)
         sys.exit(2)

@@ -20,11 +20,13 @@ user wrote (a recipe, the anchor's arguments, path overrides) and words its erro
 
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     ConfigDict,
@@ -33,6 +35,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from tasks.errors import InvalidInputError
 
@@ -53,9 +56,11 @@ class Rule(ValueError):
 
 
 class Section(BaseModel):
-    """A recipe section: unknown keys refused, values of the declared type only (no "5" for 5, no 1.0 for 1)."""
+    """A recipe section: unknown keys refused, values of the declared type only (no "5" for 5, no 1.0 for 1), no
+    NaN or infinity."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -71,29 +76,66 @@ def _section_of(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, Section)
 
 
+def _no_control_characters(allowed: str = ""):
+    """A check that the text holds no control characters but `allowed`: they hide in names and paths, and break
+    file names, logs and tags."""
+
+    def check(text: str) -> str:
+        at = next((i for i, c in enumerate(text) if unicodedata.category(c) == "Cc" and c not in allowed), None)
+        if at is not None:
+            raise PydanticCustomError("control_character", "must not hold control characters ({char} at position "
+                                      "{at})", {"char": repr(text[at]), "at": at})
+        return text
+
+    return AfterValidator(check)
+
+
+def _workspace_path(path: str) -> str:
+    """An MLflow experiment path as Databricks takes one: absolute, without `.` or `..` segments (with a local store
+    the experiment's artifact folder is named from it)."""
+    segments = path.split("/")
+    if segments[0] or any(s in ("", ".", "..") for s in segments[1:]):
+        raise PydanticCustomError("workspace_path", "must be an absolute workspace path without empty, '.' or '..' "
+                                  "segments, e.g. '/Users/<you>/<name>'")
+    return path
+
+
+Name = Annotated[str, Field(min_length=1, max_length=255), _no_control_characters()]
+"""A name (a model's, a run's, a module's)."""
+PathText = Annotated[str, Field(min_length=1, max_length=4096), _no_control_characters()]
+"""A file, folder, URI or table name; 4096 is Linux's longest path."""
+ExperimentPath = Annotated[str, Field(min_length=2, max_length=500), _no_control_characters(), # MLflow's limit
+                           AfterValidator(_workspace_path)]
+Prompt = Annotated[str, Field(max_length=20_000), _no_control_characters(allowed="\n\r\t")]
+# catalog.schema(.model): Unity Catalog's names, each at most 255 characters.
+REGISTERED_MODEL = r"^[A-Za-z0-9_]{1,255}\.[A-Za-z0-9_]{1,255}\.[A-Za-z0-9_-]{1,255}$"
+REGISTER_TO = r"^[A-Za-z0-9_]{1,255}\.[A-Za-z0-9_]{1,255}(\.[A-Za-z0-9_-]{1,255})?$"
+
+
 class Run(Section):
     """What to train, on what, and where the result goes: the anchor's create() arguments."""
 
-    name: str | None = None
+    name: Name | None = None
     """Describes the job (Nova's run.name); Tessera names each run itself."""
-    model_name_or_path: str = Field(min_length=1, examples=["HuggingFaceTB/SmolLM2-135M-Instruct"])
+    model_name_or_path: PathText = Field(examples=["HuggingFaceTB/SmolLM2-135M-Instruct"])
     """A catalog name (fm.get_models()) or a local Hugging Face model folder."""
-    train_data_path: str = Field(min_length=1, validation_alias=AliasChoices("train_data_path", "data_s3_path"),
+    train_data_path: PathText = Field(validation_alias=AliasChoices("train_data_path", "data_s3_path"),
                                  examples=["examples/data/tessera_chat.jsonl"])
     """A .jsonl file, s3://, dbfs:/Volumes/..., a Hugging Face dataset <name>/<split> or a Delta table
     <catalog>.<schema>.<table>; .txt files for CONTINUED_PRETRAIN (Nova's data_s3_path also works)."""
-    eval_data_path: str | None = Field(None, validation_alias=AliasChoices("eval_data_path", "validation_data_s3_path"))
+    eval_data_path: PathText | None = Field(None, validation_alias=AliasChoices("eval_data_path",
+                                                                                "validation_data_s3_path"))
     """Held-out data, any form train_data_path takes; its loss is reported at each checkpoint."""
-    register_to: str = Field(pattern=r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+(\.[A-Za-z0-9_-]+)?$", examples=["main.demo"])
+    register_to: str = Field(pattern=REGISTER_TO, examples=["main.demo"])
     """catalog.schema (registered as catalog.schema.<run name>) or catalog.schema.model_name, in letters, digits
-    and underscores."""
+    and underscores, each at most 255."""
     task_type: TaskType = Field(TaskType.CHAT_COMPLETION, strict=False)
     """CHAT_COMPLETION, INSTRUCTION_FINETUNE or CONTINUED_PRETRAIN (case-sensitive)."""
-    experiment_path: str | None = None
-    """The MLflow experiment; default /Users/<user>/<run name>."""
-    eval_prompts: list[str] | None = Field(None, examples=[["What is Tessera?"]])
+    experiment_path: ExperimentPath | None = Field(None, examples=["/Users/me/assistant"])
+    """The MLflow experiment, an absolute workspace path; default /Users/<user>/<run name>."""
+    eval_prompts: list[Prompt] | None = Field(None, max_length=100, examples=[["What is Tessera?"]])
     """Prompts answered before training and at each checkpoint, logged to MLflow."""
-    custom_weights_path: str | None = None
+    custom_weights_path: PathText | None = None
     """An earlier run's checkpoint to start from, as get_checkpoints() names it (an ep*-ba* folder or its
     latest-sharded-rank0.symlink; local, file://, s3:// or an MLflow artifact URI)."""
     allow_percentage_invalid_samples: float = Field(0.0, ge=0, le=100, examples=[5])
@@ -111,7 +153,7 @@ class EarlyStopping(Section):
 
     monitor: Literal["val_loss"] = "val_loss"
     """What is watched; only the eval loss can be."""
-    patience: int | None = Field(None, ge=1, examples=[3])
+    patience: int | None = Field(None, ge=1, le=10**6, examples=[3])
     """Evaluations without improvement before the run stops; null: never stop early."""
     min_delta: float = Field(0.0, ge=0)
     """How much an eval loss must beat the best so far to count as an improvement."""
@@ -124,7 +166,7 @@ class DeepSpeed(Section):
     """ZeRO stage: 1 partitions optimizer states over the processes, 2 gradients too, 3 the weights too."""
     offload_optimizer: bool = False
     """ZeRO-Offload: optimizer states and their step on the CPU (needs zero_stage 1-3)."""
-    processes: int | None = Field(None, ge=1)
+    processes: int | None = Field(None, ge=1, le=1024)
     """DeepSpeed ranks on this machine; null: one per GPU, 1 without a GPU."""
 
     @model_validator(mode="after")
@@ -141,17 +183,17 @@ DURATION_KEYS = {"ep": "max_epochs", "ba": "max_steps", "tok": "max_tokens"}
 class Trainer(Section):
     """How long to train, and how often to evaluate and log."""
 
-    max_epochs: int | None = Field(None, ge=1, examples=[2])
+    max_epochs: int | None = Field(None, ge=1, le=10_000, examples=[2])
     """Passes over the training data. Give one of max_epochs, max_steps, max_tokens; none: 1 epoch."""
-    max_steps: int | None = Field(None, ge=1, examples=[200])
+    max_steps: int | None = Field(None, ge=1, le=10**9, examples=[200])
     """Optimizer steps."""
-    max_tokens: int | None = Field(None, ge=1, examples=[1_000_000])
+    max_tokens: int | None = Field(None, ge=1, le=10**15, examples=[1_000_000])
     """Token positions (rows x context length), rounded up to whole steps (Tessera's own key)."""
-    val_check_interval: int | None = Field(None, ge=1, examples=[50])
+    val_check_interval: int | None = Field(None, ge=1, le=10**9, examples=[50])
     """Eval loss every this many steps and at the end (needs run.eval_data_path); null: at each checkpoint."""
     gradient_clip_val: float = Field(1.0, ge=0)
     """Largest global gradient norm; 0 turns clipping off."""
-    log_every_n_steps: int = Field(1, ge=1)
+    log_every_n_steps: int = Field(1, ge=1, le=10**9)
     """Steps between progress reports (a TRAIN_UPDATED event and MLflow metrics)."""
 
     @model_validator(mode="after")
@@ -171,7 +213,7 @@ class Sched(Section):
     """The decay after warmup and constant_steps; constant: none."""
     warmup_steps: int | None = Field(None, ge=1, le=20)
     """Steps of linear warmup, 1-20 (Nova's range); null: 10% of the run, at most 20."""
-    constant_steps: int = Field(0, ge=0)
+    constant_steps: int = Field(0, ge=0, le=10**9)
     """Steps held at the peak after warmup, before the decay starts."""
     min_lr: float | None = Field(None, ge=0, examples=[3e-5])
     """Where the decay ends, below lr; null: a tenth of lr."""
@@ -223,7 +265,7 @@ class LoraTuning(Section):
     """LoRA+: the B matrices learn this many times faster than the A matrices; 0 turns it off (Nova's)."""
     rank: int = Field(16, ge=1, le=256)
     """The adapters' rank r, 1-256."""
-    target_modules: Literal["all-linear"] | list[str] = Field("all-linear", examples=[["q_proj", "v_proj"]])
+    target_modules: Literal["all-linear"] | list[Name] = Field("all-linear", examples=[["q_proj", "v_proj"]])
     """all-linear, or a list of module names, e.g. [q_proj, v_proj]."""
 
     @model_validator(mode="after")
@@ -263,17 +305,17 @@ class Model(Section):
 class TrainingConfig(Section):
     """How to train: context length, batches, checkpoints, the engine, the model's knobs."""
 
-    max_length: int | None = Field(None, ge=8, examples=[4096])
+    max_length: int | None = Field(None, ge=8, le=2**20, examples=[4096])
     """The context length, at most the model's; null: min(8192, the model's maximum)."""
-    global_batch_size: int = Field(8, ge=1)
+    global_batch_size: int = Field(8, ge=1, le=2**20)
     """Rows per optimizer step over all processes; gradient accumulation makes up what micro batches do not."""
-    micro_batch_size: int = Field(4, ge=1)
+    micro_batch_size: int = Field(4, ge=1, le=2**20)
     """Rows per forward and backward pass on each process."""
-    save_steps: int | None = Field(None, ge=1, examples=[100])
+    save_steps: int | None = Field(None, ge=1, le=10**9, examples=[100])
     """A checkpoint every this many steps (and at the end); null: one per epoch."""
-    save_top_k: int | None = Field(None, ge=1, examples=[2])
+    save_top_k: int | None = Field(None, ge=1, le=10**6, examples=[2])
     """Keep only the newest k checkpoints; null: keep them all."""
-    seed: int = Field(17, ge=0)
+    seed: int = Field(17, ge=0, le=2**32 - 1)
     """Seeds the data order, dropout and the eval prompts' sampling."""
     early_stopping: EarlyStopping = EarlyStopping()
     deepspeed: DeepSpeed = DeepSpeed()

@@ -41,5 +41,11 @@ class RunNotFoundError(TesseraError, LookupError):
     """No run by that name exists on the Prefect server in use."""
 
 
+class StorageError(TesseraError):
+    """A folder Tessera writes to is unusable: not a folder, not writable, or its disk full."""
+
+    retryable = False
+
+
 class ServiceError(TesseraError):
     """The Prefect server, runner or MLflow store could not be reached or started."""

@@ -1,21 +1,39 @@
 """Where Tessera keeps its state on this machine."""
 
 import os
+import shutil
 from pathlib import Path
+
+from tasks.errors import StorageError
+
+MIN_FREE_BYTES = 64 * 2**20  # below this a service's database or a run's log fails mid-write: refuse before
 
 
 def tessera_home() -> Path:
     """Services, run folders and the default MLflow store: `TESSERA_HOME`, default `~/.tessera`."""
-    home = Path(os.environ.get("TESSERA_HOME", "~/.tessera")).expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    return home
+    return _usable_folder("TESSERA_HOME", "~/.tessera")
 
 
 def cache_dir() -> Path:
     """Converted models and prepared datasets, shared by every run: `TESSERA_CACHE`, default `~/.cache/tessera`."""
-    cache = Path(os.environ.get("TESSERA_CACHE", "~/.cache/tessera")).expanduser().resolve()
-    cache.mkdir(parents=True, exist_ok=True)
-    return cache
+    return _usable_folder("TESSERA_CACHE", "~/.cache/tessera")
+
+
+def _usable_folder(variable: str, default: str) -> Path:
+    """The folder `variable` names, created if need be; a typed error saying what is wrong with it otherwise."""
+    folder = Path(os.environ.get(variable, default)).expanduser().resolve()
+    fix = f"set {variable} to a writable folder on a disk with space"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"{variable} {folder} cannot be used as a folder ({e.strerror}): {fix}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise StorageError(f"{variable} {folder} is not writable by this user: {fix}")
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        raise StorageError(f"{variable} {folder} is on a full disk ({free / 2**20:.0f} MiB free, Tessera needs at "
+                           f"least {MIN_FREE_BYTES // 2**20} MiB): free space there, or {fix}")
+    return folder
 
 
 def runs_dir() -> Path:

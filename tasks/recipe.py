@@ -136,7 +136,8 @@ _RULES = {  # pydantic's error type -> what the value must be
     "greater_than": "must be above {gt}", "less_than": "must be below {lt}",
     "int_type": "must be a whole number", "int_from_float": "must be a whole number",
     "float_type": "must be a number", "bool_type": "must be true or false", "string_type": "must be a string",
-    "string_too_short": "must not be empty", "string_pattern_mismatch": "is malformed",
+    "string_too_short": "must not be empty", "string_too_long": "is longer than {max_length} characters",
+    "string_pattern_mismatch": "is malformed", "finite_number": "must be a finite number",
     "list_type": "must be a list", "too_short": "must have at least {min_length} item(s)",
     "too_long": "must have at most {max_length} item(s)", "literal_error": "must be {expected}",
     "enum": "must be {expected}",
@@ -152,7 +153,7 @@ def _problems(error: ValidationError, schema: type[BaseModel], names: dict[str, 
         cause = e.get("ctx", {}).get("error")
         paths = [path]
         if branch:  # a union's branches each say how the value misses them: say once that it fits none
-            line = f"{names.get(path, path)} {e['input']!r} is not valid{_fix(_field_at(schema, path))}"
+            line = f"{names.get(path, path)} {_shown(e['input'])} is not valid{_fix(_field_at(schema, path))}"
         elif isinstance(cause, Rule):  # a validator's rule joining settings: name each as the user wrote it
             paths = [f"{path}.{p}" if path else p for p in cause.paths]
             line = cause.message.format(*(names.get(p, p) for p in paths))
@@ -170,9 +171,9 @@ def _problems(error: ValidationError, schema: type[BaseModel], names: dict[str, 
                 line += (" (a recipe with a retrain section is a retraining: fm.schedule_retraining(recipe=...), "
                          "tessera retrain schedule --recipe)")
         elif e["type"] == "model_type":  # a section that is not a mapping
-            line = f"{names.get(path, path)} {e['input']!r} must be a mapping with the keys {_keys(schema, path)}"
+            line = f"{names.get(path, path)} {_shown(e['input'])} must be a mapping with the keys {_keys(schema, path)}"
         else:  # a value of the wrong type or out of range
-            line = f"{names.get(path, path)} {e['input']!r} {_rule(e)}{_fix(_field_at(schema, path))}"
+            line = f"{names.get(path, path)} {_shown(e['input'])} {_rule(e)}{_fix(_field_at(schema, path))}"
         if source and paths and _within(paths[0], recipe_keys):  # the setting the line is about is the recipe's
             line = f"{source}: {line}"
         if line not in lines:  # each branch of a union reports the same value
@@ -206,9 +207,15 @@ def _path(schema: type[BaseModel], loc: tuple) -> tuple[str, bool]:
     return path, branch
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """The value as the user gave it, cut short when long (a 100 kB string is not echoed back)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _rule(e: dict) -> str:
     ctx = {k: (f"{v:g}" if isinstance(v, float) else v) for k, v in e.get("ctx", {}).items()}
-    return _RULES[e["type"]].format(**ctx) if e["type"] in _RULES else e["msg"].lower()
+    return _RULES[e["type"]].format(**ctx) if e["type"] in _RULES else e["msg"][:1].lower() + e["msg"][1:]
 
 
 def _fix(field: FieldInfo | None) -> str:

@@ -22,7 +22,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 from pydantic import Field, model_validator
 
-from tasks.config import Rule, RunConfig, Section, TaskType
+from tasks.config import REGISTERED_MODEL, Rule, RunConfig, Section, TaskType
 from tasks.data.increments import take_inventory
 from tasks.data.sources import check_data_path
 from tasks.errors import InvalidInputError
@@ -38,8 +38,7 @@ CHALLENGER_TAG = "tessera.challenger"  # on a retraining's MLflow run: its chall
 class Retrain(Section):
     """Which registered model to keep current, and how each challenger is trained and judged."""
 
-    registered_model: str = Field(pattern=r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+\.[A-Za-z0-9_-]+$",
-                                  examples=["main.demo.assistant"])
+    registered_model: str = Field(pattern=REGISTERED_MODEL, examples=["main.demo.assistant"])
     """catalog.schema.model: the model whose @champion this maintains; each challenger is a new version of it."""
     mode: Literal["continue", "from_base"] = "continue"
     """continue: from the champion's latest checkpoint, on the data added or changed since the last retraining;

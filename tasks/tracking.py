@@ -4,8 +4,14 @@ import os
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_ALREADY_EXISTS,
+    ErrorCode,
+)
 
 from tasks.config import RunConfig
+from tasks.errors import InvalidInputError
 from tasks.home import tessera_home
 
 
@@ -45,8 +51,12 @@ def ensure_experiment(path: str) -> str:
     location = f"{root}/{path.strip('/').replace('/', '_')}" if root else None
     try:
         return mlflow_client.create_experiment(path, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # a concurrent create() won the race
-        return mlflow_client.get_experiment_by_name(path).experiment_id
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code == ErrorCode.Name(INVALID_PARAMETER_VALUE):
+            raise InvalidInputError(f"experiment_path {path!r}: MLflow refuses it ({e.message})") from None
+        if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return mlflow_client.get_experiment_by_name(path).experiment_id  # a concurrent create() won the race
 
 
 def experiment_for(config: RunConfig, run_name: str, user: str) -> str:
