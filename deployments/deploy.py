@@ -10,7 +10,7 @@ then point clients at the same server: export PREFECT_API_URL=http://<server>:42
 import argparse
 from pathlib import Path
 
-from deployments.serve import deployments, ensure_device_slots
+from deployments.serve import deployments, ensure_concurrency_limits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--source", default=str(REPO), help="where workers find this repository (default: here)")
     parser.add_argument("--name", default="default", help="the deployments' name (default: default)")
     args = parser.parse_args(argv)
-    ensure_device_slots()
+    ensure_concurrency_limits()
     ids = []
     for flow, entrypoint, options in deployments():
         remote = flow.from_source(source=args.source, entrypoint=entrypoint)

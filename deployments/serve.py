@@ -15,7 +15,7 @@ from prefect.runner import Runner
 
 from flows.finetune import finetune
 from flows.retrain import retrain
-from flows.services import device_slots, max_active_runs
+from flows.services import CREATE_LOCK, device_slots, max_active_runs
 from flows.sweep import sweep
 from tasks.devices import DEVICE_SLOTS
 from tasks.run_record import RETRAIN_TAG, RUN_TAG, SWEEP_TAG
@@ -45,10 +45,12 @@ def deployments() -> list[tuple]:
     ]
 
 
-def ensure_device_slots() -> None:
-    """The global concurrency limit training takes slots of (one per GPU): two runs never share a GPU."""
+def ensure_concurrency_limits() -> None:
+    """The global concurrency limits: training takes slots of DEVICE_SLOTS (one per GPU), so two runs never share a
+    GPU; create() holds CREATE_LOCK's one slot while it counts the active runs and submits."""
     with get_client(sync_client=True) as prefect:
         prefect.upsert_global_concurrency_limit_by_name(DEVICE_SLOTS, device_slots())
+        prefect.upsert_global_concurrency_limit_by_name(CREATE_LOCK, 1)
 
 
 async def serve_model_retrainings(runner: Runner) -> None:
@@ -85,7 +87,7 @@ async def serve() -> None:
 
 
 def main() -> None:
-    ensure_device_slots()
+    ensure_concurrency_limits()
     asyncio.run(serve())
 
 

@@ -1,7 +1,9 @@
 """One fine-tuning run as a Prefect flow: the six steps in plain order, and hooks for the ways it can end."""
 
 from prefect import flow, get_client
+from prefect.client.schemas.objects import StateType
 from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Cancelled
 
 from tasks.config import RunConfig, TaskType, run_name_for
 from tasks.events import RunEvent, emit, flush
@@ -32,6 +34,13 @@ def on_cancellation(flow, flow_run, state) -> None:
 
 
 def on_crashed(flow, flow_run, state) -> None:
+    with get_client(sync_client=True) as prefect:
+        history = prefect.read_flow_run_states(flow_run.id)
+        if any(s.type in (StateType.CANCELLING, StateType.CANCELLED) for s in history):
+            # Cancelled while its process was starting: the server freed the run's slot of the deployment's
+            # concurrency limit, and the process, its lease gone, crashed. It was cancelled, and stays so.
+            prefect.set_flow_run_state(flow_run.id, Cancelled(message="cancelled by the user"), force=True)
+            return on_cancellation(flow, flow_run, state)
     _end(flow_run, RunEvent.FAILED, "FAILED", f"run crashed: {state.message}")
 
 

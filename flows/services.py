@@ -5,10 +5,13 @@ cluster. With PREFECT_API_URL set, Tessera uses that server and whoever serves i
 """
 
 import fcntl
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +25,9 @@ from tasks.process_group import stop_group
 DEPLOYMENT = "finetune/default"
 SWEEP_DEPLOYMENT = "sweep/default"
 RETRAIN_DEPLOYMENT = "retrain/default"
+# A global concurrency limit of one slot: create() counts the active runs and submits one while holding it, so the
+# active-run limit holds for every client of the server, on any machine.
+CREATE_LOCK = "tessera-create"
 STARTUP_TIMEOUT_S = 120
 
 
@@ -49,12 +55,29 @@ def device_slots() -> int:
 @dataclass(frozen=True)
 class Service:
     name: str
-    port_env: str
-    default_port: int
+    port_env: str | None = None
+    default_port: int | None = None
 
     @property
     def port(self) -> int:
-        return int(os.environ.get(self.port_env, self.default_port))
+        """Its variable's port; else the one this home took when another's service held the default; else the
+        default."""
+        if self.port_env in os.environ:
+            return int(os.environ[self.port_env])
+        return int(self.portfile.read_text()) if self.portfile.exists() else self.default_port
+
+    @property
+    def portfile(self) -> Path:
+        return services_dir() / f"{self.name}.port"
+
+    def take_free_port(self, holder: str) -> None:
+        """Move to a free port, kept in the home for next time; refused when the user chose the port."""
+        if self.port_env in os.environ:
+            raise ServiceError(f"port {self.port} ({self.port_env}) is taken by {holder}: set {self.port_env} to a "
+                               "free port, or unset it and Tessera takes one")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.portfile.write_text(str(s.getsockname()[1]))
 
     @property
     def pidfile(self) -> Path:
@@ -80,7 +103,7 @@ class Service:
 
 
 PREFECT = Service("prefect-server", "TESSERA_PREFECT_PORT", 4200)
-RUNNER = Service("runner", "TESSERA_PREFECT_PORT", 4200)  # no port of its own
+RUNNER = Service("runner")
 MLFLOW = Service("mlflow-ui", "TESSERA_MLFLOW_PORT", 5000)
 
 
@@ -127,16 +150,23 @@ def ensure_started() -> str:
     env = _service_env(url)
     with open(services_dir() / "start.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # many create() calls at once start one set of services
-        if not _answers(f"{url}/health"):
+        ours = str(tessera_home() / "prefect")
+        there = _prefect_home_at(url)
+        if there != ours:  # none, or another home's (another user's runs, environment and credentials): not reused
+            if there is not None or _port_taken(PREFECT.port):
+                PREFECT.take_free_port(f"the Prefect server of PREFECT_HOME {there}" if there else "another program")
+                url, env = prefect_api_url(), _service_env(prefect_api_url())
             _spawn(PREFECT, [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(PREFECT.port), "--analytics-off"], env)
-            _wait_for(lambda: _answers(f"{url}/health"), PREFECT, "the Prefect server")
+            _wait_for(lambda: _prefect_home_at(url) == ours, PREFECT, "the Prefect server")
         if RUNNER.pid() is None:
             _spawn(RUNNER, [sys.executable, "-m", "deployments.serve"], env)
             served = (DEPLOYMENT, SWEEP_DEPLOYMENT, RETRAIN_DEPLOYMENT)
             _wait_for(lambda: all(_answers(f"{url}/deployments/name/{d}") for d in served), RUNNER,
                       f"the runner serving {', '.join(served)}")
         if mlflow_ui_url() and MLFLOW.pid() is None:
+            if _port_taken(MLFLOW.port):
+                MLFLOW.take_free_port("another program (this home's MLflow UI is not running)")
             tracking.client().search_experiments(max_results=1)  # create the tables first: the UI would race create()
             # Without MLflow's job runner: its 9 processes serve GenAI features Tessera does not use, and cost ~40 s
             # of CPU and ~1 GiB at every start.
@@ -175,6 +205,8 @@ def _service_env(url: str) -> dict[str, str]:
         "PREFECT_API_URL": url,
         "PREFECT_HOME": str(tessera_home() / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # Events are stored within half a second of arriving (Prefect's default, 5 s, is for heavy event traffic).
+        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.5",
         "PREFECT_RUNNER_POLL_FREQUENCY": os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", "2"),
         "TESSERA_HOME": str(tessera_home()),
         "TESSERA_EMBEDDED": "1",
@@ -204,6 +236,23 @@ def _wait_for(ready, service: Service, what: str) -> None:
         time.sleep(0.5)
     tail = service.log.read_text(errors="replace")[-2000:] if service.log.exists() else ""
     raise ServiceError(f"{what} did not start (log: {service.log}):\n{tail}")
+
+
+def _prefect_home_at(url: str) -> str | None:
+    """The PREFECT_HOME of the Prefect server answering at `url` (the API URL): whose it is. None when nothing
+    answers there, "" when something does that is not a Prefect server."""
+    try:
+        with urllib.request.urlopen(f"{url}/admin/settings", timeout=2) as response:
+            return json.load(response).get("home") or ""
+    except (urllib.error.HTTPError, ValueError):
+        return ""
+    except OSError:
+        return None
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _answers(url: str) -> bool:

@@ -1,6 +1,8 @@
 """Run, sweep and retraining events (CREATED … COMPLETED) as Prefect events on the resource `tessera.run.<name>`."""
 
+from datetime import datetime
 from enum import StrEnum
+from uuid import NAMESPACE_URL, UUID, uuid5
 
 from prefect.events import emit_event
 from prefect.events.worker import EventsWorker
@@ -34,7 +36,14 @@ def resource_id(run_name: str) -> str:
     return f"{EVENT_PREFIX}{run_name}"
 
 
-def emit(run_name: str, kind: RunEvent, message: str, /, flow_run_id: str | None = None, **payload) -> None:
+def terminal_event_id(flow_run_id: str) -> UUID:
+    """A flow run's one terminal event: sent twice (a hook and a reader filling the gap), the server keeps the
+    first."""
+    return uuid5(NAMESPACE_URL, f"tessera:{flow_run_id}:terminal")
+
+
+def emit(run_name: str, kind: RunEvent, message: str, /, flow_run_id: str | None = None,
+         occurred: datetime | None = None, **payload) -> None:
     """Send one run event; it shows in the Prefect UI's event feed, related to the flow run."""
     if flow_run_id is None:
         from prefect.runtime import flow_run
@@ -50,6 +59,8 @@ def emit(run_name: str, kind: RunEvent, message: str, /, flow_run_id: str | None
         resource={"prefect.resource.id": resource_id(run_name), "prefect.resource.name": run_name},
         related=related,
         payload={"type": kind.value, "message": message, **payload},
+        occurred=occurred,
+        id=terminal_event_id(str(flow_run_id)) if kind.is_terminal and flow_run_id else None,
     )
 
 

@@ -17,7 +17,6 @@ from prefect import get_client
 from prefect.client.schemas.actions import DeploymentScheduleCreate
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
 from prefect.client.schemas.schedules import CronSchedule
-from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
@@ -28,8 +27,9 @@ from flows.foundation_model.runs import (
     RunStatus,
     _filter,
     _follow,
-    _read_events,
     _read_flow_runs,
+    newest_flow_run,
+    settled_events,
     stop_flow_run,
 )
 from flows.foundation_model.runs import cancel as cancel_runs
@@ -87,7 +87,7 @@ class Retraining:
     def cancel(self) -> int:
         """Stop the retraining and its challenger's run; the champion stays. Returns how many runs were stopped."""
         with services.connected(), get_client(sync_client=True) as prefect:
-            stop_flow_run(prefect, _latest(prefect, self.name), "retraining")
+            stop_flow_run(prefect, _latest(self.name), "retraining")
             running = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[challenger_tag(self.name)]), limit=10)
         flush()
         return cancel_runs([r.name for r in running]) if running else 0
@@ -96,9 +96,9 @@ class Retraining:
         """The retraining's events (started, the challenger, the verdict, completed), oldest first; with
         follow=True an iterator that ends at a terminal event."""
         if follow:
-            return _follow(self.name, _latest_status)
+            return _follow(self.name, _latest)
         with services.connected():
-            return _read_events(self.name)
+            return settled_events(self.name, _latest(self.name))
 
 
 def schedule_retraining(
@@ -208,8 +208,8 @@ def retrain_now(
 
 
 def get_retraining(retraining: "str | Retraining") -> Retraining:
-    with services.connected(), get_client(sync_client=True) as prefect:
-        return _retraining(_latest(prefect, retraining.name if isinstance(retraining, Retraining) else retraining))
+    with services.connected():
+        return _retraining(_latest(retraining.name if isinstance(retraining, Retraining) else retraining))
 
 
 def list_retrainings(registered_model: str | None = None, statuses: "builtins.list[str | RunStatus] | None" = None,
@@ -272,19 +272,9 @@ def _schedule_of(deployment) -> RetrainingSchedule:
                               schedule.active, config)
 
 
-def _latest(prefect, name: str):
+def _latest(name: str):
     """The retraining's flow run."""
-    found = prefect.read_flow_runs(flow_run_filter=_filter(names=[name], tags=[RETRAIN_TAG]),
-                                   sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
-    if not found:
-        raise RunNotFoundError(f"no retraining named {name!r} on {services.prefect_api_url()}: see "
-                               "fm.list_retrainings()")
-    return found[0]
-
-
-def _latest_status(name: str) -> RunStatus:
-    with get_client(sync_client=True) as prefect:
-        return RunStatus.from_state(_latest(prefect, name).state)
+    return newest_flow_run(name, RETRAIN_TAG, "retraining", "fm.list_retrainings()")
 
 
 def _retraining(flow_run) -> Retraining:

@@ -5,11 +5,11 @@ state, its events Prefect events on the resource `tessera.run.<name>`.
 """
 
 import builtins
-import fcntl
 import os
 import time
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
@@ -26,6 +26,8 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
+from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.events.filters import (
     EventFilter,
@@ -38,7 +40,12 @@ from prefect.states import Cancelled, Cancelling
 from flows import services
 from tasks.config import RunConfig, run_name_for
 from tasks.data.validation import DataValidation, validate_data  # noqa: F401  (public API)
-from tasks.errors import InvalidInputError, RunNotFoundError, TooManyActiveRunsError
+from tasks.errors import (
+    InvalidInputError,
+    RunNotFoundError,
+    ServiceError,
+    TooManyActiveRunsError,
+)
 from tasks.events import RunEvent, emit, flush, resource_id
 from tasks.models import ModelInfo
 from tasks.models import get_models as _catalog
@@ -52,7 +59,9 @@ from tasks.validate_paths import check_paths
 
 PAGE = 200
 FOLLOW_POLL_S = 1.0
-FOLLOW_GRACE_S = 15.0
+# Prefect stores an event a moment after it is sent (the embedded server flushes every 0.5 s): how long an ended
+# run's own terminal event may take to show before it is written from the run's final state instead.
+EVENTS_SETTLE_S = 10.0
 
 
 class RunStatus(StrEnum):
@@ -184,25 +193,35 @@ def create(
     if validate_inputs:
         config = check_paths(config)
     name = run_name_for(config.run.model_name_or_path, config.run.task_type)
-    with services.connected():
-        with open(services.services_dir() / "create.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # count and submit as one step: racing creates cannot pass the limit
-            with get_client(sync_client=True) as prefect:
-                active = prefect.count_flow_runs(flow_run_filter=_filter(statuses=ACTIVE))
-            if active >= services.max_active_runs():
-                raise TooManyActiveRunsError(
-                    f"{active} runs are active, the limit is {services.max_active_runs()}: cancel one "
-                    "(fm.cancel(name)) or wait for one to finish, then create again"
-                )
-            experiment_id, mlflow_run_id = start_run(config.params(), name,
-                                                     experiment_for(config, name, current_user()), current_user())
-            try:
-                # The arguments beside the config they are in: the run names a setting as it was given.
-                flow_run = submit(config, name, mlflow_run_id, run_tags(current_user(), experiment_id), given)
-            except Exception:
-                mlflow_client().set_terminated(mlflow_run_id, "FAILED")  # no MLflow run without its flow run
-                raise
-        return _training_run(flow_run, include_details=False)
+    with services.connected(), _create_lock():  # count and submit as one step: racing creates cannot pass the limit
+        with get_client(sync_client=True) as prefect:
+            active = prefect.count_flow_runs(flow_run_filter=_filter(statuses=ACTIVE))
+        if active >= services.max_active_runs():
+            raise TooManyActiveRunsError(
+                f"{active} runs are active, the limit is {services.max_active_runs()}: cancel one "
+                "(fm.cancel(name)) or wait for one to finish, then create again"
+            )
+        experiment_id, mlflow_run_id = start_run(config.params(), name,
+                                                 experiment_for(config, name, current_user()), current_user())
+        try:
+            # The arguments beside the config they are in: the run names a setting as it was given.
+            flow_run = submit(config, name, mlflow_run_id, run_tags(current_user(), experiment_id), given)
+        except Exception:
+            mlflow_client().set_terminated(mlflow_run_id, "FAILED")  # no MLflow run without its flow run
+            raise
+    return _training_run(flow_run, include_details=False)
+
+
+@contextmanager
+def _create_lock() -> Iterator[None]:
+    """Hold the server's one CREATE_LOCK slot (waiting for it, at most a minute): for every client on any machine."""
+    try:
+        with concurrency(services.CREATE_LOCK, strict=True, lease_duration=60, timeout_seconds=60):
+            yield
+    except ConcurrencySlotAcquisitionError:
+        raise ServiceError(f"the Prefect server at {services.prefect_api_url()} has no concurrency limit "
+                           f"{services.CREATE_LOCK}: register Tessera's deployments there "
+                           "(python -m deployments.deploy --pool <pool>), which creates it") from None
 
 
 def submit(config: RunConfig, name: str, mlflow_run_id: str, tags: "builtins.list[str]", given: dict | None = None,
@@ -292,9 +311,8 @@ def get_events(training_run: "str | TrainingRun", follow: bool = False):
     name = training_run.name if isinstance(training_run, TrainingRun) else training_run
     if not follow:
         with services.connected():
-            _flow_run(name)  # a clear error for an unknown run
-            return _read_events(name)
-    return _follow(name)
+            return settled_events(name, _flow_run(name))
+    return _follow(name, _flow_run)
 
 
 def get_checkpoints(training_run: "str | TrainingRun") -> "builtins.list[str]":
@@ -343,11 +361,16 @@ def _read_flow_runs(prefect, run_filter: FlowRunFilter, limit: int) -> builtins.
 
 
 def _flow_run(training_run: "str | TrainingRun"):
-    name = training_run.name if isinstance(training_run, TrainingRun) else training_run
+    return newest_flow_run(training_run.name if isinstance(training_run, TrainingRun) else training_run)
+
+
+def newest_flow_run(name: str, tag: str = RUN_TAG, what: str = "run", listing: str = "fm.list()"):
+    """The newest flow run named `name` with `tag`: a run's, or a sweep's or retraining's (one per attempt)."""
     with get_client(sync_client=True) as prefect:
-        found = prefect.read_flow_runs(flow_run_filter=_filter(names=[name]), limit=1)
+        found = prefect.read_flow_runs(flow_run_filter=_filter(names=[name], tags=[tag]),
+                                       sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
     if not found:
-        raise RunNotFoundError(f"no run named {name!r} on {services.prefect_api_url()}: see fm.list() for names")
+        raise RunNotFoundError(f"no {what} named {name!r} on {services.prefect_api_url()}: see {listing} for names")
     return found[0]
 
 
@@ -409,14 +432,39 @@ def _read_events(name: str) -> "builtins.list[FineTuningEvent]":
     return sorted(events, key=lambda e: e.time)
 
 
-def _follow(name: str, status_of=None) -> Iterator[FineTuningEvent]:
-    """The events of a run (or, with `status_of` for its status, a sweep) as they come, to a terminal one."""
-    status_of = status_of or (lambda n: RunStatus.from_state(_flow_run(n).state))
+def settled_events(name: str, flow_run) -> "builtins.list[FineTuningEvent]":
+    """The events of the run (sweep, retraining) whose flow run this is, oldest first; once it has ended, through
+    its terminal event, so that what the status says and what the events say agree. A terminal event that never
+    comes (its process was killed) is written from the flow run's final state, once: every reader sends the same
+    event id, and the server keeps the first."""
+    events = _read_events(name)
+    status = RunStatus.from_state(flow_run.state)
+    if not status.is_terminal():
+        return events
+    written, deadline = False, time.monotonic() + EVENTS_SETTLE_S
+    while not any(RunEvent(e.type).is_terminal for e in events):
+        if time.monotonic() > deadline:
+            if written:
+                break
+            ending = {RunStatus.COMPLETED: RunEvent.COMPLETED, RunStatus.STOPPED: RunEvent.CANCELED}
+            emit(name, ending.get(status, RunEvent.FAILED), (flow_run.state.message or status.value.lower()),
+                 flow_run_id=str(flow_run.id), occurred=flow_run.end_time, from_state=True)
+            flush()
+            written, deadline = True, time.monotonic() + EVENTS_SETTLE_S
+        time.sleep(0.25)
+        events = _read_events(name)
+    return events
+
+
+def _follow(name: str, flow_run_of) -> Iterator[FineTuningEvent]:
+    """The events of a run (sweep, retraining; `flow_run_of` finds its flow run by name) as they come, to the
+    terminal one."""
     seen: set[tuple] = set()
-    ended_at = None  # when Prefect first showed the run ended: its last events may still be on their way
     with services.connected():
         while True:
-            for event in _read_events(name):
+            flow_run = flow_run_of(name)  # read first: if it has ended, the events read next are all there
+            ended = RunStatus.from_state(flow_run.state).is_terminal()
+            for event in settled_events(name, flow_run) if ended else _read_events(name):
                 key = (event.type, event.time, event.message)
                 if key in seen:
                     continue
@@ -424,10 +472,8 @@ def _follow(name: str, status_of=None) -> Iterator[FineTuningEvent]:
                 yield event
                 if RunEvent(event.type).is_terminal:
                     return
-            if ended_at is None and status_of(name).is_terminal():
-                ended_at = time.monotonic()
-            if ended_at is not None and time.monotonic() - ended_at > FOLLOW_GRACE_S:
-                return  # ended without a terminal event (e.g. the runner itself was killed)
+            if ended:
+                return
             time.sleep(FOLLOW_POLL_S)
 
 

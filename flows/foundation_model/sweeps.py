@@ -12,7 +12,6 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 from prefect import get_client
-from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
 
 from flows import services
@@ -22,16 +21,17 @@ from flows.foundation_model.runs import (
     TrainingRun,
     _filter,
     _follow,
-    _read_events,
     _read_flow_runs,
     _training_run,
     get,
+    newest_flow_run,
+    settled_events,
     stop_flow_run,
 )
 from flows.foundation_model.runs import cancel as cancel_runs
 from flows.services import SWEEP_DEPLOYMENT
 from tasks.config import run_name_for
-from tasks.errors import InvalidInputError, RunNotFoundError
+from tasks.errors import InvalidInputError
 from tasks.events import RunEvent, emit, flush
 from tasks.recipe import SHORTHANDS
 from tasks.run_record import (
@@ -87,7 +87,7 @@ class Sweep:
     def cancel(self) -> int:
         """Stop the sweep and every trial still running; returns how many trials were stopped."""
         with services.connected(), get_client(sync_client=True) as prefect:
-            stop_flow_run(prefect, _latest(prefect, self.name), "sweep")
+            stop_flow_run(prefect, _latest(self.name), "sweep")
             trials = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[trial_tag(self.name)]), limit=10_000)
         flush()
         return cancel_runs([t.name for t in trials]) if trials else 0
@@ -96,9 +96,9 @@ class Sweep:
         """The sweep's events (started, each trial started and finished, completed), oldest first; with
         follow=True an iterator that ends at a terminal event."""
         if follow:
-            return _follow(self.name, _latest_status)
+            return _follow(self.name, _latest)
         with services.connected():
-            return _read_events(self.name)
+            return settled_events(self.name, _latest(self.name))
 
 
 def sweep(
@@ -143,8 +143,8 @@ def sweep(
 
 def get_sweep(sweep: "str | Sweep") -> Sweep:
     """The sweep by name, with its current status."""
-    with services.connected(), get_client(sync_client=True) as prefect:
-        return _sweep(_latest(prefect, sweep.name if isinstance(sweep, Sweep) else sweep))
+    with services.connected():
+        return _sweep(_latest(sweep.name if isinstance(sweep, Sweep) else sweep))
 
 
 def list_sweeps(statuses: "builtins.list[str | RunStatus] | None" = None, limit: int = 100) -> "builtins.list[Sweep]":
@@ -162,8 +162,8 @@ def resume_sweep(sweep: "str | Sweep") -> Sweep:
     """Run a sweep whose flow crashed, failed or was stopped again: its study continues, finished trials are kept
     and trials still training are watched to their end."""
     name = sweep.name if isinstance(sweep, Sweep) else sweep
-    with services.connected(), get_client(sync_client=True) as prefect:
-        earlier = _latest(prefect, name)
+    with services.connected():
+        earlier = _latest(name)
         status = RunStatus.from_state(earlier.state)
         if not status.is_terminal() or status == RunStatus.COMPLETED:
             raise InvalidInputError(f"sweep {name} is {status.value}: only a sweep that crashed, failed or was stopped "
@@ -175,18 +175,9 @@ def resume_sweep(sweep: "str | Sweep") -> Sweep:
         return _sweep(flow_run)
 
 
-def _latest(prefect, name: str):
+def _latest(name: str):
     """The sweep's newest flow run (a resumed sweep has one per attempt)."""
-    found = prefect.read_flow_runs(flow_run_filter=_filter(names=[name], tags=[SWEEP_TAG]),
-                                   sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
-    if not found:
-        raise RunNotFoundError(f"no sweep named {name!r} on {services.prefect_api_url()}: see fm.list_sweeps()")
-    return found[0]
-
-
-def _latest_status(name: str) -> RunStatus:
-    with get_client(sync_client=True) as prefect:
-        return RunStatus.from_state(_latest(prefect, name).state)
+    return newest_flow_run(name, SWEEP_TAG, "sweep", "fm.list_sweeps()")
 
 
 def _sweep(flow_run) -> Sweep:
