@@ -16,7 +16,7 @@ from prefect.concurrency.sync import concurrency
 
 from tasks.config import RunConfig
 from tasks.devices import DEVICE_SLOTS, claim_gpus
-from tasks.errors import InvalidInputError, TrainingDiverged, WorkerFailed
+from tasks.errors import InvalidInputError, StorageError, TrainingDiverged, WorkerFailed
 from tasks.events import RunEvent, emit
 from tasks.process_group import stop_group
 from tasks.retries import retryable
@@ -100,6 +100,8 @@ def train(record: RunRecord, config: RunConfig, model_dir: str, train_rows: str,
         raise TrainingDiverged(diverged_message(diverged, config.training_config.model.optim.lr))
     if returncode == protocol.BAD_INPUT_EXIT:
         raise InvalidInputError(protocol.why(stderr_log))
+    if returncode == protocol.DISK_FULL_EXIT:
+        raise StorageError(protocol.why(stderr_log))
     if returncode != 0 or finished is None:
         raise WorkerFailed(f"training worker exited with code {returncode}: {protocol.why(stderr_log)}")
     payload = {**finished, "stopped_early": stopped is not None}

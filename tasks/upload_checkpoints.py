@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.errors import TesseraError
 from tasks.run_record import RunRecord
 from tasks.tracking import client
-from tasks.training.checkpoint_names import LATEST
+from tasks.training.checkpoint_names import LATEST, complete_checkpoints
 
 
 def artifact_dir(run_name: str) -> str:
@@ -31,7 +31,7 @@ def upload_checkpoints(record: RunRecord) -> list[str]:
             mlflow_client.log_artifacts(run_id, str(child), f"{dest}/{child.name}")
     _verify(mlflow_client, run_id, root, dest)
     base = mlflow_client.get_run(run_id).info.artifact_uri.rstrip("/")
-    return [f"{base}/{dest}/{p.name}" for p in sorted(root.glob("ep*-ba*")) if p.is_dir()]
+    return [f"{base}/{dest}/{p.name}" for p in complete_checkpoints(root)]
 
 
 def _verify(mlflow_client, run_id: str, root: Path, dest: str) -> None:

@@ -53,6 +53,7 @@ from tasks.recipe import SHORTHANDS, configure
 from tasks.run_record import RUN_TAG, RunRecord, current_user, run_tags, tag_value
 from tasks.tracking import client as mlflow_client
 from tasks.tracking import experiment_for, start_run
+from tasks.training.checkpoint_names import complete_checkpoints
 from tasks.training.protocol import seconds_left
 from tasks.upload_checkpoints import artifact_dir
 from tasks.validate_paths import check_paths
@@ -327,7 +328,7 @@ def get_checkpoints(training_run: "str | TrainingRun") -> "builtins.list[str]":
             return sorted(f"{base}/{a.path}" for a in uploaded if a.path.split("/")[-1].startswith("ep"))
     if record is None:
         return []
-    return sorted(p.as_uri() for p in record.checkpoints.glob("ep*-ba*") if p.is_dir())
+    return [p.as_uri() for p in complete_checkpoints(record.checkpoints)]
 
 
 def get_models() -> "builtins.list[ModelInfo]":

@@ -1,6 +1,23 @@
 """The names in a run's checkpoint folder that code without torch needs too (the API, the upload, the checks)."""
 
+import os
+import re
+from pathlib import Path
+
 LATEST = "latest-sharded-rank0.symlink"  # -> the newest complete ep*-ba* folder
+TAG = re.compile(r"ep(\d+)-ba(\d+)")
 # Rank 0's model-states file, in every DeepSpeed checkpoint folder; it also holds the client state (ours under
 # "tessera"). ZeRO 0-2 name it for the model-parallel rank, ZeRO-3 for the data-parallel rank as well.
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The ep*-ba* folders up to the one the latest link names, by step: one of a later step is a save that never
+    finished (the link moves only once a checkpoint is whole)."""
+    link = output_dir / LATEST
+    if not link.is_symlink():
+        return []
+    last = int(TAG.fullmatch(Path(os.readlink(link)).name).group(2))
+    found = [(int(m.group(2)), path) for path in output_dir.glob("ep*-ba*")
+             if (m := TAG.fullmatch(path.name)) and path.is_dir()]
+    return [path for step, path in sorted(found) if step <= last]

@@ -20,9 +20,8 @@ import yaml
 
 from tasks.config import RunConfig
 from tasks.errors import InvalidInputError
-from tasks.training.checkpoint_names import LATEST, MODEL_STATES
+from tasks.training.checkpoint_names import LATEST, MODEL_STATES, TAG
 
-TAG = re.compile(r"ep(\d+)-ba(\d+)")
 EXPORT = re.compile(r"ba(\d+)")
 DELETING = ".deleting"  # a folder renamed to .{name}.deleting is on its way out
 ADAPTER = "adapter"  # a LoRA run's export holds its adapter here, beside the merged model
@@ -98,6 +97,35 @@ def prune(output_dir: Path, keep: int) -> list[Path]:
             shutil.rmtree(doomed, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def checkpoint_bytes(output_dir: Path, params: int) -> int:
+    """The room the next checkpoint and its export take: the last complete pair's size, or before the first an
+    estimate of 5 fp32 copies of the weights (module, master, Adam's two moments, export)."""
+    tag = latest_tag(output_dir)
+    if tag is None:
+        return 5 * 4 * params
+    export = output_dir / "huggingface" / f"ba{TAG.fullmatch(tag).group(2)}"
+    return sum(f.stat().st_size for folder in (output_dir / tag, export) for f in folder.rglob("*") if f.is_file())
+
+
+def disk_full_message(output_dir: Path, need: int) -> str:
+    free = shutil.disk_usage(output_dir).free
+    tag = latest_tag(output_dir)
+    kept = (f"the latest complete checkpoint, {output_dir / tag}, is intact: free space, then train on from it with "
+            f"custom_weights_path={output_dir / tag}" if tag else "the run had no checkpoint yet: free space and "
+            "create it again")
+    return (f"the disk holding {output_dir} is full: the next checkpoint needs about {need / 2**20:.0f} MiB and "
+            f"{free / 2**20:.0f} MiB are free; {kept}")
+
+
+def discard_partial(output_dir: Path, tag: str, step: int) -> None:
+    """Remove what a failed save began (the checkpoint folder, the export and its staging), never a complete one."""
+    if latest_tag(output_dir) == tag:
+        return
+    for path in (output_dir / tag, output_dir / "huggingface" / f"ba{step}",
+                 output_dir / "huggingface" / f".ba{step}.partial"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def save_recipe(folder: Path, config: RunConfig) -> None:

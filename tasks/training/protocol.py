@@ -31,7 +31,8 @@ Tokens count every position of a row (rows x context length), padding included.
 
 Exit code: 0 once `finished` is written; otherwise the last line on stderr is the reason (`say_why`, read back
 by `why`): BAD_INPUT_EXIT for a spec or data the worker refuses, DIVERGED_EXIT after a `diverged` line (retrying
-cannot help either), anything else for a failure a retry may get past (killed, out of memory, a crash).
+cannot help either), DISK_FULL_EXIT when the next checkpoint has no room (nor until space is freed), anything
+else for a failure a retry may get past (killed, out of memory, a crash).
 """
 
 import json
@@ -41,6 +42,7 @@ from pathlib import Path
 PREFIX = "@@tessera "
 BAD_INPUT_EXIT = 2
 DIVERGED_EXIT = 3
+DISK_FULL_EXIT = 4
 
 
 def emit(kind: str, **fields) -> None:

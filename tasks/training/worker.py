@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import resource
+import shutil
 import socket
 import sys
 import time
@@ -26,10 +27,13 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tasks.config import Model, TrainingConfig
-from tasks.errors import InvalidInputError, TrainingDiverged
+from tasks.errors import InvalidInputError, StorageError, TrainingDiverged
 from tasks.training.checkpoints import (
     check_same_architecture,
+    checkpoint_bytes,
     checkpoint_tag,
+    discard_partial,
+    disk_full_message,
     latest_tag,
     load_weights,
     point_latest,
@@ -49,7 +53,13 @@ from tasks.training.data import (
     step_batches,
 )
 from tasks.training.dropout import add_dropouts
-from tasks.training.protocol import BAD_INPUT_EXIT, DIVERGED_EXIT, emit, say_why
+from tasks.training.protocol import (
+    BAD_INPUT_EXIT,
+    DISK_FULL_EXIT,
+    DIVERGED_EXIT,
+    emit,
+    say_why,
+)
 from tasks.training.schedule import learning_rate_at
 from tasks.training.spec import TrainSpec
 
@@ -376,9 +386,26 @@ def stop_if_diverged(s: Session, state: State, loss: float, norm: float | None, 
 
 def save(s: Session, state: State, elapsed_s: float) -> None:
     """The checkpoint `ep{E}-ba{B}` and its Hugging Face export, each with the run's recipe beside it; then the
-    latest link, and save_top_k's pruning. Every rank calls it."""
-    training = s.training
+    latest link, and save_top_k's pruning. Every rank calls it. On a disk without room for it the run stops with a
+    StorageError, the latest link still on the last complete checkpoint and nothing half-written left behind."""
     tag = checkpoint_tag(state.step, s.spec.plan.batches_per_epoch)
+    need = checkpoint_bytes(s.output_dir, s.total_params)
+    short = torch.tensor([int(shutil.disk_usage(s.output_dir).free < need)])
+    dist.all_reduce(short, op=dist.ReduceOp.MAX)  # every rank stops, or none: a lone rank would hang the others
+    if short.item():
+        raise StorageError(disk_full_message(s.output_dir, need))
+    try:
+        write_checkpoint(s, state, tag, elapsed_s)
+    except Exception:
+        if shutil.disk_usage(s.output_dir).free >= need:
+            raise
+        if s.master:  # the disk filled under the save (another writer): what it began is not a checkpoint
+            discard_partial(s.output_dir, tag, state.step)
+        raise StorageError(disk_full_message(s.output_dir, need)) from None
+
+
+def write_checkpoint(s: Session, state: State, tag: str, elapsed_s: float) -> None:
+    training = s.training
     cuda = s.device.type == "cuda"
     lora = training.model.peft
     s.engine.save_checkpoint(
@@ -696,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e), BAD_INPUT_EXIT)
     except TrainingDiverged as e:
         return _fail(str(e), DIVERGED_EXIT)
+    except StorageError as e:
+        return _fail(str(e), DISK_FULL_EXIT)
     except Exception as e:
         traceback.print_exc()
         return _fail(f"training failed: {type(e).__name__}: {e}", 1)
