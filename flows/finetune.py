@@ -5,14 +5,17 @@ from prefect.client.schemas.objects import StateType
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled
 
+from flows.interrupted import STOPPED_UNDER
 from tasks.config import RunConfig, TaskType, run_name_for
 from tasks.events import RunEvent, emit, flush
 from tasks.init_model import init_model
+from tasks.process_group import exit_with_parent
 from tasks.recipe import SHORTHANDS, configure
 from tasks.register_model import register_model
 from tasks.run_record import RunRecord, current_user, run_tags
 from tasks.tracking import client, experiment_for, start_run
 from tasks.train import kill_worker, train
+from tasks.training.checkpoint_names import complete_checkpoints
 from tasks.upload_checkpoints import upload_checkpoints
 from tasks.validate_data import validate_data
 from tasks.validate_paths import validate_paths
@@ -85,7 +88,13 @@ def finetune(
     # Keys of `config` are named by their path in errors; the arguments by their own names.
     config = configure(config, shorthands={k: v for k, v in locals().items() if k in SHORTHANDS}, called=None)
     record = _name_run(config, run_name, mlflow_run_id)
+    exit_with_parent(lambda: kill_worker(record))
     emit(record.name, RunEvent.STARTED, f"run {record.name} started")
+    if current_flow_run.run_count > 1:  # scheduled again after the services stopped under it (flows/interrupted.py)
+        done = complete_checkpoints(record.checkpoints)
+        emit(record.name, RunEvent.RESUMED, f"resumed after {STOPPED_UNDER}: " + (
+            f"training continues from checkpoint {done[-1].name}" if done else
+            "it had no checkpoint yet, so its training starts again"), checkpoint=done[-1].name if done else None)
 
     config = validate_paths(record, config)
     train_rows = validate_data(record, config, "train")

@@ -33,6 +33,7 @@ from tasks.data.increments import Inventory, gather, take_inventory
 from tasks.errors import InvalidInputError, TesseraError
 from tasks.events import RunEvent, emit, flush
 from tasks.judge import Verdict, judge
+from tasks.process_group import exit_with_parent
 from tasks.retraining import (
     CHALLENGER_TAG,
     CHAMPION,
@@ -100,6 +101,7 @@ def retrain(config: RetrainConfig, run_name: str | None = None, mlflow_run_id: s
     """
     config = configure_retraining(config, called=None)
     record = _name_retraining(config, run_name, mlflow_run_id)
+    exit_with_parent(lambda: None)  # its runs have watchdogs of their own
     settings, source = config.retrain, config.run.train_data_path
     model = settings.registered_model
     emit(record.name, RunEvent.STARTED, f"retraining {record.name} of {model} started ({settings.mode})")

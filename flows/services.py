@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows import interrupted
 from tasks import tracking
 from tasks.errors import ServiceError
 from tasks.home import tessera_home
@@ -86,6 +87,13 @@ class Service:
     @property
     def log(self) -> Path:
         return services_dir() / f"{self.name}.log"
+
+    def recorded_pid(self) -> int | None:
+        """The pid its pidfile holds, whether or not that process still lives."""
+        try:
+            return int(self.pidfile.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
 
     def pid(self) -> int | None:
         """The service's pid while its process lives."""
@@ -160,6 +168,10 @@ def ensure_started() -> str:
                              "--port", str(PREFECT.port), "--analytics-off"], env)
             _wait_for(lambda: _prefect_home_at(url) == ours, PREFECT, "the Prefect server")
         if RUNNER.pid() is None:
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            with temporary_settings(updates={PREFECT_API_URL: url}):
+                interrupted.recover(RUNNER.recorded_pid())  # runs the last runner left behind carry on
             _spawn(RUNNER, [sys.executable, "-m", "deployments.serve"], env)
             served = (DEPLOYMENT, SWEEP_DEPLOYMENT, RETRAIN_DEPLOYMENT)
             _wait_for(lambda: all(_answers(f"{url}/deployments/name/{d}") for d in served), RUNNER,
@@ -180,9 +192,14 @@ def ensure_started() -> str:
 
 
 def stop() -> list[str]:
-    """Stop the embedded services (runs in progress are killed with the runner); names what was stopped."""
+    """Stop the embedded services; names what was stopped. Runs in progress stop with the runner, uncancelled:
+    they carry on from their latest checkpoint when the services start again (flows/interrupted.py)."""
     stopped = []
-    for service in (RUNNER, MLFLOW, PREFECT):
+    if RUNNER.pid() is not None:
+        interrupted.kill_leftovers(RUNNER.pid())
+        stopped.append(RUNNER.name)
+    RUNNER.pidfile.unlink(missing_ok=True)
+    for service in (MLFLOW, PREFECT):
         pid = service.pid()
         if pid is not None and stop_group(pid):  # each service leads a process group of its own (_spawn)
             stopped.append(service.name)

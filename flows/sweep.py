@@ -31,6 +31,7 @@ from flows.foundation_model.runs import (
 from tasks.config import run_name_for
 from tasks.errors import TesseraError
 from tasks.events import RunEvent, emit, flush
+from tasks.process_group import exit_with_parent
 from tasks.register_model import register_model
 from tasks.run_record import RunRecord, current_user, run_tags, sweep_tags, trial_tag
 from tasks.search import (
@@ -100,6 +101,7 @@ def sweep(config: SweepConfig, sweep_name: str | None = None, mlflow_run_id: str
     """
     config = configure_sweep(config, called=None)
     record = _name_sweep(config, sweep_name, mlflow_run_id)
+    exit_with_parent(lambda: None)  # its runs have watchdogs of their own
     settings = config.sweep
     emit(record.name, RunEvent.STARTED, f"sweep {record.name} started: {settings.trials} trials of "
          f"{', '.join(settings.space)}, {settings.max_parallel} at a time ({settings.strategy})")

@@ -11,6 +11,7 @@ from prefect.events.worker import EventsWorker
 class RunEvent(StrEnum):
     CREATED = "CREATED"
     STARTED = "STARTED"
+    RESUMED = "RESUMED"  # started again after the services stopped under it, from its latest checkpoint
     DATA_VALIDATED = "DATA_VALIDATED"
     MODEL_INITIALIZED = "MODEL_INITIALIZED"
     TRAIN_UPDATED = "TRAIN_UPDATED"

@@ -3,7 +3,9 @@ own, so one signal reaches DeepSpeed's launcher and every rank, or a service and
 
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable
 
 
 def stop_group(pgid: int, grace_s: float = 10.0) -> bool:
@@ -24,6 +26,17 @@ def stop_group(pgid: int, grace_s: float = 10.0) -> bool:
     return True
 
 
+def kill_group(pgid: int, wait_s: float = 10.0) -> None:
+    """SIGKILL the group (no handler runs: a runner would cancel its runs on SIGTERM) and wait until it is gone."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + wait_s
+    while _alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _alive(pgid: int) -> bool:
     try:  # the leader may be our own child (a service started by this process): reap it, or its zombie lingers
         os.waitpid(pgid, os.WNOHANG)
@@ -34,3 +47,17 @@ def _alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def exit_with_parent(cleanup: Callable[[], None], poll_s: float = 1.0) -> None:
+    """End this process within `poll_s` of its parent (the runner, killed), `cleanup` first, leaving its flow run's
+    state as it is: nothing of a run outlives the runner that ran it."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        cleanup()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

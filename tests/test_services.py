@@ -1,6 +1,7 @@
 """The embedded services of two homes side by side on one machine: each talks only to its own."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -58,3 +59,76 @@ def test_a_second_home_never_uses_the_first_homes_services(fm, tmp_path):
         stopped = tessera(theirs, "server", "stop")
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert services._prefect_home_at(services.prefect_api_url())  # the first home's services run on
+
+
+def test_a_run_carries_on_from_its_checkpoint_when_the_runner_dies_or_the_services_stop(fm, tiny_model_dir, chat_file):
+    """The runner SIGKILLed on its own, then every service stopped: each time nothing of the run is left running,
+    the next API call brings the services back, and the run resumes from its latest checkpoint (RESUMED), never
+    cancelled, and completes."""
+    run = fm.create(model=str(tiny_model_dir), train_data_path=chat_file, register_to="main.test",
+                    training_duration="300ba", context_length=64,
+                    overrides={"training_config.save_steps": 10, "training_config.global_batch_size": 2,
+                               "training_config.micro_batch_size": 2})
+    checkpoints = Path(os.environ["TESSERA_HOME"]) / "runs" / run.name / "checkpoints"
+    resumed_after = []
+    for stop in ("the runner killed", "the services stopped"):
+        first = _latest_checkpoint(checkpoints, after=None if not resumed_after else resumed_after[-1][0])
+        runner = services.RUNNER.pid()
+        if stop == "the runner killed":
+            os.kill(runner, signal.SIGKILL)
+            deadline = time.monotonic() + 10  # the flow and its worker follow the runner within a second or two
+            while (_worker_pids(run.name) or _group_alive(runner)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        else:
+            services.stop()
+        assert not _worker_pids(run.name) and not _group_alive(runner), f"{stop}: a process of the run is left"
+        back = time.monotonic()
+        assert fm.get(run.name).status != fm.RunStatus.STOPPED  # the first API call starts the services again
+        resumed = _wait_for_event(fm, run.name, "RESUMED", len(resumed_after) + 1)
+        assert resumed.message.startswith("resumed after the services stopped under it: training continues from "
+                                          "checkpoint ep"), resumed.message
+        assert _tag_step(resumed.payload["checkpoint"]) >= _tag_step(first)
+        resumed_after.append((resumed.payload["checkpoint"], time.monotonic() - back))
+    events = list(fm.get_events(run, follow=True))
+    types = [e.type for e in events]
+    assert types[-1] == "COMPLETED" and "CANCELED" not in types and types.count("RESUMED") == 2, types
+    print(f"resumed after a restart in {', '.join(f'{s:.0f} s' for _, s in resumed_after)}")  # for the notes
+
+
+def _latest_checkpoint(folder: Path, after: str | None, timeout: float = 240) -> str:
+    """The run's latest checkpoint once it has one (past `after`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        link = folder / "latest-sharded-rank0.symlink"
+        if link.is_symlink() and (tag := os.readlink(link)) != after:
+            return tag
+        time.sleep(0.2)
+    raise AssertionError(f"no new checkpoint in {folder} for {timeout}s")
+
+
+def _tag_step(tag: str) -> int:
+    return int(tag.rsplit("-ba", 1)[1])
+
+
+def _wait_for_event(fm, name: str, kind: str, count: int, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in fm.get_events(name) if e.type == kind]
+        if len(found) >= count:
+            return found[count - 1]
+        time.sleep(1)
+    raise AssertionError(f"{name} had no {kind} event #{count} after {timeout}s")
+
+
+def _worker_pids(run_name: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", f"tasks.training.worker --run-name {run_name}"], capture_output=True,
+                           text=True)
+    return found.stdout.split()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
