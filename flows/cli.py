@@ -339,7 +339,7 @@ def server_start():
 
 @server.command(name="stop")
 def server_stop():
-    """Stop them (runs in progress stop with the runner)."""
+    """Stop them; runs in progress stop uncancelled and resume from their latest checkpoint at the next start."""
     stopped = services.stop()
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
