@@ -4,9 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
-# uv ignores pip.conf: point it at the local wheel store (the CPU torch wheel lives there). No --compile-bytecode:
-# compiling all 27,000 files took 65 s; Python compiles the few thousand it imports on first use.
-UV_FLAGS := --python $(PY) --no-deps --find-links /opt/wheels
+# uv ignores pip.conf: point it at the local wheel store (the CPU torch wheel lives there).
+UV_FLAGS := --python $(PY) --no-deps --compile-bytecode --find-links /opt/wheels
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lock server-stop clean
