@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
-# uv ignores pip.conf: point it at the local wheel store (the CPU torch wheel lives there).
+# uv ignores pip.conf: point it at the local wheel store (the CPU torch wheel lives there). Keep --compile-bytecode:
+# these machines set PYTHONDONTWRITEBYTECODE=1, and without .pyc files `make test` took 41 min instead of 20.
 UV_FLAGS := --python $(PY) --no-deps --compile-bytecode --find-links /opt/wheels
 STAMP := $(VENV)/.installed
 
