@@ -51,10 +51,9 @@ def kill_leftovers(runner_pid: int | None) -> None:
         pgid_file.unlink(missing_ok=True)
 
 
-def recover(old_runner_pid: int | None) -> list[str]:
-    """End what the old runner left, then bring its flow runs back; returns the names of the runs rescheduled."""
+def recover(old_runner_pid: int | None) -> None:
+    """End what the old runner left, then bring its flow runs back."""
     kill_leftovers(old_runner_pid)
-    rescheduled = []
     with get_client(sync_client=True) as prefect:
         interrupted = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
             type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]))))
@@ -72,9 +71,7 @@ def recover(old_runner_pid: int | None) -> list[str]:
             else:
                 prefect.set_flow_run_state(flow_run.id, Scheduled(
                     scheduled_time=datetime.now(timezone.utc), message=f"{STOPPED_UNDER}: resuming"), force=True)
-                rescheduled.append(flow_run.name)
     flush()
-    return rescheduled
 
 
 def _end(prefect, flow_run, state, event: RunEvent, mlflow_status: str) -> None:
