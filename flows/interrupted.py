@@ -32,6 +32,7 @@ from tasks.process_group import kill_group
 from tasks.run_record import (
     RETRAIN_TAG,
     SWEEP_TAG,
+    WORKER_PGID,
     RunRecord,
     challenger_tag,
     tag_value,
@@ -46,7 +47,7 @@ def kill_leftovers(runner_pid: int | None) -> None:
     group of its own."""
     if runner_pid is not None:
         _kill_group_of_this_home(runner_pid)
-    for pgid_file in runs_dir().glob("*/worker.pgid"):
+    for pgid_file in runs_dir().glob(f"*/{WORKER_PGID}"):
         _kill_group_of_this_home(int(pgid_file.read_text()))
         pgid_file.unlink(missing_ok=True)
 

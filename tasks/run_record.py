@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tasks.home import runs_dir
 
+WORKER_PGID = "worker.pgid"  # in a run folder while its training worker runs: the worker's process group
+
 
 @dataclass
 class RunRecord:
@@ -37,7 +39,7 @@ class RunRecord:
 
     @property
     def pgid_file(self) -> Path:
-        return self.dir / "worker.pgid"
+        return self.dir / WORKER_PGID
 
     @property
     def logs(self) -> Path:

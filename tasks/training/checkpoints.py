@@ -46,12 +46,22 @@ def latest_tag(output_dir: Path) -> str | None:
     return tag
 
 
+def export_dir(output_dir: Path, step: int) -> Path:
+    """The Hugging Face export of the checkpoint at `step`."""
+    return output_dir / "huggingface" / f"ba{step}"
+
+
+def _staging(path: Path) -> Path:
+    """Where a folder is written before it is renamed into place."""
+    return path.with_name(f".{path.name}.partial")
+
+
 def final_export(output_dir: Path) -> Path:
     """The Hugging Face export of the checkpoint the latest link names: a finished run's model."""
     tag = latest_tag(output_dir)
     if tag is None:
         raise InvalidInputError(f"{output_dir} has no checkpoint yet: the run did not finish")
-    return output_dir / "huggingface" / f"ba{TAG.fullmatch(tag).group(2)}"
+    return export_dir(output_dir, int(TAG.fullmatch(tag).group(2)))
 
 
 def point_latest(output_dir: Path, tag: str) -> None:
@@ -105,7 +115,7 @@ def checkpoint_bytes(output_dir: Path, params: int) -> int:
     tag = latest_tag(output_dir)
     if tag is None:
         return 5 * 4 * params
-    export = output_dir / "huggingface" / f"ba{TAG.fullmatch(tag).group(2)}"
+    export = export_dir(output_dir, int(TAG.fullmatch(tag).group(2)))
     return sum(f.stat().st_size for folder in (output_dir / tag, export) for f in folder.rglob("*") if f.is_file())
 
 
@@ -123,8 +133,7 @@ def discard_partial(output_dir: Path, tag: str, step: int) -> None:
     """Remove what a failed save began (the checkpoint folder, the export and its staging), never a complete one."""
     if latest_tag(output_dir) == tag:
         return
-    for path in (output_dir / tag, output_dir / "huggingface" / f"ba{step}",
-                 output_dir / "huggingface" / f".ba{step}.partial"):
+    for path in (output_dir / tag, export_dir(output_dir, step), _staging(export_dir(output_dir, step))):
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -146,7 +155,7 @@ def save_huggingface(engine, tokenizer, path: Path, zero_stage: int, master: boo
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
     if not master:
         return
-    staging = path.with_name(f".{path.name}.partial")
+    staging = _staging(path)
     shutil.rmtree(staging, ignore_errors=True)
     if lora:
         peft_model = engine.module

@@ -34,6 +34,7 @@ from tasks.training.checkpoints import (
     checkpoint_tag,
     discard_partial,
     disk_full_message,
+    export_dir,
     latest_tag,
     load_weights,
     point_latest,
@@ -309,7 +310,7 @@ def loop(s: Session, state: State) -> None:
              evals_without_improvement=state.watch.evals_without_improvement,
              reason=state.watch.reason(training.early_stopping.min_delta))
     if s.master:
-        emit("finished", batch=state.step, hf_path=str(s.output_dir / "huggingface" / f"ba{state.step}"))
+        emit("finished", batch=state.step, hf_path=str(export_dir(s.output_dir, state.step)))
 
 
 def _number(value) -> float | None:
@@ -421,7 +422,7 @@ def write_checkpoint(s: Session, state: State, tag: str, elapsed_s: float) -> No
         }},
         save_latest=False,  # the latest link below is ours, moved only once the export is written too
     )
-    hf_path = s.output_dir / "huggingface" / f"ba{state.step}"
+    hf_path = export_dir(s.output_dir, state.step)
     save_huggingface(s.engine, s.tokenizer, hf_path, training.deepspeed.zero_stage, s.master,
                      lora=lora.peft_scheme == "lora", config=s.spec.config)
     if s.master:
