@@ -9,7 +9,7 @@ UV := $(VENV)/bin/uv
 UV_FLAGS := --python $(PY) --no-deps --compile-bytecode --find-links /opt/wheels
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lock server-stop clean
+.PHONY: setup compile demo test lock server-stop clean
 
 setup: $(STAMP)
 
@@ -24,10 +24,15 @@ $(STAMP): requirements.lock pyproject.toml
 	DS_ACCELERATOR=cpu $(PY) -m tasks.training.prebuild
 	touch $(STAMP)
 
-demo: setup
+# Tessera's own modules are installed editable, so uv does not compile them: every process (each run starts
+# several) would compile them again. compileall only rewrites what changed.
+compile:
+	$(PY) -m compileall -q tasks flows deployments
+
+demo: setup compile
 	$(PY) examples/demo.py
 
-test: setup
+test: setup compile
 	$(PY) -m pytest -q
 
 # Re-resolve pinned versions. prefect 3.9.1 asks for certifi>=2026.10.19, which the registry

@@ -103,6 +103,7 @@ def test_a_model_retrained_on_its_schedule_keeps_the_better_champion(fm, tiny_mo
         "run": {"model_name_or_path": str(tiny_model_dir), "eval_data_path": chat_file,
                 "eval_prompts": ["What is fact number 3?"]},
         "training_config": {"max_length": 64, "global_batch_size": 4, "micro_batch_size": 2,
+                            "save_steps": 60,  # one checkpoint and one eval, at the end: not one per epoch (10)
                             "trainer": {"max_steps": 60},
                             "model": {"optim": {"lr": 1e-3, "sched": {"name": "constant", "warmup_steps": 1}}}},
         "retrain": {"mode": "continue"},

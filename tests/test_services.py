@@ -66,7 +66,7 @@ def test_a_run_carries_on_from_its_checkpoint_when_the_runner_dies_or_the_servic
     the next API call brings the services back, and the run resumes from its latest checkpoint (RESUMED), never
     cancelled, and completes."""
     run = fm.create(model=str(tiny_model_dir), train_data_path=chat_file, register_to="main.test",
-                    training_duration="120ba", context_length=64,
+                    training_duration="60ba", context_length=64,
                     overrides={"training_config.save_steps": 10, "training_config.global_batch_size": 2,
                                "training_config.micro_batch_size": 2})
     checkpoints = Path(os.environ["TESSERA_HOME"]) / "runs" / run.name / "checkpoints"

@@ -27,7 +27,7 @@ def base(tiny_model_dir, chat_file, **changes) -> dict:
     recipe = {
         "run": {"model_name_or_path": str(tiny_model_dir), "train_data_path": chat_file, "eval_data_path": chat_file,
                 "register_to": "main.sweep"},
-        "training_config": {"max_length": 64, "global_batch_size": 4, "micro_batch_size": 2,
+        "training_config": {"max_length": 64, "global_batch_size": 4, "micro_batch_size": 2, "save_steps": 100,
                             "trainer": {"max_steps": 4, "val_check_interval": 2}},
         "sweep": {"space": {"learning_rate": [1e-4, 1e-3]}, "max_parallel": 2},
     }

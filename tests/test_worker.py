@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +271,12 @@ def test_protocol_lines_parse_back(capsys):
     assert line.startswith("@@tessera ") and line.count("\n") == 1
     assert protocol.parse(line) == {"kind": "progress", "batch": 3, "loss": math.pi}
     assert protocol.parse("DeepSpeed says hello") is None
+
+
+def test_a_worker_process_never_loads_mlflow():
+    """DeepSpeed imports MLflow when it can (2.5 s of CPU at each rank's start); the worker never logs to it."""
+    started = subprocess.run([sys.executable, "-X", "importtime", "-m", "tasks.training.worker", "--help"],
+                             capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=120)
+    assert started.returncode == 0 and "usage: python -m tasks.training.worker" in started.stdout, started.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in started.stderr.splitlines() if line.startswith("import time:")}
+    assert "deepspeed" in imported and not {m for m in imported if m.startswith("mlflow.")}  # tried, not loaded
