@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import socket
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,17 @@ CHAT = [
                   {"role": "assistant", "content": f"Fact {i} is that Tessera fine-tunes models."}]}
     for i in range(24)
 ]
+
+
+def wait_for(run, statuses=None, timeout: float = 240):
+    """Refresh a run, sweep or retraining until its status is one of `statuses` (None: any terminal one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run.refresh()
+        if run.status in statuses if statuses else run.status.is_terminal():
+            return run
+        time.sleep(1)
+    raise AssertionError(f"{run.name} stayed {run.status} for {timeout}s")
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from prefect.deployments import run_deployment
 
 from flows import services
 from tasks.errors import InvalidInputError, RunNotFoundError
-from conftest import CHAT
+from conftest import CHAT, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -37,14 +37,6 @@ def garbage() -> list[dict]:
     """The eval set's questions with answers unlike its own: training on them makes the frozen set's loss worse."""
     return [{"messages": [m, {"role": "assistant", "content": f"Zebra {i} quartz {i * 7} violin."}]}
             for i, (m, _) in enumerate(r["messages"] for r in CHAT)]
-
-
-def _wait(fm, retraining, timeout=600):
-    deadline = time.monotonic() + timeout
-    while not retraining.refresh().status.is_terminal():
-        assert time.monotonic() < deadline, f"{retraining.name} stayed {retraining.status} for {timeout}s"
-        time.sleep(2)
-    return retraining
 
 
 def _registry() -> MlflowClient:
@@ -127,7 +119,7 @@ def test_a_model_retrained_on_its_schedule_keeps_the_better_champion(fm, tiny_mo
         on_promotion(url)
 
     # 1. The first retraining, with the schedule's settings: no champion yet, so a challenger that completes wins.
-    first = _wait(fm, fm.retrain_now(MODEL))
+    first = wait_for(fm.retrain_now(MODEL), timeout=600)
     assert (first.status, first.outcome) == (fm.RunStatus.COMPLETED, "promoted"), first.details
     promoted = _verdict(first)
     assert promoted.type == "RETRAIN_PROMOTED" and promoted.payload["champion_eval_loss"] is None
@@ -155,7 +147,7 @@ def test_a_model_retrained_on_its_schedule_keeps_the_better_champion(fm, tiny_mo
 
     # 3. Good data: more of what the frozen set asks, from the champion; promoted.
     (incoming / "week3.jsonl").write_text(conversations(CHAT))
-    third = _wait(fm, fm.retrain_now(MODEL))
+    third = wait_for(fm.retrain_now(MODEL), timeout=600)
     assert third.outcome == "promoted", third.details
     better = _verdict(third)
     assert better.payload["challenger_eval_loss"] < better.payload["champion_eval_loss"]
@@ -168,7 +160,7 @@ def test_a_model_retrained_on_its_schedule_keeps_the_better_champion(fm, tiny_mo
     assert [(p["model"], p["version"]) for p in posted] == [(MODEL, 1), (MODEL, 3)]
 
     # 4. Nothing new: skipped, nothing trained.
-    fourth = _wait(fm, fm.retrain_now(MODEL))
+    fourth = wait_for(fm.retrain_now(MODEL), timeout=600)
     assert (fourth.outcome, fourth.challenger) == ("skipped", None)
     assert "nothing new" in _verdict(fourth).message
     assert [r.name for r in fm.list_retrainings(MODEL)] == [fourth.name, third.name, second.name, first.name]

@@ -3,13 +3,7 @@
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
-import threading
-import time
 import uuid
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import mlflow
@@ -17,32 +11,19 @@ import pyarrow as pa
 import pytest
 import yaml
 from deltalake import write_deltalake
-from prefect.client.schemas.actions import WorkPoolCreate
 
 from tasks.data.prepare import EVIDENCE
-from tasks.errors import InvalidInputError, TooManyActiveRunsError
+from tasks.errors import InvalidInputError
 from tasks.home import tables_root, volumes_root
 from tasks.recipe import configure
-from tasks.run_record import RUN_TAG
 from tasks.tracking import client
-from conftest import CHAT
+from conftest import CHAT, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
-
 def jsonl(records: list) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
-
-
-def _wait(fm, run, statuses, timeout=240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run.refresh()
-        if run.status in statuses:
-            return run
-        time.sleep(1)
-    raise AssertionError(f"{run.name} stayed {run.status} for {timeout}s")
 
 
 def test_a_run_goes_from_s3_data_to_a_registered_model(fm, tiny_model_dir, s3):
@@ -77,7 +58,7 @@ def test_a_run_goes_from_s3_data_to_a_registered_model(fm, tiny_model_dir, s3):
     assert p["training_tokens"] == 2 * (p["num_rows"] // 8 * 8 * 64)  # 2ep: whole global batches of 8 rows of 64
     assert f"25 examples, {p['num_tokens']:,} tokens in {p['num_rows']} rows of 64" in validated.message
 
-    run = _wait(fm, run, {fm.RunStatus.COMPLETED})
+    run = wait_for(run, {fm.RunStatus.COMPLETED})
     assert run.completed_at and run.started_at and run.run_id and run.experiment_id
     assert re.fullmatch(rf"/Users/[^/]+/{run.name}", run.experiment_path)
     assert fm.get(run.name).status == fm.RunStatus.COMPLETED
@@ -113,52 +94,6 @@ def test_a_run_goes_from_s3_data_to_a_registered_model(fm, tiny_model_dir, s3):
     assert isinstance(text, str) and len(text) > len("Hello")
 
 
-def test_cancel_stops_the_run_and_its_worker_but_keeps_its_files(fm, tiny_model_dir, chat_file):
-    run = fm.create(model=str(tiny_model_dir), train_data_path=chat_file, register_to="main.test",
-                    training_duration="100000ba", context_length=64)
-    for event in fm.get_events(run, follow=True):
-        if event.type == "TRAIN_UPDATED":
-            break
-    assert _worker_pids(run.name), "the worker should be running"
-    assert fm.cancel(run) == 1
-    cancelled_at = time.monotonic()
-    run = _wait(fm, run, {fm.RunStatus.STOPPED}, timeout=30)
-    events = fm.get_events(run)  # read at once: a run that has ended has its terminal event, and all before it
-    assert events[-1].type == "CANCELED" and "TRAIN_UPDATED" in [e.type for e in events], events
-    while _worker_pids(run.name) and time.monotonic() - cancelled_at < 30:
-        time.sleep(0.5)
-    assert not _worker_pids(run.name), "no training process may outlive a cancel by 30 s"
-    run_dir = Path(os.environ["TESSERA_HOME"]) / "runs" / run.name
-    assert (run_dir / "logs" / "worker.log").stat().st_size > 0
-    assert fm.cancel(run) == 0  # already stopped
-
-
-def test_an_ended_run_whose_process_never_said_so_gets_its_terminal_event_once(fm):
-    """A run that ended with nobody left to send its terminal event (its process killed with the runner): the first
-    read writes it from the flow run's final state; every later read sees that one event."""
-    from prefect import get_client
-    from prefect.states import Crashed, Scheduled
-
-    from flows import services
-
-    name = f"ift-orphan-{uuid.uuid4().hex[:6]}"
-    with services.connected(), get_client(sync_client=True) as prefect:
-        deployment = prefect.read_deployment_by_name("finetune/default")
-        tomorrow = datetime.now(timezone.utc) + timedelta(days=1)  # the runner must not start it
-        flow_run = prefect.create_flow_run_from_deployment(deployment.id, name=name, tags=[RUN_TAG],
-                                                           state=Scheduled(scheduled_time=tomorrow))
-        prefect.set_flow_run_state(flow_run.id, Crashed(message="the runner was killed"), force=True)
-    assert fm.get(name).status == fm.RunStatus.FAILED
-    (ended,) = fm.get_events(name)
-    assert (ended.type, ended.message, ended.payload["from_state"]) == ("FAILED", "the runner was killed", True)
-    assert [e.type for e in fm.get_events(name)] == ["FAILED"]  # written once, whoever reads
-
-
-def _worker_pids(run_name: str) -> list[str]:
-    found = subprocess.run(["pgrep", "-f", f"tasks.training.worker --run-name {run_name}"], capture_output=True, text=True)
-    return found.stdout.split()
-
-
 @pytest.mark.parametrize("overrides, message", [
     (dict(model="acme/no-such-model"), r"unknown model 'acme/no-such-model'"),
     (dict(model="/no/such/folder"), r"model folder /no/such/folder does not exist"),
@@ -179,110 +114,6 @@ def test_bad_input_is_refused_before_any_run_exists(fm, tiny_model_dir, chat_fil
     with pytest.raises(InvalidInputError, match=message):
         fm.create(**{**args, **overrides})
     assert len(fm.list(include_details=False, limit=1000)) == before
-
-
-def test_the_active_run_limit_holds_when_creates_race(fm, tiny_model_dir, chat_file, monkeypatch):
-    active = len(fm.list(statuses=[s for s in fm.ACTIVE], include_details=False))
-    monkeypatch.setenv("TESSERA_MAX_ACTIVE_RUNS", str(active + 3))
-    results: list = []
-
-    def submit():
-        try:
-            results.append(fm.create(model=str(tiny_model_dir), train_data_path=chat_file, register_to="main.test",
-                                     training_duration="100000ba", context_length=64))
-        except TooManyActiveRunsError as e:
-            results.append(e)
-
-    threads = [threading.Thread(target=submit) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    created = [r for r in results if not isinstance(r, Exception)]
-    refused = [r for r in results if isinstance(r, TooManyActiveRunsError)]
-    assert (len(created), len(refused)) == (3, 3)
-    assert "cancel one" in str(refused[0])
-    assert fm.cancel(created) == 3
-    # Three runs starting at once on 2 cores: the runner marks each cancelled once its flow process is gone and
-    # its cancellation hook has run, which under that load has taken over 60 s.
-    for run in created:
-        _wait(fm, run, {fm.RunStatus.STOPPED}, timeout=180)
-
-
-def _deployment_run(params: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "prefect", "deployment", "run", "finetune/default", "--params", json.dumps(params)],
-        capture_output=True, text=True, env={**os.environ, "PREFECT_API_URL": os.environ["PREFECT_API_URL"]},
-        timeout=120,
-    )
-
-
-def test_prefect_deployment_run_takes_the_config_or_the_anchors_arguments(fm, tiny_model_dir, chat_file):
-    config = {"run": {"model_name_or_path": str(tiny_model_dir), "train_data_path": chat_file, "register_to": "main.cli"},
-              "training_config": {"max_length": 64, "trainer": {"max_steps": 3}}}
-    anchor = {"model": str(tiny_model_dir), "train_data_path": chat_file, "register_to": "main.cli",
-              "training_duration": "1ep", "context_length": 64}
-    started = [_deployment_run(params) for params in ({"config": config}, anchor)]
-    assert all(done.returncode == 0 for done in started), [done.stdout + done.stderr for done in started]
-    flow_run_ids = [re.search(r"UUID: ([0-9a-f-]{36})", done.stdout).group(1) for done in started]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        named = {r.flow_run_id: r for r in fm.list(include_details=False) if r.flow_run_id in flow_run_ids}
-        if len(named) == 2 and all(r.status.is_terminal() for r in named.values()):
-            break
-        time.sleep(2)
-    for flow_run_id, duration in zip(flow_run_ids, ("3ba", "1ep")):
-        run = named[flow_run_id]
-        assert run.status == fm.RunStatus.COMPLETED, run.details
-        assert run.name.startswith("ift-tiny-llama")  # the flow named itself like create() would
-        assert run.experiment_id and run.name in [r.name for r in fm.list(experiment_id=run.experiment_id)]
-        assert (run.training_duration, run.context_length, run.register_to) == (duration, 64, "main.cli")
-        events = [e.type for e in fm.get_events(run.name, follow=True)]  # the server stores events a few s late
-        assert events[0] == "CREATED" and events[-1] == "COMPLETED", events
-
-
-def test_the_deployment_refuses_a_bad_config_before_a_run_exists(fm, tiny_model_dir, chat_file):
-    """The deployment's parameter schema is the config's: the server (and the UI's form) check against it."""
-    from prefect import get_client
-
-    with get_client(sync_client=True) as prefect:
-        deployment = prefect.read_deployment_by_name("finetune/default")
-        before = len(prefect.read_flow_runs())
-    schema = deployment.parameter_openapi_schema
-    config = schema["definitions"]["RunConfig"]
-    assert set(config["properties"]) == {"run", "training_config"} and config["additionalProperties"] is False
-    lr = schema["definitions"]["Optim"]["properties"]["lr"]
-    assert (lr["maximum"], lr["default"]) == (1e-3, 5e-5) and "learning rate" in lr["description"]
-    assert {"model", "train_data_path", "register_to", "learning_rate"} <= set(schema["properties"])
-
-    bad = {"config": {"run": {"model_name_or_path": str(tiny_model_dir), "train_data_path": chat_file,
-                              "register_to": "main.cli"},
-                      "training_config": {"model": {"optim": {"lr": 5}}, "max_lenght": 64}}}
-    done = _deployment_run(bad)
-    assert done.returncode != 0 and "lr" in done.stdout + done.stderr, done.stdout + done.stderr
-    with get_client(sync_client=True) as prefect:
-        assert len(prefect.read_flow_runs()) == before  # refused before any run existed
-
-
-def test_a_work_pool_deployment_has_the_same_settings(fm, tmp_path):
-    from prefect import get_client
-
-    with get_client(sync_client=True) as prefect:
-        prefect.create_work_pool(WorkPoolCreate(name="tessera-test", type="process"))
-    done = subprocess.run([sys.executable, "-m", "deployments.deploy", "--pool", "tessera-test", "--name", "pool"],
-                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1],
-                          env={**os.environ, "PREFECT_API_URL": os.environ["PREFECT_API_URL"]})
-    assert done.returncode == 0, done.stdout + done.stderr
-    with get_client(sync_client=True) as prefect:
-        for flow in ("finetune", "sweep"):
-            pooled = prefect.read_deployment_by_name(f"{flow}/pool")
-            served = prefect.read_deployment_by_name(f"{flow}/default")
-            assert pooled.work_pool_name == "tessera-test" and pooled.entrypoint == f"flows/{flow}.py:{flow}"
-            assert pooled.parameter_openapi_schema == served.parameter_openapi_schema
-            assert (pooled.tags, pooled.description) == (served.tags, served.description)
-        assert prefect.read_deployment_by_name("finetune/pool").global_concurrency_limit.limit == 10
-        # Training takes slots of one global limit, one per GPU; on a CPU machine TESSERA_DEVICE_SLOTS, default 10.
-        assert prefect.read_global_concurrency_limit_by_name("tessera-devices").limit == 10
 
 
 def test_the_bundled_smollm2_fine_tunes_and_registers(fm, chat_file):
@@ -312,7 +143,7 @@ def test_bad_records_fail_the_run_at_validation_with_where_and_what(fm, tiny_mod
         events = list(fm.get_events(run, follow=True))
         assert events[-1].type == "FAILED" and said in events[-1].message, events[-1].message
         assert "DATA_VALIDATED" not in [e.type for e in events]  # nothing past validation ran
-        run = _wait(fm, run, {fm.RunStatus.FAILED})
+        run = wait_for(run, {fm.RunStatus.FAILED})
         report = Path(client().download_artifacts(run.run_id, "data/train/report.txt")).read_text()
         assert said.split(": found")[0] in report  # why stays with the run
 
@@ -401,7 +232,7 @@ def test_a_recipe_sets_the_engine_knobs_and_the_resolved_config_is_kept(fm, tiny
         },
     }
     run = fm.create(recipe=recipe, learning_rate=5e-4)  # an argument overrides the recipe
-    run = _wait(fm, run, {fm.RunStatus.COMPLETED, fm.RunStatus.FAILED})
+    run = wait_for(run, {fm.RunStatus.COMPLETED, fm.RunStatus.FAILED})
     assert run.status == fm.RunStatus.COMPLETED, run.details
     finished = next(e for e in fm.get_events(run, follow=True) if e.type == "TRAIN_FINISHED")  # stored a few s late
     assert finished.message.startswith("training stopped early at batch 4: eval loss did not improve")
@@ -439,7 +270,7 @@ def test_a_lora_run_registers_a_merged_model_and_keeps_the_adapter(fm, tiny_mode
                       "peft": {"peft_scheme": "lora", "lora_tuning": {"alpha": 32, "rank": 8, "loraplus_lr_ratio": 8}}},
         },
     }
-    run = _wait(fm, fm.create(recipe=recipe), {fm.RunStatus.COMPLETED, fm.RunStatus.FAILED})
+    run = wait_for(fm.create(recipe=recipe), {fm.RunStatus.COMPLETED, fm.RunStatus.FAILED})
     assert run.status == fm.RunStatus.COMPLETED, run.details
 
     mlflow.set_tracking_uri(f"sqlite:///{os.environ['TESSERA_HOME']}/mlflow/mlflow.db")
@@ -455,7 +286,7 @@ def test_a_lora_run_registers_a_merged_model_and_keeps_the_adapter(fm, tiny_mode
     # Continued training: a new LoRA run from this one's latest checkpoint, named as the artifact store holds it.
     latest = fm.get_checkpoints(run)[-1].rsplit("/", 1)[0] + "/latest-sharded-rank0.symlink"
     assert latest.startswith("file://")
-    again = _wait(fm, fm.create(recipe=recipe, custom_weights_path=latest), {fm.RunStatus.COMPLETED, fm.RunStatus.FAILED})
+    again = wait_for(fm.create(recipe=recipe, custom_weights_path=latest), {fm.RunStatus.COMPLETED, fm.RunStatus.FAILED})
     assert again.status == fm.RunStatus.COMPLETED, again.details
     initialized = next(e for e in fm.get_events(again, follow=True) if e.type == "MODEL_INITIALIZED")
     assert initialized.message.endswith(f"initialized with the weights of {latest}: 3M parameters")
@@ -463,29 +294,3 @@ def test_a_lora_run_registers_a_merged_model_and_keeps_the_adapter(fm, tiny_mode
     assert Path(spec["init_from"]).name == fm.get_checkpoints(run)[-1].rsplit("/", 1)[-1]
 
 
-def test_a_killed_worker_is_resumed_by_the_train_tasks_retry(fm, tiny_model_dir, chat_file):
-    """Two processes through the deepspeed launcher, SIGKILLed after a checkpoint: the retry resumes and completes."""
-    recipe = {
-        "run": {"model_name_or_path": str(tiny_model_dir), "train_data_path": chat_file, "register_to": "main.test"},
-        "training_config": {"max_length": 64, "global_batch_size": 4, "micro_batch_size": 2, "save_steps": 10,
-                            "save_top_k": 2, "trainer": {"max_steps": 30}, "deepspeed": {"processes": 2}},
-    }
-    run = fm.create(recipe=recipe, learning_rate=1e-3)
-    checkpoints = Path(os.environ["TESSERA_HOME"]) / "runs" / run.name / "checkpoints"
-    deadline, polls = time.monotonic() + 240, 0
-    while not (checkpoints / "latest-sharded-rank0.symlink").is_symlink():
-        assert time.monotonic() < deadline, "no checkpoint in 240 s"
-        polls += 1
-        assert polls % 40 or not run.refresh().status.is_terminal(), run.details  # every 2 s: did it end?
-        time.sleep(0.05)
-    os.killpg(int((checkpoints.parent / "worker.pgid").read_text()), signal.SIGKILL)  # the launcher and both ranks
-    resumed_from = os.readlink(checkpoints / "latest-sharded-rank0.symlink")
-
-    events = list(fm.get_events(run, follow=True))
-    assert events[-1].type == "COMPLETED", [(e.type, e.message) for e in events]
-    assert f"resumed from {resumed_from}" in [e.message for e in events if e.type == "TRAIN_UPDATED"]
-    assert next(e for e in events if e.type == "TRAIN_FINISHED").message == "training finished after 30 batches"
-    log = (checkpoints.parent / "logs" / "worker.log").read_text()
-    assert log.count("2 process(es) on cpu") == 2  # the first attempt and the retry, both on two ranks
-    kept = fm.get_checkpoints(run)
-    assert len(kept) == 2 and kept[-1].endswith("-ba30"), kept  # save_top_k held across the retry

@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 
 from tasks.errors import InvalidInputError
 from tasks.search import storage_url
+from conftest import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -34,15 +35,6 @@ def base(tiny_model_dir, chat_file, **changes) -> dict:
     for section, values in changes.items():
         recipe[section] = {**recipe[section], **values}
     return recipe
-
-
-def _wait(sweep, timeout=600):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if sweep.refresh().status.is_terminal():
-            return sweep
-        time.sleep(2)
-    raise AssertionError(f"sweep {sweep.name} stayed {sweep.status} for {timeout}s")
 
 
 def _registry() -> MlflowClient:
@@ -72,7 +64,7 @@ def test_a_grid_sweep_two_at_a_time_prunes_what_falls_behind_and_registers_only_
     long before its end (the 4-step one may end first)."""
     space = {"learning_rate": [1e-3, 1e-6], "training_duration": ["4ba", "20ba"]}
     recipe = base(tiny_model_dir, chat_file, training_config={"model": {"optim": {"sched": {"warmup_steps": 1}}}})
-    sweep = _wait(fm.sweep(space=space, strategy="grid", max_trials=8, prune=True, recipe=recipe))
+    sweep = wait_for(fm.sweep(space=space, strategy="grid", max_trials=8, prune=True, recipe=recipe), timeout=600)
     assert sweep.status == fm.RunStatus.COMPLETED, sweep.details
     trials = sweep.trials
     assert [(t.learning_rate, t.training_duration) for t in trials] == [
@@ -135,7 +127,7 @@ def test_cancelling_a_sweep_stops_all_its_trials(fm, tiny_model_dir, chat_file):
         assert time.monotonic() < deadline, [(t.name, t.status) for t in trials]
         time.sleep(1)
     assert fm.cancel(sweep) == 2
-    sweep = _wait(sweep, timeout=120)
+    sweep = wait_for(sweep, timeout=120)
     assert sweep.status == fm.RunStatus.STOPPED
     deadline = time.monotonic() + 60
     while any(_training(t.name) for t in trials) and time.monotonic() < deadline:
@@ -160,12 +152,12 @@ def test_a_crashed_sweep_continues_its_study_when_run_again(fm, tiny_model_dir, 
         assert time.monotonic() < deadline and not sweep.refresh().status.is_terminal(), sweep.status
         time.sleep(0.5)
     os.kill(_sweep_process(sweep.refresh().flow_run_id), signal.SIGKILL)
-    crashed = _wait(sweep, timeout=120)
+    crashed = wait_for(sweep, timeout=120)
     assert crashed.status == fm.RunStatus.FAILED
     failed = list(fm.get_events(sweep.name, follow=True))[-1]  # the server stores events a few s late
     assert failed.type == "FAILED" and f"fm.resume_sweep('{sweep.name}') continues it" in failed.message
 
-    resumed = _wait(fm.resume_sweep(sweep.name))
+    resumed = wait_for(fm.resume_sweep(sweep.name), timeout=600)
     assert resumed.status == fm.RunStatus.COMPLETED, resumed.details
     assert [(t.name, t.flow_run_id) for t in resumed.trials] == [(t.name, t.flow_run_id) for t in trials]
     assert all(t.status == fm.RunStatus.COMPLETED for t in resumed.trials)
