@@ -157,8 +157,12 @@ def test_a_crashed_sweep_continues_its_study_when_run_again(fm, tiny_model_dir, 
     failed = list(fm.get_events(sweep.name, follow=True))[-1]  # the server stores events a few s late
     assert failed.type == "FAILED" and f"fm.resume_sweep('{sweep.name}') continues it" in failed.message
 
-    resumed = wait_for(fm.resume_sweep(sweep.name), timeout=600)
+    resumed = fm.resume_sweep(sweep.name)
+    followed = [e.type for e in fm.get_events(sweep.name, follow=True)]  # past the crash's FAILED, to the end
+    assert followed[-1] == "COMPLETED" and "FAILED" in followed, followed
+    resumed = wait_for(resumed, timeout=600)
     assert resumed.status == fm.RunStatus.COMPLETED, resumed.details
+    assert resumed.get_events()[-1].type == "COMPLETED"
     assert [(t.name, t.flow_run_id) for t in resumed.trials] == [(t.name, t.flow_run_id) for t in trials]
     assert all(t.status == fm.RunStatus.COMPLETED for t in resumed.trials)
     study = optuna.load_study(study_name=sweep.name, storage=storage_url())

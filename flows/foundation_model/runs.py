@@ -443,7 +443,7 @@ def settled_events(name: str, flow_run) -> "builtins.list[FineTuningEvent]":
     if not status.is_terminal():
         return events
     written, deadline = False, time.monotonic() + EVENTS_SETTLE_S
-    while not any(RunEvent(e.type).is_terminal for e in events):
+    while not any(_ends(e, flow_run) for e in events):
         if time.monotonic() > deadline:
             if written:
                 break
@@ -455,6 +455,12 @@ def settled_events(name: str, flow_run) -> "builtins.list[FineTuningEvent]":
         time.sleep(0.25)
         events = _read_events(name)
     return events
+
+
+def _ends(event: FineTuningEvent, flow_run) -> bool:
+    """Whether the event ends this flow run: a terminal event since it was created. A sweep resumed after a crash
+    is a new flow run under the same name, and the old attempt's FAILED is history, not its end."""
+    return RunEvent(event.type).is_terminal and event.time >= flow_run.created
 
 
 def _follow(name: str, flow_run_of) -> Iterator[FineTuningEvent]:
@@ -471,7 +477,7 @@ def _follow(name: str, flow_run_of) -> Iterator[FineTuningEvent]:
                     continue
                 seen.add(key)
                 yield event
-                if RunEvent(event.type).is_terminal:
+                if _ends(event, flow_run):
                     return
             if ended:
                 return
