@@ -21,6 +21,7 @@ from flows import interrupted
 from tasks import tracking
 from tasks.errors import ServiceError
 from tasks.home import tessera_home
+from tasks.ports import free_port
 from tasks.process_group import stop_group
 
 DEPLOYMENT = "finetune/default"
@@ -76,9 +77,7 @@ class Service:
         if self.port_env in os.environ:
             raise ServiceError(f"port {self.port} ({self.port_env}) is taken by {holder}: set {self.port_env} to a "
                                "free port, or unset it and Tessera takes one")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.portfile.write_text(str(s.getsockname()[1]))
+        self.portfile.write_text(str(free_port()))
 
     @property
     def pidfile(self) -> Path:

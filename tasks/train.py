@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from tasks.config import RunConfig
 from tasks.devices import DEVICE_SLOTS, claim_gpus
 from tasks.errors import InvalidInputError, StorageError, TrainingDiverged, WorkerFailed
 from tasks.events import RunEvent, emit
+from tasks.ports import free_port
 from tasks.process_group import stop_group
 from tasks.retries import retryable
 from tasks.run_record import RunRecord
@@ -148,19 +148,13 @@ def worker_command(spec: TrainSpec, spec_path: str, gpus: list[str] | None = Non
     if spec.processes == 1:
         return [sys.executable, "-m", *worker]
     processes = [] if gpus else ["--num_gpus", str(spec.processes)]  # on the CPU: how many
-    return [sys.executable, "-m", "deepspeed.launcher.runner", *processes, "--master_port", str(_free_port()),
+    return [sys.executable, "-m", "deepspeed.launcher.runner", *processes, "--master_port", str(free_port()),
             "--module", *worker]
 
 
 def worker_env(gpus: list[str]) -> dict[str, str] | None:
     """The worker sees only the GPUs its run holds (by machine-wide id); None on the CPU: this process's own."""
     return {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def diverged_message(diverged: dict, learning_rate: float) -> str:

@@ -3,13 +3,14 @@
 import json
 import os
 import shutil
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tasks.ports import free_port
 
 # Isolate every test session from the user's ~/.tessera and any running Prefect, before imports use them.
 _SESSION_HOME = Path(os.environ.get("TESSERA_TEST_HOME", "/tmp/tessera-test")) / f"s{os.getpid()}"
@@ -121,20 +122,14 @@ def s3(s3_endpoint: str, aws_env: dict[str, str | None], monkeypatch):
     urllib.request.urlopen(urllib.request.Request(f"{s3_endpoint}/moto-api/reset", method="POST")).close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def fm(aws_env, tmp_path_factory):
     """The public API with the embedded services started on free ports, once per session; stopped afterwards.
 
     A run reads its data in the runner's process, with the environment the services started with, as a user's
     runs do: so S3 (the moto server), the volumes root and the tables root are set before they start."""
-    os.environ["TESSERA_PREFECT_PORT"] = str(_free_port())
-    os.environ["TESSERA_MLFLOW_PORT"] = str(_free_port())
+    os.environ["TESSERA_PREFECT_PORT"] = str(free_port())
+    os.environ["TESSERA_MLFLOW_PORT"] = str(free_port())
     stores = tmp_path_factory.mktemp("stores")
     with pytest.MonkeyPatch.context() as env:
         _set_env(env, aws_env)

@@ -7,7 +7,6 @@ exactly minus the gradient, or with the worker's AdamW and zero gradients, so th
 """
 
 import copy
-import socket
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.errors import InvalidInputError
+from tasks.ports import free_port
 from tasks.training.data import IGNORE, MicroBatch, PackedRows, step_batches
 from tasks.recipe import configure
 from test_worker import write_rows
@@ -24,10 +24,7 @@ from test_worker import write_rows
 def one_rank():
     import deepspeed
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)

@@ -12,7 +12,6 @@ import math
 import os
 import resource
 import shutil
-import socket
 import sys
 import time
 import traceback
@@ -33,6 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tasks.config import Model, TrainingConfig
 from tasks.errors import InvalidInputError, StorageError, TrainingDiverged
+from tasks.ports import free_port
 from tasks.training.checkpoints import (
     check_same_architecture,
     checkpoint_bytes,
@@ -706,9 +706,7 @@ def answer(engine, tokenizer, prompts: list[str], seed: int, device: torch.devic
 def _single_process_defaults() -> None:
     """Launched alone rather than by the deepspeed launcher: be rank 0 of 1, on a free local port."""
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
 

@@ -1,0 +1,9 @@
+"""A free TCP port on loopback, for a service or a process group's rendezvous: the OS picks one not in use."""
+
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
