@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -30,6 +31,13 @@ CHAT = [
                   {"role": "assistant", "content": f"Fact {i} is that Tessera fine-tunes models."}]}
     for i in range(24)
 ]
+
+
+def worker_pids(run_name: str) -> list[str]:
+    """The pids of the run's training worker processes (none once it has stopped)."""
+    found = subprocess.run(["pgrep", "-f", f"tasks.training.worker --run-name {run_name}"], capture_output=True,
+                           text=True)
+    return found.stdout.split()
 
 
 def wait_for(run, statuses=None, timeout: float = 240):

@@ -3,7 +3,6 @@ nobody sent, a killed worker."""
 
 import os
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -14,7 +13,7 @@ import pytest
 
 from tasks.errors import TooManyActiveRunsError
 from tasks.run_record import RUN_TAG
-from conftest import wait_for
+from conftest import wait_for, worker_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -25,15 +24,15 @@ def test_cancel_stops_the_run_and_its_worker_but_keeps_its_files(fm, tiny_model_
     for event in fm.get_events(run, follow=True):
         if event.type == "TRAIN_UPDATED":
             break
-    assert _worker_pids(run.name), "the worker should be running"
+    assert worker_pids(run.name), "the worker should be running"
     assert fm.cancel(run) == 1
     cancelled_at = time.monotonic()
     run = wait_for(run, {fm.RunStatus.STOPPED}, timeout=30)
     events = fm.get_events(run)  # read at once: a run that has ended has its terminal event, and all before it
     assert events[-1].type == "CANCELED" and "TRAIN_UPDATED" in [e.type for e in events], events
-    while _worker_pids(run.name) and time.monotonic() - cancelled_at < 30:
+    while worker_pids(run.name) and time.monotonic() - cancelled_at < 30:
         time.sleep(0.5)
-    assert not _worker_pids(run.name), "no training process may outlive a cancel by 30 s"
+    assert not worker_pids(run.name), "no training process may outlive a cancel by 30 s"
     run_dir = Path(os.environ["TESSERA_HOME"]) / "runs" / run.name
     assert (run_dir / "logs" / "worker.log").stat().st_size > 0
     assert fm.cancel(run) == 0  # already stopped
@@ -58,11 +57,6 @@ def test_an_ended_run_whose_process_never_said_so_gets_its_terminal_event_once(f
     (ended,) = fm.get_events(name)
     assert (ended.type, ended.message, ended.payload["from_state"]) == ("FAILED", "the runner was killed", True)
     assert [e.type for e in fm.get_events(name)] == ["FAILED"]  # written once, whoever reads
-
-
-def _worker_pids(run_name: str) -> list[str]:
-    found = subprocess.run(["pgrep", "-f", f"tasks.training.worker --run-name {run_name}"], capture_output=True, text=True)
-    return found.stdout.split()
 
 
 def test_the_active_run_limit_holds_when_creates_race(fm, tiny_model_dir, chat_file, monkeypatch):

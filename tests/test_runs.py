@@ -17,6 +17,7 @@ from tasks.errors import InvalidInputError
 from tasks.home import tables_root, volumes_root
 from tasks.recipe import configure
 from tasks.tracking import client
+from tasks.training.checkpoint_names import tag_step
 from conftest import CHAT, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -82,7 +83,7 @@ def test_a_run_goes_from_s3_data_to_a_registered_model(fm, tiny_model_dir, s3):
     assert len(store.get_metric_history(run.run_id, "loss")) >= 2
     assert len(store.get_metric_history(run.run_id, "eval_loss")) == 2  # at each epoch's checkpoint
     table = store.load_table(run.experiment_id, "eval_generations.json", run_ids=[run.run_id])
-    last = int(checkpoints[-1].rsplit("-ba", 1)[1])
+    last = tag_step(checkpoints[-1].rsplit("/", 1)[1])
     assert (table["batch"].min(), table["batch"].max()) == (0, last)  # before training, and at each checkpoint
     assert all(table["response"].str.len() > 0)
 

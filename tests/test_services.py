@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from flows import services
+from tasks.training.checkpoint_names import tag_step
+from conftest import worker_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -77,17 +79,17 @@ def test_a_run_carries_on_from_its_checkpoint_when_the_runner_dies_or_the_servic
         if stop == "the runner killed":
             os.kill(runner, signal.SIGKILL)
             deadline = time.monotonic() + 10  # the flow and its worker follow the runner within a second or two
-            while (_worker_pids(run.name) or _group_alive(runner)) and time.monotonic() < deadline:
+            while (worker_pids(run.name) or _group_alive(runner)) and time.monotonic() < deadline:
                 time.sleep(0.2)
         else:
             services.stop()
-        assert not _worker_pids(run.name) and not _group_alive(runner), f"{stop}: a process of the run is left"
+        assert not worker_pids(run.name) and not _group_alive(runner), f"{stop}: a process of the run is left"
         back = time.monotonic()
         assert fm.get(run.name).status != fm.RunStatus.STOPPED  # the first API call starts the services again
         resumed = _wait_for_event(fm, run.name, "RESUMED", len(resumed_after) + 1)
         assert resumed.message.startswith("resumed after the services stopped under it: training continues from "
                                           "checkpoint ep"), resumed.message
-        assert _tag_step(resumed.payload["checkpoint"]) >= _tag_step(first)
+        assert tag_step(resumed.payload["checkpoint"]) >= tag_step(first)
         resumed_after.append((resumed.payload["checkpoint"], time.monotonic() - back))
     events = list(fm.get_events(run, follow=True))
     types = [e.type for e in events]
@@ -106,10 +108,6 @@ def _latest_checkpoint(folder: Path, after: str | None, timeout: float = 240) ->
     raise AssertionError(f"no new checkpoint in {folder} for {timeout}s")
 
 
-def _tag_step(tag: str) -> int:
-    return int(tag.rsplit("-ba", 1)[1])
-
-
 def _wait_for_event(fm, name: str, kind: str, count: int, timeout: float = 300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -118,12 +116,6 @@ def _wait_for_event(fm, name: str, kind: str, count: int, timeout: float = 300):
             return found[count - 1]
         time.sleep(1)
     raise AssertionError(f"{name} had no {kind} event #{count} after {timeout}s")
-
-
-def _worker_pids(run_name: str) -> list[str]:
-    found = subprocess.run(["pgrep", "-f", f"tasks.training.worker --run-name {run_name}"], capture_output=True,
-                           text=True)
-    return found.stdout.split()
 
 
 def _group_alive(pgid: int) -> bool:

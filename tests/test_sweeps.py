@@ -7,7 +7,6 @@ whose flow is killed and resumed.
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from mlflow import MlflowClient
 
 from tasks.errors import InvalidInputError
 from tasks.search import storage_url
-from conftest import wait_for
+from conftest import wait_for, worker_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -113,26 +112,21 @@ def _sweep_process(flow_run_id: str) -> int | None:
     return None
 
 
-def _training(run_name: str) -> bool:
-    found = subprocess.run(["pgrep", "-f", f"tasks.training.worker --run-name {run_name}"], capture_output=True)
-    return found.returncode == 0
-
-
 def test_cancelling_a_sweep_stops_all_its_trials(fm, tiny_model_dir, chat_file):
     recipe = base(tiny_model_dir, chat_file, training_config={"trainer": {"max_steps": 100_000,
                                                                          "val_check_interval": 1000}})
     sweep = fm.sweep(strategy="random", max_trials=4, recipe=recipe)
     deadline = time.monotonic() + 240
-    while not (len(trials := sweep.trials) == 2 and all(_training(t.name) for t in trials)):
+    while not (len(trials := sweep.trials) == 2 and all(worker_pids(t.name) for t in trials)):
         assert time.monotonic() < deadline, [(t.name, t.status) for t in trials]
         time.sleep(1)
     assert fm.cancel(sweep) == 2
     sweep = wait_for(sweep, timeout=120)
     assert sweep.status == fm.RunStatus.STOPPED
     deadline = time.monotonic() + 60
-    while any(_training(t.name) for t in trials) and time.monotonic() < deadline:
+    while any(worker_pids(t.name) for t in trials) and time.monotonic() < deadline:
         time.sleep(1)
-    assert not any(_training(t.name) for t in trials), "no training process may outlive a cancelled sweep"
+    assert not any(worker_pids(t.name) for t in trials), "no training process may outlive a cancelled sweep"
     # The runner marks a run cancelled once its flow process is gone and its hook has run: slow under load.
     deadline = time.monotonic() + 180
     while not all(t.refresh().status == fm.RunStatus.STOPPED for t in trials):

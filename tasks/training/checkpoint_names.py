@@ -11,13 +11,18 @@ TAG = re.compile(r"ep(\d+)-ba(\d+)")
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
+def tag_step(tag: str) -> int:
+    """The optimizer step of a checkpoint tag: ep2-ba48 -> 48."""
+    return int(TAG.fullmatch(tag).group(2))
+
+
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """The ep*-ba* folders up to the one the latest link names, by step: one of a later step is a save that never
     finished (the link moves only once a checkpoint is whole)."""
     link = output_dir / LATEST
     if not link.is_symlink():
         return []
-    last = int(TAG.fullmatch(Path(os.readlink(link)).name).group(2))
+    last = tag_step(Path(os.readlink(link)).name)
     found = [(int(m.group(2)), path) for path in output_dir.glob("ep*-ba*")
              if (m := TAG.fullmatch(path.name)) and path.is_dir()]
     return [path for step, path in sorted(found) if step <= last]

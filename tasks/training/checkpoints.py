@@ -20,7 +20,7 @@ import yaml
 
 from tasks.config import RunConfig
 from tasks.errors import InvalidInputError
-from tasks.training.checkpoint_names import LATEST, MODEL_STATES, TAG
+from tasks.training.checkpoint_names import LATEST, MODEL_STATES, TAG, tag_step
 
 EXPORT = re.compile(r"ba(\d+)")
 DELETING = ".deleting"  # a folder renamed to .{name}.deleting is on its way out
@@ -61,7 +61,7 @@ def final_export(output_dir: Path) -> Path:
     tag = latest_tag(output_dir)
     if tag is None:
         raise InvalidInputError(f"{output_dir} has no checkpoint yet: the run did not finish")
-    return export_dir(output_dir, int(TAG.fullmatch(tag).group(2)))
+    return export_dir(output_dir, tag_step(tag))
 
 
 def point_latest(output_dir: Path, tag: str) -> None:
@@ -84,7 +84,7 @@ def prune(output_dir: Path, keep: int) -> list[Path]:
     current = latest_tag(output_dir)
     if current is None:
         return []
-    step = int(TAG.fullmatch(current).group(2))
+    step = tag_step(current)
     removed = []
     for folder, pattern in ((output_dir, TAG), (output_dir / "huggingface", EXPORT)):
         if not folder.is_dir():
@@ -115,7 +115,7 @@ def checkpoint_bytes(output_dir: Path, params: int) -> int:
     tag = latest_tag(output_dir)
     if tag is None:
         return 5 * 4 * params
-    export = export_dir(output_dir, int(TAG.fullmatch(tag).group(2)))
+    export = export_dir(output_dir, tag_step(tag))
     return sum(f.stat().st_size for folder in (output_dir / tag, export) for f in folder.rglob("*") if f.is_file())
 
 
