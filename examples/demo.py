@@ -19,10 +19,10 @@ DATA = Path(__file__).parent / "data"
 
 def main() -> int:
     started = time.monotonic()
-    with console.status("starting the embedded Prefect server, runner and MLflow UI"):
+    with console.status("starting the embedded Prefect server, runner, MLflow UI and HTTP API"):
         services.ensure_started()
     console.print(f"services up in {time.monotonic() - started:.0f}s: Prefect UI {services.prefect_ui_url()}, "
-                  f"MLflow UI {services.mlflow_ui_url()}")
+                  f"MLflow UI {services.mlflow_ui_url()}, HTTP API {services.http_api_url()}")
 
     prompts = (DATA / "eval_prompts.txt").read_text().splitlines()
     run = fm.create(
@@ -56,6 +56,7 @@ def main() -> int:
                   f"(alias @candidate); load it with mlflow.transformers.load_model('models:/{registered}@candidate')")
     console.print(f"checkpoints: {', '.join(fm.get_checkpoints(run))}")
     console.print(f"Prefect UI: {services.prefect_ui_url()}   MLflow UI: {services.mlflow_ui_url()}   "
+                  f"HTTP API (DATABRICKS_HOST for the databricks-genai SDK): {services.http_api_url()}   "
                   f"(stop them with `.venv/bin/tessera server stop`)")
     console.print(f"demo finished in {time.monotonic() - started:.0f}s")
     return 0

@@ -25,7 +25,7 @@ from tasks.errors import InvalidInputError, TesseraError
 from tasks.recipe import read_yaml
 
 app = App(name="tessera", help="Self-hosted fine-tuning of foundation language models.")
-server = App(name="server", help="The embedded Prefect server, runner and MLflow UI.")
+server = App(name="server", help="The embedded Prefect server, runner, MLflow UI and HTTP API.")
 app.command(server)
 retrain = App(name="retrain", help="Scheduled retraining: keep a registered model's @champion current.")
 app.command(retrain)
@@ -330,9 +330,18 @@ def models():
     console.print(table)
 
 
+@app.command
+def serve(*, host: str = "127.0.0.1", port: int = 8000):
+    """Serve Tessera over HTTP: the databricks-genai SDK's API (DATABRICKS_HOST=http://HOST:PORT), for the keys in
+    TESSERA_API_KEYS. The embedded default runs one already (tessera server status)."""
+    from api.app import serve as serve_http  # FastAPI and ariadne: only this command needs them
+
+    serve_http(host, port)
+
+
 @server.command(name="start")
 def server_start():
-    """Start the local Prefect server, runner and MLflow UI (if not running)."""
+    """Start the local Prefect server, runner, MLflow UI and HTTP API (those not running)."""
     services.ensure_started()
     server_status()
 

@@ -1,4 +1,5 @@
-"""The embedded default: a local Prefect server, a runner serving the deployments, and the MLflow UI.
+"""The embedded default: a local Prefect server, a runner serving the deployments, the MLflow UI, and Tessera's HTTP
+API (`tessera serve`).
 
 Started once, detached, with pidfiles under TESSERA_HOME/services, the way `ray.init()` starts a local
 cluster. With PREFECT_API_URL set, Tessera uses that server and whoever serves its deployments instead.
@@ -112,6 +113,7 @@ class Service:
 PREFECT = Service("prefect-server", "TESSERA_PREFECT_PORT", 4200)
 RUNNER = Service("runner")
 MLFLOW = Service("mlflow-ui", "TESSERA_MLFLOW_PORT", 5000)
+HTTP_API = Service("http-api", "TESSERA_SERVE_PORT", 8000)
 
 
 def services_dir() -> Path:
@@ -133,6 +135,10 @@ def prefect_api_url() -> str:
 
 def prefect_ui_url() -> str:
     return prefect_api_url().removesuffix("/api")
+
+
+def http_api_url() -> str:
+    return f"http://127.0.0.1:{HTTP_API.port}"
 
 
 def mlflow_ui_url() -> str | None:
@@ -185,6 +191,11 @@ def ensure_started() -> str:
                             "--port", str(MLFLOW.port), "--backend-store-uri", tracking.tracking_uri(),
                             "--default-artifact-root", tracking.default_artifact_root(), "--workers", "1"],
                    {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **env})
+        if HTTP_API.pid() is None:
+            if _port_taken(HTTP_API.port):
+                HTTP_API.take_free_port("another program (this home's HTTP API is not running)")
+            # Not waited for: nothing else needs it, and it reads the others only when a request comes.
+            _spawn(HTTP_API, [sys.executable, "-m", "flows.cli", "serve", "--port", str(HTTP_API.port)], env)
     os.environ["PREFECT_API_URL"] = url
     os.environ["TESSERA_EMBEDDED"] = "1"
     return url
@@ -198,7 +209,7 @@ def stop() -> list[str]:
         interrupted.kill_leftovers(RUNNER.pid())
         stopped.append(RUNNER.name)
     RUNNER.pidfile.unlink(missing_ok=True)
-    for service in (MLFLOW, PREFECT):
+    for service in (HTTP_API, MLFLOW, PREFECT):
         pid = service.pid()
         if pid is not None and stop_group(pid):  # each service leads a process group of its own (_spawn)
             stopped.append(service.name)
@@ -208,10 +219,11 @@ def stop() -> list[str]:
 
 def status() -> dict[str, str]:
     """Each embedded service: 'running (pid N) at URL' or 'stopped'."""
-    urls = {PREFECT.name: prefect_ui_url(), RUNNER.name: DEPLOYMENT, MLFLOW.name: mlflow_ui_url() or "-"}
+    urls = {PREFECT.name: prefect_ui_url(), RUNNER.name: DEPLOYMENT, MLFLOW.name: mlflow_ui_url() or "-",
+            HTTP_API.name: http_api_url()}
     return {
         s.name: f"running (pid {s.pid()}) at {urls[s.name]}" if s.pid() else "stopped"
-        for s in (PREFECT, RUNNER, MLFLOW)
+        for s in (PREFECT, RUNNER, MLFLOW, HTTP_API)
     }
 
 

@@ -1,10 +1,13 @@
 """custom_weights_path: an earlier run's checkpoint, as get_checkpoints() names it, made local for the worker.
 
 It is an `ep*-ba*` folder or the run's `latest-sharded-rank0.symlink`, given as a local path, a file:// URI, or any
-URI MLflow's artifact repositories read (s3://, mlflow-artifacts:/, runs:/, ...). In an artifact store the latest
-link is a small file naming its folder (see upload_checkpoints), so it is followed by hand.
+URI MLflow's artifact repositories read (s3://, mlflow-artifacts:/, runs:/, ...), or as the databricks-genai SDK's
+get_checkpoints() names it (`dbfs:/databricks/mlflow-tracking/<experiment id>/<run id>/artifacts/<path>`: that MLflow
+run's artifact). In an artifact store the latest link is a small file naming its folder (see upload_checkpoints), so
+it is followed by hand.
 """
 
+import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -13,12 +16,15 @@ import mlflow
 from tasks.errors import InvalidInputError
 from tasks.training.checkpoint_names import LATEST, MODEL_STATES
 
+# The Databricks form of an MLflow run's artifact: the SDK builds checkpoint paths from its saveFolder this way.
+DATABRICKS_ARTIFACT = re.compile(r"^dbfs:/databricks/mlflow-tracking/[0-9]+/([0-9a-f]+)/artifacts/(.+)$")
 HOW = "pass a checkpoint as get_checkpoints() returns it (an ep*-ba* folder) or a run's " + LATEST
 
 
 def check_custom_weights(uri: str, name: str = "custom_weights_path") -> None:
     """Refuse a path that is not there or not a checkpoint, before any compute; remote stores are listed, not read.
     `name`: the setting as the user wrote it."""
+    uri = store_uri(uri)
     local = _local_path(uri)
     if local is not None:
         if not local.exists():
@@ -37,6 +43,7 @@ def check_custom_weights(uri: str, name: str = "custom_weights_path") -> None:
 
 def fetch_custom_weights(uri: str, dest: Path) -> Path:
     """A local checkpoint folder for `uri`: the folder itself when it is local, else downloaded under `dest`."""
+    uri = store_uri(uri)
     local = _local_path(uri)
     if local is not None:
         return _follow_local(local)
@@ -45,6 +52,12 @@ def fetch_custom_weights(uri: str, dest: Path) -> Path:
         marker = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest / "latest"))
         uri = f"{uri.rsplit('/', 1)[0]}/{Path(marker).read_text().strip()}"
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+
+
+def store_uri(uri: str) -> str:
+    """The URI MLflow reads: the Databricks form becomes runs:/<run id>/<path>."""
+    match = DATABRICKS_ARTIFACT.match(uri)
+    return f"runs:/{match[1]}/{match[2]}" if match else uri
 
 
 def _local_path(uri: str) -> Path | None:

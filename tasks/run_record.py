@@ -14,6 +14,7 @@ round trip. The folder's layout is defined here and nowhere else:
 import getpass
 import json
 import os
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -111,6 +112,11 @@ def tag_value(tags: list[str], key: str) -> str | None:
     return next((t.split(":", 1)[1] for t in tags if t.startswith(f"{key}:")), None)
 
 
+# Set by `tessera serve` for each request: the user its API key names.
+ACTING_USER: ContextVar[str | None] = ContextVar("tessera_acting_user", default=None)
+
+
 def current_user() -> str:
-    """Who creates runs: `TESSERA_USER` (an email, as the anchor records), else the login name."""
-    return os.environ.get("TESSERA_USER") or getpass.getuser()
+    """Who creates runs: the caller of `tessera serve`; else `TESSERA_USER` (an email, as the anchor records), else
+    the login name."""
+    return ACTING_USER.get() or os.environ.get("TESSERA_USER") or getpass.getuser()

@@ -138,6 +138,7 @@ def fm(aws_env, tmp_path_factory):
     runs do: so S3 (the moto server), the volumes root and the tables root are set before they start."""
     os.environ["TESSERA_PREFECT_PORT"] = str(free_port())
     os.environ["TESSERA_MLFLOW_PORT"] = str(free_port())
+    os.environ["TESSERA_SERVE_PORT"] = str(free_port())
     stores = tmp_path_factory.mktemp("stores")
     with pytest.MonkeyPatch.context() as env:
         _set_env(env, aws_env)

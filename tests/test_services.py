@@ -20,34 +20,37 @@ def tessera(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """The CLI as another user with TESSERA_HOME=home would run it: none of this session's service settings."""
     clean = {k: v for k, v in os.environ.items()
              if k not in ("PREFECT_API_URL", "TESSERA_EMBEDDED", "TESSERA_PREFECT_PORT", "TESSERA_MLFLOW_PORT",
-                          "MLFLOW_TRACKING_URI")}
+                          "TESSERA_SERVE_PORT", "MLFLOW_TRACKING_URI")}
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parents[1], env={**clean, "COLUMNS": "250", "TESSERA_HOME": str(home),
                                                               "PREFECT_HOME": str(home / "prefect"), **env})
 
 
 def test_a_second_home_never_uses_the_first_homes_services(fm, tmp_path):
-    ours = {"prefect": services.PREFECT.port, "mlflow": services.MLFLOW.port}  # this session's home: the first
-    deadline = time.monotonic() + 60  # its MLflow UI holds its port once it answers
-    while not services._answers(services.mlflow_ui_url()) and time.monotonic() < deadline:
+    ours = {"prefect": services.PREFECT.port, "mlflow": services.MLFLOW.port,  # this session's home: the first
+            "http": services.HTTP_API.port}
+    deadline = time.monotonic() + 60  # its MLflow UI and HTTP API hold their ports once they answer
+    while not all(services._answers(url) for url in (services.mlflow_ui_url(), f"{services.http_api_url()}/docs")):
+        assert time.monotonic() < deadline, "this home's MLflow UI or HTTP API does not answer"
         time.sleep(1)
     theirs = tmp_path / "second-home"
     (theirs / "services").mkdir(parents=True)
     # The second home last ran on the ports the first holds now (as two users on the default 4200 and 5000 would).
     (theirs / "services" / "prefect-server.port").write_text(str(ours["prefect"]))
     (theirs / "services" / "mlflow-ui.port").write_text(str(ours["mlflow"]))
+    (theirs / "services" / "http-api.port").write_text(str(ours["http"]))
     try:
         started = tessera(theirs, "server", "start")
         assert started.returncode == 0, started.stdout + started.stderr
         taken = {name: int((theirs / "services" / f"{file}.port").read_text())
-                 for name, file in (("prefect", "prefect-server"), ("mlflow", "mlflow-ui"))}
-        assert taken["prefect"] != ours["prefect"] and taken["mlflow"] != ours["mlflow"]
+                 for name, file in (("prefect", "prefect-server"), ("mlflow", "mlflow-ui"), ("http", "http-api"))}
+        assert all(taken[name] != ours[name] for name in ours), (taken, ours)
         their_url = f"http://127.0.0.1:{taken['prefect']}/api"
         assert services._prefect_home_at(their_url) == str(theirs / "prefect")
         assert services._prefect_home_at(services.prefect_api_url()) == str(Path(os.environ["TESSERA_HOME"]) / "prefect")
         assert services._answers(f"{their_url}/deployments/name/finetune/default")  # its runner serves its server
         status = " ".join(tessera(theirs, "server", "status").stdout.split())
-        assert f"127.0.0.1:{taken['prefect']}" in status and f"127.0.0.1:{taken['mlflow']}" in status, status
+        assert all(f"127.0.0.1:{port}" in status for port in taken.values()), status
 
         # A port the user chose that another home's server holds: refused, saying whose it is and what to set.
         third = tmp_path / "third-home"
