@@ -54,3 +54,13 @@ def test_graphql_errors_carry_an_integer_status_the_sdk_does_not_retry():
                         (InvalidInputError("learning_rate 0.5 must be at most 0.001"), 400), (KeyError("x"), 500)):
         formatted = format_error(GraphQLError(str(cause), original_error=cause))
         assert formatted["extensions"] == {"code": code} and formatted["message"].endswith(str(cause))
+
+
+def test_the_sdks_default_experiment_path_is_tesseras_default(monkeypatch):
+    from api.databricks.graphql import _experiment_path
+
+    monkeypatch.setenv("TESSERA_USER", "local@example.com")
+    assert _experiment_path("/Users/local@example.com/{}") is None  # /Users/<user>/<run name>, made by create()
+    assert _experiment_path("/Shared/tuning") == "/Shared/tuning"
+    with pytest.raises(InvalidInputError, match=r"\{\} stands for the run's name only in the default path"):
+        _experiment_path("/Shared/{}")

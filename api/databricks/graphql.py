@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from flows import foundation_model as fm
 from tasks.errors import InvalidInputError, RunNotFoundError, TesseraError, TooManyActiveRunsError
-from tasks.run_record import ACTING_USER
+from tasks.run_record import current_user
 
 PATH = "/api/2.0/genai-mapi/graphql"
 # What the SDK sends as saveFolder and formats itself (get_checkpoints): an MLflow run's artifact root, which Tessera's
@@ -134,10 +134,10 @@ async def resolve_create(_, info, createFinetuneData: dict) -> dict:
 def _experiment_path(path: str | None) -> str | None:
     """The SDK's default, `/Users/<me>/{}`, is the run's own name in place of {}: Tessera's default too."""
     if path and "{}" in path:
-        if path == f"/Users/{ACTING_USER.get()}/{{}}":
+        if path == f"/Users/{current_user()}/{{}}":
             return None
         raise InvalidInputError(f"experiment_path {path!r}: {{}} stands for the run's name only in the default "
-                                f"path /Users/{ACTING_USER.get()}/{{}}; give a whole path instead")
+                                f"path /Users/{current_user()}/{{}}; give a whole path instead")
     return path
 
 
