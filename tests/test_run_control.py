@@ -21,6 +21,7 @@ pytestmark = pytest.mark.e2e
 def test_cancel_stops_the_run_and_its_worker_but_keeps_its_files(fm, tiny_model_dir, chat_file):
     run = fm.create(model=str(tiny_model_dir), train_data_path=chat_file, register_to="main.test",
                     training_duration="100000ba", context_length=64)
+    assert fm.get_events(run)[0].type == "CREATED"  # read at once: what create() sent is there
     for event in fm.get_events(run, follow=True):
         if event.type == "TRAIN_UPDATED":
             break

@@ -434,11 +434,16 @@ def _read_events(name: str) -> "builtins.list[FineTuningEvent]":
 
 
 def settled_events(name: str, flow_run) -> "builtins.list[FineTuningEvent]":
-    """The events of the run (sweep, retraining) whose flow run this is, oldest first; once it has ended, through
-    its terminal event, so that what the status says and what the events say agree. A terminal event that never
-    comes (its process was killed) is written from the flow run's final state, once: every reader sends the same
-    event id, and the server keeps the first."""
+    """The events of the run (sweep, retraining) whose flow run this is, oldest first: from its CREATED event on for
+    a run create() made, and once it has ended, through its terminal event, so that what the status says and what
+    the events say agree. A terminal event that never comes (its process was killed) is written from the flow run's
+    final state, once: every reader sends the same event id, and the server keeps the first."""
     events = _read_events(name)
+    # A run create() submitted has its CREATED event, sent before create() returned and stored a moment later.
+    deadline = time.monotonic() + EVENTS_SETTLE_S
+    while not events and flow_run.parameters.get("run_name") and time.monotonic() < deadline:
+        time.sleep(0.25)
+        events = _read_events(name)
     status = RunStatus.from_state(flow_run.state)
     if not status.is_terminal():
         return events
