@@ -52,7 +52,7 @@ def _loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return host in ("localhost", "testclient")
+        return host == "localhost"
 
 
 def create_app(keys: dict[str, str] | None = None) -> FastAPI:
@@ -64,7 +64,7 @@ def create_app(keys: dict[str, str] | None = None) -> FastAPI:
     return app
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(host: str, port: int) -> None:
     """Serve until stopped; binding beyond this machine needs API keys."""
     keys = api_keys()
     if not keys and not _loopback(host):

@@ -16,7 +16,9 @@ import mlflow
 from tasks.errors import InvalidInputError
 from tasks.training.checkpoint_names import LATEST, MODEL_STATES
 
-# The Databricks form of an MLflow run's artifact: the SDK builds checkpoint paths from its saveFolder this way.
+# The Databricks form of an MLflow run's artifact root, the saveFolder the SDK sends and formats itself to name
+# checkpoints (get_checkpoints), and those paths read back.
+DATABRICKS_SAVE_FOLDER = "dbfs:/databricks/mlflow-tracking/{mlflow_experiment_id}/{mlflow_run_id}/artifacts"
 DATABRICKS_ARTIFACT = re.compile(r"^dbfs:/databricks/mlflow-tracking/[0-9]+/([0-9a-f]+)/artifacts/(.+)$")
 HOW = "pass a checkpoint as get_checkpoints() returns it (an ep*-ba* folder) or a run's " + LATEST
 

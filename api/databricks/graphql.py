@@ -14,13 +14,11 @@ from graphql import GraphQLError
 from starlette.concurrency import run_in_threadpool
 
 from flows import foundation_model as fm
+from tasks.custom_weights import DATABRICKS_SAVE_FOLDER
 from tasks.errors import InvalidInputError, RunNotFoundError, TesseraError, TooManyActiveRunsError
 from tasks.run_record import current_user
 
 PATH = "/api/2.0/genai-mapi/graphql"
-# What the SDK sends as saveFolder and formats itself (get_checkpoints): an MLflow run's artifact root, which Tessera's
-# custom_weights_path reads back (tasks/custom_weights.py).
-SAVE_FOLDER = "dbfs:/databricks/mlflow-tracking/{mlflow_experiment_id}/{mlflow_run_id}/artifacts"
 
 query, mutation, json_scalar = QueryType(), MutationType(), ScalarType("JSON")
 
@@ -45,7 +43,7 @@ def _finetune(run: fm.TrainingRun, events: list[fm.FineTuningEvent] | None = Non
         "estimatedEndTime": _time(run.estimated_end_time), "isDeleted": False,
         "details": {
             "model": run.model, "taskType": run.task_type, "trainDataPath": run.train_data_path,
-            "saveFolder": SAVE_FOLDER, "evalDataPath": run.eval_data_path, "evalPrompts": run.eval_prompts,
+            "saveFolder": DATABRICKS_SAVE_FOLDER, "evalDataPath": run.eval_data_path, "evalPrompts": run.eval_prompts,
             "trainingDuration": run.training_duration, "learningRate": run.learning_rate,
             "contextLength": run.context_length, "customWeightsPath": run.custom_weights_path,
             "experimentTracker": {"mlflow": {
@@ -148,12 +146,11 @@ async def resolve_stop(_, info, getFinetunesData: dict, stopFinetunesData: dict 
     names, experiment_id = _names(filters), (filters.get("mlflowExperimentId") or {}).get("equals")
 
     def stop() -> list[dict]:
-        if names:
-            targets = [r for r in fm.list(names, include_details=False, limit=len(names) * 10)
-                       if r.status in fm.ACTIVE]
+        if names:  # unknown names are skipped, as the SDK counts only what was stopped
+            targets = fm.list(names, include_details=False, limit=len(names))
         else:
             targets = fm.list(experiment_id=experiment_id, statuses=fm.ACTIVE, include_details=False, limit=10_000)
-        stopped = [r for r in targets if fm.cancel(r) == 1]
+        stopped = [r for r in targets if fm.cancel(r) == 1]  # 0: it had ended
         return [_finetune(fm.get(r.name)) for r in stopped]
 
     return await run_in_threadpool(stop)

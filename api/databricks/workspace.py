@@ -99,11 +99,9 @@ def _cluster(cluster_id: str) -> dict:
 @router.get("/api/2.1/unity-catalog/models/{full_name}")
 def registered_model(full_name: str):
     """A registered model of Tessera's MLflow registry; its owner is who created the run of its first version."""
-    try:
-        versions = client().search_model_versions(f"name = '{_model_name(full_name)}'",
-                                                  order_by=["version_number ASC"], max_results=1)
-    except ValueError as e:
-        return error(400, "INVALID_PARAMETER_VALUE", str(e))
+    versions = _first_version(full_name)
+    if isinstance(versions, JSONResponse):
+        return versions
     if not versions:
         return error(404, "RESOURCE_DOES_NOT_EXIST", f"registered model {full_name} does not exist")
     first = versions[0]
@@ -130,10 +128,9 @@ async def create_registered_model(request: Request):
 @router.delete("/api/2.1/unity-catalog/models/{full_name}")
 def delete_registered_model(full_name: str):
     """The end of the SDK's probe. A model that holds versions is never deleted here: use MLflow for that."""
-    try:
-        versions = client().search_model_versions(f"name = '{_model_name(full_name)}'", max_results=1)
-    except ValueError as e:
-        return error(400, "INVALID_PARAMETER_VALUE", str(e))
+    versions = _first_version(full_name)
+    if isinstance(versions, JSONResponse):
+        return versions
     if versions:
         return error(403, "PERMISSION_DENIED", f"{full_name} holds versions: delete it with MLflow, not here")
     return {}
@@ -143,6 +140,15 @@ def delete_registered_model(full_name: str):
 def effective_permissions(kind: str, full_name: str, principal: str | None = None) -> dict:
     return {"privilege_assignments": [{"principal": principal or current_user(),
                                        "privileges": [{"privilege": "ALL_PRIVILEGES"}]}]}
+
+
+def _first_version(full_name: str) -> list | JSONResponse:
+    """The registered model's first version (none: no such model), or the refusal of a name that is not one."""
+    try:
+        return client().search_model_versions(f"name = '{_model_name(full_name)}'", order_by=["version_number ASC"],
+                                               max_results=1)
+    except ValueError as e:
+        return error(400, "INVALID_PARAMETER_VALUE", str(e))
 
 
 def _model_name(full_name: str) -> str:
