@@ -27,7 +27,7 @@ $(STAMP): requirements.lock pyproject.toml
 # Tessera's own modules are installed editable, so uv does not compile them: every process (each run starts
 # several) would compile them again. compileall only rewrites what changed.
 compile:
-	$(PY) -m compileall -q tasks flows deployments
+	$(PY) -m compileall -q tasks flows deployments api
 
 demo: setup compile
 	$(PY) examples/demo.py

@@ -64,6 +64,7 @@ class Running:
     mlflow_run_id: str
     trial: optuna.trial.Trial | None
     reported: set[int] = field(default_factory=set)  # the steps whose eval loss Optuna has
+    pruned: bool = False  # told as pruned, its run still stopping
 
 
 def stop_trials(flow, flow_run, state) -> None:
@@ -166,8 +167,11 @@ def _start_trial(record: RunRecord, config: SweepConfig, trial: optuna.trial.Tri
 
 
 def _watch(record: RunRecord, config: SweepConfig, study: optuna.Study, running: Running) -> bool:
-    """Report the trial's new eval losses, prune it if it falls behind, tell Optuna how it ended; True once told."""
+    """Report the trial's new eval losses, prune it if it falls behind, tell Optuna how it ended; True once its run
+    has ended and Optuna was told."""
     metric, status = config.sweep.metric, _status(running.run)
+    if running.pruned:  # it keeps its slot until its process is gone: the sweep never ends before its trials do
+        return status is not None and status.is_terminal()
     history = sorted((m.step, m.value) for m in client().get_metric_history(running.mlflow_run_id, metric))
     for step, value in history if running.trial is not None else []:
         if step in running.reported:
@@ -181,7 +185,8 @@ def _watch(record: RunRecord, config: SweepConfig, study: optuna.Study, running:
             cancel(running.run)
             study.tell(running.number, state=TrialState.PRUNED)
             _trial_finished(record, running, "pruned", value)
-            return True
+            running.pruned = True
+            return False
     if status is None or not status.is_terminal():
         return False
     if status == RunStatus.COMPLETED and history:
