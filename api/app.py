@@ -8,13 +8,15 @@ from fastapi import FastAPI
 
 from api.databricks import graphql, mlflow_proxy, workspace
 from api.keys import api_keys, user_for
+from api.openai import errors, files, inference, jobs
 from tasks.errors import InvalidInputError
 from tasks.run_record import ACTING_USER
 
 
 class RequireApiKey:
     """ASGI middleware: a request acts as the user its bearer key names; without keys configured, only loopback
-    callers are answered. Refusals come in Databricks' error body, which the SDK and databricks-sdk read."""
+    callers are answered. Refusals come in OpenAI's error body under /v1, else in Databricks' (which the SDK and
+    databricks-sdk read)."""
 
     def __init__(self, app, keys: dict[str, str]):
         self.app, self.keys = app, keys
@@ -27,12 +29,12 @@ class RequireApiKey:
         if self.keys:
             user = user_for(token, self.keys) if token else None
             if user is None:
-                return await _refuse(send, "no API key given: send Authorization: Bearer <key>" if not token else
+                return await _refuse(scope, send, "no API key given: send Authorization: Bearer <key>" if not token else
                                      "the API key is not one of this server's (TESSERA_API_KEYS)")
             reset = ACTING_USER.set(user)
         else:
             if not _loopback(scope.get("client", ("", 0))[0]):
-                return await _refuse(send, "this server has no API keys, so it answers this machine only")
+                return await _refuse(scope, send, "this server has no API keys, so it answers this machine only")
             reset = None
         try:
             await self.app(scope, receive, send)
@@ -41,8 +43,10 @@ class RequireApiKey:
                 ACTING_USER.reset(reset)
 
 
-async def _refuse(send, message: str) -> None:
-    body = json.dumps({"error_code": "UNAUTHENTICATED", "message": message}).encode()
+async def _refuse(scope, send, message: str) -> None:
+    openai = scope["path"].startswith(errors.PREFIX)
+    body = json.dumps(errors.body(message, code="invalid_api_key") if openai else
+                      {"error_code": "UNAUTHENTICATED", "message": message}).encode()
     await send({"type": "http.response.start", "status": 401,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -56,10 +60,15 @@ def _loopback(host: str) -> bool:
 
 
 def create_app(keys: dict[str, str] | None = None) -> FastAPI:
-    app = FastAPI(title="Tessera", description="Fine-tuning runs over HTTP: the databricks-genai SDK's protocol.")
+    app = FastAPI(title="Tessera", description="Fine-tuning runs over HTTP: the databricks-genai SDK's protocol, and "
+                                               "OpenAI's files, fine-tuning jobs and inference under /v1.")
     app.mount(graphql.PATH, graphql.app())
     app.include_router(workspace.router)
     app.include_router(mlflow_proxy.router)
+    for surface in (files, jobs, inference):
+        app.include_router(surface.router)
+    errors.install(app)
+    app.add_middleware(files.LimitUploads)
     app.add_middleware(RequireApiKey, keys=api_keys() if keys is None else keys)
     return app
 

@@ -56,7 +56,8 @@ def main() -> int:
                   f"(alias @candidate); load it with mlflow.transformers.load_model('models:/{registered}@candidate')")
     console.print(f"checkpoints: {', '.join(fm.get_checkpoints(run))}")
     console.print(f"Prefect UI: {services.prefect_ui_url()}   MLflow UI: {services.mlflow_ui_url()}   "
-                  f"HTTP API (DATABRICKS_HOST for the databricks-genai SDK): {services.http_api_url()}   "
+                  f"HTTP API: {services.http_api_url()} (DATABRICKS_HOST for the databricks-genai SDK; "
+                  f"{services.http_api_url()}/v1 is base_url for OpenAI's client, which chats with {registered})   "
                   f"(stop them with `.venv/bin/tessera server stop`)")
     console.print(f"demo finished in {time.monotonic() - started:.0f}s")
     return 0

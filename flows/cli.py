@@ -332,8 +332,9 @@ def models():
 
 @app.command
 def serve(*, host: str = "127.0.0.1", port: int = services.HTTP_API.default_port):
-    """Serve Tessera over HTTP: the databricks-genai SDK's API (DATABRICKS_HOST=http://HOST:PORT), for the keys in
-    TESSERA_API_KEYS. The embedded default runs one already (tessera server status)."""
+    """Serve Tessera over HTTP: the databricks-genai SDK's API (DATABRICKS_HOST=http://HOST:PORT) and OpenAI's
+    files, fine-tuning and inference API (base_url=http://HOST:PORT/v1), for the keys in TESSERA_API_KEYS. The
+    embedded default runs one already (tessera server status)."""
     from api.app import serve as serve_http  # FastAPI and ariadne: only this command needs them
 
     serve_http(host, port)

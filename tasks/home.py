@@ -55,6 +55,12 @@ def tables_root() -> str:
     return _data_root("TESSERA_TABLES_ROOT", "tables")
 
 
+def files_root() -> str:
+    """Where files uploaded through the OpenAI-compatible API live, one folder per file: `TESSERA_FILES_ROOT` (a
+    folder or s3://bucket/prefix), default `TESSERA_HOME/files`."""
+    return _data_root("TESSERA_FILES_ROOT", "files")
+
+
 def _data_root(variable: str, default: str) -> str:
     value = os.environ.get(variable)
     if not value:

@@ -1,0 +1,50 @@
+"""OpenAI's error body, `{"error": {"message", "type", "param", "code"}}`, for every refusal under /v1."""
+
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from tasks.errors import InvalidInputError, RunNotFoundError, TesseraError, TooManyActiveRunsError
+
+PREFIX = "/v1/"
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def body(message: str, param: str | None = None, code: str | None = None,
+         kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def from_tessera(error: TesseraError, param: str | None = None) -> OpenAIError:
+    """Tessera's typed error as the status OpenAI gives the same kind of refusal; its message kept whole."""
+    if isinstance(error, RunNotFoundError):
+        return OpenAIError(404, str(error), param, "not_found")
+    if isinstance(error, TooManyActiveRunsError):
+        return OpenAIError(429, str(error), param, "rate_limit_exceeded", "rate_limit_error")
+    if isinstance(error, InvalidInputError):
+        return OpenAIError(400, str(error), param, "invalid_value")
+    return OpenAIError(500, str(error), param, None, "server_error")
+
+
+def install(app: FastAPI) -> None:
+    """Answer OpenAIError, and FastAPI's own request validation under /v1, in OpenAI's shape."""
+
+    @app.exception_handler(OpenAIError)
+    async def _openai(request: Request, error: OpenAIError) -> JSONResponse:
+        return JSONResponse(body(error.message, error.param, error.code, error.kind), status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError):
+        if not request.url.path.startswith(PREFIX):
+            return await request_validation_exception_handler(request, error)
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"] if part not in ("body", "query", "path"))
+        given = f" (got {repr(first['input'])[:200]})" if "input" in first and first["type"] != "missing" else ""
+        return JSONResponse(body(f"{param}: {first['msg']}{given}", param or None, "invalid_value"), status_code=400)

@@ -1,0 +1,295 @@
+"""OpenAI's fine-tuning jobs API as a view of Tessera's runs: a job is a run, `ftjob-<run name>`, created with
+`fm.create()` and read with `fm.get()`, `fm.list()`, `fm.get_events()` and `fm.get_checkpoints()`.
+
+How a job maps (the README's "Point your OpenAI client at Tessera" says the same):
+- training_file / validation_file: files uploaded to /v1/files → train_data_path / eval_data_path, CHAT_COMPLETION.
+- n_epochs → training_duration `<n>ep`; batch_size → training_config.global_batch_size (rows of context length; with
+  packing, short conversations share a row); learning_rate_multiplier → learning_rate = Tessera's default (5e-5) x
+  the multiplier; seed → training_config.seed; "auto" or absent: Tessera's defaults.
+- suffix: the registered model is `main.openai.<suffix>-<6 chars>` (else `main.openai.<run name>`), and that name is
+  fine_tuned_model, which /v1/chat/completions answers with.
+- metadata: kept as the run's MLflow tags `openai.metadata.<key>`.
+- Refused (400, `param` set): method types other than supervised, integrations, fields OpenAI does not define.
+"""
+
+import io
+import json
+import math
+import secrets
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+from mlflow.entities import RunTag
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from api.openai import files
+from api.openai.errors import OpenAIError, from_tessera
+from flows.foundation_model import runs as fm
+from tasks.config import Optim, TaskType, TrainingConfig
+from tasks.errors import RunNotFoundError, TesseraError
+from tasks.events import RunEvent
+from tasks.home import files_root
+from tasks.run_record import current_user
+from tasks.tracking import client
+from tasks.training.checkpoint_names import TAG
+
+router = APIRouter(prefix="/v1/fine_tuning")
+JOB, EVENT, CHECKPOINT, RESULTS = "ftjob-", "ftevent-", "ftckpt-", "file-results-"
+REGISTER_TO = "main.openai"  # catalog.schema of every job's registered model
+METADATA_TAG = "openai.metadata."
+DEFAULT_LR = Optim.model_fields["lr"].default
+DEFAULT_MICRO_BATCH = TrainingConfig.model_fields["micro_batch_size"].default
+# A setting named at the start of Tessera's message, as OpenAI's request names it.
+PARAMS = {"train_data_path": "training_file", "eval_data_path": "validation_file", "model": "model",
+          "training_duration": "hyperparameters.n_epochs", "learning_rate": "hyperparameters.learning_rate_multiplier",
+          "training_config.global_batch_size": "hyperparameters.batch_size", "training_config.seed": "seed",
+          "register_to": "suffix"}
+STATUSES = {fm.RunStatus.COMPLETED: "succeeded", fm.RunStatus.FAILED: "failed", fm.RunStatus.STOPPED: "cancelled"}
+
+
+# Metadata become MLflow tags: keys in the characters MLflow allows in a tag's name.
+Key = Annotated[str, StringConstraints(pattern=r"^[\w\-. /]{1,64}$")]
+Value = Annotated[str, StringConstraints(max_length=512)]
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_epochs: int | None = Field(None, ge=1, le=50)
+    batch_size: int | None = Field(None, ge=1, le=256)
+    learning_rate_multiplier: float | None = Field(None, gt=0, le=20, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _auto(cls, value):
+        return None if value == "auto" else value  # OpenAI's "auto": Tessera's default
+
+
+class Supervised(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters = Hyperparameters()
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised"]  # dpo and reinforcement: Tessera trains supervised only
+    supervised: Supervised = Supervised()
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=1000)
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    suffix: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")] | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[Key, Value] | None = Field(None, max_length=16)
+    integrations: list[dict] | None = Field(None, max_length=0)  # W&B: Tessera tracks every run in MLflow
+
+
+@router.post("/jobs")
+def create(request: JobRequest) -> dict:
+    """Start a fine-tuning run from uploaded files; answers at once with the job, queued."""
+    if request.hyperparameters and request.method:
+        raise OpenAIError(400, "give hyperparameters in method.supervised.hyperparameters only (the top-level "
+                               "hyperparameters field is its older form)", "hyperparameters", "invalid_value")
+    hp = request.method.supervised.hyperparameters if request.method else request.hyperparameters or Hyperparameters()
+    train = files.store().data_uri(files.owned(request.training_file, "training_file")["id"])
+    evals = (files.store().data_uri(files.owned(request.validation_file, "validation_file")["id"])
+             if request.validation_file else None)
+    overrides = {}
+    if request.seed is not None:
+        overrides["training_config.seed"] = request.seed
+    if hp.batch_size is not None:
+        overrides["training_config.global_batch_size"] = hp.batch_size
+        overrides["training_config.micro_batch_size"] = math.gcd(hp.batch_size, DEFAULT_MICRO_BATCH)
+    register_to = REGISTER_TO + (f".{request.suffix}-{secrets.token_hex(3)}" if request.suffix else "")
+    try:
+        run = fm.create(
+            model=request.model, train_data_path=train, eval_data_path=evals, register_to=register_to,
+            task_type=TaskType.CHAT_COMPLETION.value,
+            training_duration=None if hp.n_epochs is None else f"{hp.n_epochs}ep",
+            learning_rate=None if hp.learning_rate_multiplier is None else DEFAULT_LR * hp.learning_rate_multiplier,
+            overrides=overrides or None,
+        )
+    except TesseraError as e:
+        raise from_tessera(e, _param(str(e))) from None
+    if request.metadata:
+        client().log_batch(run.run_id, tags=[RunTag(METADATA_TAG + k, v)
+                                             for k, v in request.metadata.items()])
+    return job(run, metadata=request.metadata or {})
+
+
+@router.get("/jobs")
+def list_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100)) -> dict:
+    """The acting user's jobs, newest first; `metadata[k]=v` keeps the jobs with those metadata."""
+    wanted = {key[len("metadata["):-1]: value for key, value in request.query_params.items()
+              if key.startswith("metadata[") and key.endswith("]")}
+    runs = fm.list(user_emails=[current_user()], include_details=False, limit=1000)
+    if after is not None:
+        runs = runs[next((i + 1 for i, r in enumerate(runs) if JOB + r.name == after), len(runs)):]
+    found = []
+    for run in runs:
+        tags = _metadata(run)
+        if all(tags.get(k) == v for k, v in wanted.items()):
+            found.append(job(run, metadata=tags))
+        if len(found) > limit:
+            break
+    return {"object": "list", "data": found[:limit], "has_more": len(found) > limit}
+
+
+@router.get("/jobs/{job_id}")
+def retrieve(job_id: str) -> dict:
+    return job(_run(job_id))
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel(job_id: str) -> dict:
+    """Stop the job's run (its process and workers); the job reads cancelled once they are gone."""
+    run = _run(job_id)
+    if run.status.is_terminal():
+        raise OpenAIError(400, f"job {job_id} has already {STATUSES[run.status]}: only a queued or running job can "
+                               "be cancelled", "job_id", "invalid_state")
+    fm.cancel(run)
+    return job(run.refresh())
+
+
+@router.get("/jobs/{job_id}/events")
+def events(job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000)) -> dict:
+    """The run's events, newest first; `after` an event id: the ones before it."""
+    run = _run(job_id)
+    listed = [_event(run.name, i, e) for i, e in enumerate(fm.get_events(run))][::-1]
+    if after is not None:
+        listed = listed[next((i + 1 for i, e in enumerate(listed) if e["id"] == after), len(listed)):]
+    return {"object": "list", "data": listed[:limit], "has_more": len(listed) > limit}
+
+
+@router.get("/jobs/{job_id}/checkpoints")
+def checkpoints(job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=100)) -> dict:
+    """The run's checkpoints, newest first; fine_tuned_model_checkpoint is a custom_weights_path for a new job."""
+    run = _run(job_id)
+    history = _history(run)
+    found = []
+    for uri in reversed(fm.get_checkpoints(run)):
+        tag = uri.rstrip("/").rsplit("/", 1)[-1]
+        step = int(TAG.fullmatch(tag).group(2))
+        loss, valid = history["loss"].get(step), history["eval_loss"].get(step)
+        found.append({
+            "id": f"{CHECKPOINT}{run.name}-{tag}", "object": "fine_tuning.job.checkpoint",
+            "fine_tuning_job_id": JOB + run.name,
+            "created_at": int((loss or valid).timestamp / 1000) if loss or valid else int(run.created_at.timestamp()),
+            "fine_tuned_model_checkpoint": uri, "step_number": step,
+            "metrics": {"step": step, "train_loss": loss.value if loss else None,
+                        "valid_loss": valid.value if valid else None}})
+    if after is not None:
+        found = found[next((i + 1 for i, c in enumerate(found) if c["id"] == after), len(found)):]
+    return {"object": "list", "data": found[:limit], "has_more": len(found) > limit,
+            "first_id": found[0]["id"] if found else None, "last_id": found[:limit][-1]["id"] if found else None}
+
+
+def job(run: fm.TrainingRun, metadata: dict | None = None) -> dict:
+    """The OpenAI job object of a run."""
+    events = fm.get_events(run) if run.status == fm.RunStatus.RUNNING or run.status.is_terminal() else []
+    kinds = {e.type for e in events}
+    status = STATUSES.get(run.status) or (
+        "queued" if run.status in (fm.RunStatus.PENDING, fm.RunStatus.QUEUED, fm.RunStatus.STARTING) else
+        "running" if RunEvent.DATA_VALIDATED in kinds else "validating_files")
+    config = run.config
+    hyperparameters = {
+        "n_epochs": config.duration.value if config and config.duration.unit == "ep" else "auto",
+        "batch_size": config.training_config.global_batch_size if config else "auto",
+        "learning_rate_multiplier": round(run.learning_rate / DEFAULT_LR, 6) if run.learning_rate else "auto",
+    }
+    done = next((e for e in events if e.type == RunEvent.COMPLETED), None)
+    tokens = [e.payload["tokens"] for e in events if e.type == RunEvent.TRAIN_UPDATED and "tokens" in e.payload]
+    return {
+        "object": "fine_tuning.job", "id": JOB + run.name, "model": run.model, "organization_id": "tessera",
+        "created_at": int(run.created_at.timestamp()),
+        "finished_at": int(run.completed_at.timestamp()) if run.completed_at else None,
+        "status": status,
+        "fine_tuned_model": done.payload.get("registered_model") if done else None,
+        "training_file": _file_id(run.train_data_path), "validation_file": _file_id(run.eval_data_path),
+        "hyperparameters": hyperparameters,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "seed": config.training_config.seed if config else 0,
+        "trained_tokens": tokens[-1] if tokens and run.status.is_terminal() else None,
+        "estimated_finish": int(run.estimated_end_time.timestamp()) if run.estimated_end_time else None,
+        "result_files": [_results_file(run)] if done else [],
+        "error": _error(run, events) if run.status == fm.RunStatus.FAILED else None,
+        "metadata": _metadata(run) if metadata is None else metadata,
+        "integrations": [],
+    }
+
+
+def _run(job_id: str) -> fm.TrainingRun:
+    """The acting user's run behind `job_id`; another user's is as absent as one that never was."""
+    try:
+        run = fm.get(job_id.removeprefix(JOB)) if job_id.startswith(JOB) else None
+    except RunNotFoundError:
+        run = None
+    if run is None or run.created_by != current_user():
+        raise OpenAIError(404, f"No such fine-tuning job: {job_id}", "job_id", "not_found")
+    return run
+
+
+def _param(message: str) -> str | None:
+    return next((p for setting, p in PARAMS.items() if message.startswith(setting + " ")), None)
+
+
+def _file_id(path: str | None) -> str | None:
+    """The uploaded file a run reads, else the path it was given (a run not made through this API)."""
+    root = files_root().rstrip("/") + "/"
+    file_id = path.removeprefix(root).split("/")[0] if path and path.startswith(root) else None
+    return file_id if file_id and path == f"{root}{file_id}/{files.data_name(file_id)}" else path
+
+
+def _error(run: fm.TrainingRun, events: list) -> dict:
+    """Why the run failed, naming the uploaded file (and its line) rather than where Tessera keeps it."""
+    failed = next((e.message for e in reversed(events) if e.type == RunEvent.FAILED), None) or run.details or ""
+    param = code = None
+    for field, path in (("training_file", run.train_data_path), ("validation_file", run.eval_data_path)):
+        file_id = _file_id(path)
+        named = files.data_name(file_id) if file_id != path else path  # a run's messages name a file by its name
+        if path and named in failed:
+            meta = files.store().meta(file_id) if file_id != path else None
+            failed = failed.replace(named, f"{field} {file_id}" + (f" ({meta['filename']})" if meta else ""))
+            param, code = param or field, code or f"invalid_{field}"
+    return {"code": code or "training_failed", "message": failed, "param": param}
+
+
+def _event(run_name: str, index: int, event: fm.FineTuningEvent) -> dict:
+    metrics = event.type == RunEvent.TRAIN_UPDATED and "loss" in event.payload
+    return {"object": "fine_tuning.job.event", "id": f"{EVENT}{run_name}-{index}",
+            "created_at": int(event.time.timestamp()), "message": event.message,
+            "level": "error" if event.type == RunEvent.FAILED else "info",
+            "type": "metrics" if metrics else "message",
+            "data": json.loads(json.dumps(event.payload, default=str)) | {"tessera_type": event.type}}
+
+
+def _metadata(run: fm.TrainingRun) -> dict:
+    tags = client().get_run(run.run_id).data.tags if run.run_id else {}
+    return {k.removeprefix(METADATA_TAG): v for k, v in tags.items() if k.startswith(METADATA_TAG)}
+
+
+def _results_file(run: fm.TrainingRun) -> str:
+    """The id of the job's results file (step, train_loss, valid_loss as CSV, as OpenAI's), written the first time
+    a finished job is read."""
+    file_id = RESULTS + run.name
+    if files.store().meta(file_id) is None:
+        history = _history(run)
+        lines = ["step,train_loss,valid_loss"] + [
+            f"{s},{_value(history['loss'].get(s))},{_value(history['eval_loss'].get(s))}"
+            for s in sorted(history["loss"].keys() | history["eval_loss"].keys())]
+        files.put(file_id, io.BytesIO(("\n".join(lines) + "\n").encode()), "results.csv", "fine-tune-results",
+                  run.created_by)
+    return file_id
+
+
+def _history(run: fm.TrainingRun) -> dict[str, dict]:
+    """The run's train and eval loss by step, as MLflow metrics."""
+    return {m: {h.step: h for h in client().get_metric_history(run.run_id, m)} for m in ("loss", "eval_loss")}
+
+
+def _value(metric) -> str:
+    return "" if metric is None else str(metric.value)

@@ -1,0 +1,262 @@
+"""OpenAI's own Python client against `tessera serve`: files, a fine-tuning job from upload to a served model, events,
+checkpoints, cancel, failures and refusals, each answer checked against the client's own types."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai.types import FileObject, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
+from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
+
+from conftest import CHAT, worker_pids
+from tasks.custom_weights import check_custom_weights
+from tasks.ports import free_port
+
+pytestmark = pytest.mark.e2e
+
+KEY, OTHER_KEY = "openai-test-key-0123456789abcdef", "openai-other-key-0123456789abcdef"
+USER, OTHER = "grace@example.com", "alan@example.com"
+
+
+@pytest.fixture(scope="module")
+def base_url(fm) -> str:
+    """`tessera serve` with two users' keys and a 1 MiB upload limit, on this session's services."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--port", str(port)], cwd=Path(__file__).parents[1],
+        env={**os.environ, "TESSERA_API_KEYS": f"{USER}:{KEY},{OTHER}:{OTHER_KEY}", "TESSERA_MAX_UPLOAD_MB": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while subprocess.run(["curl", "-s", "-o", "/dev/null", f"{url}/docs"]).returncode != 0:
+        assert process.poll() is None and time.monotonic() < deadline, "tessera serve did not start"
+        time.sleep(0.5)
+    yield f"{url}/v1"
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0)
+
+
+def shaped(raw: dict, kind) -> dict:
+    """`raw` has exactly the fields of the client's type `kind`, each of its type (pydantic validates them)."""
+    fields = {f.alias or name for name, f in kind.model_fields.items()}
+    required = {f.alias or name for name, f in kind.model_fields.items() if f.is_required()}
+    assert set(raw) <= fields and required <= set(raw), (set(raw) - fields, required - set(raw))
+    kind.model_validate(raw)
+    return raw
+
+
+def raw(response) -> dict:
+    return response.http_response.json()
+
+
+def jsonl(records) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def wait_job(client, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if not seen or seen[-1] != job.status:
+            seen.append(job.status)
+        if job.status in statuses:
+            return job, seen
+        assert job.status not in ("succeeded", "failed", "cancelled"), (job.status, job.error)
+        time.sleep(1)
+    raise AssertionError(f"{job_id} stayed {seen[-1]} for {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def finished(client, tiny_model_dir):
+    """One job from upload to success: the training and validation files, and the job as it ended."""
+    train = client.files.create(file=("train.jsonl", jsonl(CHAT)), purpose="fine-tune")
+    valid = client.files.create(file=("valid.jsonl", jsonl(CHAT[:6])), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model_dir), training_file=train.id, validation_file=valid.id, suffix="support", seed=7,
+        metadata={"team": "nlp", "ticket": "T-1"},
+        method={"type": "supervised", "supervised": {"hyperparameters": {
+            "n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 20}}})
+    assert job.status in ("queued", "validating_files", "running")
+    ended, seen = wait_job(client, job.id)
+    return train, valid, job, ended, seen
+
+
+def test_files_upload_list_read_and_delete(client, base_url):
+    data = jsonl(CHAT)
+    uploaded = client.files.create(file=("chats.jsonl", data), purpose="fine-tune")
+    assert (uploaded.object, uploaded.bytes, uploaded.filename, uploaded.purpose) == ("file", len(data),
+                                                                                       "chats.jsonl", "fine-tune")
+    shaped(raw(client.files.with_raw_response.retrieve(uploaded.id)), FileObject)
+    assert client.files.content(uploaded.id).content == data
+    assert uploaded.id in [f.id for f in client.files.list()]
+    other = openai.OpenAI(base_url=base_url, api_key=OTHER_KEY, max_retries=0)
+    assert uploaded.id not in [f.id for f in other.files.list()]
+    with pytest.raises(openai.NotFoundError):
+        other.files.retrieve(uploaded.id)  # another user's file is as absent as one that never was
+    assert client.files.delete(uploaded.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        client.files.create(file=("x.jsonl", data), purpose="assistants")
+    too_big = b"x" * (2**20 + 1)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.files.create(file=("big.jsonl", too_big), purpose="fine-tune")
+    assert refused.value.status_code == 413 and "TESSERA_MAX_UPLOAD_MB" in refused.value.message
+
+
+def test_a_job_trains_registers_and_serves_its_model(client, finished, fm):
+    train, valid, created, job, seen = finished
+    assert job.status == "succeeded", job.error
+    assert seen[-1] == "succeeded" and set(seen) <= {"queued", "validating_files", "running", "succeeded"}
+    got = shaped(raw(client.fine_tuning.jobs.with_raw_response.retrieve(job.id)), FineTuningJob)
+    assert got["training_file"] == train.id and got["validation_file"] == valid.id and got["seed"] == 7
+    assert got["hyperparameters"] == {"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 20.0}
+    assert got["metadata"] == {"team": "nlp", "ticket": "T-1"} and got["error"] is None
+    assert got["fine_tuned_model"].startswith("main.openai.support-") and got["trained_tokens"] > 0
+    assert got["finished_at"] >= got["created_at"]
+    run = fm.get(job.id.removeprefix("ftjob-"))
+    assert run.created_by == USER and run.config.training_config.global_batch_size == 2
+    assert run.learning_rate == pytest.approx(1e-3) and run.training_duration == "2ep"
+    results = client.files.content(got["result_files"][0]).text.splitlines()
+    assert results[0] == "step,train_loss,valid_loss" and len(results) > 1
+
+    listed = client.fine_tuning.jobs.list(metadata={"team": "nlp"})
+    assert [j.id for j in listed] == [job.id]
+    assert not client.fine_tuning.jobs.list(metadata={"team": "vision"}).data
+    shaped(raw(client.fine_tuning.jobs.with_raw_response.list())["data"][0], FineTuningJob)
+
+    events = raw(client.fine_tuning.jobs.with_raw_response.list_events(job.id, limit=100))["data"]
+    for event in events:
+        shaped(event, FineTuningJobEvent)
+    assert events[0]["data"]["tessera_type"] == "COMPLETED" and events[-1]["data"]["tessera_type"] == "CREATED"
+    assert any(e["type"] == "metrics" for e in events)
+    page = client.fine_tuning.jobs.list_events(job.id, limit=2)
+    assert [e.id for e in page.data] == [e["id"] for e in events[:2]] and page.has_more
+    assert [e.id for e in page.get_next_page().data] == [e["id"] for e in events[2:4]]
+
+    checkpoints = raw(client.fine_tuning.jobs.checkpoints.with_raw_response.list(job.id))["data"]
+    for checkpoint in checkpoints:
+        shaped(checkpoint, FineTuningJobCheckpoint)
+        check_custom_weights(checkpoint["fine_tuned_model_checkpoint"])  # a new job can start from it
+    assert checkpoints[0]["step_number"] > checkpoints[-1]["step_number"] or len(checkpoints) == 1
+
+    model = got["fine_tuned_model"]
+    assert model in [m.id for m in client.models.list()] and f"{model}@candidate" in [m.id for m in client.models.list()]
+    shaped(raw(client.models.with_raw_response.retrieve(model)), Model)
+    messages = [{"role": "user", "content": "What is fact number 3?"}]
+    answer = raw(client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=8,
+                                                                   temperature=0))
+    shaped(answer, ChatCompletion)
+    text = answer["choices"][0]["message"]["content"]
+    assert answer["usage"]["completion_tokens"] <= 8 and answer["choices"][0]["finish_reason"] in ("stop", "length")
+    chunks = list(client.chat.completions.create(model=f"{model}@candidate", messages=messages, max_tokens=8,
+                                                 temperature=0, stream=True))
+    for chunk in chunks:
+        shaped(chunk.model_dump(exclude_unset=True), ChatCompletionChunk)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text  # greedy: the same answer, streamed
+    assert chunks[-1].choices[0].finish_reason == answer["choices"][0]["finish_reason"]
+    sampled = [client.chat.completions.create(model=model, messages=messages, max_tokens=8, seed=5, n=2)
+               for _ in range(2)]
+    assert [c.message.content for c in sampled[0].choices] == [c.message.content for c in sampled[1].choices]
+    completion = client.completions.create(model=model, prompt="Fact 3 is", max_tokens=5, temperature=0)
+    assert completion.object == "text_completion" and completion.usage.completion_tokens <= 5
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="main.openai.no-such-model", messages=messages)
+    assert unknown.value.body["code"] == "model_not_found"
+
+
+def test_mlflow_serves_what_a_job_registered(finished, fm):
+    """MLflow's own scoring server on the registered model's candidate alias."""
+    from flows import services
+
+    model = finished[3].fine_tuned_model
+    port = free_port()
+    server = subprocess.Popen(
+        [Path(sys.executable).with_name("mlflow"), "models", "serve", "-m", f"models:/{model}@candidate",
+         "--env-manager", "local", "--port", str(port), "--host", "127.0.0.1"],
+        env={**os.environ, "MLFLOW_TRACKING_URI": services.mlflow_ui_url(),  # it starts uvicorn from PATH
+             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                answer = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
+                                    json={"inputs": ["Fact 3 is"], "params": {"max_new_tokens": 4}})
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow models serve did not start"
+                time.sleep(1)
+        assert answer.status_code == 200, answer.text
+        assert isinstance(answer.json()["predictions"][0], str)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def test_a_second_job_is_cancelled_and_a_malformed_file_fails_by_its_line(client, base_url, tiny_model_dir):
+    many = [{"messages": [{"role": "user", "content": f"Tell me fact {j}."}, *c["messages"][1:]]}
+            for j, c in enumerate(CHAT * 40)]  # rows enough for thousands of steps
+    train = client.files.create(file=("train.jsonl", jsonl(many)), purpose="fine-tune")
+    long = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id,
+                                          hyperparameters={"n_epochs": 50, "batch_size": 1})
+    bad = client.files.create(file=("broken.jsonl", jsonl(CHAT[:2]) + b'{"messages": [{"role": "bot"}]}\n'),
+                              purpose="fine-tune")
+    failing = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=bad.id)
+    other = openai.OpenAI(base_url=base_url, api_key=OTHER_KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.fine_tuning.jobs.retrieve(long.id)
+    assert long.id not in [j.id for j in other.fine_tuning.jobs.list()]
+
+    wait_job(client, long.id, ("running",))
+    client.fine_tuning.jobs.cancel(long.id)
+    cancelled, _ = wait_job(client, long.id)
+    assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
+    assert worker_pids(long.id.removeprefix("ftjob-")) == []
+    with pytest.raises(openai.BadRequestError, match="already cancelled"):
+        client.fine_tuning.jobs.cancel(long.id)
+
+    failed, _ = wait_job(client, failing.id)
+    assert failed.status == "failed" and failed.error.param == "training_file"
+    assert failed.error.code == "invalid_training_file"
+    assert f"training_file {bad.id} (broken.jsonl) line 3" in failed.error.message, failed.error.message
+    shaped(raw(client.fine_tuning.jobs.with_raw_response.retrieve(failing.id)), FineTuningJob)
+
+
+@pytest.mark.parametrize("request_body, param, said", [
+    ({"method": {"type": "dpo"}}, "method.type", "Input should be 'supervised'"),
+    ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", "greater than or equal to 1"),
+    ({"hyperparameters": {"learning_rate_multiplier": 1e6}}, "hyperparameters.learning_rate_multiplier", "20"),
+    ({"integrations": [{"type": "wandb"}]}, "integrations", "at most 0 items"),
+    ({"suffix": "Bad Suffix!"}, "suffix", "should match pattern"),
+    ({"beta": 0.1}, "beta", "Extra inputs are not permitted"),
+    ({"training_file": "file-nope"}, "training_file", "No such File object: file-nope"),
+    ({"model": "gpt-4o-mini"}, "model", "gpt-4o-mini does not exist"),
+    ({"metadata": {"a:b": "c"}}, "metadata.a:b.[key]", "should match pattern"),
+])
+def test_what_tessera_cannot_do_is_refused_with_the_param(client, tiny_model_dir, request_body, param, said):
+    train = client.files.create(file=("t.jsonl", jsonl(CHAT)), purpose="fine-tune")
+    body = {"model": str(tiny_model_dir), "training_file": train.id} | request_body
+    with pytest.raises((openai.BadRequestError, openai.NotFoundError)) as refused:
+        client.post("/fine_tuning/jobs", body=body, cast_to=FineTuningJob)
+    assert refused.value.body["param"] == param and said in refused.value.body["message"], refused.value.body
+
+
+def test_no_key_or_a_wrong_key_is_refused(base_url):
+    for key in ("", "not-a-key-of-this-server"):
+        with pytest.raises(openai.AuthenticationError) as refused:
+            openai.OpenAI(base_url=base_url, api_key=key or "x", max_retries=0,
+                          default_headers={"Authorization": key}).models.list()
+        assert refused.value.status_code == 401 and refused.value.body["code"] == "invalid_api_key"
