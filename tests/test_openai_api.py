@@ -163,9 +163,11 @@ def test_a_job_trains_registers_and_serves_its_model(client, finished, fm):
     text = answer["choices"][0]["message"]["content"]
     assert answer["usage"]["completion_tokens"] <= 8 and answer["choices"][0]["finish_reason"] in ("stop", "length")
     chunks = list(client.chat.completions.create(model=f"{model}@candidate", messages=messages, max_tokens=8,
-                                                 temperature=0, stream=True))
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
     for chunk in chunks:
         shaped(chunk.model_dump(exclude_unset=True), ChatCompletionChunk)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == answer["usage"]["completion_tokens"]
+    chunks = chunks[:-1]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text  # greedy: the same answer, streamed
     assert chunks[-1].choices[0].finish_reason == answer["choices"][0]["finish_reason"]
     sampled = [client.chat.completions.create(model=model, messages=messages, max_tokens=8, seed=5, n=2)

@@ -65,6 +65,11 @@ class Sampling(BaseModel):
     n: int = Field(1, ge=1, le=8)
     seed: int | None = None
     stream: bool = False
+    stream_options: "StreamOptions | None" = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk with the usage and no choices
 
 
 class ChatRequest(Sampling):
@@ -174,8 +179,12 @@ def _stream(request: Sampling, loaded: Loaded, inputs, settings: dict, completio
             break
     worker.join()
     prompt_tokens = inputs["input_ids"].shape[1]
-    _, reason, _ = _finish(loaded.tokenizer, result["output"][0, prompt_tokens:], request, settings)
+    _, reason, generated = _finish(loaded.tokenizer, result["output"][0, prompt_tokens:], request, settings)
     yield event(None, reason)
+    if request.stream_options and request.stream_options.include_usage:
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                 "total_tokens": prompt_tokens + generated}
+        yield f"data: {json.dumps(chunk | {'choices': [], 'usage': usage})}\n\n"
     yield "data: [DONE]\n\n"
 
 
