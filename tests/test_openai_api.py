@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from openai.types import FileObject, Model
+from openai.types import Completion, FileObject, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
@@ -154,7 +154,8 @@ def test_a_job_trains_registers_and_serves_its_model(client, finished, fm):
     assert checkpoints[0]["step_number"] > checkpoints[-1]["step_number"] or len(checkpoints) == 1
 
     model = got["fine_tuned_model"]
-    assert model in [m.id for m in client.models.list()] and f"{model}@candidate" in [m.id for m in client.models.list()]
+    served = [m.id for m in client.models.list()]
+    assert model in served and f"{model}@candidate" in served
     shaped(raw(client.models.with_raw_response.retrieve(model)), Model)
     messages = [{"role": "user", "content": "What is fact number 3?"}]
     answer = raw(client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=8,
@@ -173,8 +174,9 @@ def test_a_job_trains_registers_and_serves_its_model(client, finished, fm):
     sampled = [client.chat.completions.create(model=model, messages=messages, max_tokens=8, seed=5, n=2)
                for _ in range(2)]
     assert [c.message.content for c in sampled[0].choices] == [c.message.content for c in sampled[1].choices]
-    completion = client.completions.create(model=model, prompt="Fact 3 is", max_tokens=5, temperature=0)
-    assert completion.object == "text_completion" and completion.usage.completion_tokens <= 5
+    completion = shaped(raw(client.completions.with_raw_response.create(model=model, prompt="Fact 3 is", max_tokens=5,
+                                                                        temperature=0)), Completion)
+    assert completion["object"] == "text_completion" and completion["usage"]["completion_tokens"] <= 5
     with pytest.raises(openai.NotFoundError) as unknown:
         client.chat.completions.create(model="main.openai.no-such-model", messages=messages)
     assert unknown.value.body["code"] == "model_not_found"
