@@ -12,7 +12,7 @@ from tasks.init_model import init_model
 from tasks.process_group import exit_with_parent
 from tasks.recipe import SHORTHANDS, configure
 from tasks.register_model import register_model
-from tasks.run_record import RunRecord, current_user, run_tags
+from tasks.run_record import RunRecord, cancelled_while_starting, current_user, run_tags
 from tasks.tracking import client, experiment_for, start_run
 from tasks.train import kill_worker, train
 from tasks.training.checkpoint_names import complete_checkpoints
@@ -85,6 +85,8 @@ def finetune(
         mlflow_run_id: Set by create(); empty, the run starts its own MLflow run.
         register: Off for a sweep's trials: the sweep registers its best.
     """
+    if cancelled_while_starting():
+        return Cancelled(message="cancelled before it started")
     # Keys of `config` are named by their path in errors; the arguments by their own names.
     config = configure(config, shorthands={k: v for k, v in locals().items() if k in SHORTHANDS}, called=None)
     record = _name_run(config, run_name, mlflow_run_id)

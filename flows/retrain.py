@@ -18,6 +18,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Cancelled
 
 from flows.foundation_model.runs import (
     ACTIVE,
@@ -46,6 +47,7 @@ from tasks.retries import retryable
 from tasks.run_record import (
     RETRAIN_TAG,
     RunRecord,
+    cancelled_while_starting,
     challenger_tag,
     current_user,
     retrain_tags,
@@ -99,6 +101,8 @@ def retrain(config: RetrainConfig, run_name: str | None = None, mlflow_run_id: s
         run_name: Set by fm.retrain_now(); empty, the retraining names itself.
         mlflow_run_id: Set by fm.retrain_now(); empty, the retraining starts its own MLflow run.
     """
+    if cancelled_while_starting():
+        return Cancelled(message="cancelled before it started")
     config = configure_retraining(config, called=None)
     record = _name_retraining(config, run_name, mlflow_run_id)
     exit_with_parent(lambda: None)  # its runs have watchdogs of their own

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from prefect import flow, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Cancelled
 
 from flows.foundation_model.runs import (
     ACTIVE,
@@ -33,7 +34,7 @@ from tasks.errors import TesseraError
 from tasks.events import RunEvent, emit, flush
 from tasks.process_group import exit_with_parent
 from tasks.register_model import register_model
-from tasks.run_record import RunRecord, current_user, run_tags, sweep_tags, trial_tag
+from tasks.run_record import RunRecord, cancelled_while_starting, current_user, run_tags, sweep_tags, trial_tag
 from tasks.search import (
     SweepConfig,
     configure_sweep,
@@ -100,6 +101,8 @@ def sweep(config: SweepConfig, sweep_name: str | None = None, mlflow_run_id: str
         sweep_name: Set by fm.sweep(); empty, the sweep names itself. A sweep's name again continues its study.
         mlflow_run_id: The sweep's parent MLflow run, set by fm.sweep().
     """
+    if cancelled_while_starting():
+        return Cancelled(message="cancelled before it started")
     config = configure_sweep(config, called=None)
     record = _name_sweep(config, sweep_name, mlflow_run_id)
     exit_with_parent(lambda: None)  # its runs have watchdogs of their own
@@ -221,13 +224,13 @@ def _asked(study: optuna.Study) -> int:
 def _cancelling(record: RunRecord) -> bool:
     """Whether the sweep is being cancelled: start no trial its cancellation would miss."""
     with get_client(sync_client=True) as prefect:
-        return RunStatus.from_state(prefect.read_flow_run(record.flow_run_id).state) == RunStatus.TERMINATING
+        return RunStatus.of(prefect.read_flow_run(record.flow_run_id)) == RunStatus.TERMINATING
 
 
 def _status(run_name: str) -> RunStatus | None:
     with get_client(sync_client=True) as prefect:
         found = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])), limit=1)
-    return RunStatus.from_state(found[0].state) if found else None
+    return RunStatus.of(found[0]) if found else None
 
 
 def _values(params: dict) -> str:

@@ -18,6 +18,8 @@ from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from prefect.runtime import flow_run as current_flow_run
+
 from tasks.home import runs_dir
 
 WORKER_PGID = "worker.pgid"  # in a run folder while its training worker runs: the worker's process group
@@ -80,6 +82,14 @@ class RunRecord:
 RUN_TAG = "tessera"  # every run's flow run carries it, and the two below
 SWEEP_TAG = "tessera-sweep"  # a sweep's flow runs, instead: fm.list() lists runs only
 RETRAIN_TAG = "tessera-retrain"  # a retraining's flow runs, instead
+# Put on a flow run cancelled while its process was starting: the runner cannot stop a process it has not finished
+# starting, and Prefect lets that process move the run on to Running, so the flow, once started, ends itself.
+CANCELLED_TAG = "tessera-cancelled"
+
+
+def cancelled_while_starting() -> bool:
+    """In a flow, first thing: whether it was cancelled while its process was starting; if so it returns Cancelled."""
+    return CANCELLED_TAG in current_flow_run.tags
 
 
 def run_tags(user: str, experiment_id: str) -> list[str]:

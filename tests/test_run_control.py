@@ -39,6 +39,29 @@ def test_cancel_stops_the_run_and_its_worker_but_keeps_its_files(fm, tiny_model_
     assert fm.cancel(run) == 0  # already stopped
 
 
+def test_a_run_cancelled_while_its_process_starts_stays_cancelled(fm, tiny_model_dir, chat_file):
+    """Cancelled while the runner is starting its process (Pending): TERMINATING until the flow, started, ends
+    itself; STOPPED from then on, never RUNNING again, and nothing trained."""
+    run = fm.create(model=str(tiny_model_dir), train_data_path=chat_file, register_to="main.test",
+                    training_duration="100000ba", context_length=64)
+    while (run := run.refresh()).status != fm.RunStatus.STARTING:
+        assert run.status in (fm.RunStatus.PENDING, fm.RunStatus.QUEUED), run.status
+        time.sleep(0.1)
+    assert fm.cancel(run) == 1 and run.refresh().status == fm.RunStatus.TERMINATING
+    seen, stopped_at, deadline = [run.status], None, time.monotonic() + 60
+    while stopped_at is None or time.monotonic() - stopped_at < 10:  # and 10 s after it stopped
+        assert time.monotonic() < deadline, seen
+        if (status := run.refresh().status) != seen[-1]:
+            seen.append(status)
+        if status == fm.RunStatus.STOPPED and stopped_at is None:
+            stopped_at = time.monotonic()
+        time.sleep(0.2)
+    assert seen == [fm.RunStatus.TERMINATING, fm.RunStatus.STOPPED], seen
+    events = [e.type for e in fm.get_events(run)]
+    assert events[-1] == "CANCELED" and "TRAIN_UPDATED" not in events, events
+    assert not worker_pids(run.name)
+
+
 def test_an_ended_run_whose_process_never_said_so_gets_its_terminal_event_once(fm):
     """A run that ended with nobody left to send its terminal event (its process killed with the runner): the first
     read writes it from the flow run's final state; every later read sees that one event."""

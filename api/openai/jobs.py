@@ -126,7 +126,7 @@ def list_jobs(request: Request, after: str | None = None, limit: int = Query(20,
     """The acting user's jobs, newest first; `metadata[k]=v` keeps the jobs with those metadata."""
     wanted = {key[len("metadata["):-1]: value for key, value in request.query_params.items()
               if key.startswith("metadata[") and key.endswith("]")}
-    runs = fm.list(user_emails=[current_user()], include_details=False, limit=1000)
+    runs = fm.list(user_emails=[current_user()], limit=1000)  # with details: estimated_finish as get() has it
     if after is not None:
         runs = runs[next((i + 1 for i, r in enumerate(runs) if JOB + r.name == after), len(runs)):]
     found = []

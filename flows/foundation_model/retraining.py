@@ -278,7 +278,7 @@ def _latest(name: str):
 
 
 def _retraining(flow_run) -> Retraining:
-    status = RunStatus.from_state(flow_run.state)
+    status = RunStatus.of(flow_run)
     record = RunRecord.load(flow_run.name)
     mlflow_run_id = flow_run.parameters.get("mlflow_run_id") or (record.mlflow_run_id if record else None)
     tags = client().get_run(mlflow_run_id).data.tags if mlflow_run_id else {}

@@ -50,7 +50,7 @@ from tasks.events import RunEvent, emit, flush, resource_id
 from tasks.models import ModelInfo
 from tasks.models import get_models as _catalog
 from tasks.recipe import SHORTHANDS, configure
-from tasks.run_record import RUN_TAG, RunRecord, current_user, run_tags, tag_value
+from tasks.run_record import CANCELLED_TAG, RUN_TAG, RunRecord, current_user, run_tags, tag_value
 from tasks.tracking import client as mlflow_client
 from tasks.tracking import experiment_for, start_run
 from tasks.training.checkpoint_names import complete_checkpoints
@@ -81,6 +81,12 @@ class RunStatus(StrEnum):
     @property
     def display_name(self) -> str:
         return self.value.capitalize()
+
+    @classmethod
+    def of(cls, flow_run) -> "RunStatus":
+        """A flow run's status: cancelled while it was starting (CANCELLED_TAG), it is TERMINATING until it ends."""
+        status = cls.from_state(flow_run.state)
+        return cls.TERMINATING if CANCELLED_TAG in flow_run.tags and not status.is_terminal() else status
 
     @classmethod
     def from_state(cls, state) -> "RunStatus":
@@ -292,18 +298,22 @@ def cancel(runs: "str | TrainingRun | builtins.list[str | TrainingRun] | None" =
 def stop_flow_run(prefect, flow_run, what: str) -> bool:
     """Cancel a run's, sweep's or retraining's flow run; False when it has ended or is ending already.
 
-    One not running yet is ended here, with its CANCELED event (nothing to stop, and no hook will run): a runner told
-    to cancel a run whose process is still starting finds no process and lets it be (it would stay TERMINATING),
-    while a flow run already ended is one Prefect's engine refuses to start. A running one is set Cancelling: the
-    runner kills its process and the flow's hook cleans up. The caller flushes the events."""
-    status = RunStatus.from_state(flow_run.state)
+    One still scheduled is ended here, with its CANCELED event: nothing to stop, and Prefect never starts a cancelled
+    run. One whose process is starting (Pending) gets its CANCELED event and CANCELLED_TAG too: the runner cannot
+    stop a process it is still starting, and Prefect would let that process move a Cancelled run on to Running, so
+    it is set Cancelling and the flow, once started, ends itself (cancelled_while_starting). A running one is set
+    Cancelling: the runner kills its process and the flow's hook cleans up. The caller flushes the events."""
+    status = RunStatus.of(flow_run)
     if status.is_terminal() or status == RunStatus.TERMINATING:
         return False
-    if flow_run.state.type in (StateType.SCHEDULED, StateType.PENDING):
+    if flow_run.state.type == StateType.SCHEDULED:
         prefect.set_flow_run_state(flow_run.id, Cancelled(message="cancelled before it started"), force=True)
         emit(flow_run.name, RunEvent.CANCELED, f"{what} cancelled before it started", flow_run_id=str(flow_run.id))
-    else:
-        prefect.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by the user"), force=True)
+        return True
+    if flow_run.state.type == StateType.PENDING:
+        prefect.update_flow_run(flow_run.id, tags=[*flow_run.tags, CANCELLED_TAG])
+        emit(flow_run.name, RunEvent.CANCELED, f"{what} cancelled before it started", flow_run_id=str(flow_run.id))
+    prefect.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by the user"), force=True)
     return True
 
 
@@ -377,7 +387,7 @@ def newest_flow_run(name: str, tag: str = RUN_TAG, what: str = "run", listing: s
 
 def _training_run(flow_run, include_details: bool) -> TrainingRun:
     p = flow_run.parameters
-    status = RunStatus.from_state(flow_run.state)
+    status = RunStatus.of(flow_run)
     record = RunRecord.load(flow_run.name)
     try:  # create() passes the config; `prefect deployment run` may pass the anchor's arguments instead
         config = configure(p.get("config"), shorthands={k: p.get(k) for k in SHORTHANDS})
@@ -444,7 +454,7 @@ def settled_events(name: str, flow_run) -> "builtins.list[FineTuningEvent]":
     while not events and flow_run.parameters.get("run_name") and time.monotonic() < deadline:
         time.sleep(0.25)
         events = _read_events(name)
-    status = RunStatus.from_state(flow_run.state)
+    status = RunStatus.of(flow_run)
     if not status.is_terminal():
         return events
     written, deadline = False, time.monotonic() + EVENTS_SETTLE_S
@@ -475,7 +485,7 @@ def _follow(name: str, flow_run_of) -> Iterator[FineTuningEvent]:
     with services.connected():
         while True:
             flow_run = flow_run_of(name)  # read first: if it has ended, the events read next are all there
-            ended = RunStatus.from_state(flow_run.state).is_terminal()
+            ended = RunStatus.of(flow_run).is_terminal()
             for event in settled_events(name, flow_run) if ended else _read_events(name):
                 key = (event.type, event.time, event.message)
                 if key in seen:

@@ -164,7 +164,7 @@ def resume_sweep(sweep: "str | Sweep") -> Sweep:
     name = sweep.name if isinstance(sweep, Sweep) else sweep
     with services.connected():
         earlier = _latest(name)
-        status = RunStatus.from_state(earlier.state)
+        status = RunStatus.of(earlier)
         if not status.is_terminal() or status == RunStatus.COMPLETED:
             raise InvalidInputError(f"sweep {name} is {status.value}: only a sweep that crashed, failed or was stopped "
                                     "can be resumed")
@@ -181,7 +181,7 @@ def _latest(name: str):
 
 
 def _sweep(flow_run) -> Sweep:
-    status = RunStatus.from_state(flow_run.state)
+    status = RunStatus.of(flow_run)
     record = RunRecord.load(flow_run.name)
     try:
         config = configure_sweep(flow_run.parameters.get("config"), called=None)
