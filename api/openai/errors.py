@@ -3,7 +3,7 @@
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from tasks.errors import InvalidInputError, RunNotFoundError, TesseraError, TooManyActiveRunsError
 
@@ -34,11 +34,22 @@ def from_tessera(error: TesseraError, param: str | None = None) -> OpenAIError:
 
 
 def install(app: FastAPI) -> None:
-    """Answer OpenAIError, and FastAPI's own request validation under /v1, in OpenAI's shape."""
+    """Answer OpenAIError, and under /v1 Tessera's own errors, FastAPI's request validation and anything unexpected,
+    in OpenAI's shape."""
 
     @app.exception_handler(OpenAIError)
     async def _openai(request: Request, error: OpenAIError) -> JSONResponse:
         return JSONResponse(body(error.message, error.param, error.code, error.kind), status_code=error.status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception):
+        """A Tessera error no route turned into its answer (the services down, a run gone), or a bug: the message,
+        never a traceback (that goes to the server's log)."""
+        if not request.url.path.startswith(PREFIX):
+            return PlainTextResponse("Internal Server Error", status_code=500)
+        known = from_tessera(error) if isinstance(error, TesseraError) else OpenAIError(
+            500, f"{type(error).__name__}: {error}", kind="server_error")
+        return await _openai(request, known)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError):
