@@ -142,15 +142,16 @@ def _answer(request: Sampling, loaded: Loaded, inputs, kind: str):
 def _stream(request: Sampling, loaded: Loaded, inputs, settings: dict, completion_id: str,
             kind: str) -> Iterator[str]:
     """OpenAI's chunks as server-sent events, a piece of text each, then the finish reason and [DONE]."""
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    result = {}
+    result, gone = {}, threading.Event()  # gone: the client left, so stop generating for it
 
     def generate():
         with GENERATING:
             _seed(request.seed)
-            result["output"] = loaded.model.generate(**inputs, **settings, streamer=streamer)
+            stop = StoppingCriteriaList([lambda *_, **__: gone.is_set()])
+            result["output"] = loaded.model.generate(**inputs, **settings, streamer=streamer, stopping_criteria=stop)
 
     worker = threading.Thread(target=generate, daemon=True)
     worker.start()
@@ -165,27 +166,30 @@ def _stream(request: Sampling, loaded: Loaded, inputs, settings: dict, completio
             choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
         return f"data: {json.dumps(chunk | {'choices': [choice]})}\n\n"
 
-    if kind == "chat.completion":
-        yield event(None, None, first=True)
-    sent, stops = "", _stops(request)
-    for piece in streamer:
-        cut = min((i for i in ((sent + piece).find(s) for s in stops) if i >= 0), default=None)
-        if cut is not None:
-            piece = (sent + piece)[len(sent):cut] if cut > len(sent) else ""
-        if piece:
-            sent += piece
-            yield event(piece, None)
-        if cut is not None:
-            break
-    worker.join()
-    prompt_tokens = inputs["input_ids"].shape[1]
-    _, reason, generated = _finish(loaded.tokenizer, result["output"][0, prompt_tokens:], request, settings)
-    yield event(None, reason)
-    if request.stream_options and request.stream_options.include_usage:
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
-                 "total_tokens": prompt_tokens + generated}
-        yield f"data: {json.dumps(chunk | {'choices': [], 'usage': usage})}\n\n"
-    yield "data: [DONE]\n\n"
+    try:
+        if kind == "chat.completion":
+            yield event(None, None, first=True)
+        sent, stops = "", _stops(request)
+        for piece in streamer:
+            cut = min((i for i in ((sent + piece).find(s) for s in stops) if i >= 0), default=None)
+            if cut is not None:
+                piece = (sent + piece)[len(sent):cut] if cut > len(sent) else ""
+            if piece:
+                sent += piece
+                yield event(piece, None)
+            if cut is not None:
+                break
+        worker.join()
+        prompt_tokens = inputs["input_ids"].shape[1]
+        _, reason, generated = _finish(loaded.tokenizer, result["output"][0, prompt_tokens:], request, settings)
+        yield event(None, reason)
+        if request.stream_options and request.stream_options.include_usage:
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                     "total_tokens": prompt_tokens + generated}
+            yield f"data: {json.dumps(chunk | {'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        gone.set()
 
 
 def _settings(request: Sampling, loaded: Loaded) -> dict:
