@@ -181,6 +181,13 @@ def test_a_job_trains_registers_and_serves_its_model(client, finished, fm):
         client.chat.completions.create(model="main.openai.no-such-model", messages=messages)
     assert unknown.value.body["code"] == "model_not_found"
 
+    # The fine-tuned model, fine-tuned further: from the last checkpoint of the run that made it.
+    further = client.fine_tuning.jobs.create(model=model, training_file=train.id, hyperparameters={
+        "n_epochs": 1, "batch_size": 2})
+    assert wait_job(client, further.id)[0].status == "succeeded"
+    again = fm.get(further.id.removeprefix("ftjob-"))
+    assert again.model == run.model and again.custom_weights_path == checkpoints[0]["fine_tuned_model_checkpoint"]
+
 
 def test_mlflow_serves_what_a_job_registered(finished, fm):
     """MLflow's own scoring server on the registered model's candidate alias."""

@@ -256,23 +256,26 @@ def _load(name: str) -> Loaded:
         return _LOADED[key]
 
 
+def registered_version(name: str):
+    """The MLflow model version `name` names: `catalog.schema.model` (its newest version) or `...@alias`; else None."""
+    registered, _, alias = name.partition("@")
+    if registered.count(".") != 2 or "/" in registered:
+        return None
+    registry = client()
+    try:
+        if alias:
+            return registry.get_model_version_by_alias(registered, alias)
+        versions = registry.search_model_versions(f"name = '{registered}'")
+    except Exception:  # MLflow's RESOURCE_DOES_NOT_EXIST, or a name it cannot parse
+        return None
+    return max(versions, key=lambda v: int(v.version), default=None)
+
+
 def _source(name: str):
     """What to load for `name` and the cache key of exactly those weights: a models:/ URI of one registered version,
     or a catalog model's local folder."""
-    registered, _, alias = name.partition("@")
-    if registered.count(".") == 2 and "/" not in registered:
-        registry = client()
-        try:
-            if alias:
-                version = registry.get_model_version_by_alias(registered, alias).version
-            else:
-                versions = registry.search_model_versions(f"name = '{registered}'")
-                version = max((int(v.version) for v in versions), default=None)
-        except Exception:  # MLflow's RESOURCE_DOES_NOT_EXIST, or a name it cannot parse
-            version = None
-        if version is None:
-            raise _unknown(name)
-        return f"models:/{registered}/{version}", (registered, str(version))
+    if (version := registered_version(name)) is not None:
+        return f"models:/{version.name}/{version.version}", (version.name, str(version.version))
     if name in {m.name for m in get_models() if m.available}:
         try:
             return resolve_model(name), (name, "catalog")

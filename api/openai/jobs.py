@@ -9,6 +9,8 @@ How a job maps (the README's "Point your OpenAI client at Tessera" says the same
 - suffix: the registered model is `main.openai.<suffix>-<6 chars>` (else `main.openai.<run name>`), and that name is
   fine_tuned_model, which /v1/chat/completions answers with.
 - metadata: kept as the run's MLflow tags `openai.metadata.<key>`.
+- model: a catalog name or model folder; a fine-tuned model (fine_tuned_model, or `<registered>@<alias>`) trains on
+  from the last checkpoint of the run that made it (custom_weights_path), on that run's base model.
 - Refused (400, `param` set): method types other than supervised, integrations, fields OpenAI does not define.
 """
 
@@ -24,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from api.openai import files
 from api.openai.errors import OpenAIError, from_tessera
+from api.openai.inference import registered_version
 from flows.foundation_model import runs as fm
 from tasks.config import Optim, TaskType, TrainingConfig
 from tasks.errors import RunNotFoundError, TesseraError
@@ -31,7 +34,7 @@ from tasks.events import RunEvent
 from tasks.home import files_root
 from tasks.run_record import current_user
 from tasks.tracking import client
-from tasks.training.checkpoint_names import TAG
+from tasks.training.checkpoint_names import tag_step
 
 router = APIRouter(prefix="/v1/fine_tuning")
 JOB, EVENT, CHECKPOINT, RESULTS = "ftjob-", "ftevent-", "ftckpt-", "file-results-"
@@ -105,9 +108,11 @@ def create(request: JobRequest) -> dict:
         overrides["training_config.global_batch_size"] = hp.batch_size
         overrides["training_config.micro_batch_size"] = math.gcd(hp.batch_size, DEFAULT_MICRO_BATCH)
     register_to = REGISTER_TO + (f".{request.suffix}-{secrets.token_hex(3)}" if request.suffix else "")
+    model, weights = _base(request.model)
     try:
         run = fm.create(
-            model=request.model, train_data_path=train, eval_data_path=evals, register_to=register_to,
+            model=model, custom_weights_path=weights, train_data_path=train, eval_data_path=evals,
+            register_to=register_to,
             task_type=TaskType.CHAT_COMPLETION.value,
             training_duration=None if hp.n_epochs is None else f"{hp.n_epochs}ep",
             learning_rate=None if hp.learning_rate_multiplier is None else DEFAULT_LR * hp.learning_rate_multiplier,
@@ -173,7 +178,7 @@ def checkpoints(job_id: str, after: str | None = None, limit: int = Query(10, ge
     found = []
     for uri in reversed(fm.get_checkpoints(run)):
         tag = uri.rstrip("/").rsplit("/", 1)[-1]
-        step = int(TAG.fullmatch(tag).group(2))
+        step = tag_step(tag)
         loss, valid = history["loss"].get(step), history["eval_loss"].get(step)
         found.append({
             "id": f"{CHECKPOINT}{run.name}-{tag}", "object": "fine_tuning.job.checkpoint",
@@ -231,6 +236,24 @@ def _run(job_id: str) -> fm.TrainingRun:
     if run is None or run.created_by != current_user():
         raise OpenAIError(404, f"No such fine-tuning job: {job_id}", "job_id", "not_found")
     return run
+
+
+def _base(model: str) -> tuple[str, str | None]:
+    """The base model to train and the checkpoint to start from: a fine-tuned model (a registered one, or an @alias)
+    trains on from the last checkpoint of the run that made it; any other name is a base model."""
+    version = registered_version(model)
+    if version is None:
+        return model, None
+    run_name = version.tags.get("tessera.run_name")
+    try:
+        checkpoints = fm.get_checkpoints(run_name) if run_name else []
+    except RunNotFoundError:
+        checkpoints = []
+    if not checkpoints or "tessera.base_model" not in version.tags:
+        raise OpenAIError(400, f"model {model} (version {version.version}) has no checkpoint of the run that made it "
+                               "to train on from: fine-tune its base model instead", "model", "invalid_value")
+    latest = max(checkpoints, key=lambda uri: tag_step(uri.rstrip("/").rsplit("/", 1)[-1]))
+    return version.tags["tessera.base_model"], latest
 
 
 def _param(message: str) -> str | None:
