@@ -1,10 +1,10 @@
 """OpenAI's Files API over Tessera's own storage, for training and validation files.
 
 A file is a folder `<TESSERA_FILES_ROOT>/<file id>/` holding `<file id>.jsonl` (the bytes as uploaded: a run's
-messages name the file by it) and `file.json` (its
-OpenAI object and who uploaded it). The root is a local folder (default TESSERA_HOME/files) or s3://bucket/prefix; a
-job's run reads its data straight from there. Uploads stream to disk (Starlette spools them past 1 MiB) and are
-refused past TESSERA_MAX_UPLOAD_MB (default 512, OpenAI's limit for one file) before any byte is read.
+messages name the file by it) and `file.json` (its OpenAI object and who uploaded it). The root is a local folder
+(default TESSERA_HOME/files) or s3://bucket/prefix; a job's run reads its data straight from there. Uploads stream to
+disk (Starlette spools them past 1 MiB) and are refused past TESSERA_MAX_UPLOAD_MB (default 512, OpenAI's limit for
+one file) before any byte is read.
 """
 
 import json
@@ -21,6 +21,7 @@ from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 
 from api.openai.errors import PREFIX, OpenAIError, body
+from api.openai.pages import page
 from tasks.home import files_root
 from tasks.run_record import current_user
 
@@ -60,6 +61,11 @@ class _Store:
     def data_uri(self, file_id: str) -> str:
         """Where a run reads the file from: a local path or an s3:// URI."""
         return f"s3://{self.bucket}/{self._data_key(file_id)}" if self.s3_root else str(self._data_path(file_id))
+
+    def id_of(self, uri: str | None) -> str | None:
+        """The file whose data `uri` is (data_uri read back), else None."""
+        file_id = Path(uri).stem if uri else ""
+        return file_id if file_id.startswith("file-") and self.data_uri(file_id) == uri else None
 
     @property
     def s3_root(self) -> bool:
@@ -155,13 +161,11 @@ def upload(file: UploadFile, purpose: str = Form()) -> dict:
 def list_files(purpose: str | None = None, limit: int = Query(10000, ge=1, le=10000), after: str | None = None,
                order: str = Query("desc", pattern="^(asc|desc)$")) -> dict:
     """The acting user's files, newest first (order=desc)."""
-    files = [m for m in (store().meta(i) for i in store().ids()) if m and m["created_by"] == current_user()
+    kept = store()
+    files = [m for m in (kept.meta(i) for i in kept.ids()) if m and m["created_by"] == current_user()
              and (purpose is None or m["purpose"] == purpose)]
     files.sort(key=lambda m: (m["created_at"], m["id"]), reverse=order == "desc")
-    if after is not None:
-        files = files[next((i + 1 for i, m in enumerate(files) if m["id"] == after), len(files)):]
-    return {"object": "list", "data": [public(m) for m in files[:limit]], "has_more": len(files) > limit,
-            "first_id": files[0]["id"] if files else None, "last_id": files[:limit][-1]["id"] if files else None}
+    return page([public(m) for m in files], after, limit)
 
 
 @router.get("/files/{file_id}")

@@ -134,9 +134,7 @@ def _answer(request: Sampling, loaded: Loaded, inputs, kind: str):
         choices.append({"index": index, "finish_reason": reason, "logprobs": None} | (
             {"message": {"role": "assistant", "content": text}} if kind == "chat.completion" else {"text": text}))
     return {"id": completion_id, "object": kind, "created": int(time.time()), "model": request.model,
-            "choices": choices, "system_fingerprint": None,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
-                      "total_tokens": prompt_tokens + generated}}
+            "choices": choices, "system_fingerprint": None, "usage": _usage(prompt_tokens, generated)}
 
 
 def _stream(request: Sampling, loaded: Loaded, inputs, settings: dict, completion_id: str,
@@ -184,12 +182,14 @@ def _stream(request: Sampling, loaded: Loaded, inputs, settings: dict, completio
         _, reason, generated = _finish(loaded.tokenizer, result["output"][0, prompt_tokens:], request, settings)
         yield event(None, reason)
         if request.stream_options and request.stream_options.include_usage:
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
-                     "total_tokens": prompt_tokens + generated}
-            yield f"data: {json.dumps(chunk | {'choices': [], 'usage': usage})}\n\n"
+            yield f"data: {json.dumps(chunk | {'choices': [], 'usage': _usage(prompt_tokens, generated)})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         gone.set()
+
+
+def _usage(prompt_tokens: int, generated: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}
 
 
 def _settings(request: Sampling, loaded: Loaded) -> dict:

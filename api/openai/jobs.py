@@ -27,11 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from api.openai import files
 from api.openai.errors import OpenAIError, from_tessera
 from api.openai.inference import registered_version
+from api.openai.pages import after as _after
+from api.openai.pages import page
 from flows.foundation_model import runs as fm
 from tasks.config import Optim, TaskType, TrainingConfig
 from tasks.errors import RunNotFoundError, TesseraError
 from tasks.events import RunEvent
-from tasks.home import files_root
 from tasks.run_record import current_user
 from tasks.tracking import client
 from tasks.training.checkpoint_names import tag_step
@@ -132,10 +133,8 @@ def list_jobs(request: Request, after: str | None = None, limit: int = Query(20,
     wanted = {key[len("metadata["):-1]: value for key, value in request.query_params.items()
               if key.startswith("metadata[") and key.endswith("]")}
     runs = fm.list(user_emails=[current_user()], limit=1000)  # with details: estimated_finish as get() has it
-    if after is not None:
-        runs = runs[next((i + 1 for i, r in enumerate(runs) if JOB + r.name == after), len(runs)):]
     found = []
-    for run in runs:
+    for run in _after(runs, after, key=lambda r: JOB + r.name):
         tags = _metadata(run)
         if all(tags.get(k) == v for k, v in wanted.items()):
             found.append(job(run, metadata=tags))
@@ -164,10 +163,7 @@ def cancel(job_id: str) -> dict:
 def events(job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000)) -> dict:
     """The run's events, newest first; `after` an event id: the ones before it."""
     run = _run(job_id)
-    listed = [_event(run.name, i, e) for i, e in enumerate(fm.get_events(run))][::-1]
-    if after is not None:
-        listed = listed[next((i + 1 for i, e in enumerate(listed) if e["id"] == after), len(listed)):]
-    return {"object": "list", "data": listed[:limit], "has_more": len(listed) > limit}
+    return page([_event(run.name, i, e) for i, e in enumerate(fm.get_events(run))][::-1], after, limit)
 
 
 @router.get("/jobs/{job_id}/checkpoints")
@@ -177,7 +173,7 @@ def checkpoints(job_id: str, after: str | None = None, limit: int = Query(10, ge
     history = _history(run)
     found = []
     for uri in reversed(fm.get_checkpoints(run)):
-        tag = uri.rstrip("/").rsplit("/", 1)[-1]
+        tag = _tag(uri)
         step = tag_step(tag)
         loss, valid = history["loss"].get(step), history["eval_loss"].get(step)
         found.append({
@@ -187,10 +183,7 @@ def checkpoints(job_id: str, after: str | None = None, limit: int = Query(10, ge
             "fine_tuned_model_checkpoint": uri, "step_number": step,
             "metrics": {"step": step, "train_loss": loss.value if loss else None,
                         "valid_loss": valid.value if valid else None}})
-    if after is not None:
-        found = found[next((i + 1 for i, c in enumerate(found) if c["id"] == after), len(found)):]
-    return {"object": "list", "data": found[:limit], "has_more": len(found) > limit,
-            "first_id": found[0]["id"] if found else None, "last_id": found[:limit][-1]["id"] if found else None}
+    return page(found, after, limit)
 
 
 def job(run: fm.TrainingRun, metadata: dict | None = None) -> dict:
@@ -252,7 +245,7 @@ def _base(model: str) -> tuple[str, str | None]:
     if not checkpoints or "tessera.base_model" not in version.tags:
         raise OpenAIError(400, f"model {model} (version {version.version}) has no checkpoint of the run that made it "
                                "to train on from: fine-tune its base model instead", "model", "invalid_value")
-    latest = max(checkpoints, key=lambda uri: tag_step(uri.rstrip("/").rsplit("/", 1)[-1]))
+    latest = max(checkpoints, key=lambda uri: tag_step(_tag(uri)))
     return version.tags["tessera.base_model"], latest
 
 
@@ -260,11 +253,14 @@ def _param(message: str) -> str | None:
     return next((p for setting, p in PARAMS.items() if message.startswith(setting + " ")), None)
 
 
+def _tag(checkpoint: str) -> str:
+    """A checkpoint URI's ep*-ba* folder name."""
+    return checkpoint.rstrip("/").rsplit("/", 1)[-1]
+
+
 def _file_id(path: str | None) -> str | None:
     """The uploaded file a run reads, else the path it was given (a run not made through this API)."""
-    root = files_root().rstrip("/") + "/"
-    file_id = path.removeprefix(root).split("/")[0] if path and path.startswith(root) else None
-    return file_id if file_id and path == f"{root}{file_id}/{files.data_name(file_id)}" else path
+    return files.store().id_of(path) or path
 
 
 def _error(run: fm.TrainingRun, events: list) -> dict:
