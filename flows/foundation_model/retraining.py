@@ -219,6 +219,7 @@ def list_retrainings(registered_model: str | None = None, statuses: "builtins.li
     tags = [RETRAIN_TAG] + ([f"model:{registered_model}"] if registered_model else [])
     with services.connected(), get_client(sync_client=True) as prefect:
         found = [_retraining(r) for r in _read_flow_runs(prefect, _filter(statuses=wanted, tags=tags), limit)]
+    found = [r for r in found if wanted is None or r.status in wanted]  # the filter asks for more states than match
     return sorted(found, key=lambda r: r.created_at, reverse=True)[:limit]
 
 

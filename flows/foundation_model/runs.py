@@ -84,9 +84,12 @@ class RunStatus(StrEnum):
 
     @classmethod
     def of(cls, flow_run) -> "RunStatus":
-        """A flow run's status: cancelled while it was starting (CANCELLED_TAG), it is TERMINATING until it ends."""
+        """A flow run's status. One cancelled while its process was starting (CANCELLED_TAG) is TERMINATING until it
+        ends, then STOPPED however Prefect recorded the end: the runner may kill that process mid-start (Crashed)."""
         status = cls.from_state(flow_run.state)
-        return cls.TERMINATING if CANCELLED_TAG in flow_run.tags and not status.is_terminal() else status
+        if CANCELLED_TAG not in flow_run.tags:
+            return status
+        return cls.STOPPED if status.is_terminal() else cls.TERMINATING
 
     @classmethod
     def from_state(cls, state) -> "RunStatus":
@@ -107,14 +110,16 @@ class RunStatus(StrEnum):
         }[state.type]
 
 
+# The Prefect states a status may be read from; RunStatus.of decides (a run cancelled while starting is TERMINATING
+# while Pending or Running, and STOPPED after a crash), so a filter by status asks for these and keeps the matches.
 _STATE_TYPES = {
     RunStatus.PENDING: [StateType.SCHEDULED, StateType.PAUSED],
     RunStatus.QUEUED: [StateType.SCHEDULED],
     RunStatus.STARTING: [StateType.PENDING],
     RunStatus.RUNNING: [StateType.RUNNING],
-    RunStatus.TERMINATING: [StateType.CANCELLING],
+    RunStatus.TERMINATING: [StateType.CANCELLING, StateType.PENDING, StateType.RUNNING],
     RunStatus.COMPLETED: [StateType.COMPLETED],
-    RunStatus.STOPPED: [StateType.CANCELLED],
+    RunStatus.STOPPED: [StateType.CANCELLED, StateType.FAILED, StateType.CRASHED],
     RunStatus.FAILED: [StateType.FAILED, StateType.CRASHED],
 }
 ACTIVE = [RunStatus.PENDING, RunStatus.QUEUED, RunStatus.STARTING, RunStatus.RUNNING, RunStatus.TERMINATING]
