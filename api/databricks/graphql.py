@@ -14,6 +14,7 @@ from graphql import GraphQLError
 from starlette.concurrency import run_in_threadpool
 
 from flows import foundation_model as fm
+from flows.foundation_model.runs import events_of
 from tasks.custom_weights import DATABRICKS_SAVE_FOLDER
 from tasks.errors import InvalidInputError, RunNotFoundError, TesseraError, TooManyActiveRunsError
 from tasks.run_record import current_user
@@ -91,8 +92,8 @@ async def resolve_finetunes(_, info, getFinetunesPaginatedData: dict) -> dict:
                        after=_datetime(created.get("gte"), "createdAt.gte"),
                        include_details=details, limit=start + limit + 1)
         shown = runs[start:start + limit]
-        events = [fm.get_events(r) for r in shown] if _selects(info, "finetunes", "details",
-                                                                "formattedFinetuningEvents") else [None] * len(shown)
+        events = events_of(shown) if _selects(info, "finetunes", "details", "formattedFinetuningEvents") \
+            else [None] * len(shown)
         return [_finetune(r, e) for r, e in zip(shown, events)], len(runs) > start + limit
 
     finetunes, more = await run_in_threadpool(page)

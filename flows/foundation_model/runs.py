@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Any
+from uuid import UUID
 
 from prefect import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterExpectedStartTime,
+    FlowRunFilterId,
     FlowRunFilterName,
     FlowRunFilterState,
     FlowRunFilterStateType,
@@ -429,40 +431,60 @@ def _estimated_end(name: str) -> datetime | None:
 
 
 def _read_events(name: str) -> "builtins.list[FineTuningEvent]":
+    with get_client(sync_client=True) as prefect:
+        return _read_events_of(prefect, [name])[name]
+
+
+def _read_events_of(prefect, names: "builtins.list[str]") -> "dict[str, builtins.list[FineTuningEvent]]":
+    """The events of each named run, oldest first: one query for all of them."""
     event_filter = EventFilter(
-        resource=EventResourceFilter(id=[resource_id(name)]),
+        resource=EventResourceFilter(id=[resource_id(name) for name in names]),
         occurred=EventOccurredFilter(since=datetime(2020, 1, 1, tzinfo=timezone.utc)),
         order=EventOrder.ASC,
     )
-    events = []
-    with get_client(sync_client=True) as prefect:
-        page = prefect.read_events(filter=event_filter, limit=50)  # the server's page size cap
-        while True:
-            events += [
-                FineTuningEvent(e.payload.get("type", e.event), e.occurred, e.payload.get("message", ""), e.payload)
-                for e in page.events
-            ]
-            if not page.next_page:
-                break
-            page = prefect.read_events_page(page.next_page)
-    return sorted(events, key=lambda e: e.time)
+    events: dict[str, builtins.list[FineTuningEvent]] = {name: [] for name in names}
+    by_resource = {resource_id(name): name for name in names}
+    page = prefect.read_events(filter=event_filter, limit=50)  # the server's page size cap
+    while True:
+        for e in page.events:
+            events[by_resource[e.resource.id]].append(
+                FineTuningEvent(e.payload.get("type", e.event), e.occurred, e.payload.get("message", ""), e.payload))
+        if not page.next_page:
+            break
+        page = prefect.read_events_page(page.next_page)
+    return {name: sorted(found, key=lambda e: e.time) for name, found in events.items()}
 
 
-def settled_events(name: str, flow_run) -> "builtins.list[FineTuningEvent]":
+def events_of(runs: "builtins.list[TrainingRun]") -> "builtins.list[builtins.list[FineTuningEvent]]":
+    """Each run's events as get_events() gives them, read together: one query for all, and a wait only for a run
+    whose events may still be on their way. A page of a listing costs a few queries, not a few per run."""
+    if not runs:
+        return []
+    with services.connected(), get_client(sync_client=True) as prefect:
+        ids = FlowRunFilterId(any_=[UUID(r.flow_run_id) for r in runs])
+        flow_runs = {str(f.id): f for f in prefect.read_flow_runs(flow_run_filter=FlowRunFilter(id=ids))}
+        read = _read_events_of(prefect, [r.name for r in runs])
+    return [settled_events(r.name, flow_runs[r.flow_run_id], read[r.name]) for r in runs]
+
+
+def settled_events(name: str, flow_run, events: "builtins.list[FineTuningEvent] | None" = None
+                   ) -> "builtins.list[FineTuningEvent]":
     """The events of the run (sweep, retraining) whose flow run this is, oldest first: from its CREATED event on for
     a run create() made, and once it has ended, through its terminal event, so that what the status says and what
     the events say agree. A terminal event that never comes (its process was killed) is written from the flow run's
-    final state, once: every reader sends the same event id, and the server keeps the first."""
-    events = _read_events(name)
+    final state, once: every reader sends the same event id, and the server keeps the first. Only an event sent in
+    the last EVENTS_SETTLE_S can still be on its way: a run that ended before that is read without waiting.
+    `events`: the run's events as just read, if they were."""
+    events = _read_events(name) if events is None else events
     # A run create() submitted has its CREATED event, sent before create() returned and stored a moment later.
-    deadline = time.monotonic() + EVENTS_SETTLE_S
+    deadline = _settled_by(flow_run.created)
     while not events and flow_run.parameters.get("run_name") and time.monotonic() < deadline:
         time.sleep(0.25)
         events = _read_events(name)
     status = RunStatus.of(flow_run)
     if not status.is_terminal():
         return events
-    written, deadline = False, time.monotonic() + EVENTS_SETTLE_S
+    written, deadline = False, _settled_by(flow_run.end_time)
     while not any(_ends(e, flow_run) for e in events):
         if time.monotonic() > deadline:
             if written:
@@ -475,6 +497,12 @@ def settled_events(name: str, flow_run) -> "builtins.list[FineTuningEvent]":
         time.sleep(0.25)
         events = _read_events(name)
     return events
+
+
+def _settled_by(sent: datetime | None) -> float:
+    """The monotonic time by which every event sent up to `sent` (None: now) is stored and readable."""
+    ago = (datetime.now(timezone.utc) - sent).total_seconds() if sent else 0.0
+    return time.monotonic() + max(0.0, EVENTS_SETTLE_S - ago)
 
 
 def _ends(event: FineTuningEvent, flow_run) -> bool:
