@@ -148,11 +148,28 @@ def mlflow_ui_url() -> str | None:
 @contextmanager
 def connected():
     """Ensure the services run, then talk to them: Prefect reads its settings at import, so set them here."""
+    from mlflow.exceptions import MlflowException
+    from prefect.exceptions import PrefectHTTPStatusError
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = ensure_started()
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        yield url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    except PrefectHTTPStatusError as e:  # a shared server with PREFECT_SERVER_API_AUTH_STRING
+        if e.response.status_code != 401:
+            raise
+        raise ServiceError(f"the Prefect server at {url} refused this client's credentials (401): set "
+                           "PREFECT_API_AUTH_STRING to the server's auth string") from None
+    except MlflowException as e:  # a shared MLflow server with its basic-auth app; its refusals may come as text
+        if e.get_http_status_code() == 403 or "error code 403" in e.message:
+            who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            raise ServiceError(f"the MLflow server at {tracking.tracking_uri()} refused {who!r} (403): {e.message}; "
+                               "the experiment's or model's owner, or an MLflow admin, can grant access") from None
+        if "error code 401" in e.message:
+            raise ServiceError(f"the MLflow server at {tracking.tracking_uri()} refused this client's credentials"
+                               " (401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+        raise
 
 
 def ensure_started() -> str:

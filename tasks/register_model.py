@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasks.config import RunConfig
 from tasks.run_record import RunRecord
-from tasks.tracking import client
+from tasks.tracking import client, grant_owner
 
 ALIAS = "candidate"  # a run's newest version; a sweep's best is its "challenger"
 
@@ -35,6 +35,7 @@ def register_model(record: RunRecord, config: RunConfig, hf_dir: str, alias: str
                               f"accelerate=={version('accelerate')}"],
         )
     registered = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+    grant_owner(registered_name, mlflow_run_id)
     mlflow_client.set_registered_model_alias(registered_name, alias, registered.version)
     for key, value in tags.items():
         mlflow_client.set_registered_model_tag(registered_name, key, value)

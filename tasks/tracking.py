@@ -14,6 +14,8 @@ from tasks.config import RunConfig
 from tasks.errors import InvalidInputError
 from tasks.home import tessera_home
 
+OWNER_TAG = "tessera.mlflow_account"
+
 
 def _embedded_uri() -> str:
     return f"sqlite:///{tessera_home() / 'mlflow' / 'mlflow.db'}"
@@ -70,9 +72,28 @@ def start_run(params: dict, run_name: str, experiment_path: str, user: str,
     (experiment_id, run_id)."""
     experiment_id = ensure_experiment(experiment_path)
     tags = {"mlflow.user": user, "tessera.run_name": run_name}
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):  # a shared server's account: it will own the registered model
+        tags[OWNER_TAG] = os.environ["MLFLOW_TRACKING_USERNAME"]
     run = client().create_run(experiment_id, run_name=run_name,
                               tags=tags | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}))
     client().log_batch(run.info.run_id, params=[
         mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items() if v is not None
     ])
     return experiment_id, run.info.run_id
+
+
+def grant_owner(registered_name: str, mlflow_run_id: str) -> None:
+    """Give the account that created the run MANAGE on the model registered from it: on an MLflow server with the
+    basic-auth app, the model belongs to the worker's account that registered it, and nobody else may read it."""
+    owner = client().get_run(mlflow_run_id).data.tags.get(OWNER_TAG)
+    if not owner or owner == os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        return
+    from mlflow.server import get_app_client
+
+    try:
+        get_app_client("basic-auth", tracking_uri=tracking_uri()).grant_user_permission(
+            owner, "registered_model", registered_name, "MANAGE")
+    except mlflow.exceptions.MlflowException as e:
+        # Granted with an earlier version; or a server without the basic-auth app, where there is nothing to grant.
+        if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS) and e.get_http_status_code() != 404:
+            raise

@@ -338,11 +338,12 @@ def get_checkpoints(training_run: "str | TrainingRun") -> "builtins.list[str]":
     run = get(training_run) if not isinstance(training_run, TrainingRun) else training_run
     record = RunRecord.load(run.name)
     if run.run_id:
-        store = mlflow_client()
-        uploaded = [a for a in store.list_artifacts(run.run_id, artifact_dir(run.name)) if a.is_dir]
-        if uploaded:
-            base = store.get_run(run.run_id).info.artifact_uri.rstrip("/")
-            return sorted(f"{base}/{a.path}" for a in uploaded if a.path.split("/")[-1].startswith("ep"))
+        with services.connected():  # a shared MLflow server's refusal, said as one
+            store = mlflow_client()
+            uploaded = [a for a in store.list_artifacts(run.run_id, artifact_dir(run.name)) if a.is_dir]
+            if uploaded:
+                base = store.get_run(run.run_id).info.artifact_uri.rstrip("/")
+                return sorted(f"{base}/{a.path}" for a in uploaded if a.path.split("/")[-1].startswith("ep"))
     if record is None:
         return []
     return [p.as_uri() for p in complete_checkpoints(record.checkpoints)]

@@ -1,0 +1,304 @@
+"""The team topology of README "When one machine is not enough", built from scratch with its commands: PostgreSQL,
+a Prefect server on it with its API auth string, an MLflow server on it with the basic-auth app and its artifacts in
+S3 (the moto server), a `process` work pool and a worker. Clients set the two service addresses and their own
+credentials, nothing else."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from pathlib import Path
+
+import pytest
+
+from tasks.ports import free_port
+from conftest import CHAT
+
+pytestmark = [pytest.mark.e2e, pytest.mark.shared]
+
+REPO = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+# Debian's postgresql package (.ci/run installs it) keeps initdb and pg_ctl out of PATH, under its version's folder.
+_INITDB = shutil.which("initdb") or max(map(str, Path("/usr/lib/postgresql").glob("*/bin/initdb")), default=None)
+if _INITDB is None:
+    pytest.skip("PostgreSQL is not installed: apt-get install postgresql, as .ci/run does", allow_module_level=True)
+PG_BIN = Path(_INITDB).parent
+PG_PASSWORD = "pg-secret-0123456789"
+PREFECT_AUTH = "admin:prefect-secret-0123456789"
+MLFLOW_ADMIN = ("admin", "mlflow-admin-secret-0123")
+WORKER = ("tessera-worker", "worker-secret-0123456789")  # the training machines' MLflow account (an admin)
+USERS = {"alice": "alice-secret-0123456789", "bob": "bob-secret-01234567890"}
+SECRETS = [PG_PASSWORD, PREFECT_AUTH.split(":")[1], MLFLOW_ADMIN[1], WORKER[1], *USERS.values()]
+
+
+def _wait_http(url: str, what: str, process: subprocess.Popen, log: Path, timeout: float = 240) -> float:
+    """Seconds until `url` answers (any HTTP status); fails with the log's tail if the process dies first."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        assert process.poll() is None, f"{what} exited: {log.read_text()[-3000:]}"
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return time.monotonic() - started
+        except urllib.error.HTTPError:
+            return time.monotonic() - started
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"{what} did not answer {url} in {timeout}s: {log.read_text()[-3000:]}")
+
+
+def _status(url: str, auth: tuple[str, str] | None = None, data: bytes | None = None) -> int:
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + b64encode(":".join(auth).encode()).decode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+class Machine:
+    """Processes started with one environment, as one machine of the topology would run them; stopped at the end."""
+
+    def __init__(self, root: Path, name: str, env: dict[str, str]):
+        self.home, self.processes = root / name, []
+        self.home.mkdir(parents=True)
+        # HOME stays the machine's: DeepSpeed's comm op, compiled by `make setup`, is under ~/.cache.
+        self.env = {"PATH": f"{BIN}:{PG_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": os.environ["HOME"],
+                    "PREFECT_HOME": str(self.home / "prefect"), "TESSERA_HOME": str(self.home / "tessera"),
+                    "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env}
+
+    def run(self, *command: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        done = subprocess.run(command, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"{' '.join(command)}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
+        return done
+
+    def start(self, name: str, *command: str) -> tuple[subprocess.Popen, Path]:
+        log = self.home / f"{name}.log"
+        process = subprocess.Popen(command, env=self.env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self.processes.append(process)
+        return process, log
+
+    def python(self, code: str, timeout: float = 900) -> dict:
+        """Run `code` with `fm` imported, here; what it put in `out`."""
+        result = self.home / f"out-{time.monotonic_ns()}.json"
+        script = "import json, time\nfrom flows import foundation_model as fm\nout = {}\n" + textwrap.dedent(code) + \
+            f"\nopen({str(result)!r}, 'w').write(json.dumps(out, default=str))\n"
+        self.run(sys.executable, "-c", script, timeout=timeout)
+        return json.loads(result.read_text())
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                os.killpg(process.pid, 15)
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def topology(s3_endpoint, aws_env, tmp_path_factory):
+    """Every machine of the README's topology on loopback, with their start-up times."""
+    root, times, machines = tmp_path_factory.mktemp("topology"), {}, []
+    aws = {k: v for k, v in aws_env.items() if v is not None}
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
+                 aws_secret_access_key="test").create_bucket(Bucket="tessera")
+
+    # The database machine: a private cluster (the README's is Debian's `postgresql` service), owned by the
+    # `postgres` user when this runs as root, as PostgreSQL refuses to run as root.
+    pg_root = Path(tempfile.mkdtemp(prefix="tessera-pg-"))
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(pg_root, "postgres")
+    (pg_root / "password").write_text(PG_PASSWORD)
+    pg_port, started = free_port(), time.monotonic()
+    db = Machine(root, "db", {})
+    db.run(*as_postgres, "initdb", "-D", str(pg_root / "data"), "-U", "tessera", "-A", "scram-sha-256", "-E", "UTF8",
+           "--locale=C", f"--pwfile={pg_root / 'password'}")
+    db.run(*as_postgres, "pg_ctl", "-D", str(pg_root / "data"), "-l", str(pg_root / "log"), "-w", "start",
+           "-o", f"-p {pg_port} -k {pg_root} -c listen_addresses=127.0.0.1")
+    for database in ("prefect", "mlflow", "mlflow_auth"):
+        db.env["PGPASSWORD"] = PG_PASSWORD
+        db.run("createdb", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "tessera", database)
+    times["postgresql"] = time.monotonic() - started
+    postgres = f"tessera:{PG_PASSWORD}@127.0.0.1:{pg_port}"
+
+    prefect_port, mlflow_port = free_port(), free_port()
+    prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
+    try:
+        server = Machine(root, "prefect-server", {
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{postgres}/prefect",
+            "PREFECT_SERVER_API_AUTH_STRING": PREFECT_AUTH})
+        machines.append(server)
+        process, log = server.start("server", "prefect", "server", "start", "--host", "127.0.0.1",
+                                    "--port", str(prefect_port))
+        times["prefect"] = _wait_http(f"{prefect_url}/health", "the Prefect server", process, log)
+
+        auth_ini = root / "mlflow-auth.ini"
+        auth_ini.write_text(textwrap.dedent(f"""\
+            [mlflow]
+            default_permission = NO_PERMISSIONS
+            database_uri = postgresql://{postgres}/mlflow_auth
+            admin_username = {MLFLOW_ADMIN[0]}
+            admin_password = {MLFLOW_ADMIN[1]}
+            authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+            """))
+        tracking = Machine(root, "mlflow-server", {
+            **aws, "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret-0123456",
+            "MLFLOW_S3_ENDPOINT_URL": s3_endpoint})
+        machines.append(tracking)
+        process, log = tracking.start("server", "mlflow", "server", "--app-name", "basic-auth",
+                                      "--backend-store-uri", f"postgresql://{postgres}/mlflow",
+                                      "--artifacts-destination", "s3://tessera/mlflow",
+                                      "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1")
+        times["mlflow"] = _wait_http(f"{mlflow_url}/health", "the MLflow server", process, log)
+        # Once, from the admin's machine: the work pool, and Tessera's deployments on it.
+        admin = Machine(root, "admin", {"PREFECT_API_URL": prefect_url, "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
+                                        "MLFLOW_TRACKING_URI": mlflow_url, "MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN[0],
+                                        "MLFLOW_TRACKING_PASSWORD": MLFLOW_ADMIN[1]})
+        started = time.monotonic()
+        admin.run("prefect", "work-pool", "create", "tessera", "--type", "process")
+        admin.run(sys.executable, "-m", "deployments.deploy", "--pool", "tessera")
+        times["pool and deployments"] = time.monotonic() - started
+        # MLflow's accounts: the workers' (an admin: it writes every user's runs and models) and each user's.
+        admin.run(sys.executable, "-c", textwrap.dedent(f"""
+            import os
+            from mlflow.server import get_app_client
+            auth = get_app_client("basic-auth", tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+            for user, password in {[WORKER, *USERS.items()]!r}:
+                auth.create_user(user, password)
+            auth.update_user_admin({WORKER[0]!r}, True)
+            """))
+
+        # Each training machine: a worker, with its own MLflow account; the S3 variables only for the data it reads.
+        trainer = Machine(root, "trainer", {
+            **aws, "PREFECT_API_URL": prefect_url, "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
+            "MLFLOW_TRACKING_URI": mlflow_url, "MLFLOW_TRACKING_USERNAME": WORKER[0],
+            "MLFLOW_TRACKING_PASSWORD": WORKER[1], "PREFECT_WORKER_QUERY_SECONDS": "1"})
+        machines.append(trainer)
+        started = time.monotonic()
+        worker, log = trainer.start("worker", "prefect", "worker", "start", "--pool", "tessera")
+        while "started!" not in log.read_text():
+            assert worker.poll() is None and time.monotonic() - started < 120, log.read_text()[-3000:]
+            time.sleep(0.2)
+        times["worker"] = time.monotonic() - started
+
+        def client(user: str | None) -> Machine:
+            env = {"PREFECT_API_URL": prefect_url, "MLFLOW_TRACKING_URI": mlflow_url, **aws}
+            if user:
+                env |= {"PREFECT_API_AUTH_STRING": PREFECT_AUTH, "MLFLOW_TRACKING_USERNAME": user,
+                        "MLFLOW_TRACKING_PASSWORD": USERS[user], "TESSERA_USER": user}
+            return Machine(root, f"client-{user or 'anonymous'}", env)
+
+        print("start-up times (s):", {k: round(v, 1) for k, v in times.items()})
+        yield dict(prefect=prefect_url, mlflow=mlflow_url, client=client, trainer=trainer, times=times, root=root)
+    finally:
+        for machine in reversed(machines):
+            machine.stop()
+        subprocess.run([*as_postgres, "pg_ctl", "-D", str(pg_root / "data"), "-m", "fast", "-w", "stop"],
+                       capture_output=True)
+        shutil.rmtree(pg_root, ignore_errors=True)
+
+
+def test_nobody_reaches_the_shared_services_without_credentials(topology):
+    prefect, mlflow = topology["prefect"], topology["mlflow"]
+    assert _status(f"{prefect}/flow_runs/filter", data=b"{}") == 401
+    assert _status(f"{prefect}/flow_runs/filter", ("admin", "wrong"), b"{}") == 401
+    assert _status(f"{prefect}/flow_runs/filter", tuple(PREFECT_AUTH.split(":")), b"{}") == 200
+    assert _status(f"{mlflow}/api/2.0/mlflow/experiments/search?max_results=1") == 401
+    assert _status(f"{mlflow}/api/2.0/mlflow/experiments/search?max_results=1", ("alice", "wrong")) == 401
+
+    out = topology["client"](None).python("""
+        try:
+            fm.list()
+        except Exception as e:
+            out["error"] = f"{type(e).__name__}: {e}"
+    """)
+    assert out["error"].startswith("ServiceError") and "PREFECT_API_AUTH_STRING" in out["error"], out
+
+
+def test_a_client_with_two_addresses_trains_registers_and_cancels_through_the_work_pool(topology, tiny_model_dir, s3):
+    s3.put_object(Bucket="tessera", Key="data/train.jsonl", Body="".join(json.dumps(r) + "\n" for r in CHAT).encode())
+    model, train = str(tiny_model_dir), "s3://tessera/data/train.jsonl"
+    alice = topology["client"]("alice").python(f"""
+        import mlflow
+        started = time.monotonic()
+        run = fm.create(model={model!r}, train_data_path={train!r}, register_to="main.team", training_duration="6ba",
+                        context_length=64, learning_rate=1e-3)
+        out["events"] = [(e.type, time.monotonic() - started) for e in fm.get_events(run, follow=True)]
+        got = fm.get(run)
+        out["run"] = [got.name, got.status.value, got.created_by, got.experiment_path]
+        out["listed"] = [r.name for r in fm.list()]
+        out["checkpoints"] = fm.get_checkpoints(run)
+        version = mlflow.MlflowClient().get_model_version_by_alias(f"main.team.{{run.name}}", "candidate")
+        out["registered"] = [version.version, version.source]
+
+        # Continued from the checkpoint URI get_checkpoints() gave, on whichever worker takes it; then cancelled.
+        again = fm.create(model={model!r}, train_data_path={train!r}, register_to="main.team", context_length=64,
+                          custom_weights_path=out["checkpoints"][-1], training_duration="100000ba")
+        while not any(e.type == "MODEL_INITIALIZED" for e in fm.get_events(again)):
+            assert not fm.get(again).status.is_terminal(), fm.get_events(again)
+            time.sleep(1)
+        out["initialized"] = next(e.message for e in fm.get_events(again) if e.type == "MODEL_INITIALIZED")
+        out["cancelled"] = fm.cancel(again)
+        while not fm.get(again).status.is_terminal():
+            time.sleep(1)
+        out["stopped"] = [fm.get(again).status.value, fm.get_events(again)[-1].type]
+    """)
+    name, status, created_by, experiment_path = alice["run"]
+    assert (status, created_by) == ("COMPLETED", "alice") and experiment_path.startswith("/Users/alice/")
+    types = [t for t, _ in alice["events"]]
+    assert types[0] == "CREATED" and types[-1] == "COMPLETED" and "TRAIN_UPDATED" in types, types
+    first_step = next(s for t, s in alice["events"] if t == "TRAIN_UPDATED")
+    print(f"create -> first step through the work pool: {first_step:.1f} s;",
+          [(t, round(s)) for t, s in alice["events"]])
+    assert name in alice["listed"]
+    assert alice["checkpoints"] and all(c.startswith("mlflow-artifacts:/") for c in alice["checkpoints"])
+    assert alice["initialized"].endswith(f"initialized with the weights of {alice['checkpoints'][-1]}: 3M parameters")
+    assert alice["stopped"] == ["STOPPED", "CANCELED"] and alice["cancelled"] == 1
+    # Checkpoints and the registered model are objects in S3, through MLflow's artifact proxy.
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="tessera", Prefix="mlflow/")
+            for o in page.get("Contents", [])]
+    assert any(f"/{name}/checkpoints/ep2-ba6/" in k for k in keys), keys[:20]
+    assert any(k.endswith("/model/model.safetensors") and "/models/" in k for k in keys), keys[:20]
+
+    bob = topology["client"]("bob").python(f"""
+        import mlflow
+        out["listed"] = [r.name for r in fm.list()]
+        for what, call in {{"checkpoints": lambda: fm.get_checkpoints({name!r}),
+                           "model": lambda: mlflow.MlflowClient().get_registered_model("main.team.{name}")}}.items():
+            try:
+                call()
+            except Exception as e:
+                out[what] = f"{{type(e).__name__}}: {{e}}"
+    """)
+    assert name in bob["listed"]  # one Prefect server, one credential: every user sees the runs (see the README)
+    assert bob["checkpoints"].startswith("ServiceError: the MLflow server") and "'bob' (403)" in bob["checkpoints"], bob
+    assert "403" in bob["model"], bob  # MLflow's own client, as bob uses it
+
+    # No secret in a flow run's parameters, an event, or a log of the training machine.
+    auth = tuple(PREFECT_AUTH.split(":"))
+    shown = [_read(f"{topology['prefect']}/flow_runs/filter", auth, b"{}"),
+             _read(f"{topology['prefect']}/events/filter", auth, b'{"limit": 50}')]
+    shown += [p.read_text(errors="replace") for p in topology["trainer"].home.rglob("*.log")]
+    assert shown[0].count(name) and not [s for s in SECRETS if any(s in text for text in shown)]
+
+
+def _read(url: str, auth: tuple[str, str], data: bytes) -> str:
+    headers = {"Content-Type": "application/json",
+               "Authorization": "Basic " + b64encode(":".join(auth).encode()).decode()}
+    with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=30) as answer:
+        return answer.read().decode()
