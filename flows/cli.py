@@ -340,6 +340,28 @@ def serve(*, host: str = "127.0.0.1", port: int = services.HTTP_API.default_port
     serve_http(host, port)
 
 
+@app.command
+def worker(*, pool: str = "tessera", gpus: int | None = None):
+    """Start a Prefect worker of the work pool on this machine, taking the runs that fit it: those that ask for at
+    most `gpus` processes (default: the GPUs it sees, 1 without any), and those that ask for none. Prefect's
+    `prefect worker start --pool POOL --work-queue ...`, with the queues deployments/queues.py names."""
+    import os
+
+    import torch  # here: only this command needs it
+
+    from deployments.queues import ensure_queues, queues_for
+
+    if gpus is None:
+        gpus = torch.cuda.device_count() or 1
+    if gpus < 1:
+        raise InvalidInputError(f"--gpus {gpus}: a worker takes runs of at least 1 process")
+    ensure_queues(pool, queues_for(gpus))
+    queues = [flag for queue in queues_for(gpus) for flag in ("--work-queue", queue)]
+    command = ["prefect", "worker", "start", "--pool", pool, *queues]
+    console.print(" ".join(command))
+    os.execvp(sys.executable, [sys.executable, "-m", *command])
+
+
 @server.command(name="start")
 def server_start():
     """Start the local Prefect server, runner, MLflow UI and HTTP API (those not running)."""

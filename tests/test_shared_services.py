@@ -125,20 +125,19 @@ def topology(s3_endpoint, aws_env, tmp_path_factory):
         shutil.chown(pg_root, "postgres")
     (pg_root / "password").write_text(PG_PASSWORD)
     pg_port, started = free_port(), time.monotonic()
-    db = Machine(root, "db", {})
-    db.run(*as_postgres, "initdb", "-D", str(pg_root / "data"), "-U", "tessera", "-A", "scram-sha-256", "-E", "UTF8",
-           "--locale=C", f"--pwfile={pg_root / 'password'}")
-    db.run(*as_postgres, "pg_ctl", "-D", str(pg_root / "data"), "-l", str(pg_root / "log"), "-w", "start",
-           "-o", f"-p {pg_port} -k {pg_root} -c listen_addresses=127.0.0.1")
-    for database in ("prefect", "mlflow", "mlflow_auth"):
-        db.env["PGPASSWORD"] = PG_PASSWORD
-        db.run("createdb", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "tessera", database)
-    times["postgresql"] = time.monotonic() - started
-    postgres = f"tessera:{PG_PASSWORD}@127.0.0.1:{pg_port}"
-
     prefect_port, mlflow_port = free_port(), free_port()
     prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
     try:
+        db = Machine(root, "db", {"PGPASSWORD": PG_PASSWORD})
+        db.run(*as_postgres, "initdb", "-D", str(pg_root / "data"), "-U", "tessera", "-A", "scram-sha-256",
+               "-E", "UTF8", "--locale=C", f"--pwfile={pg_root / 'password'}")
+        db.run(*as_postgres, "pg_ctl", "-D", str(pg_root / "data"), "-l", str(pg_root / "log"), "-w", "start",
+               "-o", f"-p {pg_port} -k {pg_root} -c listen_addresses=127.0.0.1")
+        for database in ("prefect", "mlflow", "mlflow_auth"):
+            db.run("createdb", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "tessera", database)
+        times["postgresql"] = time.monotonic() - started
+        postgres = f"tessera:{PG_PASSWORD}@127.0.0.1:{pg_port}"
+
         server = Machine(root, "prefect-server", {
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{postgres}/prefect",
             "PREFECT_SERVER_API_AUTH_STRING": PREFECT_AUTH})
@@ -183,18 +182,22 @@ def topology(s3_endpoint, aws_env, tmp_path_factory):
             auth.update_user_admin({WORKER[0]!r}, True)
             """))
 
-        # Each training machine: a worker, with its own MLflow account; the S3 variables only for the data it reads.
-        trainer = Machine(root, "trainer", {
-            **aws, "PREFECT_API_URL": prefect_url, "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
-            "MLFLOW_TRACKING_URI": mlflow_url, "MLFLOW_TRACKING_USERNAME": WORKER[0],
-            "MLFLOW_TRACKING_PASSWORD": WORKER[1], "PREFECT_WORKER_QUERY_SECONDS": "1"})
-        machines.append(trainer)
-        started = time.monotonic()
-        worker, log = trainer.start("worker", "prefect", "worker", "start", "--pool", "tessera")
-        while "started!" not in log.read_text():
-            assert worker.poll() is None and time.monotonic() - started < 120, log.read_text()[-3000:]
-            time.sleep(0.2)
-        times["worker"] = time.monotonic() - started
+        # Each training machine: a worker taking the runs that fit its GPUs (on this CPU machine: processes), with
+        # its own MLflow account; the S3 variables only for the data it reads.
+        trainers = {}
+        for gpus in (1, 2):
+            trainer = Machine(root, f"trainer-{gpus}", {
+                **aws, "PREFECT_API_URL": prefect_url, "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
+                "MLFLOW_TRACKING_URI": mlflow_url, "MLFLOW_TRACKING_USERNAME": WORKER[0],
+                "MLFLOW_TRACKING_PASSWORD": WORKER[1], "PREFECT_WORKER_QUERY_SECONDS": "1"})
+            machines.append(trainer)
+            started = time.monotonic()
+            worker, log = trainer.start("worker", "tessera", "worker", "--pool", "tessera", "--gpus", str(gpus))
+            while "started!" not in log.read_text():
+                assert worker.poll() is None and time.monotonic() - started < 120, log.read_text()[-3000:]
+                time.sleep(0.2)
+            times[f"worker ({gpus} GPUs)"] = time.monotonic() - started
+            trainers[gpus] = trainer
 
         def client(user: str | None) -> Machine:
             env = {"PREFECT_API_URL": prefect_url, "MLFLOW_TRACKING_URI": mlflow_url, **aws}
@@ -204,7 +207,7 @@ def topology(s3_endpoint, aws_env, tmp_path_factory):
             return Machine(root, f"client-{user or 'anonymous'}", env)
 
         print("start-up times (s):", {k: round(v, 1) for k, v in times.items()})
-        yield dict(prefect=prefect_url, mlflow=mlflow_url, client=client, trainer=trainer, times=times, root=root)
+        yield dict(prefect=prefect_url, mlflow=mlflow_url, client=client, trainers=trainers, times=times, root=root)
     finally:
         for machine in reversed(machines):
             machine.stop()
@@ -246,9 +249,11 @@ def test_a_client_with_two_addresses_trains_registers_and_cancels_through_the_wo
         version = mlflow.MlflowClient().get_model_version_by_alias(f"main.team.{{run.name}}", "candidate")
         out["registered"] = [version.version, version.source]
 
-        # Continued from the checkpoint URI get_checkpoints() gave, on whichever worker takes it; then cancelled.
+        # Continued from the checkpoint URI get_checkpoints() gave, on 2 processes: only the 2-GPU worker takes it.
         again = fm.create(model={model!r}, train_data_path={train!r}, register_to="main.team", context_length=64,
-                          custom_weights_path=out["checkpoints"][-1], training_duration="100000ba")
+                          custom_weights_path=out["checkpoints"][-1], training_duration="100000ba",
+                          overrides={{"training_config.deepspeed.processes": 2}})
+        out["again"] = again.name
         while not any(e.type == "MODEL_INITIALIZED" for e in fm.get_events(again)):
             assert not fm.get(again).status.is_terminal(), fm.get_events(again)
             time.sleep(1)
@@ -269,6 +274,9 @@ def test_a_client_with_two_addresses_trains_registers_and_cancels_through_the_wo
     assert alice["checkpoints"] and all(c.startswith("mlflow-artifacts:/") for c in alice["checkpoints"])
     assert alice["initialized"].endswith(f"initialized with the weights of {alice['checkpoints'][-1]}: 3M parameters")
     assert alice["stopped"] == ["STOPPED", "CANCELED"] and alice["cancelled"] == 1
+    trainers = topology["trainers"]
+    assert (Path(trainers[2].env["TESSERA_HOME"]) / "runs" / alice["again"]).is_dir()
+    assert not (Path(trainers[1].env["TESSERA_HOME"]) / "runs" / alice["again"]).exists()
     # Checkpoints and the registered model are objects in S3, through MLflow's artifact proxy.
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="tessera", Prefix="mlflow/")
             for o in page.get("Contents", [])]
@@ -293,7 +301,7 @@ def test_a_client_with_two_addresses_trains_registers_and_cancels_through_the_wo
     auth = tuple(PREFECT_AUTH.split(":"))
     shown = [_read(f"{topology['prefect']}/flow_runs/filter", auth, b"{}"),
              _read(f"{topology['prefect']}/events/filter", auth, b'{"limit": 50}')]
-    shown += [p.read_text(errors="replace") for p in topology["trainer"].home.rglob("*.log")]
+    shown += [p.read_text(errors="replace") for t in topology["trainers"].values() for p in t.home.rglob("*.log")]
     assert shown[0].count(name) and not [s for s in SECRETS if any(s in text for text in shown)]
 
 

@@ -39,6 +39,7 @@ from prefect.events.filters import (
 )
 from prefect.states import Cancelled, Cancelling
 
+from deployments.queues import queue_for
 from flows import services
 from tasks.config import RunConfig, run_name_for
 from tasks.data.validation import DataValidation, validate_data  # noqa: F401  (public API)
@@ -245,8 +246,11 @@ def submit(config: RunConfig, name: str, mlflow_run_id: str, tags: "builtins.lis
     `given`: the arguments the config was made with; `register=False` leaves registration to the caller (a sweep,
     which registers only its best trial); `as_subflow`: from inside a flow, shown as its subflow."""
     parameters = {"config": config.to_recipe(), **(given or {}), "run_name": name, "mlflow_run_id": mlflow_run_id}
+    with get_client(sync_client=True) as prefect:  # on a work pool: the queue of the workers whose machines it fits
+        pooled = prefect.read_deployment_by_name(services.DEPLOYMENT).work_pool_name is not None
+    queue = queue_for(config.training_config.deepspeed.processes) if pooled else None
     flow_run = run_deployment(services.DEPLOYMENT, parameters=parameters | ({} if register else {"register": False}),
-                              flow_run_name=name, timeout=0, as_subflow=as_subflow, tags=tags)
+                              flow_run_name=name, timeout=0, as_subflow=as_subflow, tags=tags, work_queue_name=queue)
     emit(name, RunEvent.CREATED, f"run {name} created", flow_run_id=str(flow_run.id))
     flush()
     return flow_run
