@@ -2,9 +2,10 @@
 
     prefect work-pool create tessera --type process
     python -m deployments.deploy --pool tessera       # registers finetune/, sweep/ and retrain/default, run from this checkout
-    prefect worker start --pool tessera               # on each machine that trains (with this checkout installed)
+    tessera worker --pool tessera                     # on each machine that trains (with this checkout installed)
 
-then point clients at the same server: export PREFECT_API_URL=http://<server>:4200/api.
+then point clients at the same server: export PREFECT_API_URL=http://<server>:4200/api. README "When one machine is
+not enough" has the whole topology.
 """
 
 import argparse

@@ -351,13 +351,18 @@ def worker(*, pool: str = "tessera", gpus: int | None = None):
 
     from deployments.queues import ensure_queues, queues_for
 
+    if services.embedded():
+        raise InvalidInputError("tessera worker serves a shared Prefect server's work pool: set PREFECT_API_URL (and "
+                                "PREFECT_API_AUTH_STRING) as README 'When one machine is not enough' shows; the "
+                                "embedded default runs its own runner")
     if gpus is None:
         gpus = torch.cuda.device_count() or 1
     if gpus < 1:
         raise InvalidInputError(f"--gpus {gpus}: a worker takes runs of at least 1 process")
-    ensure_queues(pool, queues_for(gpus))
-    queues = [flag for queue in queues_for(gpus) for flag in ("--work-queue", queue)]
-    command = ["prefect", "worker", "start", "--pool", pool, *queues]
+    queues = queues_for(gpus)
+    with services.connected():  # the server's refusal of this machine's credentials, said as one
+        ensure_queues(pool, queues)
+    command = ["prefect", "worker", "start", "--pool", pool, *(f for q in queues for f in ("--work-queue", q))]
     console.print(" ".join(command))
     os.execvp(sys.executable, [sys.executable, "-m", *command])
 

@@ -38,6 +38,12 @@ def test_bad_input_is_an_error_line_not_a_traceback(tmp_path):
     assert "Traceback" not in done.stdout + done.stderr
 
 
+def test_a_worker_needs_a_shared_server():
+    done = tessera("worker", "--pool", "tessera")  # the session's environment has no PREFECT_API_URL
+    assert done.returncode == 2 and "set PREFECT_API_URL" in done.stdout, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("text, expected", [
     ("2026-11-24", datetime(2026, 11, 24, tzinfo=timezone.utc)),
     ("11-24-2026", datetime(2026, 11, 24, tzinfo=timezone.utc)),
