@@ -1,9 +1,9 @@
 """Compile DeepSpeed's CPU shared-memory comm op ahead of time: `python -m tasks.training.prebuild`.
 
 DeepSpeed JIT-compiles this op (40-95 s) the first time a process group starts on the CPU accelerator;
-doing it at setup keeps that out of the first training run. The result is cached under
-~/.cache/torch_extensions, so a second call only loads it (another venv's DeepSpeed rebuilds it once). This never fails: where the op does not
-apply, DeepSpeed uses plain gloo; where it cannot be built, this says why and leaves it to run time.
+doing it at setup keeps that out of the first training run. The result is cached in the virtual environment
+(TORCH_EXTENSIONS_DIR, set by tasks.training), so a second call only loads it. This never fails: where the op does
+not apply, DeepSpeed uses plain gloo; where it cannot be built, this says why and leaves it to run time.
 """
 
 import sys
