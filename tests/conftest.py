@@ -26,6 +26,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")  # the runner picks up a new run within a second
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The team topology's module first, then the other end-to-end ones: each takes minutes on one xdist worker, so
+    the many short modules fill in around them instead of one long module running alone at the end. xdist keeps
+    this order with --no-loadscope-reorder (pyproject's addopts); by default it starts the modules with most tests."""
+    items.sort(key=lambda item: (item.get_closest_marker("shared") is None, item.get_closest_marker("e2e") is None))
 CHAT = [
     {"messages": [{"role": "user", "content": f"What is fact number {i}?"},
                   {"role": "assistant", "content": f"Fact {i} is that Tessera fine-tunes models."}]}
