@@ -1,7 +1,7 @@
 """Serve Tessera from a Prefect work pool instead of the embedded runner, when one box is not enough:
 
     prefect work-pool create tessera --type process
-    python -m deployments.deploy --pool tessera       # registers finetune/, sweep/ and retrain/default, run from this checkout
+    python -m deployments.deploy --pool tessera       # registers Tessera's deployments, run from this checkout
     tessera worker --pool tessera                     # on each machine that trains (with this checkout installed)
 
 then point clients at the same server: export PREFECT_API_URL=http://<server>:4200/api. README "When one machine is

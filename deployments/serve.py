@@ -1,5 +1,5 @@
-"""The local runner: serves `finetune/`, `sweep/` and `retrain/default`, and each model's `retrain/<model>` as
-fm.schedule_retraining() creates it, from this machine. Started by the embedded default.
+"""The local runner: serves `finetune/`, `sweep/`, `retrain/default` and `train-node/default`, and each model's
+`retrain/<model>` as fm.schedule_retraining() creates it, from this machine. Started by the embedded default.
 
 `deployments()` is their one definition, shared with deployments/deploy.py (work pools).
 """
@@ -17,6 +17,7 @@ from flows.finetune import finetune
 from flows.retrain import retrain
 from flows.services import CREATE_LOCK, device_slots, max_active_runs
 from flows.sweep import sweep
+from flows.train_node import train_node
 from tasks.devices import DEVICE_SLOTS
 from tasks.run_record import RETRAIN_TAG, RUN_TAG, SWEEP_TAG
 
@@ -41,6 +42,10 @@ def deployments() -> list[tuple]:
             name="default", description="Retrain a registered model on its new data; promote the challenger if "
                                         "it beats the champion.",
             tags=[RETRAIN_TAG],
+        )),
+        # Started by a run's head on the other machines of a run over several (tasks/nodes.py): on work pools only.
+        (train_node, "flows/train_node.py:train_node", dict(
+            name="default", description="One node of a training run over several machines: its DeepSpeed launcher.",
         )),
     ]
 

@@ -341,15 +341,19 @@ def serve(*, host: str = "127.0.0.1", port: int = services.HTTP_API.default_port
 
 
 @app.command
-def worker(*, pool: str = "tessera", gpus: int | None = None):
+def worker(*, pool: str = "tessera", gpus: int | None = None, name: str | None = None, addr: str | None = None):
     """Start a Prefect worker of the work pool on this machine, taking the runs that fit it: those that ask for at
-    most `gpus` processes (default: the GPUs it sees, 1 without any), and those that ask for none. Prefect's
-    `prefect worker start --pool POOL --work-queue ...`, with the queues deployments/queues.py names."""
+    most `gpus` processes (default: the GPUs it sees, 1 without any), those that ask for none, and the nodes of runs
+    over several machines sent to it by name (default: the host name). `addr` is where the other machines reach this
+    one (a run over several machines needs it on the one that heads it). Prefect's
+    `prefect worker start --pool POOL --name NAME --work-queue ...`, with the queues deployments/queues.py names."""
     import os
+    import socket
 
     import torch  # here: only this command needs it
 
     from deployments.queues import ensure_queues, queues_for
+    from tasks.nodes import ADDR_ENV, NAME_ENV, node_queue
 
     if services.embedded():
         raise InvalidInputError("tessera worker serves a shared Prefect server's work pool: set PREFECT_API_URL (and "
@@ -359,10 +363,15 @@ def worker(*, pool: str = "tessera", gpus: int | None = None):
         gpus = torch.cuda.device_count() or 1
     if gpus < 1:
         raise InvalidInputError(f"--gpus {gpus}: a worker takes runs of at least 1 process")
-    queues = queues_for(gpus)
+    name = name or socket.gethostname()
+    queues = [*queues_for(gpus), node_queue(name)]
     with services.connected():  # the server's refusal of this machine's credentials, said as one
         ensure_queues(pool, queues)
-    command = ["prefect", "worker", "start", "--pool", pool, *(f for q in queues for f in ("--work-queue", q))]
+    os.environ[NAME_ENV] = name  # for its flow runs: the node's name, and where the others reach it
+    if addr:
+        os.environ[ADDR_ENV] = addr
+    command = ["prefect", "worker", "start", "--pool", pool, "--name", name,
+               *(f for q in queues for f in ("--work-queue", q))]
     console.print(" ".join(command))
     os.execvp(sys.executable, [sys.executable, "-m", *command])
 

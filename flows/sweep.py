@@ -36,6 +36,7 @@ from tasks.process_group import exit_with_parent
 from tasks.register_model import register_model
 from tasks.run_record import RunRecord, cancelled_while_starting, current_user, run_tags, sweep_tags, trial_tag
 from tasks.search import (
+    BEST_RUN_TAG,
     SweepConfig,
     configure_sweep,
     distributions,
@@ -194,6 +195,8 @@ def _watch(record: RunRecord, config: SweepConfig, study: optuna.Study, running:
         return False
     if status == RunStatus.COMPLETED and history:
         study.tell(running.number, history[-1][1])
+        # The best so far, where every client reads it (fm.get_sweep().best): the study may be on a worker's disk.
+        client().set_tag(record.mlflow_run_id, BEST_RUN_TAG, study.best_trial.user_attrs["run"])
         _trial_finished(record, running, "completed", history[-1][1])
     else:
         study.tell(running.number, state=TrialState.FAIL)
@@ -248,7 +251,6 @@ def _summarize(record: RunRecord, config: SweepConfig, study: optuna.Study) -> N
         "state": [t.state.name for t in trials], metric: [t.value for t in trials],
         **{key: [t.params.get(key) for t in trials] for key in config.sweep.space},
     }, artifact_file="sweep/trials.json")
-    mlflow_client.set_tag(run_id, "tessera.best_run", best.user_attrs["run"])
     mlflow_client.log_metric(run_id, f"best_{metric}", best.value)
     mlflow_client.log_text(run_id, json.dumps(best.params, indent=1), "sweep/best_params.json")
     with warnings.catch_warnings():

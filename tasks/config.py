@@ -3,7 +3,7 @@
     run:              model_name_or_path, train_data_path, eval_data_path, register_to, task_type, ...
     training_config:  max_length, global_batch_size, micro_batch_size, save_steps, save_top_k, seed,
                       early_stopping {monitor, patience, min_delta},
-                      deepspeed {zero_stage, offload_optimizer, processes},
+                      deepspeed {zero_stage, offload_optimizer, processes, nodes},
                       trainer {max_epochs | max_steps | max_tokens, val_check_interval, gradient_clip_val,
                                log_every_n_steps},
                       model {attention_dropout, hidden_dropout, ffn_dropout,
@@ -167,13 +167,22 @@ class DeepSpeed(Section):
     offload_optimizer: bool = False
     """ZeRO-Offload: optimizer states and their step on the CPU (needs zero_stage 1-3)."""
     processes: int | None = Field(None, ge=1, le=1024)
-    """DeepSpeed ranks on this machine; null: one per GPU, 1 without a GPU."""
+    """DeepSpeed ranks on each machine; null: one per GPU, 1 without a GPU."""
+    nodes: int = Field(1, ge=1, le=64)
+    """Machines the run trains on at once, each a worker of the work pool (DeepSpeed's multi-node launch)."""
 
     @model_validator(mode="after")
     def _offload_needs_partitions(self) -> Self:
         if self.offload_optimizer and self.zero_stage == 0:
             raise Rule("{} needs {} 1, 2 or 3: ZeRO-Offload moves the partitioned optimizer states to the CPU; "
                        "set zero_stage 2 (the usual choice)", "offload_optimizer", "zero_stage")
+        return self
+
+    @model_validator(mode="after")
+    def _nodes_need_processes(self) -> Self:
+        if self.nodes > 1 and self.processes is None:
+            raise Rule(f"{{}} {self.nodes} needs {{}}: the ranks on each machine, the same on every one "
+                       "(its number of GPUs; 1 on the CPU)", "nodes", "processes")
         return self
 
 
@@ -327,11 +336,12 @@ class TrainingConfig(Section):
         if self.global_batch_size % self.micro_batch_size:
             raise Rule(f"{{}} {self.global_batch_size} must be a multiple of {{}} {self.micro_batch_size}: gradient "
                        "accumulation takes whole micro batches", "global_batch_size", "micro_batch_size")
-        processes = self.deepspeed.processes
-        if processes and self.global_batch_size % (self.micro_batch_size * processes):
+        processes, nodes = self.deepspeed.processes, self.deepspeed.nodes
+        if processes and self.global_batch_size % (self.micro_batch_size * processes * nodes):
+            across = (f" x {{}} {nodes}", ("deepspeed.nodes",)) if nodes > 1 else ("", ())
             raise Rule(f"{{}} {self.global_batch_size} must be a multiple of {{}} {self.micro_batch_size} x {{}} "
-                       f"{processes}: each step every process takes whole micro batches",
-                       "global_batch_size", "micro_batch_size", "deepspeed.processes")
+                       f"{processes}{across[0]}: each step every process takes whole micro batches",
+                       "global_batch_size", "micro_batch_size", "deepspeed.processes", *across[1])
         return self
 
 

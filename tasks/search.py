@@ -40,6 +40,8 @@ from tasks.recipe import SHORTHANDS, configure, is_setting
 
 Scalar = str | int | float | bool | None  # what Optuna can choose among
 
+BEST_RUN_TAG = "tessera.best_run"  # on the sweep's MLflow run: its best completed trial's run so far
+
 
 class Uniform(Section):
     """A number drawn evenly between the two bounds."""

@@ -17,6 +17,7 @@ from tasks.config import RunConfig
 from tasks.devices import DEVICE_SLOTS, claim_gpus
 from tasks.errors import InvalidInputError, StorageError, TrainingDiverged, WorkerFailed
 from tasks.events import RunEvent, emit
+from tasks.nodes import END_S, OtherNodes
 from tasks.ports import free_port
 from tasks.process_group import stop_group
 from tasks.retries import retryable
@@ -46,17 +47,23 @@ def train(record: RunRecord, config: RunConfig, model_dir: str, train_rows: str,
     stopped: dict | None = None  # early stopping's reason, when it ended the run
     diverged: dict | None = None  # the divergence guard's finding, when it ended the run
     last_event = 0.0
+    # Over several machines, this one is node 0 and the others join through the work pool (tasks/nodes.py).
+    others = OtherNodes(spec, record.spec) if config.training_config.deepspeed.nodes > 1 else None
     # One slot per process of the global limit (one slot per GPU) and that many GPUs of this machine, held while
     # training; stderr apart from stdout: its last line is the worker's reason when it fails.
     # The shortest lease Prefect takes: a run killed with the runner frees its slots within a minute.
     with (concurrency(DEVICE_SLOTS, occupy=spec.processes, lease_duration=60), claim_gpus(spec.processes) as gpus,
           open(record.logs / "worker.log", "a") as log, open(stderr_log, "a") as stderr):
+        if others:
+            others.start()
         proc = subprocess.Popen(
-            worker_command(spec, str(record.spec), gpus), env=worker_env(gpus),
+            others.command(gpus) if others else worker_command(spec, str(record.spec), gpus), env=worker_env(gpus),
             stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
             start_new_session=True,  # its own group: cancel and retry kill DeepSpeed and its children too
         )
         record.pgid_file.write_text(str(proc.pid))
+        if others:
+            others.watch(proc.pid)
         try:
             for line in proc.stdout:
                 msg = protocol.parse(line)
@@ -94,6 +101,8 @@ def train(record: RunRecord, config: RunConfig, model_dir: str, train_rows: str,
             if proc.poll() is None:  # cancelled or crashed while training: take the worker down with us
                 kill_worker(record)
             record.pgid_file.unlink(missing_ok=True)
+            if others:
+                others.stop(wait_s=END_S if proc.returncode == 0 else 0)
     if generations:
         mlflow_client.log_table(record.mlflow_run_id, data={k: [g[k] for g in generations] for k in generations[0]},
                                 artifact_file="eval_generations.json")
@@ -104,6 +113,8 @@ def train(record: RunRecord, config: RunConfig, model_dir: str, train_rows: str,
     if returncode == protocol.DISK_FULL_EXIT:
         raise StorageError(protocol.why(stderr_log))
     if returncode != 0 or finished is None:
+        if others and others.failure:
+            raise WorkerFailed(f"training stopped because {others.failure}")
         raise WorkerFailed(f"training worker exited with code {returncode}: {protocol.why(stderr_log)}")
     payload = {**finished, "stopped_early": stopped is not None}
     if stopped:

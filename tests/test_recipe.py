@@ -149,6 +149,11 @@ def test_nova_names_and_empty_sections():
     (dict(training_config__deepspeed={"processes": 3}),
      "recipe: training_config.global_batch_size 8 must be a multiple of training_config.micro_batch_size 4 x "
      "training_config.deepspeed.processes 3"),
+    (dict(training_config__deepspeed={"nodes": 2}),
+     "recipe: training_config.deepspeed.nodes 2 needs training_config.deepspeed.processes: the ranks on each machine"),
+    (dict(training_config__deepspeed={"nodes": 3, "processes": 1}),
+     "recipe: training_config.global_batch_size 8 must be a multiple of training_config.micro_batch_size 4 x "
+     "training_config.deepspeed.processes 1 x training_config.deepspeed.nodes 3"),
     (dict(run__eval_data_path=None), "recipe: training_config.trainer.val_check_interval needs run.eval_data_path"),
     (dict(run__register_to=None), "register_to is missing: pass register_to or set run.register_to in the recipe"),
     (dict(training_config__trainer=[1]), "recipe: training_config.trainer [1] must be a mapping"),

@@ -6,6 +6,7 @@ credentials, nothing else."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -14,11 +15,14 @@ import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tasks.events import EVENT_PREFIX
+from tasks.training.checkpoint_names import complete_checkpoints
 from tasks.ports import free_port
 from conftest import CHAT
 
@@ -80,8 +84,7 @@ class Machine:
 
     def __init__(self, root: Path, name: str, env: dict[str, str]):
         self.home, self.processes = root / name, []
-        self.home.mkdir(parents=True)
-        # HOME stays the machine's: DeepSpeed's comm op, compiled by `make setup`, is under ~/.cache.
+        self.home.mkdir(parents=True, exist_ok=True)  # a user may start several clients
         self.env = {"PATH": f"{BIN}:{PG_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": os.environ["HOME"],
                     "PREFECT_HOME": str(self.home / "prefect"), "TESSERA_HOME": str(self.home / "tessera"),
                     "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env}
@@ -107,15 +110,22 @@ class Machine:
         return json.loads(result.read_text())
 
     def stop(self) -> None:
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                os.killpg(process.pid, 15)
-        for process in self.processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
-                process.wait()
+        _stop([self])
+
+
+def _stop(machines: list[Machine], grace_s: float = 10) -> None:
+    """SIGTERM every process of `machines` (and its children) at once; SIGKILL what is left after `grace_s`."""
+    processes = [process for machine in machines for process in machine.processes]
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +135,10 @@ def topology(s3_endpoint, aws_env, tmp_path_factory):
     aws = {k: v for k, v in aws_env.items() if v is not None}
     import boto3
 
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
-                 aws_secret_access_key="test").create_bucket(Bucket="tessera")
+    # The MLflow server's artifact store for the whole module (the `s3` fixture would empty it after one test).
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
+                      aws_secret_access_key="test")
+    s3.create_bucket(Bucket="tessera")
 
     # The database machine: a private cluster (the README's is Debian's `postgresql` service), owned by the
     # `postgres` user when this runs as root, as PostgreSQL refuses to run as root.
@@ -144,7 +156,7 @@ def topology(s3_endpoint, aws_env, tmp_path_factory):
                "-E", "UTF8", "--locale=C", f"--pwfile={pg_root / 'password'}")
         db.run(*as_postgres, "pg_ctl", "-D", str(pg_root / "data"), "-l", str(pg_root / "log"), "-w", "start",
                "-o", f"-p {pg_port} -k {pg_root} -c listen_addresses=127.0.0.1")
-        for database in ("prefect", "mlflow", "mlflow_auth"):
+        for database in ("prefect", "mlflow", "mlflow_auth", "optuna"):
             db.run("createdb", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "tessera", database)
         times["postgresql"] = time.monotonic() - started
         postgres = f"tessera:{PG_PASSWORD}@127.0.0.1:{pg_port}"
@@ -153,7 +165,7 @@ def topology(s3_endpoint, aws_env, tmp_path_factory):
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{postgres}/prefect",
             "PREFECT_SERVER_API_AUTH_STRING": PREFECT_AUTH})
         machines.append(server)
-        process, log = server.start("server", "prefect", "server", "start", "--host", "127.0.0.1",
+        process, log = server.start("server", "prefect", "server", "start", "--host", "0.0.0.0",
                                     "--port", str(prefect_port))
         times["prefect"] = _wait_http(f"{prefect_url}/health", "the Prefect server", process, log)
 
@@ -168,12 +180,12 @@ def topology(s3_endpoint, aws_env, tmp_path_factory):
             """))
         tracking = Machine(root, "mlflow-server", {
             **aws, "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret-0123456",
-            "MLFLOW_S3_ENDPOINT_URL": s3_endpoint})
+            "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         machines.append(tracking)
         process, log = tracking.start("server", "mlflow", "server", "--app-name", "basic-auth",
                                       "--backend-store-uri", f"postgresql://{postgres}/mlflow",
                                       "--artifacts-destination", "s3://tessera/mlflow",
-                                      "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1")
+                                      "--host", "0.0.0.0", "--port", str(mlflow_port), "--workers", "1")
         times["mlflow"] = _wait_http(f"{mlflow_url}/health", "the MLflow server", process, log)
         # Once, from the admin's machine: the work pool, and Tessera's deployments on it.
         admin = Machine(root, "admin", {"PREFECT_API_URL": prefect_url, "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
@@ -194,16 +206,18 @@ def topology(s3_endpoint, aws_env, tmp_path_factory):
             """))
 
         # Each training machine: a worker taking the runs that fit its GPUs (on this CPU machine: processes), with
-        # its own MLflow account; the S3 variables only for the data it reads.
-        trainers = {}
+        # its own MLflow account, the sweeps' studies in the shared database; the S3 variables for the data it reads.
+        trainers, optuna_storage = {}, f"postgresql+psycopg://{postgres}/optuna"
         for gpus in (1, 2):
             trainer = Machine(root, f"trainer-{gpus}", {
                 **aws, "PREFECT_API_URL": prefect_url, "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
                 "MLFLOW_TRACKING_URI": mlflow_url, "MLFLOW_TRACKING_USERNAME": WORKER[0],
-                "MLFLOW_TRACKING_PASSWORD": WORKER[1], "PREFECT_WORKER_QUERY_SECONDS": "1"})
+                "MLFLOW_TRACKING_PASSWORD": WORKER[1], "TESSERA_SWEEP_STORAGE": optuna_storage,
+                "PREFECT_WORKER_QUERY_SECONDS": "1"})
             machines.append(trainer)
             started = time.monotonic()
-            worker, log = trainer.start("worker", "tessera", "worker", "--pool", "tessera", "--gpus", str(gpus))
+            worker, log = trainer.start("worker", "tessera", "worker", "--pool", "tessera", "--gpus", str(gpus),
+                                        "--name", f"trainer-{gpus}")
             while "started!" not in log.read_text():
                 assert worker.poll() is None and time.monotonic() - started < 120, log.read_text()[-3000:]
                 time.sleep(0.2)
@@ -218,10 +232,10 @@ def topology(s3_endpoint, aws_env, tmp_path_factory):
             return Machine(root, f"client-{user or 'anonymous'}", env)
 
         print("start-up times (s):", {k: round(v, 1) for k, v in times.items()})
-        yield dict(prefect=prefect_url, mlflow=mlflow_url, client=client, trainers=trainers, times=times, root=root)
+        yield dict(prefect=prefect_url, mlflow=mlflow_url, client=client, trainers=trainers, times=times, root=root,
+                   ports=(prefect_port, mlflow_port), machines=machines, optuna=optuna_storage, s3=s3)
     finally:
-        for machine in reversed(machines):
-            machine.stop()
+        _stop(machines)
         subprocess.run([*as_postgres, "pg_ctl", "-D", str(pg_root / "data"), "-m", "fast", "-w", "stop"],
                        capture_output=True)
         shutil.rmtree(pg_root, ignore_errors=True)
@@ -248,7 +262,8 @@ def test_nobody_reaches_the_shared_services_without_credentials(topology):
     assert done.returncode == 2 and "PREFECT_API_AUTH_STRING" in done.stdout, done.stdout + done.stderr
 
 
-def test_a_client_with_two_addresses_trains_registers_and_cancels_through_the_work_pool(topology, tiny_model_dir, s3):
+def test_a_client_with_two_addresses_trains_registers_and_cancels_through_the_work_pool(topology, tiny_model_dir):
+    s3 = topology["s3"]
     s3.put_object(Bucket="tessera", Key="data/train.jsonl", Body="".join(json.dumps(r) + "\n" for r in CHAT).encode())
     model, train = str(tiny_model_dir), "s3://tessera/data/train.jsonl"
     alice = topology["client"]("alice").python(f"""
@@ -321,3 +336,184 @@ def test_a_client_with_two_addresses_trains_registers_and_cancels_through_the_wo
     assert name in shown[0] and 10 < json.loads(shown[1])["total"] < 50, shown[1][:300]
     assert not [s for s in SECRETS if any(s in text for text in shown)]
 
+
+
+def test_a_sweep_runs_its_trials_on_the_workers_and_keeps_its_study_in_the_shared_database(topology, tiny_model_dir):
+    root = topology["root"]
+    train, held_out = root / "sweep-train.jsonl", root / "sweep-eval.jsonl"
+    for path in (train, held_out):
+        path.write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+    out = topology["client"]("alice").python(f"""
+        sweep = fm.sweep(space={{"learning_rate": [1e-3, 1e-5]}}, strategy="grid", max_trials=2, max_parallel=2,
+                         prune=False, model={str(tiny_model_dir)!r}, train_data_path={str(train)!r},
+                         eval_data_path={str(held_out)!r}, register_to="main.team", training_duration="4ba",
+                         context_length=64)
+        while not fm.get_sweep(sweep.name).status.is_terminal():
+            time.sleep(1)
+        sweep = fm.get_sweep(sweep.name)
+        out.update(name=sweep.name, status=[sweep.status.value, sweep.details], best=sweep.best.name,
+                   trials=[(t.name, t.learning_rate, t.status.value) for t in sweep.trials])
+    """)
+    assert out["status"][0] == "COMPLETED", out
+    assert [(lr, status) for _, lr, status in out["trials"]] == [(1e-3, "COMPLETED"), (1e-5, "COMPLETED")], out
+    assert out["best"] == out["trials"][0][0]  # read from MLflow: the client has no access to the study's database
+    import optuna
+
+    study = optuna.load_study(study_name=out["name"], storage=topology["optuna"])
+    assert [t.user_attrs["run"] for t in study.trials] == [name for name, _, _ in out["trials"]]
+    homes = [Path(t.env["TESSERA_HOME"]) / "runs" for t in topology["trainers"].values()]
+    assert all(any((home / name).is_dir() for home in homes) for name, _, _ in out["trials"])
+
+
+# Two test hosts on this machine: network namespaces, each with a veth pair into a bridge on which this machine (the
+# servers) is BRIDGE. They share this machine's filesystem, as training machines share one over NFS.
+HOSTS = {"host-a": "10.77.0.1", "host-b": "10.77.0.2"}
+BRIDGE, BRIDGE_ADDR = "tsr-br", "10.77.0.254"
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    assert done.returncode == 0, f"ip {' '.join(args)}: {done.stderr}"
+
+
+def _remove_test_hosts() -> None:
+    for host in HOSTS:
+        subprocess.run(["ip", "netns", "del", host], capture_output=True)  # takes its end of the pair along
+    subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
+
+
+@contextmanager
+def _test_hosts() -> Iterator[None]:
+    """Make the hosts (after removing any an interrupted run left); remove them and their links at the end."""
+    _remove_test_hosts()
+    try:
+        _ip("link", "add", BRIDGE, "type", "bridge")
+        _ip("addr", "add", f"{BRIDGE_ADDR}/24", "dev", BRIDGE)
+        _ip("link", "set", BRIDGE, "up")
+        for host, addr in HOSTS.items():
+            outside, inside = f"{host}-0", f"{host}-1"  # the pair's ends: on the bridge, in the host
+            _ip("netns", "add", host)
+            _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+            _ip("link", "set", inside, "netns", host)
+            _ip("link", "set", outside, "master", BRIDGE)
+            _ip("link", "set", outside, "up")
+            _ip("-n", host, "addr", "add", f"{addr}/24", "dev", inside)
+            _ip("-n", host, "link", "set", inside, "up")
+            _ip("-n", host, "link", "set", "lo", "up")
+        yield
+    finally:
+        _remove_test_hosts()
+
+
+def _processes(host: str, run: str, ranks_only: bool = False) -> list[int]:
+    """The processes of `run` in `host`'s network namespace: DeepSpeed's launchers and the ranks, or the ranks."""
+    found = []
+    for pid in subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True).stdout.split():
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        launcher = any(c.startswith("deepspeed.launcher") for c in command)
+        if run in command and "tasks.training.worker" in command and _alive(int(pid)) and not (ranks_only and launcher):
+            found.append(int(pid))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
+def test_one_run_trains_over_two_machines_and_survives_losing_one(topology, tiny_model_dir):
+    for trainer in topology["trainers"].values():  # from here on the training machines are the two test hosts
+        trainer.stop()
+    root, (prefect_port, mlflow_port) = topology["root"], topology["ports"]
+    data = root / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+    with _test_hosts():
+        nodes = {}
+        for host, addr in HOSTS.items():
+            node = Machine(root, host, {
+                "PREFECT_API_URL": f"http://{BRIDGE_ADDR}:{prefect_port}/api", "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
+                "MLFLOW_TRACKING_URI": f"http://{BRIDGE_ADDR}:{mlflow_port}", "MLFLOW_TRACKING_USERNAME": WORKER[0],
+                "MLFLOW_TRACKING_PASSWORD": WORKER[1], "PREFECT_WORKER_QUERY_SECONDS": "1",
+                "GLOO_SOCKET_IFNAME": f"{host}-1"})
+            topology["machines"].append(node)
+            worker, log = node.start("worker", "ip", "netns", "exec", host, "tessera", "worker", "--pool", "tessera",
+                                     "--gpus", "2", "--name", host, "--addr", addr)
+            started = time.monotonic()
+            while "started!" not in log.read_text():
+                assert worker.poll() is None and time.monotonic() - started < 120, log.read_text()[-3000:]
+                time.sleep(0.2)
+            nodes[host] = node
+        try:
+            # The same global batch (8 rows, 4 per micro batch) over 2 ranks: on one machine, then on two.
+            alice, settings = topology["client"]("alice"), dict(
+                model=str(tiny_model_dir), train_data_path=str(data), register_to="main.team",
+                training_duration="16ba", context_length=64, learning_rate=1e-3)
+            one = alice.python(f"""
+                run = fm.create(**{settings!r}, overrides={{"training_config.save_steps": 2,
+                                                            "training_config.deepspeed.processes": 2}})
+                out["status"] = [e.type for e in fm.get_events(run, follow=True)][-1]
+                out["name"] = run.name
+                run = fm.create(**{settings!r}, overrides={{"training_config.save_steps": 2,
+                                                            "training_config.deepspeed.processes": 1,
+                                                            "training_config.deepspeed.nodes": 2}})
+                out["two"] = run.name
+            """)
+            assert one["status"] == "COMPLETED", one
+
+            # The other machine's rank killed after the first checkpoint: the head's rank does not wait for it, and
+            # the train task's retry starts both machines again from that checkpoint.
+            name, started = one["two"], time.monotonic()
+            while True:
+                assert time.monotonic() - started < 300, "no checkpoint with ranks on both hosts in 300 s"
+                heads = [h for h in HOSTS if (root / h / "tessera" / "runs" / name).is_dir()]
+                ranks = {h: _processes(h, name, ranks_only=True) for h in HOSTS}
+                if heads and all(ranks.values()) and \
+                        complete_checkpoints(root / heads[0] / "tessera" / "runs" / name / "checkpoints"):
+                    break
+                time.sleep(0.2)
+            head, other = heads[0], next(h for h in HOSTS if h != heads[0])
+            os.kill(ranks[other][0], signal.SIGKILL)
+            started = time.monotonic()
+            while any(_alive(pid) for pid in ranks[head]):
+                assert time.monotonic() - started < 60, f"{head}'s rank still runs 60 s after {other}'s was killed"
+                time.sleep(0.2)
+            print(f"{head}'s rank ended {time.monotonic() - started:.1f} s after {other}'s was killed")
+
+            out = alice.python(f"""
+                import mlflow
+                for key, name in (("one", {one["name"]!r}), ("two", {name!r})):
+                    events, run_id = list(fm.get_events(name, follow=True)), fm.get(name).run_id
+                    history = {{metric: sorted(mlflow.MlflowClient().get_metric_history(run_id, metric),
+                                               key=lambda m: (m.step, m.timestamp))
+                               for metric in ("loss", "tokens_per_s")}}
+                    out[key] = dict(status=fm.get(name).status.value, events=[(e.type, e.message) for e in events],
+                                    **{{metric: {{m.step: m.value for m in values}}  # a step trained again: its last
+                                       for metric, values in history.items()}})
+            """)
+            one, two = out["one"], out["two"]
+            assert (one["status"], two["status"]) == ("COMPLETED", "COMPLETED"), out
+            assert any(m.startswith("resumed from ep") for _, m in two["events"]), two["events"]
+            assert sorted(one["loss"], key=int) == sorted(two["loss"], key=int) == [str(s) for s in range(1, 17)], out
+            assert all(abs(one["loss"][step] - two["loss"][step]) < 1e-5 for step in one["loss"]), out
+            print("losses, one node / two nodes:", one["loss"], two["loss"])
+            print("seconds per step, one node / two nodes:", _step_seconds(one["tokens_per_s"]),
+                  _step_seconds(two["tokens_per_s"]))
+            started = time.monotonic()  # and nothing of the run is left on either host
+            while any(_processes(h, name) for h in HOSTS):
+                assert time.monotonic() - started < 60, {h: _processes(h, name) for h in HOSTS}
+                time.sleep(0.5)
+        finally:
+            for node in nodes.values():
+                node.stop()
+
+
+def _step_seconds(tokens_per_s: dict[str, float], tokens_per_step: int = 8 * 64) -> float:
+    """A run's median seconds per optimizer step (8 rows of 64 tokens), from its tokens_per_s metric."""
+    speeds = sorted(tokens_per_s.values())
+    return round(tokens_per_step / speeds[len(speeds) // 2], 3)

@@ -205,6 +205,11 @@ def create(
     arguments = locals()
     given = {k: arguments[k] for k in SHORTHANDS if arguments[k] is not None}
     config = configure(recipe, shorthands=given, overrides=overrides)
+    if config.training_config.deepspeed.nodes > 1 and services.embedded():
+        raise InvalidInputError(
+            f"training_config.deepspeed.nodes {config.training_config.deepspeed.nodes}: the embedded default trains "
+            "on this machine only; a run over several needs the shared server and a worker on each machine (README "
+            "'When one machine is not enough')")
     if validate_inputs:
         config = check_paths(config)
     name = run_name_for(config.run.model_name_or_path, config.run.task_type)
@@ -298,8 +303,8 @@ def cancel(runs: "str | TrainingRun | builtins.list[str | TrainingRun] | None" =
             targets = [_flow_run(r) for r in (runs if isinstance(runs, builtins.list) else [runs])]
         else:
             with get_client(sync_client=True) as prefect:
-                targets = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[RUN_TAG, f"experiment:{experiment_id}"]),
-                                          limit=10_000)
+                active = _filter(statuses=ACTIVE, tags=[RUN_TAG, f"experiment:{experiment_id}"])
+                targets = _read_flow_runs(prefect, active, limit=10_000)
         with get_client(sync_client=True) as prefect:
             cancelled = sum(stop_flow_run(prefect, flow_run, "run") for flow_run in targets)
         flush()

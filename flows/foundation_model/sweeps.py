@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import optuna
-from optuna.trial import TrialState
 from prefect import get_client
 from prefect.deployments import run_deployment
 
@@ -43,7 +41,8 @@ from tasks.run_record import (
     tag_value,
     trial_tag,
 )
-from tasks.search import SweepConfig, configure_sweep, storage_url
+from tasks.search import BEST_RUN_TAG, SweepConfig, configure_sweep
+from tasks.tracking import client as mlflow_client
 from tasks.tracking import experiment_for, start_run
 from tasks.validate_paths import check_paths
 
@@ -72,13 +71,11 @@ class Sweep:
     @property
     def best(self) -> TrainingRun | None:
         """The trial with the best metric among those that completed, or None before one has."""
-        try:
-            study = optuna.load_study(study_name=self.name, storage=storage_url())
-        except KeyError:  # the sweep has not opened its study yet
+        if self.run_id is None:
             return None
-        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            return None
-        return get(study.best_trial.user_attrs["run"])
+        with services.connected():
+            best = mlflow_client().get_run(self.run_id).data.tags.get(BEST_RUN_TAG)
+        return get(best) if best else None
 
     def refresh(self) -> "Sweep":
         self.__dict__.update(get_sweep(self.name).__dict__)
