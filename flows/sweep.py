@@ -10,10 +10,12 @@ and trials still training are watched to their end.
 
 import json
 import statistics
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 
+import mlflow
 import optuna
 from optuna.trial import TrialState
 from prefect import flow, get_client
@@ -27,6 +29,7 @@ from flows.foundation_model.runs import (
     _filter,
     _read_flow_runs,
     cancel,
+    get,
     submit,
 )
 from tasks.config import run_name_for
@@ -44,7 +47,9 @@ from tasks.search import (
     trial_config,
 )
 from tasks.tracking import client, experiment_for, start_run
+from tasks.training.checkpoint_names import LATEST, tag_step
 from tasks.training.checkpoints import final_export
+from tasks.upload_checkpoints import artifact_dir
 
 CHALLENGER = "challenger"  # the alias of a sweep's best trial in the registry
 POLL_S = 1.0  # how often running trials are looked at
@@ -117,8 +122,8 @@ def sweep(config: SweepConfig, sweep_name: str | None = None, mlflow_run_id: str
         raise NoTrialCompleted(f"sweep {record.name}: no trial completed, so none is registered; the trials' FAILED "
                                "and PRUNED events say why (fm.get_sweep(name).trials)")
     best = study.best_trial
-    best_record, best_config = RunRecord.load(best.user_attrs["run"]), trial_config(config, best.params)
-    version = register_model(best_record, best_config, str(final_export(best_record.checkpoints)), alias=CHALLENGER,
+    (best_record, best_export), best_config = _final_export(best.user_attrs["run"]), trial_config(config, best.params)
+    version = register_model(best_record, best_config, best_export, alias=CHALLENGER,
                              tags={"tessera.sweep": record.name, "tessera.sweep_metric": settings.metric,
                                    f"tessera.sweep_{settings.metric}": str(best.value)})
     registered = best_config.registered_model_name(best_record.name)
@@ -234,6 +239,20 @@ def _status(run_name: str) -> RunStatus | None:
     with get_client(sync_client=True) as prefect:
         found = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])), limit=1)
     return RunStatus.of(found[0]) if found else None
+
+
+def _final_export(run: str) -> tuple[RunRecord, str]:
+    """A trial's record and the Hugging Face export of its last checkpoint: in its run folder when it trained on
+    this machine, else fetched from its MLflow run, where the worker that trained it uploaded its checkpoints."""
+    record = RunRecord.load(run)
+    if record is not None:
+        return record, str(final_export(record.checkpoints))
+    trial = get(run)
+    record = RunRecord(run, trial.flow_run_id, trial.experiment_id, trial.run_id)
+    checkpoints = client().get_run(trial.run_id).info.artifact_uri.rstrip("/") + "/" + artifact_dir(run)
+    step = tag_step(mlflow.artifacts.load_text(f"{checkpoints}/{LATEST}").strip())
+    return record, mlflow.artifacts.download_artifacts(f"{checkpoints}/huggingface/ba{step}",
+                                                       dst_path=tempfile.mkdtemp(prefix="tessera-best-"))
 
 
 def _values(params: dict) -> str:

@@ -72,8 +72,11 @@ def start_run(params: dict, run_name: str, experiment_path: str, user: str,
     (experiment_id, run_id)."""
     experiment_id = ensure_experiment(experiment_path)
     tags = {"mlflow.user": user, "tessera.run_name": run_name}
-    if os.environ.get("MLFLOW_TRACKING_USERNAME"):  # a shared server's account: it will own the registered model
-        tags[OWNER_TAG] = os.environ["MLFLOW_TRACKING_USERNAME"]
+    owner = os.environ.get("MLFLOW_TRACKING_USERNAME")  # a shared server's account: it will own the registered model
+    if parent_run_id:  # a sweep's trial or a retraining's challenger, started on a worker: the parent's owner's
+        owner = client().get_run(parent_run_id).data.tags.get(OWNER_TAG, owner)
+    if owner:
+        tags[OWNER_TAG] = owner
     run = client().create_run(experiment_id, run_name=run_name,
                               tags=tags | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}))
     client().log_batch(run.info.run_id, params=[

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from tasks.events import EVENT_PREFIX
-from tasks.training.checkpoint_names import complete_checkpoints
 from tasks.ports import free_port
+from tasks.training.checkpoint_names import complete_checkpoints
 from conftest import CHAT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.shared]
@@ -353,10 +353,14 @@ def test_a_sweep_runs_its_trials_on_the_workers_and_keeps_its_study_in_the_share
         sweep = fm.get_sweep(sweep.name)
         out.update(name=sweep.name, status=[sweep.status.value, sweep.details], best=sweep.best.name,
                    trials=[(t.name, t.learning_rate, t.status.value) for t in sweep.trials])
+        import mlflow  # registered by a worker, granted to alice, whose sweep it is
+        out["registered"] = mlflow.MlflowClient().get_model_version_by_alias(f"main.team.{{out['best']}}",
+                                                                             "challenger").version
     """)
     assert out["status"][0] == "COMPLETED", out
     assert [(lr, status) for _, lr, status in out["trials"]] == [(1e-3, "COMPLETED"), (1e-5, "COMPLETED")], out
     assert out["best"] == out["trials"][0][0]  # read from MLflow: the client has no access to the study's database
+    assert out["registered"] == "1"
     import optuna
 
     study = optuna.load_study(study_name=out["name"], storage=topology["optuna"])
@@ -450,17 +454,17 @@ def test_one_run_trains_over_two_machines_and_survives_losing_one(topology, tiny
                 time.sleep(0.2)
             nodes[host] = node
         try:
-            # The same global batch (8 rows, 4 per micro batch) over 2 ranks: on one machine, then on two.
+            # The same global batch (8 rows, 4 per micro batch) over 2 ranks: on one machine, then on two. A
+            # checkpoint every 2 steps, only the newest kept: the MLflow proxy uploads what is kept, ~40 MB each.
             alice, settings = topology["client"]("alice"), dict(
                 model=str(tiny_model_dir), train_data_path=str(data), register_to="main.team",
                 training_duration="16ba", context_length=64, learning_rate=1e-3)
             one = alice.python(f"""
-                run = fm.create(**{settings!r}, overrides={{"training_config.save_steps": 2,
-                                                            "training_config.deepspeed.processes": 2}})
+                saves = {{"training_config.save_steps": 2, "training_config.save_top_k": 1}}
+                run = fm.create(**{settings!r}, overrides={{**saves, "training_config.deepspeed.processes": 2}})
                 out["status"] = [e.type for e in fm.get_events(run, follow=True)][-1]
                 out["name"] = run.name
-                run = fm.create(**{settings!r}, overrides={{"training_config.save_steps": 2,
-                                                            "training_config.deepspeed.processes": 1,
+                run = fm.create(**{settings!r}, overrides={{**saves, "training_config.deepspeed.processes": 1,
                                                             "training_config.deepspeed.nodes": 2}})
                 out["two"] = run.name
             """)
