@@ -101,6 +101,15 @@ class Machine:
         self.processes.append(process)
         return process, log
 
+    def start_worker(self, *command: str) -> float:
+        """Start `command`, a Prefect worker; seconds until it says it started."""
+        started = time.monotonic()
+        worker, log = self.start("worker", *command)
+        while "started!" not in log.read_text():
+            assert worker.poll() is None and time.monotonic() - started < 120, log.read_text()[-3000:]
+            time.sleep(0.2)
+        return time.monotonic() - started
+
     def python(self, code: str, timeout: float = 900) -> dict:
         """Run `code` with `fm` imported, here; what it put in `out`."""
         result = self.home / f"out-{time.monotonic_ns()}.json"
@@ -215,13 +224,8 @@ def topology(s3_endpoint, aws_env, tmp_path_factory):
                 "MLFLOW_TRACKING_PASSWORD": WORKER[1], "TESSERA_SWEEP_STORAGE": optuna_storage,
                 "PREFECT_WORKER_QUERY_SECONDS": "1"})
             machines.append(trainer)
-            started = time.monotonic()
-            worker, log = trainer.start("worker", "tessera", "worker", "--pool", "tessera", "--gpus", str(gpus),
-                                        "--name", f"trainer-{gpus}")
-            while "started!" not in log.read_text():
-                assert worker.poll() is None and time.monotonic() - started < 120, log.read_text()[-3000:]
-                time.sleep(0.2)
-            times[f"worker ({gpus} GPUs)"] = time.monotonic() - started
+            times[f"worker ({gpus} GPUs)"] = trainer.start_worker(
+                "tessera", "worker", "--pool", "tessera", "--gpus", str(gpus), "--name", f"trainer-{gpus}")
             trainers[gpus] = trainer
 
         def client(user: str | None) -> Machine:
@@ -446,12 +450,8 @@ def test_one_run_trains_over_two_machines_and_survives_losing_one(topology, tiny
                 "MLFLOW_TRACKING_PASSWORD": WORKER[1], "PREFECT_WORKER_QUERY_SECONDS": "1",
                 "GLOO_SOCKET_IFNAME": f"{host}-1"})
             topology["machines"].append(node)
-            worker, log = node.start("worker", "ip", "netns", "exec", host, "tessera", "worker", "--pool", "tessera",
-                                     "--gpus", "2", "--name", host, "--addr", addr)
-            started = time.monotonic()
-            while "started!" not in log.read_text():
-                assert worker.poll() is None and time.monotonic() - started < 120, log.read_text()[-3000:]
-                time.sleep(0.2)
+            node.start_worker("ip", "netns", "exec", host, "tessera", "worker", "--pool", "tessera", "--gpus", "2",
+                              "--name", host, "--addr", addr)
             nodes[host] = node
         try:
             # The same global batch (8 rows, 4 per micro batch) over 2 ranks: on one machine, then on two. A
