@@ -53,7 +53,7 @@ from tasks.run_record import (
     retrain_tags,
     run_tags,
 )
-from tasks.tracking import client, experiment_for, start_run
+from tasks.tracking import check_owner_may_register, client, experiment_for, start_run
 from tasks.training.checkpoint_names import LATEST
 from tasks.upload_checkpoints import artifact_dir
 
@@ -109,6 +109,7 @@ def retrain(config: RetrainConfig, run_name: str | None = None, mlflow_run_id: s
     settings, source = config.retrain, config.run.train_data_path
     model = settings.registered_model
     emit(record.name, RunEvent.STARTED, f"retraining {record.name} of {model} started ({settings.mode})")
+    check_owner_may_register(model, record.mlflow_run_id, config.name_of("retrain.registered_model"))
     if other := _another_retraining(record, model):
         emit(record.name, RunEvent.RETRAIN_SKIPPED, f"retraining {other} of {model} is still running: this one "
              "trains nothing, and what is new stays new for the next", registered_model=model)

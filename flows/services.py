@@ -162,7 +162,7 @@ def connected():
         raise ServiceError(f"the Prefect server at {url} refused this client's credentials (401): set "
                            "PREFECT_API_AUTH_STRING to the server's auth string") from None
     except MlflowException as e:  # a shared MLflow server with its basic-auth app; its refusals may come as text
-        if e.get_http_status_code() == 403 or "error code 403" in e.message:
+        if tracking.refused(e):
             who = os.environ.get("MLFLOW_TRACKING_USERNAME")
             raise ServiceError(f"the MLflow server at {tracking.tracking_uri()} refused {who!r} (403): {e.message}; "
                                "the experiment's or model's owner, or an MLflow admin, can grant access") from None

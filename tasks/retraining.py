@@ -28,7 +28,7 @@ from tasks.data.sources import check_data_path
 from tasks.errors import InvalidInputError
 from tasks.models import context_length_for
 from tasks.recipe import configure
-from tasks.tracking import client
+from tasks.tracking import client, refused
 
 CHAMPION = "champion"  # the alias of the version in service
 OUTCOME_TAG = "tessera.retrain"  # promoted, rejected or skipped: on the retraining's MLflow run and the version
@@ -91,11 +91,17 @@ def configure_retraining(recipe, shorthands: dict[str, Any] | None = None, overr
 
 def champion(registered_model: str) -> ModelVersion | None:
     """The version the alias `champion` marks, or None (no such model yet, or none promoted). Any other error of the
-    store is raised: taken for "no champion", it would let a challenger replace the champion unjudged."""
+    store is raised: taken for "no champion", it would let a challenger replace the champion unjudged.
+
+    A shared server refuses a user's account a model nobody has registered yet as it refuses another user's model,
+    so that is None too: such an account has no champion of its own, and the worker, which sees every model, refuses
+    before training a retraining whose owner may not add versions to an existing one (check_owner_may_register)."""
     try:
         return client().get_model_version_by_alias(registered_model, CHAMPION)
     except MlflowException as e:
         if e.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)):
+            return None
+        if refused(e):
             return None
         raise
 

@@ -7,6 +7,7 @@ from mlflow import MlflowClient
 from mlflow.protos.databricks_pb2 import (
     INVALID_PARAMETER_VALUE,
     RESOURCE_ALREADY_EXISTS,
+    RESOURCE_DOES_NOT_EXIST,
     ErrorCode,
 )
 
@@ -85,11 +86,52 @@ def start_run(params: dict, run_name: str, experiment_path: str, user: str,
     return experiment_id, run.info.run_id
 
 
+def refused(error: mlflow.exceptions.MlflowException) -> bool:
+    """Whether a shared server's basic-auth app refused this account (403); its refusals may come as text."""
+    return error.get_http_status_code() == 403 or "error code 403" in error.message
+
+
+def _other_owner(mlflow_run_id: str) -> str | None:
+    """The MLflow account that owns the run, when it is not this process's own account on a tracking server."""
+    owner = client().get_run(mlflow_run_id).data.tags.get(OWNER_TAG)
+    serves = tracking_uri().startswith(("http://", "https://"))  # accounts exist only on a server
+    return owner if serves and owner != os.environ.get("MLFLOW_TRACKING_USERNAME") else None
+
+
+def check_owner_may_register(registered_name: str, mlflow_run_id: str, setting: str) -> None:
+    """Refuse, before anything trains, a run whose owner may not add versions to `registered_name`, a model that
+    already exists: a worker's account registers every user's models, so the shared server cannot refuse it itself."""
+    if not (owner := _other_owner(mlflow_run_id)):
+        return
+    try:
+        client().get_registered_model(registered_name)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return  # a new model: registered, it is granted to the owner
+        raise
+    from mlflow.server import get_app_client
+    from mlflow.server.auth.permissions import get_permission
+
+    auth = get_app_client("basic-auth", tracking_uri=tracking_uri())
+    try:
+        if auth.get_user(owner).is_admin:
+            return
+        # The permission the server itself would apply: the owner's grant, a role's, or the server's default.
+        permission = auth.get_user_permission(owner, "registered_model", registered_name).permission
+    except mlflow.exceptions.MlflowException as e:
+        if e.get_http_status_code() == 404:  # a server without the basic-auth app: every account may write
+            return
+        raise
+    if not get_permission(permission).can_update:
+        raise InvalidInputError(f"{setting} {registered_name} is a registered model that the MLflow account {owner} "
+                                f"may not add versions to ({permission}): register to a model of your own, or ask "
+                                "its owner for EDIT on it")
+
+
 def grant_owner(registered_name: str, mlflow_run_id: str) -> None:
     """Give the account that created the run MANAGE on the model registered from it: on an MLflow server with the
     basic-auth app, the model belongs to the worker's account that registered it, and nobody else may read it."""
-    owner = client().get_run(mlflow_run_id).data.tags.get(OWNER_TAG)
-    if not owner or owner == os.environ.get("MLFLOW_TRACKING_USERNAME"):
+    if not (owner := _other_owner(mlflow_run_id)):
         return
     from mlflow.server import get_app_client
 

@@ -8,7 +8,7 @@ from tasks.custom_weights import check_custom_weights
 from tasks.data.sources import check_data_path
 from tasks.models import context_length_for
 from tasks.run_record import RunRecord
-from tasks.tracking import client
+from tasks.tracking import check_owner_may_register, client
 
 
 def check_paths(config: RunConfig) -> RunConfig:
@@ -26,7 +26,10 @@ def check_paths(config: RunConfig) -> RunConfig:
 
 @task(name="validate-paths", cache_policy=NO_CACHE)
 def validate_paths(record: RunRecord, config: RunConfig) -> RunConfig:
-    """Check the model, data and checkpoint paths; resolve the context length; keep the resolved config."""
+    """Check the model, data and checkpoint paths, and that the run's owner may register to its model; resolve the
+    context length; keep the resolved config."""
     config = check_paths(config)
+    check_owner_may_register(config.registered_model_name(record.name), record.mlflow_run_id,
+                             config.name_of("run.register_to"))
     client().log_dict(record.mlflow_run_id, config.to_recipe(), "config/resolved.yaml")  # a recipe that reruns it
     return config

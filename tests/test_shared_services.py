@@ -373,6 +373,46 @@ def test_a_sweep_runs_its_trials_on_the_workers_and_keeps_its_study_in_the_share
     assert all(any((home / name).is_dir() for home in homes) for name, _, _ in out["trials"])
 
 
+def test_a_retraining_runs_on_the_workers_and_only_its_owner_adds_versions_to_the_model(topology, tiny_model_dir):
+    root, model = topology["root"], str(tiny_model_dir)
+    incoming, held_out = root / "incoming", root / "retrain-eval.jsonl"
+    incoming.mkdir()
+    for path in (incoming / "day-1.jsonl", held_out):
+        path.write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+    # A model nobody has registered yet: the shared server refuses alice's account to read it, as it would refuse
+    # another user's model, and scheduling it must still work.
+    alice = topology["client"]("alice").python(f"""
+        import mlflow
+        fm.schedule_retraining("main.team.assistant", {str(incoming)!r}, {str(held_out)!r}, cron="0 3 * * *",
+                               model={model!r}, training_duration="4ba", context_length=64)
+        fm.pause_retraining("main.team.assistant")
+        retraining = fm.retrain_now("main.team.assistant")
+        while not retraining.refresh().status.is_terminal():
+            time.sleep(1)
+        out["retraining"] = [retraining.status.value, retraining.outcome, retraining.challenger, retraining.details]
+        out["events"] = [e.type for e in retraining.get_events()]
+        out["champion"] = mlflow.MlflowClient().get_model_version_by_alias("main.team.assistant", "champion").version
+    """)
+    status, outcome, challenger, details = alice["retraining"]
+    assert (status, outcome) == ("COMPLETED", "promoted"), alice
+    assert alice["events"][-1] == "COMPLETED" and "RETRAIN_PROMOTED" in alice["events"], alice["events"]
+    assert alice["champion"] == "1"  # registered by a worker's account, readable by alice, whose model it is
+    homes = [Path(t.env["TESSERA_HOME"]) / "runs" for t in topology["trainers"].values()]
+    assert any((home / challenger).is_dir() for home in homes)
+
+    # Bob may not add a version to alice's model through a worker's account: refused before anything trains.
+    bob = topology["client"]("bob").python(f"""
+        run = fm.create(model={model!r}, train_data_path={str(incoming / "day-1.jsonl")!r},
+                        register_to="main.team.assistant", training_duration="4ba", context_length=64)
+        while not fm.get(run).status.is_terminal():
+            time.sleep(1)
+        got = fm.get(run)
+        out.update(status=got.status.value, details=got.details, events=[e.type for e in fm.get_events(run)])
+    """)
+    assert bob["status"] == "FAILED" and "TRAIN_UPDATED" not in bob["events"], bob
+    assert "register_to main.team.assistant" in bob["details"] and "bob may not add versions" in bob["details"]
+
+
 # Two test hosts on this machine: network namespaces, each with a veth pair into a bridge on which this machine (the
 # servers) is BRIDGE. They share this machine's filesystem, as training machines share one over NFS.
 HOSTS = {"host-a": "10.77.0.1", "host-b": "10.77.0.2"}
