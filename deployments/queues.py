@@ -5,10 +5,10 @@ A run that asks for `training_config.deepspeed.processes: n` goes to the queue `
 and `gpus-1` ... `gpus-<G>` (`tessera worker`). The embedded runner has no queues: it takes every run.
 """
 
-from prefect import get_client
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from tasks.errors import ServiceError
+from tasks.prefect_api import prefect_client
 
 DEFAULT = "default"
 
@@ -25,7 +25,7 @@ def queues_for(gpus: int) -> list[str]:
 
 def ensure_queues(pool: str, queues: list[str]) -> None:
     """Create the pool's queues that do not exist yet: a worker that names one the pool lacks never gets a run."""
-    with get_client(sync_client=True) as prefect:
+    with prefect_client() as prefect:
         for queue in queues:
             try:
                 prefect.create_work_queue(name=queue, work_pool_name=pool)

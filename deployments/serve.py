@@ -19,6 +19,7 @@ from flows.services import CREATE_LOCK, device_slots, max_active_runs
 from flows.sweep import sweep
 from flows.train_node import train_node
 from tasks.devices import DEVICE_SLOTS
+from tasks.prefect_api import prefect_client
 from tasks.run_record import RETRAIN_TAG, RUN_TAG, SWEEP_TAG
 
 ADOPT_EVERY_S = 5  # how soon a new model's retrain deployment is served: its first run waits at most this long
@@ -53,7 +54,7 @@ def deployments() -> list[tuple]:
 def ensure_concurrency_limits() -> None:
     """The global concurrency limits: training takes slots of DEVICE_SLOTS (one per GPU), so two runs never share a
     GPU; create() holds CREATE_LOCK's one slot while it counts the active runs and submits."""
-    with get_client(sync_client=True) as prefect:
+    with prefect_client() as prefect:
         prefect.upsert_global_concurrency_limit_by_name(DEVICE_SLOTS, device_slots())
         prefect.upsert_global_concurrency_limit_by_name(CREATE_LOCK, 1)
 

@@ -1,6 +1,6 @@
 """One fine-tuning run as a Prefect flow: the six steps in plain order, and hooks for the ways it can end."""
 
-from prefect import flow, get_client
+from prefect import flow
 from prefect.client.schemas.objects import StateType
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled
@@ -9,6 +9,7 @@ from flows.interrupted import STOPPED_UNDER
 from tasks.config import RunConfig, TaskType, run_name_for
 from tasks.events import RunEvent, emit, flush
 from tasks.init_model import init_model
+from tasks.prefect_api import prefect_client
 from tasks.process_group import exit_with_parent
 from tasks.recipe import SHORTHANDS, configure
 from tasks.register_model import register_model
@@ -37,7 +38,7 @@ def on_cancellation(flow, flow_run, state) -> None:
 
 
 def on_crashed(flow, flow_run, state) -> None:
-    with get_client(sync_client=True) as prefect:
+    with prefect_client() as prefect:
         history = prefect.read_flow_run_states(flow_run.id)
         if any(s.type in (StateType.CANCELLING, StateType.CANCELLED) for s in history):
             # Cancelled while its process was starting: the server freed the run's slot of the deployment's
@@ -127,7 +128,7 @@ def _name_run(config: RunConfig, run_name: str | None, mlflow_run_id: str | None
     if mlflow_run_id is None:
         experiment_id, mlflow_run_id = start_run(config.params(), run_name, experiment_for(config, run_name, user),
                                                  user)
-        with get_client(sync_client=True) as prefect:
+        with prefect_client() as prefect:
             tags = prefect.read_flow_run(flow_run_id).tags
             prefect.update_flow_run(flow_run_id, name=run_name, tags=sorted({*tags, *run_tags(user, experiment_id)}))
     else:

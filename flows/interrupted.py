@@ -17,7 +17,6 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from prefect import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterState,
@@ -28,6 +27,7 @@ from prefect.states import Cancelled, Failed, Scheduled
 
 from tasks.events import RunEvent, emit, flush
 from tasks.home import runs_dir, tessera_home
+from tasks.prefect_api import prefect_client
 from tasks.process_group import kill_group
 from tasks.run_record import (
     RETRAIN_TAG,
@@ -55,7 +55,7 @@ def kill_leftovers(runner_pid: int | None) -> None:
 def recover(old_runner_pid: int | None) -> None:
     """End what the old runner left, then bring its flow runs back."""
     kill_leftovers(old_runner_pid)
-    with get_client(sync_client=True) as prefect:
+    with prefect_client() as prefect:
         interrupted = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
             type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]))))
         challengers = {challenger_tag(r.name) for r in interrupted if RETRAIN_TAG in r.tags}

@@ -15,7 +15,7 @@ import time
 
 import mlflow
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
-from prefect import flow, get_client, get_run_logger, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled
@@ -34,6 +34,7 @@ from tasks.data.increments import Inventory, gather, take_inventory
 from tasks.errors import InvalidInputError, TesseraError
 from tasks.events import RunEvent, emit, flush
 from tasks.judge import Verdict, judge
+from tasks.prefect_api import prefect_client
 from tasks.process_group import exit_with_parent
 from tasks.retraining import (
     CHALLENGER_TAG,
@@ -74,7 +75,7 @@ def end_challenger(flow, flow_run, state) -> None:
     record = RunRecord.of_flow_run(flow_run)
     if record is None:  # it never got as far as naming itself
         return
-    with get_client(sync_client=True) as prefect:
+    with prefect_client() as prefect:
         running = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[challenger_tag(record.name)]), limit=10)
     stopped = cancel([r.name for r in running]) if running else 0
     challenger = "; its challenger run was stopped" if stopped else ""
@@ -196,7 +197,7 @@ def last_inventory(registered_model: str) -> Inventory | None:
 def _another_retraining(record: RunRecord, model: str) -> str | None:
     """The name of another retraining of the model still under way (a schedule firing while one runs, or
     retrain_now): two at once would train on the same new data and race for @champion."""
-    with get_client(sync_client=True) as prefect:
+    with prefect_client() as prefect:
         active = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[RETRAIN_TAG, f"model:{model}"]), limit=10)
     return next((r.name for r in active if str(r.id) != record.flow_run_id), None)
 
@@ -258,7 +259,7 @@ def _name_retraining(config: RetrainConfig, run_name: str | None, mlflow_run_id:
     name = run_name or run_name_for(config.run.model_name_or_path, config.run.task_type, prefix="retrain")
     if mlflow_run_id is None:
         experiment_id, mlflow_run_id = start_run(config.params(), name, experiment_path(config, user), user)
-        with get_client(sync_client=True) as prefect:
+        with prefect_client() as prefect:
             tags = prefect.read_flow_run(flow_run_id).tags
             prefect.update_flow_run(flow_run_id, name=name,
                                     tags=sorted({*tags, *retrain_tags(user, experiment_id, model)}))

@@ -150,11 +150,10 @@ def connected():
     """Ensure the services run, then talk to them: Prefect reads its settings at import, so set them here."""
     from mlflow.exceptions import MlflowException
     from prefect.exceptions import PrefectHTTPStatusError
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = ensure_started()
     try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        with _settings_for(url):
             yield url
     except PrefectHTTPStatusError as e:  # a shared server with PREFECT_SERVER_API_AUTH_STRING
         if e.response.status_code != 401:
@@ -172,6 +171,28 @@ def connected():
         raise
 
 
+_SERVING: dict[tuple[str, str], int | None] = {}  # (API URL, PREFECT_HOME) -> the pid of the server found serving it
+_SETTINGS: dict[tuple[int, str], tuple] = {}  # (id of the settings in force, API URL) -> (those, a copy at the URL)
+
+
+@contextmanager
+def _settings_for(url: str):
+    """Prefect's settings in force, pointed at `url`. Built once per process and URL: building them (Prefect's
+    temporary_settings) reads every setting again and cost ~90 ms of CPU, most of an fm.get() that polls each second."""
+    import prefect.context
+    from prefect.settings import PREFECT_API_URL
+
+    context = prefect.context.get_settings_context()
+    if context.settings.api.url == url:
+        yield
+        return
+    key = (id(context.settings), url)  # the cached pair holds the settings, so their id is not reused
+    if key not in _SETTINGS:
+        _SETTINGS[key] = (context.settings, context.settings.copy_with_update(updates={PREFECT_API_URL: url}))
+    with prefect.context.SettingsContext(profile=context.profile, settings=_SETTINGS[key][1]):
+        yield
+
+
 def ensure_started() -> str:
     """Start whatever of the embedded services is not running; return the Prefect API URL."""
     if not embedded():
@@ -181,7 +202,9 @@ def ensure_started() -> str:
     with open(services_dir() / "start.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # many create() calls at once start one set of services
         ours = str(tessera_home() / "prefect")
-        there = _prefect_home_at(url)
+        # Asked once per server process: its settings page costs the server ~12 ms, and every call of the API asks.
+        server = PREFECT.pid()
+        there = ours if server is not None and _SERVING.get((url, ours)) == server else _prefect_home_at(url)
         if there != ours:  # none, or another home's (another user's runs, environment and credentials): not reused
             if there is not None or _port_taken(PREFECT.port):
                 PREFECT.take_free_port(f"the Prefect server of PREFECT_HOME {there}" if there else "another program")
@@ -189,6 +212,7 @@ def ensure_started() -> str:
             _spawn(PREFECT, [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(PREFECT.port), "--analytics-off"], env)
             _wait_for(lambda: _prefect_home_at(url) == ours, PREFECT, "the Prefect server")
+        _SERVING[(url, ours)] = PREFECT.pid()
         if RUNNER.pid() is None:
             from prefect.settings import PREFECT_API_URL, temporary_settings
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import mlflow
 import optuna
 from optuna.trial import TrialState
-from prefect import flow, get_client
+from prefect import flow
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled
@@ -35,6 +35,7 @@ from flows.foundation_model.runs import (
 from tasks.config import run_name_for
 from tasks.errors import TesseraError
 from tasks.events import RunEvent, emit, flush
+from tasks.prefect_api import prefect_client
 from tasks.process_group import exit_with_parent
 from tasks.register_model import register_model
 from tasks.run_record import RunRecord, cancelled_while_starting, current_user, run_tags, sweep_tags, trial_tag
@@ -81,7 +82,7 @@ def stop_trials(flow, flow_run, state) -> None:
     if record is None:  # it never got as far as naming itself
         return
     if state.is_cancelled():
-        with get_client(sync_client=True) as prefect:
+        with prefect_client() as prefect:
             trials = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[trial_tag(record.name)]), limit=10_000)
         stopped = cancel([t.name for t in trials]) if trials else 0
         emit(record.name, RunEvent.CANCELED, f"sweep cancelled; {stopped} running trial(s) stopped",
@@ -231,12 +232,12 @@ def _asked(study: optuna.Study) -> int:
 
 def _cancelling(record: RunRecord) -> bool:
     """Whether the sweep is being cancelled: start no trial its cancellation would miss."""
-    with get_client(sync_client=True) as prefect:
+    with prefect_client() as prefect:
         return RunStatus.of(prefect.read_flow_run(record.flow_run_id)) == RunStatus.TERMINATING
 
 
 def _status(run_name: str) -> RunStatus | None:
-    with get_client(sync_client=True) as prefect:
+    with prefect_client() as prefect:
         found = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])), limit=1)
     return RunStatus.of(found[0]) if found else None
 
@@ -291,7 +292,7 @@ def _name_sweep(config: SweepConfig, sweep_name: str | None, mlflow_run_id: str 
     else:
         mlflow_run_id = mlflow_run_id or earlier.mlflow_run_id
         experiment_id = client().get_run(mlflow_run_id).info.experiment_id
-    with get_client(sync_client=True) as prefect:
+    with prefect_client() as prefect:
         tags = prefect.read_flow_run(flow_run_id).tags
         prefect.update_flow_run(flow_run_id, name=name, tags=sorted({*tags, *sweep_tags(user, experiment_id)}))
     record = RunRecord(name, flow_run_id, experiment_id, mlflow_run_id)

@@ -17,7 +17,6 @@ import threading
 import time
 from pathlib import Path
 
-from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType, WorkerStatus
 from prefect.deployments import run_deployment
@@ -26,6 +25,7 @@ from prefect.states import Cancelled, Cancelling
 
 from tasks.errors import InvalidInputError, ServiceError
 from tasks.ports import free_port
+from tasks.prefect_api import prefect_client
 from tasks.process_group import stop_group
 from tasks.training.spec import TrainSpec
 
@@ -77,7 +77,7 @@ class OtherNodes:
                 f"training_config.deepspeed.nodes {nodes} needs its head to know its name and address: start the "
                 "workers with `tessera worker --name NAME --addr ADDRESS` (the address the other machines reach "
                 "this one at), as README 'When one machine is not enough' shows")
-        with get_client(sync_client=True) as prefect:
+        with prefect_client() as prefect:
             pool = prefect.read_flow_run(current_flow_run.id).work_pool_name
             if pool is None:
                 raise InvalidInputError(f"training_config.deepspeed.nodes {nodes} needs a work pool: the embedded "
@@ -131,7 +131,7 @@ class OtherNodes:
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline and not all(r.state.is_final() for r in self._read()):
             time.sleep(WATCH_S)
-        with get_client(sync_client=True) as prefect:
+        with prefect_client() as prefect:
             for run in self._read():
                 if run.state_type in (StateType.SCHEDULED, StateType.PENDING):
                     prefect.set_flow_run_state(run.id, Cancelled(message="its run's head stopped"), force=True)
@@ -150,7 +150,7 @@ class OtherNodes:
     def _read(self) -> list:
         if not self.flow_runs:
             return []
-        with get_client(sync_client=True) as prefect:
+        with prefect_client() as prefect:
             runs = {r.id: r for r in prefect.read_flow_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=self.flow_runs)))}
         return [runs[i] for i in self.flow_runs if i in runs]

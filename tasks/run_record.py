@@ -21,6 +21,7 @@ from pathlib import Path
 from prefect.runtime import flow_run as current_flow_run
 
 from tasks.home import runs_dir
+from tasks.prefect_api import prefect_client
 
 WORKER_PGID = "worker.pgid"  # in a run folder while its training worker runs: the worker's process group
 
@@ -73,9 +74,8 @@ class RunRecord:
     def of_flow_run(cls, flow_run) -> "RunRecord | None":
         """For a flow's hooks: the record by the flow run's current name. The object a hook gets was read when the
         flow started, before a run started from its deployment or schedule named itself."""
-        from prefect import get_client
 
-        with get_client(sync_client=True) as prefect:
+        with prefect_client() as prefect:
             return cls.load(prefect.read_flow_run(flow_run.id).name)
 
 
@@ -88,8 +88,10 @@ CANCELLED_TAG = "tessera-cancelled"
 
 
 def cancelled_while_starting() -> bool:
-    """In a flow, first thing: whether it was cancelled while its process was starting; if so it returns Cancelled."""
-    return CANCELLED_TAG in current_flow_run.tags
+    """In a flow, first thing: whether it was cancelled while its process was starting; if so it returns Cancelled.
+    Read from the server: the tags this process holds are those the run had when the process fetched it."""
+    with prefect_client() as prefect:
+        return CANCELLED_TAG in prefect.read_flow_run(current_flow_run.id).tags
 
 
 def run_tags(user: str, experiment_id: str) -> list[str]:

@@ -13,7 +13,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import get_client
 from prefect.client.schemas.actions import DeploymentScheduleCreate
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
 from prefect.client.schemas.schedules import CronSchedule
@@ -37,6 +36,7 @@ from flows.services import RETRAIN_DEPLOYMENT, model_retrain_deployment
 from tasks.config import run_name_for
 from tasks.errors import InvalidInputError, RunNotFoundError
 from tasks.events import RunEvent, emit, flush
+from tasks.prefect_api import prefect_client
 from tasks.recipe import SHORTHANDS
 from tasks.retraining import (
     CHALLENGER_TAG,
@@ -86,7 +86,7 @@ class Retraining:
 
     def cancel(self) -> int:
         """Stop the retraining and its challenger's run; the champion stays. Returns how many runs were stopped."""
-        with services.connected(), get_client(sync_client=True) as prefect:
+        with services.connected(), prefect_client() as prefect:
             stop_flow_run(prefect, _latest(self.name), "retraining")
             running = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[challenger_tag(self.name)]), limit=10)
         flush()
@@ -129,7 +129,7 @@ def schedule_retraining(
     except ValidationError as e:
         raise InvalidInputError(f"cron {cron!r} (timezone {timezone!r}) is not a schedule: "
                                 f"{e.errors()[0]['msg']}; write five fields, e.g. '0 3 * * *' (03:00 daily)") from None
-    with services.connected(), get_client(sync_client=True) as prefect:
+    with services.connected(), prefect_client() as prefect:
         base = prefect.read_deployment_by_name(RETRAIN_DEPLOYMENT)
         # The same flow, served where retrain/default is (the embedded runner, or a work pool's workers).
         prefect.create_deployment(
@@ -145,12 +145,12 @@ def schedule_retraining(
 
 
 def get_retraining_schedule(registered_model: str) -> RetrainingSchedule:
-    with services.connected(), get_client(sync_client=True) as prefect:
+    with services.connected(), prefect_client() as prefect:
         return _schedule_of(_deployment(prefect, registered_model))
 
 
 def list_retraining_schedules() -> "builtins.list[RetrainingSchedule]":
-    with services.connected(), get_client(sync_client=True) as prefect:
+    with services.connected(), prefect_client() as prefect:
         found = prefect.read_deployments(deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(
             all_=[RETRAIN_TAG])))
     return sorted((_schedule_of(d) for d in found if tag_value(d.tags, "model")), key=lambda s: s.registered_model)
@@ -158,7 +158,7 @@ def list_retraining_schedules() -> "builtins.list[RetrainingSchedule]":
 
 def pause_retraining(registered_model: str, paused: bool = True) -> RetrainingSchedule:
     """Pause the model's schedule (paused=False: resume it), as the Prefect UI's toggle does."""
-    with services.connected(), get_client(sync_client=True) as prefect:
+    with services.connected(), prefect_client() as prefect:
         deployment = _deployment(prefect, registered_model)
         prefect.update_deployment_schedule(deployment.id, deployment.schedules[0].id, active=not paused)
     return get_retraining_schedule(registered_model)
@@ -166,7 +166,7 @@ def pause_retraining(registered_model: str, paused: bool = True) -> RetrainingSc
 
 def unschedule_retraining(registered_model: str) -> None:
     """Remove the model's schedule and its deployment; its retrainings so far and its champion stay."""
-    with services.connected(), get_client(sync_client=True) as prefect:
+    with services.connected(), prefect_client() as prefect:
         prefect.delete_deployment(_deployment(prefect, registered_model).id)
 
 
@@ -217,7 +217,7 @@ def list_retrainings(registered_model: str | None = None, statuses: "builtins.li
     """Retrainings, newest first; of one model when `registered_model` is given."""
     wanted = [RunStatus(s) for s in statuses] if statuses else None
     tags = [RETRAIN_TAG] + ([f"model:{registered_model}"] if registered_model else [])
-    with services.connected(), get_client(sync_client=True) as prefect:
+    with services.connected(), prefect_client() as prefect:
         found = [_retraining(r) for r in _read_flow_runs(prefect, _filter(statuses=wanted, tags=tags), limit)]
     found = [r for r in found if wanted is None or r.status in wanted]  # the filter asks for more states than match
     return sorted(found, key=lambda r: r.created_at, reverse=True)[:limit]

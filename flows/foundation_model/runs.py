@@ -16,7 +16,6 @@ from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
-from prefect import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterExpectedStartTime,
@@ -52,6 +51,7 @@ from tasks.errors import (
 from tasks.events import RunEvent, emit, flush, resource_id
 from tasks.models import ModelInfo
 from tasks.models import get_models as _catalog
+from tasks.prefect_api import prefect_client
 from tasks.recipe import SHORTHANDS, configure
 from tasks.run_record import CANCELLED_TAG, RUN_TAG, RunRecord, current_user, run_tags, tag_value
 from tasks.tracking import client as mlflow_client
@@ -214,7 +214,7 @@ def create(
         config = check_paths(config)
     name = run_name_for(config.run.model_name_or_path, config.run.task_type)
     with services.connected(), _create_lock():  # count and submit as one step: racing creates cannot pass the limit
-        with get_client(sync_client=True) as prefect:
+        with prefect_client() as prefect:
             active = prefect.count_flow_runs(flow_run_filter=_filter(statuses=ACTIVE))
         if active >= services.max_active_runs():
             raise TooManyActiveRunsError(
@@ -251,7 +251,7 @@ def submit(config: RunConfig, name: str, mlflow_run_id: str, tags: "builtins.lis
     `given`: the arguments the config was made with; `register=False` leaves registration to the caller (a sweep,
     which registers only its best trial); `as_subflow`: from inside a flow, shown as its subflow."""
     parameters = {"config": config.to_recipe(), **(given or {}), "run_name": name, "mlflow_run_id": mlflow_run_id}
-    with get_client(sync_client=True) as prefect:  # on a work pool: the queue of the workers whose machines it fits
+    with prefect_client() as prefect:  # on a work pool: the queue of the workers whose machines it fits
         pooled = prefect.read_deployment_by_name(services.DEPLOYMENT).work_pool_name is not None
     queue = queue_for(config.training_config.deepspeed.processes) if pooled else None
     flow_run = run_deployment(services.DEPLOYMENT, parameters=parameters | ({} if register else {"register": False}),
@@ -282,7 +282,7 @@ def list(
     names = [r.name if isinstance(r, TrainingRun) else r for r in training_runs] if training_runs else None
     wanted = [_status(s) for s in statuses] if statuses else None
     tags = [RUN_TAG] + ([f"experiment:{experiment_id}"] if experiment_id else [])
-    with services.connected(), get_client(sync_client=True) as prefect:
+    with services.connected(), prefect_client() as prefect:
         runs = []
         for email in user_emails or [None]:
             run_filter = _filter(names, wanted, tags + ([f"created_by:{email}"] if email else []),
@@ -302,10 +302,10 @@ def cancel(runs: "str | TrainingRun | builtins.list[str | TrainingRun] | None" =
         if runs is not None:
             targets = [_flow_run(r) for r in (runs if isinstance(runs, builtins.list) else [runs])]
         else:
-            with get_client(sync_client=True) as prefect:
+            with prefect_client() as prefect:
                 active = _filter(statuses=ACTIVE, tags=[RUN_TAG, f"experiment:{experiment_id}"])
                 targets = _read_flow_runs(prefect, active, limit=10_000)
-        with get_client(sync_client=True) as prefect:
+        with prefect_client() as prefect:
             cancelled = sum(stop_flow_run(prefect, flow_run, "run") for flow_run in targets)
         flush()
         return cancelled
@@ -315,10 +315,12 @@ def stop_flow_run(prefect, flow_run, what: str) -> bool:
     """Cancel a run's, sweep's or retraining's flow run; False when it has ended or is ending already.
 
     One still scheduled is ended here, with its CANCELED event: nothing to stop, and Prefect never starts a cancelled
-    run. One whose process is starting (Pending) gets its CANCELED event and CANCELLED_TAG too: the runner cannot
-    stop a process it is still starting, and Prefect would let that process move a Cancelled run on to Running, so
-    it is set Cancelling and the flow, once started, ends itself (cancelled_while_starting). A running one is set
-    Cancelling: the runner kills its process and the flow's hook cleans up. The caller flushes the events."""
+    run. One whose process is starting (Pending) gets its CANCELED event and CANCELLED_TAG, and its flow, once
+    started, ends itself (cancelled_while_starting). It is not set Cancelled, which Prefect would let that process
+    move on to Running, nor Cancelling: Prefect's runner (3.9.1) ignores a cancel that comes before it knows the
+    process, and the process, finding the run Cancelling, exits without ending it (TERMINATING for good). If it got to
+    Running before the tag, its flow may have looked already, so it is cancelled as a running one is: set
+    Cancelling, the runner kills its process and the flow's hook cleans up. The caller flushes the events."""
     status = RunStatus.of(flow_run)
     if status.is_terminal() or status == RunStatus.TERMINATING:
         return False
@@ -329,6 +331,8 @@ def stop_flow_run(prefect, flow_run, what: str) -> bool:
     if flow_run.state.type == StateType.PENDING:
         prefect.update_flow_run(flow_run.id, tags=[*flow_run.tags, CANCELLED_TAG])
         emit(flow_run.name, RunEvent.CANCELED, f"{what} cancelled before it started", flow_run_id=str(flow_run.id))
+        if prefect.read_flow_run(flow_run.id).state.type == StateType.PENDING:
+            return True
     prefect.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by the user"), force=True)
     return True
 
@@ -394,7 +398,7 @@ def _flow_run(training_run: "str | TrainingRun"):
 
 def newest_flow_run(name: str, tag: str = RUN_TAG, what: str = "run", listing: str = "fm.list()"):
     """The newest flow run named `name` with `tag`: a run's, or a sweep's or retraining's (one per attempt)."""
-    with get_client(sync_client=True) as prefect:
+    with prefect_client() as prefect:
         found = prefect.read_flow_runs(flow_run_filter=_filter(names=[name], tags=[tag]),
                                        sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
     if not found:
@@ -441,7 +445,7 @@ def _estimated_end(name: str) -> datetime | None:
 
 
 def _read_events(name: str) -> "builtins.list[FineTuningEvent]":
-    with get_client(sync_client=True) as prefect:
+    with prefect_client() as prefect:
         return _read_events_of(prefect, [name])[name]
 
 
@@ -470,7 +474,7 @@ def events_of(runs: "builtins.list[TrainingRun]") -> "builtins.list[builtins.lis
     whose events may still be on their way. A page of a listing costs a few queries, not a few per run."""
     if not runs:
         return []
-    with services.connected(), get_client(sync_client=True) as prefect:
+    with services.connected(), prefect_client() as prefect:
         ids = FlowRunFilterId(any_=[UUID(r.flow_run_id) for r in runs])
         flow_runs = {str(f.id): f for f in prefect.read_flow_runs(flow_run_filter=FlowRunFilter(id=ids))}
         read = _read_events_of(prefect, [r.name for r in runs])

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from prefect import get_client
 from prefect.deployments import run_deployment
 
 from flows import services
@@ -31,6 +30,7 @@ from flows.services import SWEEP_DEPLOYMENT
 from tasks.config import run_name_for
 from tasks.errors import InvalidInputError
 from tasks.events import RunEvent, emit, flush
+from tasks.prefect_api import prefect_client
 from tasks.recipe import SHORTHANDS
 from tasks.run_record import (
     RUN_TAG,
@@ -64,7 +64,7 @@ class Sweep:
     @property
     def trials(self) -> "builtins.list[TrainingRun]":
         """Every trial's run so far, oldest first."""
-        with services.connected(), get_client(sync_client=True) as prefect:
+        with services.connected(), prefect_client() as prefect:
             found = _read_flow_runs(prefect, _filter(tags=[RUN_TAG, trial_tag(self.name)]), limit=10_000)
             return sorted((_training_run(r, include_details=False) for r in found), key=lambda r: r.created_at)
 
@@ -83,7 +83,7 @@ class Sweep:
 
     def cancel(self) -> int:
         """Stop the sweep and every trial still running; returns how many trials were stopped."""
-        with services.connected(), get_client(sync_client=True) as prefect:
+        with services.connected(), prefect_client() as prefect:
             stop_flow_run(prefect, _latest(self.name), "sweep")
             trials = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[trial_tag(self.name)]), limit=10_000)
         flush()
@@ -147,7 +147,7 @@ def get_sweep(sweep: "str | Sweep") -> Sweep:
 def list_sweeps(statuses: "builtins.list[str | RunStatus] | None" = None, limit: int = 100) -> "builtins.list[Sweep]":
     """Sweeps, newest first (a sweep run again shows once, as its latest attempt)."""
     wanted = [RunStatus(s) for s in statuses] if statuses else None
-    with services.connected(), get_client(sync_client=True) as prefect:
+    with services.connected(), prefect_client() as prefect:
         latest: dict[str, Sweep] = {}
         for flow_run in _read_flow_runs(prefect, _filter(tags=[SWEEP_TAG]), limit=10_000):
             latest.setdefault(flow_run.name, _sweep(flow_run))  # newest first: the first of a name is its latest
