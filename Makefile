@@ -9,7 +9,7 @@ UV := $(VENV)/bin/uv
 UV_FLAGS := --python $(PY) --no-deps --compile-bytecode --find-links /opt/wheels
 STAMP := $(VENV)/.installed
 
-.PHONY: setup compile demo test lock server-stop clean
+.PHONY: setup compile demo test test-shared lock server-stop clean
 
 setup: $(STAMP)
 
@@ -33,7 +33,12 @@ demo: setup compile
 	$(PY) examples/demo.py
 
 test: setup compile
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not shared"
+
+# The team topology (tests/test_shared_services.py): PostgreSQL (.ci/run installs it), servers with auth, a work pool,
+# two network-namespace hosts (root). One module, so one process: xdist would only start a second, idle one.
+test-shared: setup compile
+	$(PY) -m pytest -q -m shared -n 0
 
 # Re-resolve pinned versions. prefect 3.9.1 asks for certifi>=2026.10.19, which the registry
 # does not serve yet; overrides.txt admits the newest certifi it does serve.
