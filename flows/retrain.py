@@ -56,7 +56,7 @@ from tasks.run_record import (
 )
 from tasks.tracking import check_owner_may_register, client, experiment_for, start_run
 from tasks.training.checkpoint_names import LATEST
-from tasks.upload_checkpoints import artifact_dir
+from tasks.upload_checkpoints import checkpoints_uri
 
 POLL_S = 1.0  # how often the challenger's run is looked at
 SEEN = "tessera.retrain.seen"  # registered-model tag: the MLflow run of the last retraining that judged
@@ -212,8 +212,7 @@ def champion_checkpoint(version) -> str:
     record = RunRecord.load(run_name)
     if record is not None and (record.checkpoints / LATEST).exists():
         return str(record.checkpoints / LATEST)
-    artifacts = client().get_run(version.run_id).info.artifact_uri.rstrip("/")
-    return f"{artifacts}/{artifact_dir(run_name)}/{LATEST}"
+    return f"{checkpoints_uri(version.run_id, run_name)}/{LATEST}"
 
 
 def train_challenger(record: RunRecord, config: RunConfig, experiment: str, what: str) -> tuple[str, int]:

@@ -14,6 +14,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -49,8 +50,8 @@ from tasks.search import (
 )
 from tasks.tracking import client, experiment_for, start_run
 from tasks.training.checkpoint_names import LATEST, tag_step
-from tasks.training.checkpoints import final_export
-from tasks.upload_checkpoints import artifact_dir
+from tasks.training.checkpoints import export_dir, final_export
+from tasks.upload_checkpoints import checkpoints_uri
 
 CHALLENGER = "challenger"  # the alias of a sweep's best trial in the registry
 POLL_S = 1.0  # how often running trials are looked at
@@ -250,9 +251,9 @@ def _final_export(run: str) -> tuple[RunRecord, str]:
         return record, str(final_export(record.checkpoints))
     trial = get(run)
     record = RunRecord(run, trial.flow_run_id, trial.experiment_id, trial.run_id)
-    checkpoints = client().get_run(trial.run_id).info.artifact_uri.rstrip("/") + "/" + artifact_dir(run)
+    checkpoints = checkpoints_uri(trial.run_id, run)
     step = tag_step(mlflow.artifacts.load_text(f"{checkpoints}/{LATEST}").strip())
-    return record, mlflow.artifacts.download_artifacts(f"{checkpoints}/huggingface/ba{step}",
+    return record, mlflow.artifacts.download_artifacts(f"{checkpoints}/{export_dir(Path(), step).as_posix()}",
                                                        dst_path=tempfile.mkdtemp(prefix="tessera-best-"))
 
 

@@ -7,10 +7,12 @@ import subprocess
 from pathlib import Path
 
 from prefect import flow
+from prefect.states import Cancelled
 
 from tasks.devices import claim_gpus
 from tasks.errors import InvalidInputError, WorkerFailed
 from tasks.nodes import NAME_ENV, launcher_command
+from tasks.run_record import cancelled_while_starting
 from tasks.train import worker_env
 from tasks.training.spec import TrainSpec
 
@@ -18,6 +20,8 @@ from tasks.training.spec import TrainSpec
 @flow(name="train-node", validate_parameters=False)
 def train_node(run_name: str, spec: str, nodes: list[str], node_rank: int, master_addr: str, master_port: int) -> None:
     """Run node `node_rank` of the run's DeepSpeed launch on this machine until its ranks end."""
+    if cancelled_while_starting():  # its head stopped while this process was starting
+        return Cancelled(message="its run's head stopped")
     spec_path = Path(spec)
     loaded = TrainSpec.load(spec_path) if spec_path.is_file() else None
     for path in [spec_path] + ([loaded.model_dir, loaded.data_dir, loaded.eval_data_dir] if loaded else []):

@@ -21,12 +21,12 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType, WorkerStatus
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as current_flow_run
-from prefect.states import Cancelled, Cancelling
 
 from tasks.errors import InvalidInputError, ServiceError
 from tasks.ports import free_port
 from tasks.prefect_api import prefect_client
 from tasks.process_group import stop_group
+from tasks.run_record import cancel_flow_run
 from tasks.training.spec import TrainSpec
 
 NAME_ENV, ADDR_ENV = "TESSERA_NODE", "TESSERA_NODE_ADDR"
@@ -133,10 +133,7 @@ class OtherNodes:
             time.sleep(WATCH_S)
         with prefect_client() as prefect:
             for run in self._read():
-                if run.state_type in (StateType.SCHEDULED, StateType.PENDING):
-                    prefect.set_flow_run_state(run.id, Cancelled(message="its run's head stopped"), force=True)
-                elif run.state_type == StateType.RUNNING:
-                    prefect.set_flow_run_state(run.id, Cancelling(message="its run's head stopped"), force=True)
+                cancel_flow_run(prefect, run, "its run's head stopped")
 
     def _failed_node(self, waited_s: float) -> str | None:
         for rank, run in enumerate(self._read(), start=1):

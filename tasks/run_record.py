@@ -18,7 +18,9 @@ from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from prefect.client.schemas.objects import StateType
 from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Cancelled, Cancelling
 
 from tasks.home import runs_dir
 from tasks.prefect_api import prefect_client
@@ -82,9 +84,32 @@ class RunRecord:
 RUN_TAG = "tessera"  # every run's flow run carries it, and the two below
 SWEEP_TAG = "tessera-sweep"  # a sweep's flow runs, instead: fm.list() lists runs only
 RETRAIN_TAG = "tessera-retrain"  # a retraining's flow runs, instead
-# Put on a flow run cancelled while its process was starting: the runner cannot stop a process it has not finished
-# starting, and Prefect lets that process move the run on to Running, so the flow, once started, ends itself.
+# Put on a flow run cancelled while its process was starting (cancel_flow_run): its flow, once started, ends itself.
 CANCELLED_TAG = "tessera-cancelled"
+
+
+def cancel_flow_run(prefect, flow_run, message: str) -> StateType | None:
+    """Cancel a flow run of Tessera's (a run, sweep, retraining or node): the state it was in, or None when it has
+    ended or is ending already.
+
+    Scheduled: set Cancelled; Prefect never starts it. Running: set Cancelling; the runner or worker kills its process
+    and the flow's hooks clean up. Pending, its process starting: tagged CANCELLED_TAG, and its flow, once started,
+    ends itself (cancelled_while_starting). Not set Cancelled, which Prefect lets that process move on to Running,
+    nor Cancelling: Prefect's runner (3.9.1) ignores a cancel that comes before it knows the process, and the
+    process, finding the run Cancelling, exits without ending it, Cancelling for good. If it reached Running before
+    the tag, its flow may have looked already, so it is set Cancelling as a running one is."""
+    state = flow_run.state
+    if state is None or state.is_final() or state.type == StateType.CANCELLING or CANCELLED_TAG in flow_run.tags:
+        return None
+    if state.type == StateType.SCHEDULED:
+        prefect.set_flow_run_state(flow_run.id, Cancelled(message=message), force=True)
+        return state.type
+    if state.type == StateType.PENDING:
+        prefect.update_flow_run(flow_run.id, tags=[*flow_run.tags, CANCELLED_TAG])
+        if prefect.read_flow_run(flow_run.id).state.type == StateType.PENDING:
+            return state.type
+    prefect.set_flow_run_state(flow_run.id, Cancelling(message=message), force=True)
+    return state.type
 
 
 def cancelled_while_starting() -> bool:

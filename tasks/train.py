@@ -54,13 +54,18 @@ def train(record: RunRecord, config: RunConfig, model_dir: str, train_rows: str,
     # The shortest lease Prefect takes: a run killed with the runner frees its slots within a minute.
     with (concurrency(DEVICE_SLOTS, occupy=spec.processes, lease_duration=60), claim_gpus(spec.processes) as gpus,
           open(record.logs / "worker.log", "a") as log, open(stderr_log, "a") as stderr):
-        if others:
-            others.start()
-        proc = subprocess.Popen(
-            others.command(gpus) if others else worker_command(spec, str(record.spec), gpus), env=worker_env(gpus),
-            stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
-            start_new_session=True,  # its own group: cancel and retry kill DeepSpeed and its children too
-        )
+        try:
+            if others:
+                others.start()
+            proc = subprocess.Popen(
+                others.command(gpus) if others else worker_command(spec, str(record.spec), gpus), env=worker_env(gpus),
+                stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
+                start_new_session=True,  # its own group: cancel and retry kill DeepSpeed and its children too
+            )
+        except BaseException:
+            if others:  # the nodes started so far would wait for a head that never comes
+                others.stop()
+            raise
         record.pgid_file.write_text(str(proc.pid))
         if others:
             others.watch(proc.pid)

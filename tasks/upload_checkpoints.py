@@ -15,6 +15,11 @@ def artifact_dir(run_name: str) -> str:
     return f"{run_name}/checkpoints"
 
 
+def checkpoints_uri(mlflow_run_id: str, run_name: str) -> str:
+    """Where the run's checkpoints are uploaded: under artifact_dir in its MLflow run's artifacts."""
+    return f"{client().get_run(mlflow_run_id).info.artifact_uri.rstrip('/')}/{artifact_dir(run_name)}"
+
+
 @task(name="upload-checkpoints", retries=3, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def upload_checkpoints(record: RunRecord) -> list[str]:
     """Upload every checkpoint folder; the latest symlink travels as a text file naming its target."""
@@ -30,8 +35,8 @@ def upload_checkpoints(record: RunRecord) -> list[str]:
         elif child.is_dir():
             mlflow_client.log_artifacts(run_id, str(child), f"{dest}/{child.name}")
     _verify(mlflow_client, run_id, root, dest)
-    base = mlflow_client.get_run(run_id).info.artifact_uri.rstrip("/")
-    return [f"{base}/{dest}/{p.name}" for p in complete_checkpoints(root)]
+    uploaded = checkpoints_uri(run_id, record.name)
+    return [f"{uploaded}/{p.name}" for p in complete_checkpoints(root)]
 
 
 def _verify(mlflow_client, run_id: str, root: Path, dest: str) -> None:

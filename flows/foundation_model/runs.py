@@ -36,7 +36,6 @@ from prefect.events.filters import (
     EventOrder,
     EventResourceFilter,
 )
-from prefect.states import Cancelled, Cancelling
 
 from deployments.queues import queue_for
 from flows import services
@@ -53,7 +52,7 @@ from tasks.models import ModelInfo
 from tasks.models import get_models as _catalog
 from tasks.prefect_api import prefect_client
 from tasks.recipe import SHORTHANDS, configure
-from tasks.run_record import CANCELLED_TAG, RUN_TAG, RunRecord, current_user, run_tags, tag_value
+from tasks.run_record import CANCELLED_TAG, RUN_TAG, RunRecord, cancel_flow_run, current_user, run_tags, tag_value
 from tasks.tracking import client as mlflow_client
 from tasks.tracking import experiment_for, start_run
 from tasks.training.checkpoint_names import complete_checkpoints
@@ -312,29 +311,13 @@ def cancel(runs: "str | TrainingRun | builtins.list[str | TrainingRun] | None" =
 
 
 def stop_flow_run(prefect, flow_run, what: str) -> bool:
-    """Cancel a run's, sweep's or retraining's flow run; False when it has ended or is ending already.
-
-    One still scheduled is ended here, with its CANCELED event: nothing to stop, and Prefect never starts a cancelled
-    run. One whose process is starting (Pending) gets its CANCELED event and CANCELLED_TAG, and its flow, once
-    started, ends itself (cancelled_while_starting). It is not set Cancelled, which Prefect would let that process
-    move on to Running, nor Cancelling: Prefect's runner (3.9.1) ignores a cancel that comes before it knows the
-    process, and the process, finding the run Cancelling, exits without ending it (TERMINATING for good). If it got to
-    Running before the tag, its flow may have looked already, so it is cancelled as a running one is: set
-    Cancelling, the runner kills its process and the flow's hook cleans up. The caller flushes the events."""
-    status = RunStatus.of(flow_run)
-    if status.is_terminal() or status == RunStatus.TERMINATING:
-        return False
-    if flow_run.state.type == StateType.SCHEDULED:
-        prefect.set_flow_run_state(flow_run.id, Cancelled(message="cancelled before it started"), force=True)
+    """Cancel a run's, sweep's or retraining's flow run (cancel_flow_run); False when it has ended or is ending
+    already. One that had not started gets its CANCELED event here: its flow never runs its hooks. The caller
+    flushes the events."""
+    was = cancel_flow_run(prefect, flow_run, "cancelled by the user")
+    if was in (StateType.SCHEDULED, StateType.PENDING):
         emit(flow_run.name, RunEvent.CANCELED, f"{what} cancelled before it started", flow_run_id=str(flow_run.id))
-        return True
-    if flow_run.state.type == StateType.PENDING:
-        prefect.update_flow_run(flow_run.id, tags=[*flow_run.tags, CANCELLED_TAG])
-        emit(flow_run.name, RunEvent.CANCELED, f"{what} cancelled before it started", flow_run_id=str(flow_run.id))
-        if prefect.read_flow_run(flow_run.id).state.type == StateType.PENDING:
-            return True
-    prefect.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by the user"), force=True)
-    return True
+    return was is not None
 
 
 def get_events(training_run: "str | TrainingRun", follow: bool = False):
