@@ -21,13 +21,11 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled
 
 from flows.foundation_model.runs import (
-    ACTIVE,
     RunStatus,
-    _filter,
-    _read_flow_runs,
     cancel,
     get,
     submit,
+    under_way,
 )
 from tasks.config import RunConfig, run_name_for
 from tasks.data.increments import Inventory, gather, take_inventory
@@ -76,7 +74,7 @@ def end_challenger(flow, flow_run, state) -> None:
     if record is None:  # it never got as far as naming itself
         return
     with prefect_client() as prefect:
-        running = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[challenger_tag(record.name)]), limit=10)
+        running = under_way(prefect, [challenger_tag(record.name)], limit=10)
     stopped = cancel([r.name for r in running]) if running else 0
     challenger = "; its challenger run was stopped" if stopped else ""
     if state.is_cancelled():
@@ -196,9 +194,10 @@ def last_inventory(registered_model: str) -> Inventory | None:
 
 def _another_retraining(record: RunRecord, model: str) -> str | None:
     """The name of another retraining of the model still under way (a schedule firing while one runs, or
-    retrain_now): two at once would train on the same new data and race for @champion."""
+    retrain_now): two at once would train on the same new data and race for @champion. The runs its schedule holds
+    for later are not under way (under_way leaves them out): taken for retrainings, no scheduled model would train."""
     with prefect_client() as prefect:
-        active = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[RETRAIN_TAG, f"model:{model}"]), limit=10)
+        active = under_way(prefect, [RETRAIN_TAG, f"model:{model}"], limit=10)
     return next((r.name for r in active if str(r.id) != record.flow_run_id), None)
 
 

@@ -114,6 +114,7 @@ PREFECT = Service("prefect-server", "TESSERA_PREFECT_PORT", 4200)
 RUNNER = Service("runner")
 MLFLOW = Service("mlflow-ui", "TESSERA_MLFLOW_PORT", 5000)
 HTTP_API = Service("http-api", "TESSERA_SERVE_PORT", 8000)
+IS_HTTP_API = False  # set by a process that is itself an HTTP API (api/app.py serve): it starts no other beside it
 
 
 def services_dir() -> Path:
@@ -155,11 +156,12 @@ def connected():
     try:
         with _settings_for(url):
             yield url
-    except PrefectHTTPStatusError as e:  # a shared server with PREFECT_SERVER_API_AUTH_STRING
-        if e.response.status_code != 401:
+    except PrefectHTTPStatusError as e:  # a shared server with PREFECT_SERVER_API_AUTH_STRING (or a proxy before it)
+        if e.response.status_code not in (401, 403):
             raise
-        raise ServiceError(f"the Prefect server at {url} refused this client's credentials (401): set "
-                           "PREFECT_API_AUTH_STRING to the server's auth string") from None
+        raise ServiceError(f"the Prefect server at {url} refused this client's credentials "
+                           f"({e.response.status_code}): set PREFECT_API_AUTH_STRING to the server's auth "
+                           "string") from None
     except MlflowException as e:  # a shared MLflow server with its basic-auth app; its refusals may come as text
         if tracking.refused(e):
             who = os.environ.get("MLFLOW_TRACKING_USERNAME")
@@ -232,7 +234,7 @@ def ensure_started() -> str:
                             "--port", str(MLFLOW.port), "--backend-store-uri", tracking.tracking_uri(),
                             "--default-artifact-root", tracking.default_artifact_root(), "--workers", "1"],
                    {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **env})
-        if HTTP_API.pid() is None:
+        if HTTP_API.pid() is None and not IS_HTTP_API:
             if _port_taken(HTTP_API.port):
                 HTTP_API.take_free_port("another program (this home's HTTP API is not running)")
             # Not waited for: nothing else needs it, and it reads the others only when a request comes.

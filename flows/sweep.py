@@ -25,13 +25,11 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled
 
 from flows.foundation_model.runs import (
-    ACTIVE,
     RunStatus,
-    _filter,
-    _read_flow_runs,
     cancel,
     get,
     submit,
+    under_way,
 )
 from tasks.config import run_name_for
 from tasks.errors import TesseraError
@@ -84,7 +82,7 @@ def stop_trials(flow, flow_run, state) -> None:
         return
     if state.is_cancelled():
         with prefect_client() as prefect:
-            trials = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[trial_tag(record.name)]), limit=10_000)
+            trials = under_way(prefect, [trial_tag(record.name)])
         stopped = cancel([t.name for t in trials]) if trials else 0
         emit(record.name, RunEvent.CANCELED, f"sweep cancelled; {stopped} running trial(s) stopped",
              flow_run_id=str(flow_run.id))

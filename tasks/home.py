@@ -61,6 +61,13 @@ def files_root() -> str:
     return _data_root("TESSERA_FILES_ROOT", "files")
 
 
+def models_root() -> Path | None:
+    """The base-model folders `tessera serve`'s users may name as their model, besides the catalog's:
+    `TESSERA_MODELS_ROOT`; unset, catalog names only."""
+    value = os.environ.get("TESSERA_MODELS_ROOT")
+    return Path(value).expanduser().resolve() if value else None
+
+
 def _data_root(variable: str, default: str) -> str:
     value = os.environ.get(variable)
     if not value:

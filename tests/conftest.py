@@ -4,9 +4,11 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")  # the runner picks up a new run within a second
+# Prefect's scheduler makes a new schedule's runs within seconds (its loop for recently changed deployments); its main
+# loop, every 60 s by default, is the fallback when a busy server misses that: every 10 s, a schedule set a minute or
+# two ahead (test_retraining.py) still gets its run in time.
+os.environ.setdefault("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "10")
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -164,3 +170,27 @@ def chat_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in CHAT))
     return str(path)
+
+
+@contextmanager
+def tessera_serve(log: Path | None = None, **env: str) -> Iterator[str]:
+    """`tessera serve` as a user starts it, on a free port with `env` added (its output in `log`, if given); its URL
+    once it answers, and stopped afterwards."""
+    port = free_port()
+    out = open(log, "wb") if log else None
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)],
+                               cwd=Path(__file__).parents[1], env={**os.environ, **env}, stdout=out,
+                               stderr=subprocess.STDOUT if out else None)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    try:
+        while subprocess.run(["curl", "-s", "-o", "/dev/null", f"{url}/docs"]).returncode != 0:
+            assert process.poll() is None and time.monotonic() < deadline, \
+                log.read_text() if log else "tessera serve did not start"
+            time.sleep(0.25)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        if out:
+            out.close()

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from tasks.home import volumes_root
-from tasks.ports import free_port
-from conftest import CHAT
+from conftest import CHAT, tessera_serve
 
 pytestmark = pytest.mark.e2e
 
@@ -33,19 +32,11 @@ def sdk_python(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def http_api(fm) -> str:
-    """`tessera serve` with an API key, on this session's services (the embedded one answers loopback only)."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)],
-                               env={**os.environ, "TESSERA_API_KEYS": f"{USER}:{KEY}"}, cwd=Path(__file__).parents[1])
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while subprocess.run(["curl", "-s", "-o", "/dev/null", f"{url}/docs"]).returncode != 0:
-        assert process.poll() is None and time.monotonic() < deadline, "tessera serve did not start"
-        time.sleep(0.5)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+def http_api(fm, tiny_model_dir) -> str:
+    """`tessera serve` with an API key and the tiny model's folder among its base models, on this session's services
+    (the embedded one answers loopback only)."""
+    with tessera_serve(TESSERA_API_KEYS=f"{USER}:{KEY}", TESSERA_MODELS_ROOT=str(tiny_model_dir.parent)) as url:
+        yield url
 
 
 def sdk(python: str, url: str, code: str, token: str = KEY) -> dict:

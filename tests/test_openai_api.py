@@ -16,7 +16,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 
-from conftest import CHAT, worker_pids
+from conftest import CHAT, tessera_serve, worker_pids
 from tasks.custom_weights import check_custom_weights
 from tasks.ports import free_port
 
@@ -27,20 +27,12 @@ USER, OTHER = "grace@example.com", "alan@example.com"
 
 
 @pytest.fixture(scope="module")
-def base_url(fm) -> str:
-    """`tessera serve` with two users' keys and a 1 MiB upload limit, on this session's services."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "--port", str(port)], cwd=Path(__file__).parents[1],
-        env={**os.environ, "TESSERA_API_KEYS": f"{USER}:{KEY},{OTHER}:{OTHER_KEY}", "TESSERA_MAX_UPLOAD_MB": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while subprocess.run(["curl", "-s", "-o", "/dev/null", f"{url}/docs"]).returncode != 0:
-        assert process.poll() is None and time.monotonic() < deadline, "tessera serve did not start"
-        time.sleep(0.5)
-    yield f"{url}/v1"
-    process.terminate()
-    process.wait(timeout=30)
+def base_url(fm, tiny_model_dir) -> str:
+    """`tessera serve` with two users' keys, a 1 MiB upload limit and the tiny model's folder among the base models it
+    offers, on this session's services."""
+    with tessera_serve(TESSERA_API_KEYS=f"{USER}:{KEY},{OTHER}:{OTHER_KEY}", TESSERA_MAX_UPLOAD_MB="1",
+                       TESSERA_MODELS_ROOT=str(tiny_model_dir.parent)) as url:
+        yield f"{url}/v1"
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +246,7 @@ def test_a_second_job_is_cancelled_and_a_malformed_file_fails_by_its_line(client
     ({"suffix": "Bad Suffix!"}, "suffix", "should match pattern"),
     ({"beta": 0.1}, "beta", "Extra inputs are not permitted"),
     ({"training_file": "file-nope"}, "training_file", "No such File object: file-nope"),
-    ({"model": "gpt-4o-mini"}, "model", "gpt-4o-mini does not exist"),
+    ({"model": "gpt-4o-mini"}, "model", "'gpt-4o-mini' is not a model this server offers you"),
     ({"metadata": {"a:b": "c"}}, "metadata.a:b.[key]", "should match pattern"),
 ])
 def test_what_tessera_cannot_do_is_refused_with_the_param(client, tiny_model_dir, request_body, param, said):

@@ -2,9 +2,11 @@
 schedule, taken up by the running runner; challengers trained as finetune runs of the tiny model, judged against
 the champion on a frozen eval set in the MLflow registry.
 
-One model's life, in order: scheduled (a real Prefect schedule, paused and resumed); its first retraining promotes;
-garbage data makes the challenger worse on the frozen set, so it is rejected and the champion stays; good data is
-promoted; with nothing new the next retraining skips; a rollback by hand moves @champion back.
+One model's life, in order, under a live schedule: Prefect's scheduler holds the schedule's coming runs (SCHEDULED,
+in the future) all along, and none of them is a retraining under way. Its first retraining promotes; garbage data
+makes the challenger worse on the frozen set, so it is rejected and the champion stays; good data is promoted; with
+nothing new the next retraining skips; a rollback by hand moves @champion back; paused and resumed at the end. And a
+schedule that fires for real: the retraining its schedule starts trains.
 """
 
 import json
@@ -12,12 +14,21 @@ import os
 import sys
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from zoneinfo import ZoneInfo
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 from prefect import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterDeploymentId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 
 from flows import services
@@ -81,6 +92,25 @@ def on_promotion(url: str) -> None:
     ).create()
 
 
+def coming_runs(registered_model: str) -> list:
+    """The runs Prefect's scheduler holds for the model's schedule: SCHEDULED, their start time in the future."""
+    with services.connected(), get_client(sync_client=True) as prefect:
+        deployment = prefect.read_deployment_by_name(f"retrain/{registered_model}")
+        scheduled = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
+    return [r for r in scheduled if r.expected_start_time > datetime.now(timezone.utc)]
+
+
+def wait_for_coming_runs(registered_model: str, timeout: float = 60) -> list:
+    """The schedule's coming runs, once Prefect's scheduler has made them (a new schedule's within seconds)."""
+    deadline = time.monotonic() + timeout
+    while not (coming := coming_runs(registered_model)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert coming, f"Prefect's scheduler made no runs of retrain/{registered_model} in {timeout}s"
+    return coming
+
+
 def _verdict(retraining) -> dict:
     events = list(retraining.get_events(follow=True))
     assert events[-1].type == "COMPLETED", [(e.type, e.message) for e in events]
@@ -106,14 +136,20 @@ def test_a_model_retrained_on_its_schedule_keeps_the_better_champion(fm, tiny_mo
         (incoming / "week1.jsonl").write_text(conversations(CHAT))
         fm.schedule_retraining(MODEL, str(incoming), cron="0 3 * *", recipe=recipe)
 
-    schedule = fm.schedule_retraining(MODEL, str(incoming), cron="0 3 * * *", timezone="Europe/Paris", recipe=recipe)
-    assert (schedule.cron, schedule.timezone, schedule.active) == ("0 3 * * *", "Europe/Paris", True)
+    # Daily at the one-digit hour farthest from now, 4 h away or more: live all along, its coming runs held by Prefect's
+    # scheduler, none due during the test. One digit: the CLI's table below shows the cron whole.
+    hour = datetime.now(ZoneInfo("Europe/Paris")).hour
+    cron = f"0 {max(range(10), key=lambda h: min((h - hour) % 24, (hour - h) % 24))} * * *"
+    schedule = fm.schedule_retraining(MODEL, str(incoming), cron=cron, timezone="Europe/Paris", recipe=recipe)
+    assert (schedule.cron, schedule.timezone, schedule.active) == (cron, "Europe/Paris", True)
     with services.connected(), get_client(sync_client=True) as prefect:  # the model's own deployment and schedule
         deployment = prefect.read_deployment_by_name(f"retrain/{MODEL}")
         (found,) = deployment.schedules
-        assert found.schedule.cron == "0 3 * * *" and deployment.parameters["config"]["retrain"]["registered_model"] == MODEL
-    # Resumed and paused again: left paused, so 03:00 in Paris cannot start a retraining in the middle of this test.
-    assert fm.pause_retraining(MODEL, paused=False).active and not fm.pause_retraining(MODEL).active
+        assert found.schedule.cron == cron and deployment.parameters["config"]["retrain"]["registered_model"] == MODEL
+    coming = wait_for_coming_runs(MODEL)
+    assert min(r.expected_start_time for r in coming) > datetime.now(timezone.utc) + timedelta(hours=3)
+    # What a schedule holds for later is not a retraining, pending or otherwise.
+    assert fm.list_retrainings(MODEL) == [] and fm.list_retrainings(MODEL, statuses=["PENDING"]) == []
     url, posted = webhook
     with services.connected():
         on_promotion(url)
@@ -164,14 +200,19 @@ def test_a_model_retrained_on_its_schedule_keeps_the_better_champion(fm, tiny_mo
     assert (fourth.outcome, fourth.challenger) == ("skipped", None)
     assert "nothing new" in _verdict(fourth).message
     assert [r.name for r in fm.list_retrainings(MODEL)] == [fourth.name, third.name, second.name, first.name]
+    assert {r.id for r in coming} <= {r.id for r in coming_runs(MODEL)}  # held all along, none started or stopped
 
     # A rollback by hand.
     assert fm.promote(MODEL, 1) == 3
     assert int(registry.get_model_version_by_alias(MODEL, "champion").version) == 1
 
+    # Resumed and paused again: a paused schedule holds no coming runs (Prefect deletes them).
+    assert fm.pause_retraining(MODEL, paused=False).active and not fm.pause_retraining(MODEL).active
+    assert coming_runs(MODEL) == []
+
     from flows import cli  # the CLI over the same API
 
-    listed = ["0 3 * * *", "paused", "promoted", "rejected", "skipped"]
+    listed = [cron, "paused", "promoted", "rejected", "skipped"]
     for argv, code, said in ((["retrain", "list", MODEL], 0, listed),
                              (["promote", MODEL, "9"], 2, [f"error: {MODEL} has no version 9"])):
         monkeypatch.setattr(sys, "argv", ["tessera", *argv])
@@ -183,3 +224,36 @@ def test_a_model_retrained_on_its_schedule_keeps_the_better_champion(fm, tiny_mo
     assert fm.list_retraining_schedules() == []
     with pytest.raises(RunNotFoundError, match="has no retraining schedule"):
         fm.retrain_now(MODEL)
+
+
+def test_a_schedule_that_fires_starts_a_retraining_that_trains(fm, tiny_model_dir, chat_file, tmp_path):
+    model = "main.retrain.fired"
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "week1.jsonl").write_text(conversations(CHAT))
+    recipe = {
+        "run": {"model_name_or_path": str(tiny_model_dir), "eval_data_path": chat_file},
+        "training_config": {"max_length": 64, "global_batch_size": 4, "micro_batch_size": 2, "save_steps": 4,
+                            "trainer": {"max_steps": 4}},
+    }
+    # A whole minute 70 to 130 s away (cron has minutes): time for the scheduler to make its run and the runner to
+    # serve the new deployment. Day and month set: it fires once, its next run a year away.
+    at = (datetime.now(timezone.utc) + timedelta(seconds=130)).replace(second=0, microsecond=0)
+    fm.schedule_retraining(model, str(incoming), cron=f"{at.minute} {at.hour} {at.day} {at.month} *", recipe=recipe)
+    (due, *later) = sorted(wait_for_coming_runs(model), key=lambda r: r.expected_start_time)
+    assert due.expected_start_time == at and due.auto_scheduled and all(r.expected_start_time.year > at.year
+                                                                        for r in later)
+    assert fm.list_retrainings(model, statuses=fm.ACTIVE) == []  # nothing under way before it fires
+
+    # Listed once it is due, under Prefect's name until it names itself: read back whole once it has ended.
+    deadline = time.monotonic() + (at - datetime.now(timezone.utc)).total_seconds() + 300
+    while not ((found := fm.list_retrainings(model)) and found[0].status.is_terminal()):
+        assert time.monotonic() < deadline, f"the schedule's retraining of {model} at {at}: {found}"
+        time.sleep(2)
+    (retraining,) = found
+    assert retraining.flow_run_id == str(due.id)  # the run the schedule held, started by it
+    assert (retraining.status, retraining.outcome) == (fm.RunStatus.COMPLETED, "promoted"), retraining.details
+    assert fm.get(retraining.challenger).status == fm.RunStatus.COMPLETED
+    assert _verdict(retraining).type == "RETRAIN_PROMOTED"
+    assert int(_registry().get_model_version_by_alias(model, "champion").version) == 1
+    fm.unschedule_retraining(model)

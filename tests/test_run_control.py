@@ -109,8 +109,20 @@ def test_a_run_that_ended_a_while_ago_is_read_without_waiting_for_its_events(fm,
 
 
 def test_the_active_run_limit_holds_when_creates_race(fm, tiny_model_dir, chat_file, monkeypatch):
+    from prefect import get_client
+    from prefect.states import Scheduled
+
+    from flows import services
+
     active = len(fm.list(statuses=[s for s in fm.ACTIVE], include_details=False))
     monkeypatch.setenv("TESSERA_MAX_ACTIVE_RUNS", str(active + 3))
+    # A run of the finetune deployment that a schedule holds for tomorrow: no run yet, so it holds no slot.
+    with services.connected(), get_client(sync_client=True) as prefect:
+        later = prefect.create_flow_run_from_deployment(
+            prefect.read_deployment_by_name("finetune/default").id, tags=[RUN_TAG],
+            state=Scheduled(scheduled_time=datetime.now(timezone.utc) + timedelta(days=1)))
+    assert len(fm.list(statuses=[s for s in fm.ACTIVE], include_details=False)) == active
+    assert later.name not in [r.name for r in fm.list(include_details=False)]
     results: list = []
 
     def submit():
@@ -134,6 +146,9 @@ def test_the_active_run_limit_holds_when_creates_race(fm, tiny_model_dir, chat_f
     # its cancellation hook has run, which under that load has taken over 60 s.
     for run in created:
         wait_for(run, {fm.RunStatus.STOPPED}, timeout=180)
+    with services.connected(), get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_run(later.id).state.is_scheduled()  # neither started nor stopped by any of it
+        prefect.delete_flow_run(later.id)
 
 
 def test_a_killed_worker_is_resumed_by_the_train_tasks_retry(fm, tiny_model_dir, chat_file):

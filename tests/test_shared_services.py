@@ -261,6 +261,43 @@ def test_nobody_reaches_the_shared_services_without_credentials(topology):
             out["error"] = f"{type(e).__name__}: {e}"
     """)
     assert out["error"].startswith("ServiceError") and "PREFECT_API_AUTH_STRING" in out["error"], out
+    # Every call that reaches Prefect, from a user with MLflow's credentials but not Prefect's: refused, and told what
+    # to set (create() met the 401 taking the create lock, and said to redeploy); a refused sweep or retraining
+    # leaves no MLflow run showing RUNNING.
+    alice = topology["client"]("alice").env
+    without = Machine(topology["root"], "client-alice-without-prefect-auth", {
+        k: v for k, v in alice.items() if k.startswith(("AWS_", "MLFLOW_", "TESSERA_USER")) or k == "PREFECT_API_URL"})
+    out = without.python("""
+        from mlflow import MlflowClient
+        model, data = "HuggingFaceTB/SmolLM2-135M-Instruct", {"train_data_path": "/data/train.jsonl",
+                                                              "eval_data_path": "/data/eval.jsonl"}
+        calls = {
+            "create": lambda: fm.create(model, register_to="main.alice", validate_inputs=False, **data),
+            "sweep": lambda: fm.sweep({"learning_rate": [1e-4, 1e-3]}, model=model, register_to="main.alice",
+                                      validate_inputs=False, **data),
+            "schedule_retraining": lambda: fm.schedule_retraining("main.alice.m", cron="0 3 * * *", model=model,
+                                                                  validate_inputs=False, **data),
+            "retrain_now": lambda: fm.retrain_now("main.alice.m", model=model, validate_inputs=False, **data),
+            "cancel": lambda: fm.cancel("some-run"),
+            "cancel an experiment": lambda: fm.cancel(experiment_id="1"),
+            "get_events": lambda: fm.get_events("some-run"),
+            "list_retrainings": fm.list_retrainings,
+        }
+        for name, call in calls.items():
+            try:
+                call()
+                out[name] = "no error"
+            except Exception as e:
+                out[name] = f"{type(e).__name__}: {e}"
+        experiments = [e.experiment_id for e in MlflowClient().search_experiments()]
+        out["running"] = [r.info.run_name for r in MlflowClient().search_runs(experiments, "attributes.status = "
+                                                                              "'RUNNING'")] if experiments else []
+    """)
+    running = out.pop("running")
+    for call, error in out.items():
+        assert error.startswith("ServiceError") and "refused this client's credentials (401)" in error and \
+            "PREFECT_API_AUTH_STRING" in error, f"{call}: {error}"
+    assert running == [], running
     done = subprocess.run(["tessera", "worker", "--pool", "tessera"], capture_output=True, text=True, timeout=120,
                           env=anonymous.env, cwd=REPO)
     assert done.returncode == 2 and "PREFECT_API_AUTH_STRING" in done.stdout, done.stdout + done.stderr

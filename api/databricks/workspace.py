@@ -15,6 +15,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from api import access
 from tasks.config import REGISTER_TO, TaskType
 from tasks.data.sources import check_data_path
 from tasks.errors import InvalidInputError
@@ -98,17 +99,16 @@ def _cluster(cluster_id: str) -> dict:
 
 @router.get("/api/2.1/unity-catalog/models/{full_name}")
 def registered_model(full_name: str):
-    """A registered model of Tessera's MLflow registry; its owner is who created the run of its first version."""
+    """A registered model of Tessera's MLflow registry that the caller may use; its owner is who created the run of
+    its first version (api/access.py)."""
     versions = _first_version(full_name)
     if isinstance(versions, JSONResponse):
         return versions
-    if not versions:
+    if not versions or not access.may_use_model(full_name):
         return error(404, "RESOURCE_DOES_NOT_EXIST", f"registered model {full_name} does not exist")
-    first = versions[0]
-    owner = client().get_run(first.run_id).data.tags.get("mlflow.user") if first.run_id else None
     catalog, schema, name = full_name.split(".")
     return {"full_name": full_name, "catalog_name": catalog, "schema_name": schema, "name": name,
-            "owner": owner or current_user()}
+            "owner": access.model_owner(full_name) or current_user()}
 
 
 @router.post("/api/2.1/unity-catalog/models")
@@ -121,6 +121,9 @@ async def create_registered_model(request: Request):
         _model_name(full_name)
     except ValueError as e:
         return error(400, "INVALID_PARAMETER_VALUE", str(e))
+    if not access.may_change_model(full_name):
+        return error(403, "PERMISSION_DENIED", f"{full_name} is another user's registered model: register to a "
+                                               "model of your own")
     return {"full_name": full_name, "catalog_name": body["catalog_name"], "schema_name": body["schema_name"],
             "name": body["name"], "owner": current_user()}
 
@@ -131,6 +134,8 @@ def delete_registered_model(full_name: str):
     versions = _first_version(full_name)
     if isinstance(versions, JSONResponse):
         return versions
+    if versions and not access.may_use_model(full_name):
+        return error(404, "RESOURCE_DOES_NOT_EXIST", f"registered model {full_name} does not exist")
     if versions:
         return error(403, "PERMISSION_DENIED", f"{full_name} holds versions: delete it with MLflow, not here")
     return {}

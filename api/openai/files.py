@@ -4,11 +4,12 @@ A file is a folder `<TESSERA_FILES_ROOT>/<file id>/` holding `<file id>.jsonl` (
 messages name the file by it) and `file.json` (its OpenAI object and who uploaded it). The root is a local folder
 (default TESSERA_HOME/files) or s3://bucket/prefix; a job's run reads its data straight from there. Uploads stream to
 disk (Starlette spools them past 1 MiB) and are refused past TESSERA_MAX_UPLOAD_MB (default 512, OpenAI's limit for
-one file) before any byte is read.
+one file) before any byte is read (api/limits.py).
 """
 
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -20,7 +21,7 @@ import boto3
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 
-from api.openai.errors import PREFIX, OpenAIError, body
+from api.openai.errors import OpenAIError
 from api.openai.pages import page
 from tasks.home import files_root
 from tasks.run_record import current_user
@@ -29,6 +30,7 @@ router = APIRouter(prefix="/v1")
 META = "file.json"
 PURPOSES = ("fine-tune",)  # what a user uploads; Tessera writes "fine-tune-results" itself
 CHUNK = 2**20
+FILE_ID = re.compile(r"^file-[A-Za-z0-9_-]{1,100}$")  # file-<24 hex>, or a job's file-results-<run name>
 
 
 def data_name(file_id: str) -> str:
@@ -137,7 +139,7 @@ def put(file_id: str, source: BinaryIO, filename: str, purpose: str, created_by:
 
 def owned(file_id: str, param: str = "file_id") -> dict:
     """The acting user's file `file_id`; another user's is as absent as one that never was."""
-    meta = store().meta(file_id) if file_id.startswith("file-") and "/" not in file_id else None
+    meta = store().meta(file_id) if FILE_ID.match(file_id) else None
     if meta is None or meta["created_by"] != current_user():
         raise OpenAIError(404, f"No such File object: {file_id}", param, "file_not_found")
     return meta
@@ -188,40 +190,3 @@ def delete(file_id: str) -> dict:
     store().delete(file_id)
     return {"id": file_id, "object": "file", "deleted": True}
 
-
-class LimitUploads:
-    """ASGI middleware: a POST to /v1/files larger than the limit is refused from its Content-Length, before its
-    body is read; a body longer than it said is cut off at the limit."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != f"{PREFIX}files":
-            return await self.app(scope, receive, send)
-        limit = max_upload_bytes()
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is None or not length.isdigit():
-            return await _refuse(send, 411, "an upload needs a Content-Length header", "length_required")
-        if int(length) > limit:
-            return await _refuse(send, 413, f"the upload is {int(length):,} bytes, over this server's limit of "
-                                            f"{limit:,} (TESSERA_MAX_UPLOAD_MB): split the file, or raise the limit",
-                                 "file_too_large")
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > int(length):
-                raise OpenAIError(400, "the upload is longer than its Content-Length", "file", "invalid_value")
-            return message
-
-        return await self.app(scope, counted, send)
-
-
-async def _refuse(send, status: int, message: str, code: str) -> None:
-    payload = json.dumps(body(message, "file", code)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
-    await send({"type": "http.response.body", "body": payload})

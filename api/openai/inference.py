@@ -22,6 +22,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from api import access
 from api.openai.errors import OpenAIError
 from tasks.errors import InvalidInputError
 from tasks.models import get_models, resolve_model
@@ -117,13 +118,14 @@ def complete(request: CompletionRequest):
 def _answer(request: Sampling, loaded: Loaded, inputs, kind: str):
     completion_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{secrets.token_hex(12)}"
     settings = _settings(request, loaded)
+    prompt_tokens = inputs["input_ids"].shape[1]
+    _fit(request, loaded, prompt_tokens, settings, "messages" if kind == "chat.completion" else "prompt")
     inputs = inputs.to(loaded.device)
     if request.stream:
         if request.n > 1:
             raise OpenAIError(400, "stream=true answers one choice: set n=1", "n", "invalid_value")
         return StreamingResponse(_stream(request, loaded, inputs, settings, completion_id, kind),
                                  media_type="text/event-stream")
-    prompt_tokens = inputs["input_ids"].shape[1]
     with GENERATING:
         _seed(request.seed)
         output = loaded.model.generate(**inputs, **settings, num_return_sequences=request.n)
@@ -135,6 +137,34 @@ def _answer(request: Sampling, loaded: Loaded, inputs, kind: str):
             {"message": {"role": "assistant", "content": text}} if kind == "chat.completion" else {"text": text}))
     return {"id": completion_id, "object": kind, "created": int(time.time()), "model": request.model,
             "choices": choices, "system_fingerprint": None, "usage": _usage(prompt_tokens, generated)}
+
+
+def _fit(request: Sampling, loaded: Loaded, prompt_tokens: int, settings: dict, param: str) -> None:
+    """Refuse a prompt and completion longer than the model's context, in OpenAI's words, before generate() runs;
+    a completion whose length the request left open gets what the context leaves."""
+    context = _context_length(loaded)
+    if context is None:
+        return
+    asked = request.max_completion_tokens or request.max_tokens
+    said = f"This model's maximum context length is {context} tokens. However, "
+    if asked is not None and prompt_tokens + asked > context:
+        raise OpenAIError(400, f"{said}you requested {prompt_tokens + asked} tokens ({prompt_tokens} in the {param}, "
+                               f"{asked} in the completion). Please reduce the length of the {param} or completion.",
+                          param, "context_length_exceeded")
+    if prompt_tokens >= context:
+        raise OpenAIError(400, f"{said}your {param} resulted in {prompt_tokens} tokens. Please reduce the length of "
+                               f"the {param}.", param, "context_length_exceeded")
+    settings["max_new_tokens"] = min(settings["max_new_tokens"], context - prompt_tokens)
+
+
+def _context_length(loaded: Loaded) -> int | None:
+    """The most tokens the model reads, prompt and completion together: its config's positions, else its tokenizer's
+    limit where it states one (transformers' placeholder for none is 1e30)."""
+    positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    if positions:
+        return positions
+    limit = getattr(loaded.tokenizer, "model_max_length", None)
+    return limit if limit and limit < 10**9 else None
 
 
 def _stream(request: Sampling, loaded: Loaded, inputs, settings: dict, completion_id: str,
@@ -257,9 +287,10 @@ def _load(name: str) -> Loaded:
 
 
 def registered_version(name: str):
-    """The MLflow model version `name` names: `catalog.schema.model` (its newest version) or `...@alias`; else None."""
+    """The MLflow model version `name` names, `catalog.schema.model` (its newest version) or `...@alias`, if the caller
+    may use that model (api/access.py); else None."""
     registered, _, alias = name.partition("@")
-    if registered.count(".") != 2 or "/" in registered:
+    if registered.count(".") != 2 or "/" in registered or not access.may_use_model(registered):
         return None
     registry = client()
     try:
@@ -288,6 +319,8 @@ def _names() -> list[tuple[str, int, str]]:
     """(id, created, owner) of every model /v1 answers with."""
     found = [(m.name, 0, "tessera") for m in get_models() if m.available]
     for registered in client().search_registered_models():
+        if not access.may_use_model(registered.name, registered.tags):
+            continue
         created = int(registered.creation_timestamp / 1000)
         found.append((registered.name, created, registered.tags.get("tessera.run_name", "tessera")))
         found += [(f"{registered.name}@{alias}", created, "tessera") for alias in registered.aliases]

@@ -24,6 +24,7 @@ from fastapi import APIRouter, Query, Request
 from mlflow.entities import RunTag
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from api import access
 from api.openai import files
 from api.openai.errors import OpenAIError, from_tessera
 from api.openai.inference import registered_version
@@ -33,7 +34,6 @@ from flows.foundation_model import runs as fm
 from tasks.config import Optim, TaskType, TrainingConfig
 from tasks.errors import RunNotFoundError, TesseraError
 from tasks.events import RunEvent
-from tasks.run_record import current_user
 from tasks.tracking import client
 from tasks.training.checkpoint_names import tag_step
 
@@ -109,8 +109,8 @@ def create(request: JobRequest) -> dict:
         overrides["training_config.global_batch_size"] = hp.batch_size
         overrides["training_config.micro_batch_size"] = math.gcd(hp.batch_size, DEFAULT_MICRO_BATCH)
     register_to = REGISTER_TO + (f".{request.suffix}-{secrets.token_hex(3)}" if request.suffix else "")
-    model, weights = _base(request.model)
     try:
+        model, weights = _base(request.model)
         run = fm.create(
             model=model, custom_weights_path=weights, train_data_path=train, eval_data_path=evals,
             register_to=register_to,
@@ -132,7 +132,7 @@ def list_jobs(request: Request, after: str | None = None, limit: int = Query(20,
     """The acting user's jobs, newest first; `metadata[k]=v` keeps the jobs with those metadata."""
     wanted = {key[len("metadata["):-1]: value for key, value in request.query_params.items()
               if key.startswith("metadata[") and key.endswith("]")}
-    runs = fm.list(user_emails=[current_user()], limit=1000)  # with details: estimated_finish as get() has it
+    runs = fm.list(user_emails=access.run_owners(None), limit=1000)  # with details: estimated_finish as get() has
     found = []
     for run in _after(runs, after, key=lambda r: JOB + r.name):
         tags = _metadata(run)
@@ -226,7 +226,7 @@ def _run(job_id: str) -> fm.TrainingRun:
         run = fm.get(job_id.removeprefix(JOB)) if job_id.startswith(JOB) else None
     except RunNotFoundError:
         run = None
-    if run is None or run.created_by != current_user():
+    if run is None or not access.owns(run.created_by):
         raise OpenAIError(404, f"No such fine-tuning job: {job_id}", "job_id", "not_found")
     return run
 
@@ -236,6 +236,7 @@ def _base(model: str) -> tuple[str, str | None]:
     trains on from the last checkpoint of the run that made it; any other name is a base model."""
     version = registered_version(model)
     if version is None:
+        access.check_model(model)
         return model, None
     run_name = version.tags.get("tessera.run_name")
     try:

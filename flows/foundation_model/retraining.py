@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from mlflow.exceptions import MlflowException
 from prefect.client.schemas.actions import DeploymentScheduleCreate
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
 from prefect.client.schemas.schedules import CronSchedule
@@ -22,14 +23,15 @@ from pydantic import ValidationError
 
 from flows import services
 from flows.foundation_model.runs import (
-    ACTIVE,
     RunStatus,
-    _filter,
+    _filters,
     _follow,
     _read_flow_runs,
+    failed_unless_started,
     newest_flow_run,
     settled_events,
     stop_flow_run,
+    under_way,
 )
 from flows.foundation_model.runs import cancel as cancel_runs
 from flows.services import RETRAIN_DEPLOYMENT, model_retrain_deployment
@@ -55,7 +57,7 @@ from tasks.run_record import (
     retrain_tags,
     tag_value,
 )
-from tasks.tracking import client, start_run
+from tasks.tracking import client, refused, start_run
 
 
 @dataclass
@@ -88,7 +90,7 @@ class Retraining:
         """Stop the retraining and its challenger's run; the champion stays. Returns how many runs were stopped."""
         with services.connected(), prefect_client() as prefect:
             stop_flow_run(prefect, _latest(self.name), "retraining")
-            running = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[challenger_tag(self.name)]), limit=10)
+            running = under_way(prefect, [challenger_tag(self.name)], limit=10)
         flush()
         return cancel_runs([r.name for r in running]) if running else 0
 
@@ -121,9 +123,10 @@ def schedule_retraining(
     frozen set champion and challenger are judged on; `mode` "continue" (from the champion, on what is new) or
     "from_base"; the rest as create() takes them, or by `recipe` and `overrides`. The base model defaults to the
     champion's."""
-    config = _configure(registered_model, recipe, overrides, mode, min_improvement,
-                        dict(arguments, train_data_path=train_data_path, eval_data_path=eval_data_path),
-                        validate_inputs)
+    with services.connected():  # the champion is read from MLflow: a refusal there said as one
+        config = _configure(registered_model, recipe, overrides, mode, min_improvement,
+                            dict(arguments, train_data_path=train_data_path, eval_data_path=eval_data_path),
+                            validate_inputs)
     try:
         cron_schedule = CronSchedule(cron=cron, timezone=timezone)
     except ValidationError as e:
@@ -190,7 +193,8 @@ def retrain_now(
             config = get_retraining_schedule(registered_model).config
     else:
         deployment = RETRAIN_DEPLOYMENT
-        config = _configure(registered_model, recipe, overrides, mode, min_improvement, given, validate_inputs)
+        with services.connected():  # the champion is read from MLflow
+            config = _configure(registered_model, recipe, overrides, mode, min_improvement, given, validate_inputs)
     name, user = run_name_for(config.run.model_name_or_path, config.run.task_type, prefix="retrain"), current_user()
     from flows.retrain import (
         experiment_path,  # the flow's module, imported only to start one
@@ -198,10 +202,11 @@ def retrain_now(
 
     with services.connected():
         experiment_id, mlflow_run_id = start_run(config.params(), name, experiment_path(config, user), user)
-        flow_run = run_deployment(deployment, parameters={"config": config.to_recipe(), "run_name": name,
-                                                          "mlflow_run_id": mlflow_run_id},
-                                  flow_run_name=name, timeout=0, as_subflow=False,
-                                  tags=retrain_tags(user, experiment_id, registered_model))
+        with failed_unless_started(mlflow_run_id):
+            flow_run = run_deployment(deployment, parameters={"config": config.to_recipe(), "run_name": name,
+                                                              "mlflow_run_id": mlflow_run_id},
+                                      flow_run_name=name, timeout=0, as_subflow=False,
+                                      tags=retrain_tags(user, experiment_id, registered_model))
         emit(name, RunEvent.CREATED, f"retraining {name} of {registered_model} created", flow_run_id=str(flow_run.id))
         flush()
         return _retraining(flow_run)
@@ -218,23 +223,26 @@ def list_retrainings(registered_model: str | None = None, statuses: "builtins.li
     wanted = [RunStatus(s) for s in statuses] if statuses else None
     tags = [RETRAIN_TAG] + ([f"model:{registered_model}"] if registered_model else [])
     with services.connected(), prefect_client() as prefect:
-        found = [_retraining(r) for r in _read_flow_runs(prefect, _filter(statuses=wanted, tags=tags), limit)]
+        found = [_retraining(r) for r in _read_flow_runs(prefect, _filters(statuses=wanted, tags=tags), limit)]
     found = [r for r in found if wanted is None or r.status in wanted]  # the filter asks for more states than match
     return sorted(found, key=lambda r: r.created_at, reverse=True)[:limit]
 
 
 def promote(registered_model: str, version: int) -> int | None:
     """Move @champion to `version` by hand (a rollback); returns the version it marked before, if any."""
-    before = champion(registered_model)
-    mlflow_client = client()
-    try:
-        mlflow_client.get_model_version(registered_model, str(version))
-    except Exception:
-        raise InvalidInputError(f"{registered_model} has no version {version}: see its versions in the MLflow UI "
-                                f"(Models > {registered_model})") from None
-    mlflow_client.set_registered_model_alias(registered_model, CHAMPION, str(version))
-    mlflow_client.set_model_version_tag(registered_model, str(version), OUTCOME_TAG,
-                                        f"promoted by hand by {current_user()}")
+    with services.connected():  # a shared MLflow server's refusal, said as one
+        before = champion(registered_model)
+        mlflow_client = client()
+        try:
+            mlflow_client.get_model_version(registered_model, str(version))
+        except MlflowException as e:
+            if refused(e):
+                raise
+            raise InvalidInputError(f"{registered_model} has no version {version}: see its versions in the MLflow "
+                                    f"UI (Models > {registered_model})") from None
+        mlflow_client.set_registered_model_alias(registered_model, CHAMPION, str(version))
+        mlflow_client.set_model_version_tag(registered_model, str(version), OUTCOME_TAG,
+                                            f"promoted by hand by {current_user()}")
     return int(before.version) if before else None
 
 

@@ -124,6 +124,8 @@ _STATE_TYPES = {
     RunStatus.STOPPED: [StateType.CANCELLED, StateType.FAILED, StateType.CRASHED],
     RunStatus.FAILED: [StateType.FAILED, StateType.CRASHED],
 }
+# Under way: started and not ended, or due to start. Read through _filters (under_way), which never counts a run that
+# a schedule holds for later.
 ACTIVE = [RunStatus.PENDING, RunStatus.QUEUED, RunStatus.STARTING, RunStatus.RUNNING, RunStatus.TERMINATING]
 
 
@@ -214,7 +216,7 @@ def create(
     name = run_name_for(config.run.model_name_or_path, config.run.task_type)
     with services.connected(), _create_lock():  # count and submit as one step: racing creates cannot pass the limit
         with prefect_client() as prefect:
-            active = prefect.count_flow_runs(flow_run_filter=_filter(statuses=ACTIVE))
+            active = sum(prefect.count_flow_runs(flow_run_filter=f) for f in _filters(statuses=ACTIVE))
         if active >= services.max_active_runs():
             raise TooManyActiveRunsError(
                 f"{active} runs are active, the limit is {services.max_active_runs()}: cancel one "
@@ -222,22 +224,36 @@ def create(
             )
         experiment_id, mlflow_run_id = start_run(config.params(), name,
                                                  experiment_for(config, name, current_user()), current_user())
-        try:
+        with failed_unless_started(mlflow_run_id):
             # The arguments beside the config they are in: the run names a setting as it was given.
             flow_run = submit(config, name, mlflow_run_id, run_tags(current_user(), experiment_id), given)
-        except Exception:
-            mlflow_client().set_terminated(mlflow_run_id, "FAILED")  # no MLflow run without its flow run
-            raise
     return _training_run(flow_run, include_details=False)
 
 
 @contextmanager
+def failed_unless_started(mlflow_run_id: str) -> Iterator[None]:
+    """No MLflow run without its flow run: the MLflow run of a run, sweep or retraining whose flow run could not be
+    started (the Prefect server refused the client, or was down) ends FAILED instead of showing RUNNING for good."""
+    try:
+        yield
+    except Exception:
+        mlflow_client().set_terminated(mlflow_run_id, "FAILED")
+        raise
+
+
+@contextmanager
 def _create_lock() -> Iterator[None]:
-    """Hold the server's one CREATE_LOCK slot (waiting for it, at most a minute): for every client on any machine."""
+    """Hold the server's one CREATE_LOCK slot (waiting for it, at most a minute): for every client on any machine.
+
+    Prefect raises ConcurrencySlotAcquisitionError whatever went wrong; only one without a cause is the limit
+    missing. Otherwise its cause is raised: the server's refusal (a 401 or 403, which connected() says is one, and
+    what to set), another answer, or no answer at all."""
     try:
         with concurrency(services.CREATE_LOCK, strict=True, lease_duration=60, timeout_seconds=60):
             yield
-    except ConcurrencySlotAcquisitionError:
+    except ConcurrencySlotAcquisitionError as e:
+        if e.__cause__ is not None:
+            raise e.__cause__ from None
         raise ServiceError(f"the Prefect server at {services.prefect_api_url()} has no concurrency limit "
                            f"{services.CREATE_LOCK}: register Tessera's deployments there "
                            "(python -m deployments.deploy --pool <pool>), which creates it") from None
@@ -284,9 +300,9 @@ def list(
     with services.connected(), prefect_client() as prefect:
         runs = []
         for email in user_emails or [None]:
-            run_filter = _filter(names, wanted, tags + ([f"created_by:{email}"] if email else []),
-                                 _parse_time(before, "before"), _parse_time(after, "after"))
-            runs += _read_flow_runs(prefect, run_filter, limit)
+            run_filters = _filters(names, wanted, tags + ([f"created_by:{email}"] if email else []),
+                                   _parse_time(before, "before"), _parse_time(after, "after"))
+            runs += _read_flow_runs(prefect, run_filters, limit)
         result = [_training_run(r, include_details) for r in runs]
     result = [r for r in result if wanted is None or r.status in wanted]
     return sorted(result, key=lambda r: r.created_at, reverse=True)[:limit]
@@ -302,8 +318,7 @@ def cancel(runs: "str | TrainingRun | builtins.list[str | TrainingRun] | None" =
             targets = [_flow_run(r) for r in (runs if isinstance(runs, builtins.list) else [runs])]
         else:
             with prefect_client() as prefect:
-                active = _filter(statuses=ACTIVE, tags=[RUN_TAG, f"experiment:{experiment_id}"])
-                targets = _read_flow_runs(prefect, active, limit=10_000)
+                targets = under_way(prefect, [RUN_TAG, f"experiment:{experiment_id}"])
         with prefect_client() as prefect:
             cancelled = sum(stop_flow_run(prefect, flow_run, "run") for flow_run in targets)
         flush()
@@ -353,26 +368,46 @@ def get_models() -> "builtins.list[ModelInfo]":
 # --- reading runs back from Prefect -------------------------------------------------------------
 
 
-def _filter(names=None, statuses=None, tags=None, before=None, after=None) -> FlowRunFilter:
-    state_types = sorted({t for s in statuses for t in _STATE_TYPES[s]}) if statuses else None
-    return FlowRunFilter(
+def _filters(names=None, statuses=None, tags=None, before=None, after=None) -> "builtins.list[FlowRunFilter]":
+    """Prefect filters whose matches together are the flow runs asked for (`statuses` None: any status), never one
+    that a schedule holds for later. Prefect's scheduler makes a scheduled deployment's coming runs ahead of time,
+    SCHEDULED with their start time in the future (DESIGN.md 6): such a run is neither under way nor holding a slot,
+    and until it starts it is the schedule's, not a run, sweep or retraining of anyone's. A SCHEDULED run whose start
+    time has come (just submitted, late, or waiting for a concurrency slot or a retry) is about to start, so it is
+    asked for: by a filter of its own, as Prefect's filters AND their parts. Clocks are taken to agree, as Prefect's
+    scheduling takes them."""
+    wanted = {t for s in statuses for t in _STATE_TYPES[s]} if statuses else set(StateType)
+    now = datetime.now(timezone.utc)
+    parts = [(wanted - {StateType.SCHEDULED}, before)]
+    if StateType.SCHEDULED in wanted:
+        parts.append(({StateType.SCHEDULED}, min(before, now) if before else now))
+    return [FlowRunFilter(
         name=FlowRunFilterName(any_=names) if names else None,
         tags=FlowRunFilterTags(all_=tags or [RUN_TAG]),
-        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=state_types)) if state_types else None,
-        expected_start_time=FlowRunFilterExpectedStartTime(before_=before, after_=after) if before or after else None,
-    )
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=sorted(types))),
+        expected_start_time=FlowRunFilterExpectedStartTime(before_=by, after_=after) if by or after else None,
+    ) for types, by in parts if types]
 
 
-def _read_flow_runs(prefect, run_filter: FlowRunFilter, limit: int) -> builtins.list:
-    """Up to `limit` flow runs, newest first, in the server's pages of at most 200."""
+def under_way(prefect, tags: "builtins.list[str]", limit: int = 10_000) -> builtins.list:
+    """The flow runs with all `tags` that are under way (ACTIVE): a run's slot, a sweep's running trials, a
+    retraining still going; never a run a schedule holds for later."""
+    return _read_flow_runs(prefect, _filters(statuses=ACTIVE, tags=tags), limit)
+
+
+def _read_flow_runs(prefect, run_filters: "builtins.list[FlowRunFilter]", limit: int) -> builtins.list:
+    """Up to `limit` flow runs that match any of `run_filters`, newest first, in the server's pages of at most 200."""
     runs: builtins.list = []
-    while len(runs) < limit:
-        page = prefect.read_flow_runs(flow_run_filter=run_filter, sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-                                      limit=min(PAGE, limit - len(runs)), offset=len(runs))
-        runs += page
-        if len(page) < PAGE:
-            break
-    return runs
+    for run_filter in run_filters:
+        matched: builtins.list = []
+        while len(matched) < limit:
+            page = prefect.read_flow_runs(flow_run_filter=run_filter, sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                                          limit=min(PAGE, limit - len(matched)), offset=len(matched))
+            matched += page
+            if len(page) < PAGE:
+                break
+        runs += matched
+    return sorted(runs, key=lambda r: r.expected_start_time or r.created, reverse=True)[:limit]
 
 
 def _flow_run(training_run: "str | TrainingRun"):
@@ -382,11 +417,15 @@ def _flow_run(training_run: "str | TrainingRun"):
 def newest_flow_run(name: str, tag: str = RUN_TAG, what: str = "run", listing: str = "fm.list()"):
     """The newest flow run named `name` with `tag`: a run's, or a sweep's or retraining's (one per attempt)."""
     with prefect_client() as prefect:
-        found = prefect.read_flow_runs(flow_run_filter=_filter(names=[name], tags=[tag]),
-                                       sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
+        found = _read_flow_runs(prefect, _filters(names=[name], tags=[tag]), limit=1)
     if not found:
-        raise RunNotFoundError(f"no {what} named {name!r} on {services.prefect_api_url()}: see {listing} for names")
+        raise not_found(name, what, listing)
     return found[0]
+
+
+def not_found(name: str, what: str = "run", listing: str = "fm.list()") -> RunNotFoundError:
+    """The error for a name with no run behind it: also what `tessera serve` says of another user's run."""
+    return RunNotFoundError(f"no {what} named {name!r} on {services.prefect_api_url()}: see {listing} for names")
 
 
 def _training_run(flow_run, include_details: bool) -> TrainingRun:

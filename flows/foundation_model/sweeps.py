@@ -13,17 +13,18 @@ from prefect.deployments import run_deployment
 
 from flows import services
 from flows.foundation_model.runs import (
-    ACTIVE,
     RunStatus,
     TrainingRun,
-    _filter,
+    _filters,
     _follow,
     _read_flow_runs,
     _training_run,
+    failed_unless_started,
     get,
     newest_flow_run,
     settled_events,
     stop_flow_run,
+    under_way,
 )
 from flows.foundation_model.runs import cancel as cancel_runs
 from flows.services import SWEEP_DEPLOYMENT
@@ -65,7 +66,7 @@ class Sweep:
     def trials(self) -> "builtins.list[TrainingRun]":
         """Every trial's run so far, oldest first."""
         with services.connected(), prefect_client() as prefect:
-            found = _read_flow_runs(prefect, _filter(tags=[RUN_TAG, trial_tag(self.name)]), limit=10_000)
+            found = _read_flow_runs(prefect, _filters(tags=[RUN_TAG, trial_tag(self.name)]), limit=10_000)
             return sorted((_training_run(r, include_details=False) for r in found), key=lambda r: r.created_at)
 
     @property
@@ -85,7 +86,7 @@ class Sweep:
         """Stop the sweep and every trial still running; returns how many trials were stopped."""
         with services.connected(), prefect_client() as prefect:
             stop_flow_run(prefect, _latest(self.name), "sweep")
-            trials = _read_flow_runs(prefect, _filter(statuses=ACTIVE, tags=[trial_tag(self.name)]), limit=10_000)
+            trials = under_way(prefect, [trial_tag(self.name)])
         flush()
         return cancel_runs([t.name for t in trials]) if trials else 0
 
@@ -130,9 +131,10 @@ def sweep(
     name, user = run_name_for(config.run.model_name_or_path, config.run.task_type, prefix="sweep"), current_user()
     with services.connected():
         experiment_id, mlflow_run_id = start_run(config.params(), name, experiment_for(config, name, user), user)
-        flow_run = run_deployment(SWEEP_DEPLOYMENT, parameters={"config": config.to_recipe(), "sweep_name": name,
-                                                          "mlflow_run_id": mlflow_run_id},
-                                  flow_run_name=name, timeout=0, as_subflow=False, tags=sweep_tags(user, experiment_id))
+        with failed_unless_started(mlflow_run_id):
+            flow_run = run_deployment(SWEEP_DEPLOYMENT, parameters={"config": config.to_recipe(), "sweep_name": name,
+                                                              "mlflow_run_id": mlflow_run_id}, flow_run_name=name,
+                                      timeout=0, as_subflow=False, tags=sweep_tags(user, experiment_id))
         emit(name, RunEvent.CREATED, f"sweep {name} created: {config.sweep.trials} trials", flow_run_id=str(flow_run.id))
         flush()
         return _sweep(flow_run)
@@ -149,7 +151,7 @@ def list_sweeps(statuses: "builtins.list[str | RunStatus] | None" = None, limit:
     wanted = [RunStatus(s) for s in statuses] if statuses else None
     with services.connected(), prefect_client() as prefect:
         latest: dict[str, Sweep] = {}
-        for flow_run in _read_flow_runs(prefect, _filter(tags=[SWEEP_TAG]), limit=10_000):
+        for flow_run in _read_flow_runs(prefect, _filters(tags=[SWEEP_TAG]), limit=10_000):
             latest.setdefault(flow_run.name, _sweep(flow_run))  # newest first: the first of a name is its latest
     found = [s for s in latest.values() if wanted is None or s.status in wanted]
     return sorted(found, key=lambda s: s.created_at, reverse=True)[:limit]

@@ -129,6 +129,19 @@ def fetch(uri: str, task_type: TaskType, field: str = "data path") -> LocalData:
             return _fetch_table(source, uri, field)
 
 
+def local_path(uri: str, field: str) -> Path | None:
+    """The file or folder on this machine that `uri` reads, resolved (links and '..' followed); None for a volume,
+    S3, a Delta table or a dataset on the Hugging Face hub. Reads no data."""
+    if uri.startswith(("dbfs:", "s3://", "/Volumes/")):
+        return None
+    match _resolve(uri, field, TaskType.INSTRUCTION_FINETUNE):
+        case Path() as path:
+            return path.resolve()
+        case _HFDataset(folder=Path() as folder):
+            return folder.resolve()
+    return None
+
+
 def _resolve(uri: str, field: str, task_type: TaskType) -> _Source:
     """Which store `uri` names, and where in it; nothing is read from the store yet."""
     if not uri.strip():
