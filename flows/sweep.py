@@ -47,8 +47,7 @@ from tasks.search import (
     trial_config,
 )
 from tasks.tracking import client, experiment_for, start_run
-from tasks.training.checkpoint_names import LATEST, tag_step
-from tasks.training.checkpoints import export_dir, final_export
+from tasks.training.checkpoint_names import LATEST, export_dir, final_export, tag_step
 from tasks.upload_checkpoints import checkpoints_uri
 
 CHALLENGER = "challenger"  # the alias of a sweep's best trial in the registry

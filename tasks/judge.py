@@ -16,7 +16,8 @@ from tasks.models import tokenizer_folder
 from tasks.retraining import RetrainConfig
 from tasks.run_record import RunRecord
 from tasks.tracking import client
-from tasks.training.data import IGNORE, PackedRows, eval_batches, logits_of
+from tasks.training.data import eval_batches, logits_of
+from tasks.training.rows import IGNORE, PackedRows
 
 MAX_NEW_TOKENS = 100  # as the worker answers the eval prompts at each checkpoint
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,30 @@ def resolve_model(model: str) -> Path:
     if snapshot is None:
         raise InvalidInputError(_missing_weights(model, entry))
     return snapshot
+
+
+def parameter_count(model_dir: Path) -> int:
+    """How many parameters the model has, read from its safetensors headers (no torch: a run's flow process never
+    imports it); a model saved otherwise is counted on the meta device."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):  # shapes only: no memory, no time
+            return sum(p.numel() for p in AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(model_dir)).parameters())
+    count = 0
+    for file in files:  # each starts with its header's length (8 bytes, little-endian), then the header as JSON
+        with open(file, "rb") as weights:
+            header = json.loads(weights.read(int.from_bytes(weights.read(8), "little")))
+        count += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    return count
+
+
+def architecture(model_dir: Path) -> str:
+    config = json.loads((model_dir / "config.json").read_text())
+    return ",".join(config.get("architectures") or [config.get("model_type", "unknown")])
 
 
 def max_context_length(model_dir: Path) -> int:

@@ -5,7 +5,6 @@ from importlib.metadata import version
 import mlflow
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasks.config import RunConfig
 from tasks.run_record import RunRecord
@@ -18,6 +17,8 @@ ALIAS = "candidate"  # a run's newest version; a sweep's best is its "challenger
 def register_model(record: RunRecord, config: RunConfig, hf_dir: str, alias: str = ALIAS,
                    tags: dict[str, str] | None = None) -> int:
     """Log the Hugging Face export as an MLflow transformers model and register a new version of it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # this step loads the model: the flow's others don't
+
     mlflow_client, mlflow_run_id = client(), record.mlflow_run_id
     registered_name = config.registered_model_name(record.name)
     tags = {"tessera.run_name": record.name, "tessera.base_model": config.run.model_name_or_path,

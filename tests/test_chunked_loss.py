@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.training.chunked_loss import chunked_cross_entropy
-from tasks.training.data import IGNORE
+from tasks.training.rows import IGNORE
 
 
 def inputs(rows: int = 37, hidden: int = 16, vocab: int = 50, seed: int = 0, ignored: float = 0.3):

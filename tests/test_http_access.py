@@ -214,8 +214,6 @@ def test_a_bounded_load_from_bob_is_answered_and_leaks_nothing(server, alices):
                      lambda: bob.get("/v1/files"), lambda: bob.get("/v1/fine_tuning/jobs")]
             return await asyncio.gather(*(calls[i % len(calls)]() for i in range(200)))
 
-    started = time.monotonic()
     answers = asyncio.run(asyncio.wait_for(load(), timeout=300))
     assert len(answers) == 200 and all(a.status_code < 500 for a in answers), {a.status_code for a in answers}
     assert not any(secret in a.text for a in answers for secret in secrets)
-    print(f"200 concurrent requests from bob answered in {time.monotonic() - started:.1f} s")

@@ -165,6 +165,7 @@ def test_a_job_trains_registers_and_serves_its_model(client, finished, fm):
     assert chunks[-1].choices[0].finish_reason == answer["choices"][0]["finish_reason"]
     sampled = [client.chat.completions.create(model=model, messages=messages, max_tokens=8, seed=5, n=2)
                for _ in range(2)]
+    assert [c.index for c in sampled[0].choices] == [0, 1] and all(c.message.content for c in sampled[0].choices)
     assert [c.message.content for c in sampled[0].choices] == [c.message.content for c in sampled[1].choices]
     completion = shaped(raw(client.completions.with_raw_response.create(model=model, prompt="Fact 3 is", max_tokens=5,
                                                                         temperature=0)), Completion)

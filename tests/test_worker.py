@@ -15,15 +15,10 @@ from tasks.config import Duration
 from tasks.errors import InvalidInputError
 from tasks.recipe import configure
 from tasks.training import protocol
-from tasks.training.checkpoints import (
-    LATEST,
-    check_same_architecture,
-    checkpoint_tag,
-    latest_tag,
-    point_latest,
-    prune,
-)
-from tasks.training.data import IGNORE, PackedRows, eval_batches, step_batches
+from tasks.training.checkpoint_names import LATEST, latest_tag
+from tasks.training.checkpoints import check_same_architecture, checkpoint_tag, point_latest, prune
+from tasks.training.data import eval_batches, step_batches
+from tasks.training.rows import IGNORE, PackedRows
 from tasks.training.schedule import learning_rate_at, plan_duration
 from tasks.training.spec import TrainSpec
 from tasks.training.worker import EvalWatch

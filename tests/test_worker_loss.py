@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from tasks.errors import InvalidInputError
 from tasks.ports import free_port
-from tasks.training.data import IGNORE, MicroBatch, PackedRows, step_batches
+from tasks.training.data import MicroBatch, step_batches
+from tasks.training.rows import IGNORE, PackedRows
 from tasks.recipe import configure
 from test_worker import write_rows
 

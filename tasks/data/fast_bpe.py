@@ -8,16 +8,19 @@ does; callers still compare the two on a sample of the real data (Encoder.verify
 
 import json
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import tiktoken
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # a run's flow process imports this module and needs no transformers: its tokenizer's callers do
+    from transformers import PreTrainedTokenizerBase
 
 # What ByteLevel(use_regex=True) splits on: the GPT-2 pattern.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _PROBE = "Héllo wörld!  Ünïcödé 東京 🙂\n\n\tcode:  x = [1, 2]\r\n it's 12345 — don't\u00a0stop  \n"
 
 
-def tiktoken_twin(tokenizer: PreTrainedTokenizerBase) -> tiktoken.Encoding | None:
+def tiktoken_twin(tokenizer: "PreTrainedTokenizerBase") -> tiktoken.Encoding | None:
     """The twin, or None where it could encode differently."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     pattern = _split_pattern(spec)
@@ -73,7 +76,7 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(shifted)}
 
 
-def _agrees(twin: tiktoken.Encoding, tokenizer: PreTrainedTokenizerBase, vocab_tokens: list[str]) -> bool:
+def _agrees(twin: tiktoken.Encoding, tokenizer: "PreTrainedTokenizerBase", vocab_tokens: list[str]) -> bool:
     """Every vocabulary entry (as the text it stands for) and the probe encode the same both ways."""
     to_byte = _byte_decoder()
     texts = [_PROBE]

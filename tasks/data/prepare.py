@@ -51,6 +51,7 @@ ARRAYS = ("input_ids", "labels", "position_ids")
 # The files that decide how text becomes tokens (the chat template is in chat_template.jinja or tokenizer_config.json).
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.*",
                    "merges.txt")
+_LOAD_OPTIONS = {"local_files_only"}  # in a saved tokenizer_config.json: how it was loaded, not what it is
 EVIDENCE = ("report.txt", "stats.json", "quality.json", "lengths.png")  # what a user reads about their data
 IN_FLIGHT_PER_WORKER = 2  # slices queued ahead of the packer: keeps workers busy, bounds memory
 
@@ -217,10 +218,16 @@ def _single_threaded() -> None:
 
 
 def tokenizer_hash(model_dir: Path) -> str:
+    """What keys prepared data to the tokenizer: its files, less how they were loaded when saved (transformers writes
+    local_files_only into tokenizer_config.json, true wherever HF_HUB_OFFLINE was set)."""
     digest = hashlib.sha256()
     files = sorted({p for pattern in TOKENIZER_FILES for p in Path(model_dir).glob(pattern) if p.is_file()})
     for file in files:
-        digest.update(file.name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
+        content = file.read_bytes()
+        if file.name == "tokenizer_config.json":
+            settings = {k: v for k, v in json.loads(content).items() if k not in _LOAD_OPTIONS}
+            content = json.dumps(settings, sort_keys=True).encode()
+        digest.update(file.name.encode() + b"\0" + hashlib.sha256(content).digest())
     return digest.hexdigest()
 
 

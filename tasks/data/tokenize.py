@@ -9,13 +9,16 @@ are also run through their tiktoken twin (fast_bpe), checked against the origina
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from tasks.data import fast_bpe
 from tasks.data.fast_bpe import tiktoken_twin
 from tasks.errors import InvalidInputError
+
+if TYPE_CHECKING:  # a run's flow process imports this module and needs no transformers: its tokenizer's callers do
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100  # the label of tokens the loss skips (cross-entropy's ignore_index)
 _PROBE = "Héllo wörld!  Ünïcödé 東京 🙂\n\n\tcode:  x = [1, 2]\r\n"
@@ -42,7 +45,7 @@ Span = tuple[int, int]  # [start, end) in characters of the example's text
 class Encoder:
     """A fast tokenizer, with what it takes to label spans of text quickly."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, tokenizer: "PreTrainedTokenizerBase"):
         if not tokenizer.is_fast:
             raise InvalidInputError(f"{tokenizer.name_or_path} has no fast tokenizer (tokenizer.json); Tessera needs one")
         self.tokenizer = tokenizer
@@ -84,7 +87,7 @@ class Encoder:
         return out
 
 
-def _byte_lengths(tokenizer: PreTrainedTokenizerBase) -> np.ndarray | None:
+def _byte_lengths(tokenizer: "PreTrainedTokenizerBase") -> np.ndarray | None:
     """Bytes each token id decodes to, if the tokenizer is lossless byte-level BPE; else None.
 
     In byte-level vocabularies each character of a token stands for one byte; added tokens are their UTF-8 text.
@@ -118,7 +121,7 @@ def tokenize_chat(encoder: Encoder, conversations: Sequence[list[dict]], context
     return [_cut(ids, labels, context_length) for ids, labels in encoder.labelled(texts, spans)]
 
 
-def chat_spans(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[dict]]) -> tuple[list[str], list[list[Span]]]:
+def chat_spans(tokenizer: "PreTrainedTokenizerBase", conversations: Sequence[list[dict]]) -> tuple[list[str], list[list[Span]]]:
     """Each conversation rendered by the chat template, and the character spans of its assistant replies: from the
     reply's first character through the template's end-of-turn mark after it."""
     if tokenizer.chat_template is None:
@@ -136,7 +139,7 @@ def chat_spans(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[
     return texts, spans
 
 
-def turn_marks(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str] | None:
+def turn_marks(tokenizer: "PreTrainedTokenizerBase") -> tuple[str, str] | None:
     """What the template writes right before an assistant reply and right after it, e.g. ChatML's
     ("<|im_start|>assistant\\n", "<|im_end|>\\n"), learned from a probe conversation; None if it cannot tell."""
     user, reply = [{"role": "user", "content": "Ping?"}], {"role": "assistant", "content": "Pong."}
@@ -169,7 +172,7 @@ def _marked_spans(text: str, messages: list[dict], marks: tuple[str, str]) -> li
     return spans
 
 
-def _prefix_spans(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[dict]], texts: Sequence[str]
+def _prefix_spans(tokenizer: "PreTrainedTokenizerBase", conversations: Sequence[list[dict]], texts: Sequence[str]
                   ) -> list[list[Span]]:
     """Replies found by rendering prefixes: reply i runs from the end of render(messages[:i],
     add_generation_prompt=True) to the end of render(messages[:i + 1]), stripped of trailing whitespace."""
@@ -226,14 +229,14 @@ def _cut(ids: np.ndarray, labels: np.ndarray, context_length: int) -> Example:
     return Example(ids[:context_length], labels[:context_length], truncated=True)
 
 
-def _leading_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def _leading_ids(tokenizer: "PreTrainedTokenizerBase") -> list[int]:
     """What the tokenizer puts before any text by default: Llama's BOS, nothing for SmolLM2."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     marked = tokenizer("a")["input_ids"]
     return marked[: marked.index(plain[0])]
 
 
-def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def _eos_id(tokenizer: "PreTrainedTokenizerBase") -> int:
     if tokenizer.eos_token_id is None:
         raise InvalidInputError(f"the tokenizer of {tokenizer.name_or_path} has no EOS token to end examples with")
     return tokenizer.eos_token_id

@@ -20,7 +20,7 @@ import yaml
 
 from tasks.config import RunConfig
 from tasks.errors import InvalidInputError
-from tasks.training.checkpoint_names import LATEST, MODEL_STATES, TAG, tag_step
+from tasks.training.checkpoint_names import LATEST, MODEL_STATES, TAG, export_dir, latest_tag, tag_step
 
 EXPORT = re.compile(r"ba(\d+)")
 DELETING = ".deleting"  # a folder renamed to .{name}.deleting is on its way out
@@ -33,35 +33,9 @@ def checkpoint_tag(step: int, batches_per_epoch: int) -> str:
     return f"ep{step // batches_per_epoch}-ba{step}"
 
 
-def latest_tag(output_dir: Path) -> str | None:
-    """The tag the latest link points at, or None when the run has not checkpointed yet."""
-    link = output_dir / LATEST
-    if not link.is_symlink():
-        return None
-    tag = Path(os.readlink(link)).name
-    if not (output_dir / tag).is_dir():
-        raise InvalidInputError(
-            f"{link} points at {tag}, which does not exist: remove the link to start over, or restore the folder"
-        )
-    return tag
-
-
-def export_dir(output_dir: Path, step: int) -> Path:
-    """The Hugging Face export of the checkpoint at `step`."""
-    return output_dir / "huggingface" / f"ba{step}"
-
-
 def _staging(path: Path) -> Path:
     """Where a folder is written before it is renamed into place."""
     return path.with_name(f".{path.name}.partial")
-
-
-def final_export(output_dir: Path) -> Path:
-    """The Hugging Face export of the checkpoint the latest link names: a finished run's model."""
-    tag = latest_tag(output_dir)
-    if tag is None:
-        raise InvalidInputError(f"{output_dir} has no checkpoint yet: the run did not finish")
-    return export_dir(output_dir, tag_step(tag))
 
 
 def point_latest(output_dir: Path, tag: str) -> None:

@@ -12,7 +12,7 @@ a good share of a chat row.
 
 import torch
 
-from tasks.training.data import IGNORE
+from tasks.training.rows import IGNORE
 
 DEFAULT_CHUNK_ROWS = 1024  # 1024 x 128256 fp32 logits: 0.5 GiB, a matmul big enough to keep a GPU busy
 

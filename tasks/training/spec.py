@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.config import RunConfig
 from tasks.errors import InvalidInputError
-from tasks.training.data import PackedRows
+from tasks.training.rows import PackedRows
 from tasks.training.schedule import Plan, default_warmup, plan_duration
 
 

@@ -33,14 +33,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from tasks.config import Model, TrainingConfig
 from tasks.errors import InvalidInputError, StorageError, TrainingDiverged
 from tasks.ports import free_port
+from tasks.training.checkpoint_names import export_dir, latest_tag
 from tasks.training.checkpoints import (
     check_same_architecture,
     checkpoint_bytes,
     checkpoint_tag,
     discard_partial,
     disk_full_message,
-    export_dir,
-    latest_tag,
     load_weights,
     point_latest,
     prune,
@@ -48,16 +47,7 @@ from tasks.training.checkpoints import (
     save_recipe,
 )
 from tasks.training.chunked_loss import chunked_cross_entropy
-from tasks.training.data import (
-    IGNORE,
-    MicroBatch,
-    PackedRows,
-    Prefetcher,
-    StepBatch,
-    eval_batches,
-    logits_of,
-    step_batches,
-)
+from tasks.training.data import MicroBatch, Prefetcher, StepBatch, eval_batches, logits_of, step_batches
 from tasks.training.dropout import add_dropouts
 from tasks.training.protocol import (
     BAD_INPUT_EXIT,
@@ -66,6 +56,7 @@ from tasks.training.protocol import (
     emit,
     say_why,
 )
+from tasks.training.rows import IGNORE, PackedRows
 from tasks.training.schedule import learning_rate_at
 from tasks.training.spec import TrainSpec
 
