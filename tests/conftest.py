@@ -32,6 +32,9 @@ os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")  # the runner picks 
 os.environ.setdefault("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "10")
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The users of the test session's HTTP API (the embedded `tessera serve`), each with their key: set before it starts.
+KEYS = {user: f"{user.split('@')[0]}-key-0123456789abcdef" for user in
+        ("grace@example.com", "alan@example.com", "ada@example.com", "alice@example.com", "bob@example.com")}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -144,11 +147,12 @@ def s3(s3_endpoint: str, aws_env: dict[str, str | None], monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def fm(aws_env, tmp_path_factory):
+def fm(aws_env, tmp_path_factory, tiny_model_dir):
     """The public API with the embedded services started on free ports, once per session; stopped afterwards.
 
     A run reads its data in the runner's process, with the environment the services started with, as a user's
-    runs do: so S3 (the moto server), the volumes root and the tables root are set before they start."""
+    runs do: so S3 (the moto server), the volumes root and the tables root are set before they start; and the HTTP
+    API serves KEYS' users, offers the tiny model's folder as a base model and takes uploads of up to 1 MiB."""
     os.environ["TESSERA_PREFECT_PORT"] = str(free_port())
     os.environ["TESSERA_MLFLOW_PORT"] = str(free_port())
     os.environ["TESSERA_SERVE_PORT"] = str(free_port())
@@ -157,11 +161,32 @@ def fm(aws_env, tmp_path_factory):
         _set_env(env, aws_env)
         env.setenv("TESSERA_VOLUMES_ROOT", str(stores / "volumes"))
         env.setenv("TESSERA_TABLES_ROOT", str(stores / "tables"))
+        env.setenv("TESSERA_API_KEYS", ",".join(f"{user}:{key}" for user, key in KEYS.items()))
+        env.setenv("TESSERA_MODELS_ROOT", str(tiny_model_dir.parent))
+        env.setenv("TESSERA_MAX_UPLOAD_MB", "1")
         from flows import foundation_model, services
 
         services.ensure_started()
         yield foundation_model
         services.stop()
+
+
+@pytest.fixture(scope="session")
+def http_api(fm) -> str:
+    """The address of the test session's HTTP API, once it answers."""
+    from flows import services
+
+    url = services.http_api_url()
+    deadline = time.monotonic() + 60
+    while not answers(url):
+        assert time.monotonic() < deadline, f"the embedded HTTP API at {url} does not answer"
+        time.sleep(0.25)
+    return url
+
+
+def answers(url: str) -> bool:
+    """Whether an HTTP server answers at `url`, whatever it says (the HTTP API asks for a key)."""
+    return subprocess.run(["curl", "-s", "-o", "/dev/null", f"{url}/docs"]).returncode == 0
 
 
 @pytest.fixture(scope="session")
@@ -184,7 +209,7 @@ def tessera_serve(log: Path | None = None, **env: str) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     try:
-        while subprocess.run(["curl", "-s", "-o", "/dev/null", f"{url}/docs"]).returncode != 0:
+        while not answers(url):
             assert process.poll() is None and time.monotonic() < deadline, \
                 log.read_text() if log else "tessera serve did not start"
             time.sleep(0.25)

@@ -4,7 +4,6 @@ user's code, unchanged, creates, follows, lists, continues and cancels runs, and
 import json
 import os
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -12,31 +11,21 @@ from pathlib import Path
 import pytest
 
 from tasks.home import volumes_root
-from conftest import CHAT, tessera_serve
+from conftest import CHAT, KEYS
 
 pytestmark = pytest.mark.e2e
 
-KEY = "sdk-test-key-0123456789abcdef"
 USER = "ada@example.com"
+KEY = KEYS[USER]
 
 
 @pytest.fixture(scope="module")
-def sdk_python(tmp_path_factory) -> str:
-    """A virtual environment with databricks-genai 1.1.8 and its pins (mlflow 2.20, databricks-sdk 0.42)."""
-    venv = tmp_path_factory.mktemp("databricks-genai") / "venv"
-    uv = Path(sys.executable).with_name("uv")
-    subprocess.run([uv, "venv", "-q", "--python", sys.executable, venv], check=True)
-    subprocess.run([uv, "pip", "install", "-q", "--python", venv / "bin" / "python", "databricks-genai==1.1.8"],
-                   check=True, timeout=600)
-    return str(venv / "bin" / "python")
-
-
-@pytest.fixture(scope="module")
-def http_api(fm, tiny_model_dir) -> str:
-    """`tessera serve` with an API key and the tiny model's folder among its base models, on this session's services
-    (the embedded one answers loopback only)."""
-    with tessera_serve(TESSERA_API_KEYS=f"{USER}:{KEY}", TESSERA_MODELS_ROOT=str(tiny_model_dir.parent)) as url:
-        yield url
+def sdk_python() -> str:
+    """The virtual environment with databricks-genai 1.1.8 and its pins (mlflow 2.20, databricks-sdk 0.42) that
+    `make test-all` builds once (the Makefile's .venv-sdk)."""
+    python = Path(__file__).parents[1] / ".venv-sdk" / "bin" / "python"
+    assert python.is_file(), f"{python} is missing: run `make .venv-sdk/.installed` (make test-all builds it)"
+    return str(python)
 
 
 def sdk(python: str, url: str, code: str, token: str = KEY) -> dict:

@@ -14,12 +14,12 @@ import httpx
 import openai
 import pytest
 
-from conftest import CHAT, tessera_serve
+from conftest import CHAT, KEYS
 
 pytestmark = pytest.mark.e2e
 
-ALICE, ALICE_KEY = "alice@example.com", "alice-key-0123456789abcdef"
-BOB, BOB_KEY = "bob@example.com", "bob-key-0123456789abcdef"
+ALICE, BOB = "alice@example.com", "bob@example.com"
+ALICE_KEY, BOB_KEY = KEYS[ALICE], KEYS[BOB]
 GRAPHQL = "/api/2.0/genai-mapi/graphql"
 MLFLOW = "/api/2.0/mlflow"
 LIST = """query($data: GetFinetunesPaginatedInput!) { getFinetunesPaginated(getFinetunesPaginatedData: $data) {
@@ -34,11 +34,9 @@ def jsonl(records) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(fm, tiny_model_dir) -> str:
-    """`tessera serve` with alice's and bob's keys, offering the tiny model's folder as a base model."""
-    with tessera_serve(TESSERA_API_KEYS=f"{ALICE}:{ALICE_KEY},{BOB}:{BOB_KEY}",
-                       TESSERA_MODELS_ROOT=str(tiny_model_dir.parent)) as url:
-        yield url
+def server(http_api) -> str:
+    """The test session's HTTP API: alice's and bob's keys, the tiny model's folder offered as a base model."""
+    return http_api
 
 
 def as_user(server: str, key: str) -> httpx.Client:

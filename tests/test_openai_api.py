@@ -16,23 +16,20 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 
-from conftest import CHAT, tessera_serve, worker_pids
+from conftest import CHAT, KEYS, worker_pids
 from tasks.custom_weights import check_custom_weights
 from tasks.ports import free_port
 
 pytestmark = pytest.mark.e2e
 
-KEY, OTHER_KEY = "openai-test-key-0123456789abcdef", "openai-other-key-0123456789abcdef"
 USER, OTHER = "grace@example.com", "alan@example.com"
+KEY, OTHER_KEY = KEYS[USER], KEYS[OTHER]
 
 
 @pytest.fixture(scope="module")
-def base_url(fm, tiny_model_dir) -> str:
-    """`tessera serve` with two users' keys, a 1 MiB upload limit and the tiny model's folder among the base models it
-    offers, on this session's services."""
-    with tessera_serve(TESSERA_API_KEYS=f"{USER}:{KEY},{OTHER}:{OTHER_KEY}", TESSERA_MAX_UPLOAD_MB="1",
-                       TESSERA_MODELS_ROOT=str(tiny_model_dir.parent)) as url:
-        yield f"{url}/v1"
+def base_url(http_api) -> str:
+    """The test session's HTTP API (two users' keys, a 1 MiB upload limit), OpenAI's surface of it."""
+    return f"{http_api}/v1"
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,7 @@ def _verdict(retraining) -> dict:
     return next(e for e in events if e.type.startswith("RETRAIN_"))
 
 
+@pytest.mark.slow
 def test_a_model_retrained_on_its_schedule_keeps_the_better_champion(fm, tiny_model_dir, chat_file, tmp_path, webhook,
                                                                       monkeypatch, capsys):
     incoming = tmp_path / "incoming"

@@ -151,6 +151,7 @@ def test_the_active_run_limit_holds_when_creates_race(fm, tiny_model_dir, chat_f
         prefect.delete_flow_run(later.id)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_resumed_by_the_train_tasks_retry(fm, tiny_model_dir, chat_file):
     """Two processes through the deepspeed launcher, SIGKILLed after a checkpoint: the retry resumes and completes."""
     recipe = {

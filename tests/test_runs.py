@@ -117,6 +117,7 @@ def test_bad_input_is_refused_before_any_run_exists(fm, tiny_model_dir, chat_fil
     assert len(fm.list(include_details=False, limit=1000)) == before
 
 
+@pytest.mark.slow
 def test_the_bundled_smollm2_fine_tunes_and_registers(fm, chat_file):
     """No eval prompts: two 100-token generations of a 135M model on a loaded CPU take a minute (the tiny model's
     runs test them)."""

@@ -56,6 +56,7 @@ def test_a_bad_space_is_refused_before_anything_runs(fm, tiny_model_dir, chat_fi
     assert len(fm.list_sweeps()) == before
 
 
+@pytest.mark.slow
 def test_a_grid_sweep_two_at_a_time_prunes_what_falls_behind_and_registers_only_the_best(fm, tiny_model_dir,
                                                                                         chat_file):
     """A grid of a good and a hopeless learning rate by 4 or 20 steps, in order: the good ones first, then the
@@ -135,6 +136,7 @@ def test_cancelling_a_sweep_stops_all_its_trials(fm, tiny_model_dir, chat_file):
     assert len(sweep.trials) == 2  # nothing started after the cancel
 
 
+@pytest.mark.slow
 def test_a_crashed_sweep_continues_its_study_when_run_again(fm, tiny_model_dir, chat_file):
     """One trial at a time; the sweep's own process is killed while its second trial trains. Run again, it keeps
     the first trial and watches the second, which trained on, to its end: two trials, none twice."""

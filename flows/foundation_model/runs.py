@@ -415,9 +415,12 @@ def _flow_run(training_run: "str | TrainingRun"):
 
 
 def newest_flow_run(name: str, tag: str = RUN_TAG, what: str = "run", listing: str = "fm.list()"):
-    """The newest flow run named `name` with `tag`: a run's, or a sweep's or retraining's (one per attempt)."""
+    """The newest flow run named `name` with `tag`: a run's, or a sweep's or retraining's (one per attempt). Asked for
+    by name, a run is found whatever its state or start time."""
     with prefect_client() as prefect:
-        found = _read_flow_runs(prefect, _filters(names=[name], tags=[tag]), limit=1)
+        found = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name]),
+                                                                     tags=FlowRunFilterTags(all_=[tag])),
+                                       sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
     if not found:
         raise not_found(name, what, listing)
     return found[0]
