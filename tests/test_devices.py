@@ -38,7 +38,7 @@ def test_a_run_waits_for_a_gpu_another_run_holds():
         waiting.join(timeout=2)
         assert waiting.is_alive() and got == []  # both GPUs are held
     waiting.join(timeout=5)
-    assert got == ["0"]
+    assert got in (["0"], ["1"])  # whichever the release freed first, once both were free
 
 
 def test_the_worker_sees_only_its_gpus():
