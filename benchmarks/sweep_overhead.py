@@ -14,6 +14,8 @@ import os
 import shutil
 import statistics
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -46,11 +48,11 @@ def first_step_s(events, since) -> float:
     return next((e.time - since).total_seconds() for e in events if e.type == "TRAIN_UPDATED")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="tessera-sweep-bench-"))
+@contextmanager
+def tiny_services(prefix: str) -> Iterator[tuple[object, dict]]:
+    """The API over embedded services started in a temporary TESSERA_HOME, and a recipe of the tiny model on the 24
+    conversations, 2 steps; the services stopped and the folder removed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     os.environ["TESSERA_HOME"] = str(work / "home")
     os.environ.pop("PREFECT_API_URL", None)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -62,13 +64,24 @@ def main() -> int:
     model = tiny_model(work / "model")
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in CHAT))
-    base = {"run": {"model_name_or_path": str(model), "train_data_path": str(data), "eval_data_path": str(data),
-                    "register_to": "main.bench"},
-            "training_config": {"max_length": 64, "global_batch_size": 4, "micro_batch_size": 2,
-                                "trainer": {"max_steps": 2}}}
+    recipe = {"run": {"model_name_or_path": str(model), "train_data_path": str(data), "eval_data_path": str(data),
+                      "register_to": "main.bench"},
+              "training_config": {"max_length": 64, "global_batch_size": 4, "micro_batch_size": 2,
+                                  "trainer": {"max_steps": 2}}}
     services.ensure_started()
-    plain, trial, trial_from_ask = [], [], []
     try:
+        yield fm, recipe
+    finally:
+        services.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    plain, trial, trial_from_ask = [], [], []
+    with tiny_services("tessera-sweep-bench-") as (fm, base):
         # Warm, and finished before timing starts: the first run of a fresh runner pays one-time costs.
         list(fm.get_events(fm.create(recipe=base), follow=True))
         for _ in range(args.repeats):
@@ -80,9 +93,6 @@ def main() -> int:
             trial_events = list(fm.get_events(started.payload["run"], follow=True))
             trial.append(first_step_s(trial_events, sweep.created_at))
             trial_from_ask.append(first_step_s(trial_events, started.time))
-    finally:
-        services.stop()
-        shutil.rmtree(work, ignore_errors=True)
     table = Table("path", "create -> first step (s), median", "each", title=f"{args.repeats} runs each")
     for label, values in (("plain run: fm.create", plain), ("sweep trial: fm.sweep", trial),
                           ("sweep trial: from the sweep asking for it", trial_from_ask)):

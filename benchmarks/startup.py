@@ -1,0 +1,55 @@
+"""What one small run costs before and around its training: create() -> first step, and the machine's CPU seconds.
+
+    .venv/bin/python benchmarks/startup.py [--repeats 5]
+
+A tiny model (2 layers, 64 wide, SmolLM2's tokenizer) trained for 2 steps on 24 conversations, through warm embedded
+services in a temporary TESSERA_HOME: what a sweep trial or a test pays per run. For each run, the seconds from
+create() to its first TRAIN_UPDATED event, and the CPU seconds the whole machine spent from create() to COMPLETED
+(/proc/stat: the flow process, the training worker and the services' own work; run it on an idle machine). Targets
+(issue 26): a median of at most 6 s to the first step and 8 CPU seconds per run.
+"""
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from sweep_overhead import first_step_s, tiny_services
+
+
+def machine_cpu_s() -> float:
+    """CPU seconds every process of this machine has spent so far (all but idle and iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    first_step, cpu = [], []
+    with tiny_services("tessera-startup-bench-") as (fm, recipe):
+        list(fm.get_events(fm.create(recipe=recipe), follow=True))  # warm: a fresh runner's first run pays once
+        time.sleep(5)  # the services settle after it
+        for _ in range(args.repeats):
+            before = machine_cpu_s()
+            run = fm.create(recipe=recipe)
+            events = list(fm.get_events(run, follow=True))
+            cpu.append(machine_cpu_s() - before)
+            assert events[-1].type == "COMPLETED", [(e.type, e.message) for e in events]
+            first_step.append(first_step_s(events, run.created_at))
+            time.sleep(5)
+    table = Table("per run", "median", "each", "target", title=f"{args.repeats} runs of a tiny model, 2 steps")
+    for label, values, target in (("create -> first step (s)", first_step, "<= 6"),
+                                  ("machine CPU, create -> COMPLETED (s)", cpu, "<= 8")):
+        table.add_row(label, f"{statistics.median(values):.1f}", ", ".join(f"{v:.1f}" for v in values), target)
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
