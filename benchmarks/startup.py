@@ -7,6 +7,9 @@ services in a temporary TESSERA_HOME: what a sweep trial or a test pays per run.
 create() to its first TRAIN_UPDATED event, and the CPU seconds the whole machine spent from create() to COMPLETED
 (/proc/stat: the flow process, the training worker and the services' own work; run it on an idle machine). Targets
 (issue 26): a median of at most 6 s to the first step and 8 CPU seconds per run.
+
+And what a run loses when the services stop under it: a longer run, checkpointing every 10 steps, has its services
+stopped once it has a checkpoint; timed from the next API call (which starts them again) to its RESUMED event.
 """
 
 import argparse
@@ -27,6 +30,28 @@ def machine_cpu_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def resume_s(fm, recipe: dict) -> float:
+    """Seconds from the first API call after the services stopped under a run to the run's RESUMED event."""
+    from flows import services
+    from tasks.run_record import RunRecord
+    from tasks.training.checkpoint_names import LATEST
+
+    longer = {**recipe, "training_config": {**recipe["training_config"], "save_steps": 10,
+                                            "trainer": {"max_steps": 60}}}
+    run = fm.create(recipe=longer)
+    while not ((record := RunRecord.load(run.name)) and (record.checkpoints / LATEST).is_symlink()):
+        time.sleep(0.2)
+    services.stop()
+    back = time.monotonic()
+    fm.get(run.name)  # starts the services again; the runner takes the interrupted run up
+    while not any(e.type == "RESUMED" for e in fm.get_events(run)):
+        time.sleep(0.5)
+    took = time.monotonic() - back
+    events = list(fm.get_events(run, follow=True))
+    assert events[-1].type == "COMPLETED", [(e.type, e.message) for e in events]
+    return took
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -43,9 +68,11 @@ def main() -> int:
             assert events[-1].type == "COMPLETED", [(e.type, e.message) for e in events]
             first_step.append(first_step_s(events, run.created_at))
             time.sleep(5)
+        resumed = [resume_s(fm, recipe) for _ in range(args.repeats)]
     table = Table("per run", "median", "each", "target", title=f"{args.repeats} runs of a tiny model, 2 steps")
     for label, values, target in (("create -> first step (s)", first_step, "<= 6"),
-                                  ("machine CPU, create -> COMPLETED (s)", cpu, "<= 8")):
+                                  ("machine CPU, create -> COMPLETED (s)", cpu, "<= 8"),
+                                  ("services stopped: next call -> RESUMED (s)", resumed, "")):
         table.add_row(label, f"{statistics.median(values):.1f}", ", ".join(f"{v:.1f}" for v in values), target)
     Console().print(table)
     return 0
