@@ -128,3 +128,9 @@ def test_a_home_on_a_full_disk_is_refused_before_anything_starts(tmp_path):
         assert not (disk / "home" / "services").exists()  # nothing started
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("listing", [fm.list, fm.list_sweeps, fm.list_retrainings])
+def test_a_listing_refuses_an_unknown_status_by_name(listing):
+    with pytest.raises(InvalidInputError, match=r"^status 'RUNING' is unknown: use one of PENDING, QUEUED"):
+        listing(statuses=["RUNING"])

@@ -27,6 +27,7 @@ from flows.foundation_model.runs import (
     _filters,
     _follow,
     _read_flow_runs,
+    _status,
     failed_unless_started,
     newest_flow_run,
     settled_events,
@@ -220,7 +221,7 @@ def get_retraining(retraining: "str | Retraining") -> Retraining:
 def list_retrainings(registered_model: str | None = None, statuses: "builtins.list[str | RunStatus] | None" = None,
                      limit: int = 100) -> "builtins.list[Retraining]":
     """Retrainings, newest first; of one model when `registered_model` is given."""
-    wanted = [RunStatus(s) for s in statuses] if statuses else None
+    wanted = [_status(s) for s in statuses] if statuses else None
     tags = [RETRAIN_TAG] + ([f"model:{registered_model}"] if registered_model else [])
     with services.connected(), prefect_client() as prefect:
         found = [_retraining(r) for r in _read_flow_runs(prefect, _filters(statuses=wanted, tags=tags), limit)]

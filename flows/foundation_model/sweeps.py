@@ -18,6 +18,7 @@ from flows.foundation_model.runs import (
     _filters,
     _follow,
     _read_flow_runs,
+    _status,
     _training_run,
     failed_unless_started,
     get,
@@ -148,7 +149,7 @@ def get_sweep(sweep: "str | Sweep") -> Sweep:
 
 def list_sweeps(statuses: "builtins.list[str | RunStatus] | None" = None, limit: int = 100) -> "builtins.list[Sweep]":
     """Sweeps, newest first (a sweep run again shows once, as its latest attempt)."""
-    wanted = [RunStatus(s) for s in statuses] if statuses else None
+    wanted = [_status(s) for s in statuses] if statuses else None
     with services.connected(), prefect_client() as prefect:
         latest: dict[str, Sweep] = {}
         for flow_run in _read_flow_runs(prefect, _filters(tags=[SWEEP_TAG]), limit=10_000):
