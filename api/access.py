@@ -192,9 +192,11 @@ def _yours(uri: str, setting: str, shared_ok: bool) -> bool:
 
 def _owned_local(path: Path) -> bool:
     """Whether a local path lies in one of the caller's uploaded files or run folders."""
-    for root, owner in ((Path(files_root()), _owns_file), (runs_dir(), _owns_run_folder)):
-        if not str(root).startswith("s3://") and path.is_relative_to(root.resolve()) and path != root.resolve():
-            return owner(path.relative_to(root.resolve()).parts[0])
+    uploads = files_root()  # both roots are resolved; on S3 the files root holds no local path (_yours asks of s3://)
+    roots = [(runs_dir(), _owns_run_folder)] + ([] if uploads.startswith("s3://") else [(Path(uploads), _owns_file)])
+    for root, owner in roots:
+        if path.is_relative_to(root) and path != root:
+            return owner(path.relative_to(root).parts[0])
     return False
 
 
