@@ -18,6 +18,7 @@ from flows.retrain import retrain
 from flows.services import CREATE_LOCK, device_slots, max_active_runs
 from flows.sweep import sweep
 from flows.train_node import train_node
+from tasks import warm_start
 from tasks.devices import DEVICE_SLOTS
 from tasks.prefect_api import prefect_client
 from tasks.run_record import RETRAIN_TAG, RUN_TAG, SWEEP_TAG
@@ -94,6 +95,7 @@ async def serve() -> None:
 
 def main() -> None:
     ensure_concurrency_limits()
+    warm_start.start_server()  # for the flow runs it starts; it leaves with the runner
     asyncio.run(serve())
 
 

@@ -350,9 +350,9 @@ def worker(*, pool: str = "tessera", gpus: int | None = None, name: str | None =
     import os
     import socket
 
-    import torch  # here: only this command needs it
-
     from deployments.queues import ensure_queues, queues_for
+    from tasks import warm_start
+    from tasks.devices import gpu_count
     from tasks.nodes import ADDR_ENV, NAME_ENV, node_queue
 
     if services.embedded():
@@ -360,7 +360,7 @@ def worker(*, pool: str = "tessera", gpus: int | None = None, name: str | None =
                                 "PREFECT_API_AUTH_STRING) as README 'When one machine is not enough' shows; the "
                                 "embedded default runs its own runner")
     if gpus is None:
-        gpus = torch.cuda.device_count() or 1
+        gpus = gpu_count() or 1
     if gpus < 1:
         raise InvalidInputError(f"--gpus {gpus}: a worker takes runs of at least 1 process")
     name = name or socket.gethostname()
@@ -373,6 +373,7 @@ def worker(*, pool: str = "tessera", gpus: int | None = None, name: str | None =
     command = ["prefect", "worker", "start", "--pool", pool, "--name", name,
                *(f for q in queues for f in ("--work-queue", q))]
     console.print(" ".join(command))
+    warm_start.start_server()  # for the flow runs it starts; it leaves with the worker
     os.execvp(sys.executable, [sys.executable, "-m", *command])
 
 

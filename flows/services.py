@@ -20,6 +20,7 @@ from pathlib import Path
 
 from flows import interrupted
 from tasks import tracking
+from tasks.devices import gpu_count
 from tasks.errors import ServiceError
 from tasks.home import tessera_home
 from tasks.ports import free_port
@@ -48,11 +49,9 @@ def max_active_runs() -> int:
 def device_slots() -> int:
     """Slots of the global concurrency limit that training takes, one per process: one per GPU on this machine, or
     TESSERA_DEVICE_SLOTS (on a CPU machine, default max_active_runs())."""
-    import torch  # here: the API does not need it
-
     if "TESSERA_DEVICE_SLOTS" in os.environ:
         return int(os.environ["TESSERA_DEVICE_SLOTS"])
-    return torch.cuda.device_count() or max_active_runs()
+    return gpu_count() or max_active_runs()
 
 
 @dataclass(frozen=True)

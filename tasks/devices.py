@@ -12,14 +12,31 @@ from contextlib import ExitStack, contextmanager
 from tasks.home import tessera_home
 
 DEVICE_SLOTS = "tessera-devices"
+NVIDIA_GPUS = "/proc/driver/nvidia/gpus"
 POLL_S = 1.0  # how often a run waiting for a GPU held outside the limit looks again
+
+
+def gpu_count() -> int:
+    """The NVIDIA GPUs this process may use, as the driver lists them (one folder each), less those
+    CUDA_VISIBLE_DEVICES hides; no torch, which a run's flow process and the API never import."""
+    try:
+        count = len(os.listdir(NVIDIA_GPUS))
+    except FileNotFoundError:  # no NVIDIA driver: a CPU machine
+        return 0
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is None:
+        return count
+    listed = 0
+    for gpu in mask.split(","):
+        if not gpu.strip() or gpu.strip().startswith("-"):  # CUDA stops at the first entry that names no GPU
+            break
+        listed += 1
+    return min(count, listed)
 
 
 def visible_gpus() -> list[str]:
     """This process's GPUs by their machine-wide ids (CUDA_VISIBLE_DEVICES when set), in CUDA's order."""
-    import torch  # here: the API does not need it
-
-    count = torch.cuda.device_count()
+    count = gpu_count()
     mask = os.environ.get("CUDA_VISIBLE_DEVICES")
     return [gpu.strip() for gpu in mask.split(",")][:count] if mask else [str(i) for i in range(count)]
 

@@ -13,8 +13,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
+from tasks import warm_start
 from tasks.config import RunConfig
-from tasks.devices import DEVICE_SLOTS, claim_gpus
+from tasks.devices import DEVICE_SLOTS, claim_gpus, gpu_count
 from tasks.errors import InvalidInputError, StorageError, TrainingDiverged, WorkerFailed
 from tasks.events import RunEvent, emit
 from tasks.nodes import END_S, OtherNodes
@@ -26,6 +27,7 @@ from tasks.tracking import client
 from tasks.training import protocol
 from tasks.training.spec import TrainSpec
 
+WORKER_MODULE = "tasks.training.worker"
 EVENT_EVERY_S = 2.0  # at most one TRAIN_UPDATED event per this many seconds (the last one always)
 PROGRESS_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb", "mfu")
 
@@ -57,11 +59,8 @@ def train(record: RunRecord, config: RunConfig, model_dir: str, train_rows: str,
         try:
             if others:
                 others.start()
-            proc = subprocess.Popen(
-                others.command(gpus) if others else worker_command(spec, str(record.spec), gpus), env=worker_env(gpus),
-                stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
-                start_new_session=True,  # its own group: cancel and retry kill DeepSpeed and its children too
-            )
+            proc = start_worker(others.command(gpus) if others else worker_command(spec, str(record.spec), gpus),
+                                worker_env(gpus), stderr, log)
         except BaseException:
             if others:  # the nodes started so far would wait for a head that never comes
                 others.stop()
@@ -128,6 +127,28 @@ def train(record: RunRecord, config: RunConfig, model_dir: str, train_rows: str,
     return finished["hf_path"]
 
 
+def start_worker(command: list[str], env: dict | None, stderr, log) -> subprocess.Popen | warm_start.WarmProcess:
+    """The worker in a process group of its own (cancel and retry stop DeepSpeed and its children too): forked from
+    the warm-start server when it is one process, else started as `command`. The worker log says which."""
+    if command[1:3] == ["-m", WORKER_MODULE]:  # one process; the launcher's ranks each start cold
+        read, write = os.pipe()
+        started = time.monotonic()
+        try:
+            proc = warm_start.start(f"{WORKER_MODULE}:main", (command[3:],), title=" ".join(command), stdout=write,
+                                    stderr=stderr.fileno(), env=env)
+        except warm_start.Refused as e:
+            os.close(read)
+            log.write(f"worker started cold: {e}\n")
+        else:
+            proc.stdout = open(read, buffering=1)
+            log.write(f"worker started warm: pid {proc.pid} in {time.monotonic() - started:.3f} s\n")
+            return proc
+        finally:
+            os.close(write)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
+                            start_new_session=True)
+
+
 def kill_worker(record: RunRecord) -> bool:
     """Stop the run's worker with its whole process group (DeepSpeed and its children); True if one was running."""
     try:
@@ -141,9 +162,7 @@ def kill_worker(record: RunRecord) -> bool:
 
 def processes_for(requested: int | None) -> int:
     """The run's DeepSpeed ranks on this machine: as requested (at most one per GPU), or one per GPU, or 1 on CPU."""
-    import torch  # here, not at the top: the task module is imported where torch is not needed
-
-    gpus = torch.cuda.device_count()
+    gpus = gpu_count()
     if requested is None:
         return max(1, gpus)
     if gpus and requested > gpus:
@@ -160,7 +179,7 @@ def worker_command(spec: TrainSpec, spec_path: str, gpus: list[str] | None = Non
 
     Every process's command line names the run, so `ps` shows which run it belongs to.
     """
-    worker = ["tasks.training.worker", "--run-name", spec.run_name, "--spec", spec_path]
+    worker = [WORKER_MODULE, "--run-name", spec.run_name, "--spec", spec_path]
     if spec.processes == 1:
         return [sys.executable, "-m", *worker]
     processes = [] if gpus else ["--num_gpus", str(spec.processes)]  # on the CPU: how many

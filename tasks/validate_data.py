@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks import warm_start
 from tasks.config import RunConfig
 from tasks.data.prepare import EVIDENCE, prepare_dataset
 from tasks.errors import InvalidDataError
@@ -25,9 +26,10 @@ def validate_data(record: RunRecord, config: RunConfig, split: str = "train") ->
     run, training = config.run, config.training_config
     field = f"run.{split}_data_path"
     try:
-        prepared = prepare_dataset(getattr(run, f"{split}_data_path"), tokenizer_folder(run.model_name_or_path),
-                                   run.task_type, training.max_length, run.allow_percentage_invalid_samples,
-                                   field=config.name_of(field))
+        # In a warm child: tokenizing needs transformers, and so torch, which this process never imports.
+        prepared = warm_start.run(prepare_dataset, getattr(run, f"{split}_data_path"),
+                                  tokenizer_folder(run.model_name_or_path), run.task_type, training.max_length,
+                                  run.allow_percentage_invalid_samples, field=config.name_of(field))
     except InvalidDataError as e:
         if e.evidence is not None:  # why the data was refused stays with the run
             _log_evidence(record.mlflow_run_id, e.evidence, split)

@@ -2,6 +2,7 @@
 peft and DeepSpeed cost seconds of every process that imports them, and only the training worker and the steps that
 load a model (in their own functions) need them."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,3 +20,24 @@ def test_a_module_imports_no_training_stack(module):
         capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert loaded.stdout.split() == [], f"importing {module} loads {loaded.stdout.strip()}"
+
+
+def test_a_run_tokenizes_its_data_without_importing_the_training_stack(tiny_model_dir, chat_file, tmp_path):
+    """The data step's tokenizer needs transformers, and so torch: it runs in a child of the warm-start server that
+    the runner keeps, and the flow process stays without them."""
+    script = f"""
+import os, sys, time
+from pathlib import Path
+from tasks import warm_start
+from tasks.data.prepare import prepare_dataset
+warm_start.start_server()
+while not Path(os.environ[warm_start.ADDRESS]).exists():
+    time.sleep(0.1)
+prepared = warm_start.run(prepare_dataset, {chat_file!r}, Path({str(tiny_model_dir)!r}), "CHAT_COMPLETION", 64, 0.0)
+print(prepared.num_examples, *[m for m in {TRAINING_STACK!r} if m in sys.modules])
+"""
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).parents[1],  # a cache of its own: the data is tokenized here
+                            env={**os.environ, "TESSERA_HOME": str(tmp_path), "TESSERA_CACHE": str(tmp_path / "cache")})
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.split() == ["24"], loaded.stdout

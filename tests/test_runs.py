@@ -16,6 +16,7 @@ from tasks.data.prepare import EVIDENCE
 from tasks.errors import InvalidInputError
 from tasks.home import tables_root, volumes_root
 from tasks.recipe import configure
+from tasks.run_record import RunRecord
 from tasks.tracking import client
 from tasks.training.checkpoint_names import tag_step
 from conftest import CHAT, wait_for
@@ -62,6 +63,8 @@ def test_a_run_goes_from_s3_data_to_a_registered_model(fm, tiny_model_dir, s3):
     run = wait_for(run, {fm.RunStatus.COMPLETED})
     assert run.completed_at and run.started_at and run.run_id and run.experiment_id
     assert re.fullmatch(rf"/Users/[^/]+/{run.name}", run.experiment_path)
+    worker_log = (RunRecord.load(run.name).logs / "worker.log").read_text()
+    assert "worker started warm" in worker_log, worker_log[-2000:]  # forked from the runner's warm-start server
     assert fm.get(run.name).status == fm.RunStatus.COMPLETED
     assert run.name in [r.name for r in fm.list(statuses=["COMPLETED"])]
 
