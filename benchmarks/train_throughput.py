@@ -46,7 +46,7 @@ from tasks.train import worker_command
 from tasks.training import protocol
 from tasks.training.data import epoch_order
 from tasks.training.spec import TrainSpec
-from tasks.training.worker import H100_BF16_FLOPS, flops_per_token
+from tasks.training.metrics import H100_BF16_FLOPS, flops_per_token
 
 SYSTEMS = {  # name in the JSON -> name in the table
     "tessera": "Tessera",

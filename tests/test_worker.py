@@ -21,7 +21,6 @@ from tasks.training.data import eval_batches, step_batches
 from tasks.training.rows import IGNORE, PackedRows
 from tasks.training.schedule import learning_rate_at, plan_duration
 from tasks.training.spec import TrainSpec
-from tasks.training.worker import EvalWatch
 
 
 def write_rows(folder: Path, rows: int = 8, context_length: int = 32, seed: int = 0, repeated: bool = False) -> Path:
@@ -229,23 +228,6 @@ def test_prune_keeps_the_newest_k_up_to_the_latest_link(tmp_path):
     assert prune(tmp_path, keep=2) == []
     assert prune(tmp_path, keep=1) == [tmp_path / "ep0-ba3", hf / "ba3"]
     assert latest_tag(tmp_path) == "ep1-ba4" and (tmp_path / "ep1-ba4/mp_rank_00_model_states.pt").is_file()
-
-
-def test_eval_watch_counts_evals_that_do_not_beat_the_best_by_min_delta():
-    watch = EvalWatch()
-    for batch, loss in enumerate([2.0, 1.5, 1.45, 1.6, 1.2], start=1):
-        watch.update(loss, batch, min_delta=0.1)
-    assert (watch.best_loss, watch.best_batch, watch.evals_without_improvement) == (1.2, 5, 0)
-    watch.update(1.15, 6, min_delta=0.1)  # better, but not by more than 0.1: counts as no improvement
-    watch.update(1.3, 7, min_delta=0.1)
-    assert (watch.best_loss, watch.best_batch, watch.evals_without_improvement) == (1.2, 5, 2)
-    assert watch.exhausted(2) and not watch.exhausted(3) and not watch.exhausted(None)
-    assert watch.reason(0.1) == "eval loss did not improve by more than 0.1 for 2 evaluations (best 1.2 at batch 5)"
-    watch.update(1.3, 8, min_delta=0.0)
-    watch.update(1.1, 9, min_delta=0.0)  # any decrease counts with min_delta 0
-    assert (watch.best_batch, watch.evals_without_improvement) == (9, 0)
-    watch.update(1.1, 10, min_delta=0.0)
-    assert watch.reason(0.0) == "eval loss did not improve for 1 evaluation (best 1.1 at batch 9)"
 
 
 def test_weights_of_another_architecture_are_refused_by_name(tiny_model_dir):

@@ -38,7 +38,7 @@ def step_with(model, batch, micro_batch_size: int, zero_stage: int, chunked: boo
     """One optimizer step through the worker's train_step; returns (summed token loss, weight change)."""
     import deepspeed
 
-    from tasks.training.worker import train_step
+    from tasks.training.step import train_step
 
     model = copy.deepcopy(model)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -123,7 +123,7 @@ def test_weight_decay_shrinks_matrices_but_not_biases_or_norm_weights(one_rank, 
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.training.worker import build_optimizer
+    from tasks.training.engine import build_optimizer
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
@@ -161,7 +161,7 @@ def test_weight_decay_shrinks_matrices_but_not_biases_or_norm_weights(one_rank, 
 def test_attention_dropout_is_set_on_the_config_and_acts_in_train_mode_only(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from tasks.training.worker import model_config
+    from tasks.training.engine import model_config
 
     config = model_config(tiny_model_dir, 0.5)
     assert config.attention_dropout == 0.5
@@ -183,7 +183,8 @@ def test_steps_run_in_train_mode_and_eval_and_generation_in_eval_mode(one_rank, 
     import deepspeed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.training.worker import answer, evaluate, train_step
+    from tasks.training.generation import answer
+    from tasks.training.step import evaluate, train_step
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     modes = []
@@ -213,7 +214,7 @@ def test_the_chunked_loss_is_used_only_where_it_computes_the_models_own_logits(t
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
-    from tasks.training.worker import chunked_loss_applies
+    from tasks.training.chunked_loss import chunked_loss_applies
 
     llama = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert chunked_loss_applies(llama, zero_stage=2)

@@ -7,7 +7,7 @@ fp32, its loss, and at once its gradients (softmax minus one-hot, times the weig
 logits are then freed, so the extra memory is O(chunk_size x V). The forward keeps only the gradients for the
 backward, which scales them by the incoming gradient: three matmuls per chunk, no recompute. Rows whose target is
 ignored are dropped before any matmul: they carry no loss and no gradient, and with loss on responses only they are
-a good share of a chat row.
+a good share of a chat row. `chunked_loss_applies` says where this is what the model's own logits give.
 """
 
 import torch
@@ -33,6 +33,23 @@ def chunked_cross_entropy(
     return _ChunkedCrossEntropy.apply(
         hidden.index_select(0, kept), weight, targets.index_select(0, kept), chunk_size, torch.is_grad_enabled()
     )
+
+
+def chunked_loss_applies(model: torch.nn.Module, zero_stage: int) -> bool:
+    """Whether the model's logits are exactly its LM head applied to the decoder's output, so the chunked loss
+    computes the same thing; and the head's weight is whole on this rank (ZeRO-3 partitions it)."""
+    causal_lm = causal_lm_of(model)
+    head = causal_lm.get_output_embeddings()
+    rescaled = any(getattr(causal_lm.config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return (
+        zero_stage < 3 and type(head) is torch.nn.Linear and head.bias is None and not rescaled
+        and callable(getattr(causal_lm, "get_decoder", None))
+    )
+
+
+def causal_lm_of(module: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (adapters included), or the module itself."""
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
