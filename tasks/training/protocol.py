@@ -61,7 +61,10 @@ def parse(line: str) -> dict | None:
 def say_why(reason: str) -> None:
     """Make `reason` the worker's last line on stderr, on one line."""
     sys.stdout.flush()
-    print(" ".join(reason.split()), file=sys.stderr, flush=True)
+    # One write: under `python -u` (the deepspeed launcher's) print's text and newline are two, and two ranks'
+    # reasons could run into one line.
+    sys.stderr.write(" ".join(reason.split()) + "\n")
+    sys.stderr.flush()
 
 
 def why(stderr_log: Path) -> str:
