@@ -43,12 +43,7 @@ def train(record: RunRecord, config: RunConfig, model_dir: str, train_rows: str,
     spec.save(record.spec)
     record.logs.mkdir(exist_ok=True)
     stderr_log = record.logs / "worker.stderr.log"
-    mlflow_client = client()
-    generations: list[dict] = []
-    finished: dict | None = None
-    stopped: dict | None = None  # early stopping's reason, when it ended the run
-    diverged: dict | None = None  # the divergence guard's finding, when it ended the run
-    last_event = 0.0
+    report = WorkerReport(record, config)
     # Over several machines, this one is node 0 and the others join through the work pool (tasks/nodes.py).
     others = OtherNodes(spec, record.spec) if config.training_config.deepspeed.nodes > 1 else None
     # One slot per process of the global limit (one slot per GPU) and that many GPUs of this machine, held while
@@ -70,36 +65,7 @@ def train(record: RunRecord, config: RunConfig, model_dir: str, train_rows: str,
             others.watch(proc.pid)
         try:
             for line in proc.stdout:
-                msg = protocol.parse(line)
-                if msg is None:
-                    log.write(line)
-                    continue
-                kind = msg["kind"]
-                if kind == "started" and msg.get("resumed_from"):
-                    emit(record.name, RunEvent.TRAIN_UPDATED, f"resumed from {msg['resumed_from']}", **msg)
-                elif kind == "progress":
-                    _log_metrics(mlflow_client, record.mlflow_run_id, msg["batch"],
-                                 {k: msg.get(k) for k in PROGRESS_METRICS})
-                    now = time.monotonic()
-                    if now - last_event >= EVENT_EVERY_S or msg["batch"] == msg["total_batches"]:
-                        emit(record.name, RunEvent.TRAIN_UPDATED, train_message(msg, config.duration.unit), **msg)
-                        last_event = now
-                elif kind == "eval":
-                    _log_metrics(mlflow_client, record.mlflow_run_id, msg["batch"], {"eval_loss": msg["loss"]})
-                elif kind == "generations":
-                    generations += [
-                        {"batch": msg["batch"], "prompt": p, "response": r}
-                        for p, r in zip(msg["prompts"], msg["responses"])
-                    ]
-                    record.generations.write_text(json.dumps(generations, indent=1))
-                elif kind == "pruned":
-                    log.write(pruned_message(msg))
-                elif kind == "diverged":
-                    diverged = msg
-                elif kind == "stopped":
-                    stopped = msg
-                elif kind == "finished":
-                    finished = msg
+                report.take(line, log)
             returncode = proc.wait()
         finally:
             if proc.poll() is None:  # cancelled or crashed while training: take the worker down with us
@@ -107,19 +73,75 @@ def train(record: RunRecord, config: RunConfig, model_dir: str, train_rows: str,
             record.pgid_file.unlink(missing_ok=True)
             if others:
                 others.stop(wait_s=END_S if proc.returncode == 0 else 0)
-    if generations:
-        mlflow_client.log_table(record.mlflow_run_id, data={k: [g[k] for g in generations] for k in generations[0]},
-                                artifact_file="eval_generations.json")
-    if returncode == protocol.DIVERGED_EXIT and diverged is not None:
-        raise TrainingDiverged(diverged_message(diverged, config.training_config.model.optim.lr))
+    report.log_generations()
+    return outcome(record, config, report, returncode, protocol.why(stderr_log), others.failure if others else None)
+
+
+class WorkerReport:
+    """What the worker's protocol lines say, as they come: metrics to MLflow, TRAIN_UPDATED events (at most one per
+    EVENT_EVERY_S), the eval prompts' answers, and how training ended."""
+
+    def __init__(self, record: RunRecord, config: RunConfig):
+        self.record, self.unit, self.mlflow = record, config.duration.unit, client()
+        self.generations: list[dict] = []
+        self.finished: dict | None = None
+        self.stopped: dict | None = None  # early stopping's reason, when it ended the run
+        self.diverged: dict | None = None  # the divergence guard's finding, when it ended the run
+        self.last_event = 0.0
+
+    def take(self, line: str, log) -> None:
+        """One line of the worker's stdout; what is not a protocol line goes to the worker log."""
+        msg = protocol.parse(line)
+        if msg is None:
+            log.write(line)
+            return
+        kind, name = msg["kind"], self.record.name
+        if kind == "started" and msg.get("resumed_from"):
+            emit(name, RunEvent.TRAIN_UPDATED, f"resumed from {msg['resumed_from']}", **msg)
+        elif kind == "progress":
+            self._log_metrics(msg["batch"], {k: msg.get(k) for k in PROGRESS_METRICS})
+            now = time.monotonic()
+            if now - self.last_event >= EVENT_EVERY_S or msg["batch"] == msg["total_batches"]:
+                emit(name, RunEvent.TRAIN_UPDATED, train_message(msg, self.unit), **msg)
+                self.last_event = now
+        elif kind == "eval":
+            self._log_metrics(msg["batch"], {"eval_loss": msg["loss"]})
+        elif kind == "generations":
+            self.generations += [{"batch": msg["batch"], "prompt": p, "response": r}
+                                 for p, r in zip(msg["prompts"], msg["responses"])]
+            self.record.generations.write_text(json.dumps(self.generations, indent=1))
+        elif kind == "pruned":
+            log.write(pruned_message(msg))
+        elif kind in ("diverged", "stopped", "finished"):
+            setattr(self, kind, msg)
+
+    def log_generations(self) -> None:
+        """The answers to the eval prompts at each checkpoint, as one MLflow table."""
+        if self.generations:
+            self.mlflow.log_table(self.record.mlflow_run_id, artifact_file="eval_generations.json",
+                                  data={k: [g[k] for g in self.generations] for k in self.generations[0]})
+
+    def _log_metrics(self, step: int, values: dict) -> None:
+        now_ms = int(time.time() * 1000)
+        # Not NaN or inf (a diverged step's loss): the `diverged` line reports those, and a chart cannot plot them.
+        metrics = [Metric(k, float(v), now_ms, step) for k, v in values.items() if v is not None and math.isfinite(v)]
+        self.mlflow.log_batch(self.record.mlflow_run_id, metrics=metrics)
+
+
+def outcome(record: RunRecord, config: RunConfig, report: WorkerReport, returncode: int, why: str,
+            other_nodes_failure: str | None) -> str:
+    """The export's path and TRAIN_FINISHED when training ended well; else the typed error its exit code means."""
+    if returncode == protocol.DIVERGED_EXIT and report.diverged is not None:
+        raise TrainingDiverged(diverged_message(report.diverged, config.training_config.model.optim.lr))
     if returncode == protocol.BAD_INPUT_EXIT:
-        raise InvalidInputError(protocol.why(stderr_log))
+        raise InvalidInputError(why)
     if returncode == protocol.DISK_FULL_EXIT:
-        raise StorageError(protocol.why(stderr_log))
+        raise StorageError(why)
+    finished, stopped = report.finished, report.stopped
     if returncode != 0 or finished is None:
-        if others and others.failure:
-            raise WorkerFailed(f"training stopped because {others.failure}")
-        raise WorkerFailed(f"training worker exited with code {returncode}: {protocol.why(stderr_log)}")
+        if other_nodes_failure:
+            raise WorkerFailed(f"training stopped because {other_nodes_failure}")
+        raise WorkerFailed(f"training worker exited with code {returncode}: {why}")
     payload = {**finished, "stopped_early": stopped is not None}
     if stopped:
         payload.update(reason=stopped["reason"], best_eval_loss=stopped["best_loss"], best_batch=stopped["best_batch"])
@@ -234,10 +256,3 @@ def _duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{round(seconds / 60)}min"
     return f"{int(seconds // 3600)}h{round(seconds % 3600 / 60)}min"
-
-
-def _log_metrics(mlflow_client, run_id: str, step: int, values: dict) -> None:
-    now_ms = int(time.time() * 1000)
-    # Not NaN or inf (a diverged step's loss): the `diverged` line reports those, and a chart cannot plot them.
-    metrics = [Metric(k, float(v), now_ms, step) for k, v in values.items() if v is not None and math.isfinite(v)]
-    mlflow_client.log_batch(run_id, metrics=metrics)

@@ -123,15 +123,19 @@ def start(target: str, args: tuple = (), kwargs: dict | None = None, *, title: s
     return WarmProcess(reply["pid"], connection)
 
 
-def run(function: Callable, *args, **kwargs):
+def run(function: Callable | str, *args, **kwargs):
     """`function(*args, **kwargs)` in a warm child when a server serves this process (the stack's imports stay out
-    of it), else here; its output goes where this process's goes."""
-    target = f"{function.__module__}:{function.__qualname__}"
+    of it), else here; its output goes where this process's goes. A function named "package.module:function" is
+    imported only where it runs."""
+    target = function if isinstance(function, str) else f"{function.__module__}:{function.__qualname__}"
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         child = start(target, args, kwargs, title=f"{sys.executable} -m tasks.warm_start {target}", stdout=1, stderr=2)
     except Refused:
+        if isinstance(function, str):
+            module, name = function.split(":")
+            function = getattr(import_module(module), name)
         return function(*args, **kwargs)
     return child.result()
 

@@ -1,6 +1,6 @@
-"""A run's flow process, a sweep's, the client API and the HTTP server import no training stack: torch, transformers,
-peft and DeepSpeed cost seconds of every process that imports them, and only the training worker and the steps that
-load a model (in their own functions) need them."""
+"""A run's flow process, a sweep's, a retraining's, the runner, the client API and the HTTP server import no training
+stack: torch, transformers, peft and DeepSpeed cost seconds of every process that imports them, and only the training
+worker and the steps that load a model need them, in children of the warm-start server (tasks/warm_start.py)."""
 
 import os
 import subprocess
@@ -12,8 +12,8 @@ import pytest
 TRAINING_STACK = ("torch", "transformers", "peft", "deepspeed")
 
 
-@pytest.mark.parametrize("module", ["flows.finetune", "flows.sweep", "flows.train_node", "flows.foundation_model",
-                                    "api.app"])
+@pytest.mark.parametrize("module", ["flows.finetune", "flows.sweep", "flows.retrain", "flows.train_node",
+                                    "flows.foundation_model", "deployments.serve", "api.app"])
 def test_a_module_imports_no_training_stack(module):
     loaded = subprocess.run(
         [sys.executable, "-c", f"import sys, {module}; print(*[m for m in {TRAINING_STACK!r} if m in sys.modules])"],

@@ -146,17 +146,8 @@ def _prepare(data: LocalData, model_dir: Path, task: TaskType, context_length: i
         report.add_problem(Problem(data.name, None, "", what, "write one JSON object per line"
                                    if task is not TaskType.CONTINUED_PRETRAIN else "put text in the .txt files"))
 
-    frame = pd.DataFrame({name: np.concatenate([q[name] for q in quality]) for name in quality[0]}) if quality \
-        else pd.DataFrame()
-    suite = run_suite(frame, task, context_length)
-    quality_json = {"success": suite.success, "failed": suite.failed, "warnings": suite.warnings,
-                    "result": suite.result}
-    (folder / "quality.json").write_text(json.dumps(quality_json, indent=1, default=str))
-    stats.histogram_png(folder / "lengths.png")
     trainable = report.acceptable(allow_percentage_invalid)
-    warnings = stats.warnings(task) if trainable else []  # token counts of refused data would only mislead
-    (folder / "stats.json").write_text(json.dumps(dict(stats.to_dict(), warnings=warnings), indent=2))
-    (folder / "report.txt").write_text(report.render(allow_percentage_invalid) + "\n")
+    _write_evidence(folder, quality, stats, report, task, context_length, allow_percentage_invalid, trainable)
     if not trainable:
         raise InvalidDataError(report.render(allow_percentage_invalid))
     if counts["num_rows"] == 0:
@@ -170,6 +161,22 @@ def _prepare(data: LocalData, model_dir: Path, task: TaskType, context_length: i
         num_truncated=stats.num_truncated, context_length=context_length, task_type=str(task),
         packing_efficiency=round(counts["num_tokens"] / (counts["num_rows"] * context_length), 4),
     )
+
+
+def _write_evidence(folder: Path, quality: list[dict[str, np.ndarray]], stats: TokenStats, report: DataReport,
+                    task: TaskType, context_length: int, allow_percentage_invalid: float, trainable: bool) -> None:
+    """What a run keeps of its data, refused or not: the quality suite's result, the length histogram, the token
+    statistics and the report."""
+    frame = pd.DataFrame({name: np.concatenate([q[name] for q in quality]) for name in quality[0]}) if quality \
+        else pd.DataFrame()
+    suite = run_suite(frame, task, context_length)
+    quality_json = {"success": suite.success, "failed": suite.failed, "warnings": suite.warnings,
+                    "result": suite.result}
+    (folder / "quality.json").write_text(json.dumps(quality_json, indent=1, default=str))
+    stats.histogram_png(folder / "lengths.png")
+    warnings = stats.warnings(task) if trainable else []  # token counts of refused data would only mislead
+    (folder / "stats.json").write_text(json.dumps(dict(stats.to_dict(), warnings=warnings), indent=2))
+    (folder / "report.txt").write_text(report.render(allow_percentage_invalid) + "\n")
 
 
 def _parts(data: LocalData, task: TaskType, report: DataReport) -> list[Slice]:

@@ -106,25 +106,7 @@ def _expectations(task_type: TaskType, context_length: int) -> list[Any]:
         ),
     ]
     if task_type is TaskType.CHAT_COMPLETION:
-        checks += [
-            gxe.ExpectColumnValuesToBeBetween(
-                column="num_messages", min_value=2, description="a user message and the assistant's reply at least",
-                meta=_problem("have fewer than 2 messages"),
-            ),
-            gxe.ExpectColumnValuesToMatchRegex(
-                column="role_pattern", regex=ROLE_PATTERN,
-                description="an optional system message, then user and assistant turns in alternation",
-                meta=_problem("do not alternate user and assistant turns after an optional system message"),
-            ),
-            gxe.ExpectColumnValuesToBeInSet(
-                column="last_role", value_set=["assistant"], description="the last message is the assistant's",
-                meta=_problem("do not end with an assistant message"),
-            ),
-            gxe.ExpectColumnValuesToBeBetween(
-                column="num_empty_content", min_value=0, max_value=0, description="every message has text",
-                meta=_problem("have a message with empty content"),
-            ),
-        ]
+        checks += _chat_expectations(gxe)
     if task_type is TaskType.CONTINUED_PRETRAIN:
         # Documents are not cut here: the packer splits them across rows of context_length tokens.
         checks.append(gxe.ExpectColumnValuesToBeBetween(
@@ -153,6 +135,29 @@ def _expectations(task_type: TaskType, context_length: int) -> list[Any]:
         description="every example keeps a token to learn from", meta=_problem(left_out),
     ))
     return checks
+
+
+def _chat_expectations(gxe) -> list[Any]:
+    """A conversation's shape: a user turn and the assistant's reply at least, in alternation, each with text."""
+    return [
+        gxe.ExpectColumnValuesToBeBetween(
+            column="num_messages", min_value=2, description="a user message and the assistant's reply at least",
+            meta=_problem("have fewer than 2 messages"),
+        ),
+        gxe.ExpectColumnValuesToMatchRegex(
+            column="role_pattern", regex=ROLE_PATTERN,
+            description="an optional system message, then user and assistant turns in alternation",
+            meta=_problem("do not alternate user and assistant turns after an optional system message"),
+        ),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="last_role", value_set=["assistant"], description="the last message is the assistant's",
+            meta=_problem("do not end with an assistant message"),
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="num_empty_content", min_value=0, max_value=0, description="every message has text",
+            meta=_problem("have a message with empty content"),
+        ),
+    ]
 
 
 def _problem(text: str) -> dict[str, str]:
