@@ -143,9 +143,11 @@ def run(function: Callable | str, *args, **kwargs):
 def start_server() -> None:
     """Start a warm-start server beside this process, which leaves when this process does, and put its address in
     TESSERA_WARM_START for every process this one starts. It imports in the background; until it listens, work
-    starts cold. Its log is the server's own output (it prints only why it stopped)."""
+    starts cold. Its output goes where this process's goes."""
     address = Path(tempfile.mkdtemp(prefix="tessera-warm-")) / "socket"  # 0700, and short: a socket path is <108 bytes
-    subprocess.Popen([sys.executable, "-m", "tasks.warm_start", "--socket", str(address)])
+    # A session of its own: when this process's group is killed outright (`tessera server stop`), the server sees
+    # its parent gone within PARENT_CHECK_S and leaves, removing its socket, instead of dying with it.
+    subprocess.Popen([sys.executable, "-m", "tasks.warm_start", "--socket", str(address)], start_new_session=True)
     os.environ[ADDRESS] = str(address)
 
 
