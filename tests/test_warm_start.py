@@ -4,6 +4,7 @@ code), runs without paying the imports, hands back its value or exception, and w
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -82,3 +83,24 @@ def test_gpus_are_counted_from_the_driver_less_those_cuda_hides(tmp_path, monkey
     for mask, count in (("1,2", 2), ("", 0), ("-1", 0), ("0,-1,2", 1), ("0,1,2,3", 3)):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", mask)
         assert gpu_count() == count, mask
+
+
+def test_the_server_leaves_with_the_process_that_started_it(tmp_path):
+    """Killed outright with its runner (`tessera server stop` kills the runner's group), it leaves no process or
+    socket behind."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import os, time; from tasks import warm_start; warm_start.start_server(); "
+                               "print(os.environ[warm_start.ADDRESS], flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    address = Path(parent.stdout.readline().strip())
+    deadline = time.monotonic() + warm_start.STARTUP_TIMEOUT_S
+    while not address.exists():
+        assert time.monotonic() < deadline, "the warm-start server did not listen"
+        time.sleep(0.1)
+    os.killpg(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 5 * warm_start.PARENT_CHECK_S
+    while address.parent.exists() or subprocess.run(["pgrep", "-f", f"tasks.warm_start --socket {address}"],
+                                                    capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the server outlived its parent"
+        time.sleep(0.1)
