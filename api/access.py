@@ -67,7 +67,7 @@ def visible_run(name: str) -> runs.TrainingRun:
     """The run `name`, if the caller may see it; another user's is as absent as one that never was."""
     run = runs.get(name)
     if not owns(run.created_by):
-        raise runs.not_found(name)
+        raise runs.RUN.not_found(name)
     return run
 
 

@@ -20,13 +20,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled
 
-from flows.foundation_model.runs import (
-    RunStatus,
-    cancel,
-    get,
-    submit,
-    under_way,
-)
+from flows.foundation_model.jobs import RunStatus, under_way
+from flows.foundation_model.runs import cancel, get, submit
 from tasks.config import RunConfig, run_name_for
 from tasks.data.increments import Inventory, gather, take_inventory
 from tasks.errors import InvalidInputError, TesseraError

@@ -24,13 +24,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled
 
-from flows.foundation_model.runs import (
-    RunStatus,
-    cancel,
-    get,
-    submit,
-    under_way,
-)
+from flows.foundation_model.jobs import RunStatus, under_way
+from flows.foundation_model.runs import cancel, get, submit
 from tasks.config import run_name_for
 from tasks.errors import TesseraError
 from tasks.events import RunEvent, emit, flush

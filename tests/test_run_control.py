@@ -91,9 +91,9 @@ def test_a_run_that_ended_a_while_ago_is_read_without_waiting_for_its_events(fm,
     from prefect.states import Crashed, Scheduled
 
     from flows import services
-    from flows.foundation_model import runs
+    from flows.foundation_model import jobs
 
-    monkeypatch.setattr(runs, "EVENTS_SETTLE_S", 8.0)
+    monkeypatch.setattr(jobs, "EVENTS_SETTLE_S", 8.0)
     name = f"ift-old-{uuid.uuid4().hex[:6]}"
     with services.connected(), get_client(sync_client=True) as prefect:
         deployment = prefect.read_deployment_by_name("finetune/default")
@@ -101,11 +101,11 @@ def test_a_run_that_ended_a_while_ago_is_read_without_waiting_for_its_events(fm,
         flow_run = prefect.create_flow_run_from_deployment(deployment.id, name=name, tags=[RUN_TAG],
                                                            state=Scheduled(scheduled_time=tomorrow))
         prefect.set_flow_run_state(flow_run.id, Crashed(message="the runner was killed"), force=True)
-    time.sleep(runs.EVENTS_SETTLE_S)
+    time.sleep(jobs.EVENTS_SETTLE_S)
     started = time.monotonic()
     (event,) = fm.get_events(name)
     # Waiting for events still on their way would take EVENTS_SETTLE_S before the event is even written.
-    assert event.type == "FAILED" and time.monotonic() - started < runs.EVENTS_SETTLE_S - 2, time.monotonic() - started
+    assert event.type == "FAILED" and time.monotonic() - started < jobs.EVENTS_SETTLE_S - 2, time.monotonic() - started
 
 
 def test_the_active_run_limit_holds_when_creates_race(fm, tiny_model_dir, chat_file, monkeypatch):

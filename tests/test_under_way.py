@@ -1,4 +1,4 @@
-"""Which flow runs are under way, and which a listing shows, as runs.py asks Prefect for them (no server here): never
+"""Which flow runs are under way, and which a listing shows, as jobs.py asks Prefect for them (no server here): never
 a run that a schedule holds for later, SCHEDULED with its start time in the future (DESIGN.md 6). test_retraining.py
 proves it on the real services, under a live schedule."""
 
@@ -7,14 +7,14 @@ from types import SimpleNamespace
 
 from prefect.client.schemas.objects import StateType
 
-from flows.foundation_model.runs import ACTIVE, RunStatus, _filters, _read_flow_runs, under_way
+from flows.foundation_model.jobs import ACTIVE, RunStatus, flow_run_filters, read_flow_runs, under_way
 
 STARTED = {StateType.PENDING, StateType.RUNNING, StateType.CANCELLING, StateType.PAUSED}
 
 
 def test_a_scheduled_run_is_under_way_once_its_start_time_has_come():
     before = datetime.now(timezone.utc)
-    started, scheduled = _filters(statuses=ACTIVE, tags=["model:m"])
+    started, scheduled = flow_run_filters(statuses=ACTIVE, tags=["model:m"])
     after = datetime.now(timezone.utc)
     assert set(started.state.type.any_) == STARTED and started.expected_start_time is None
     assert scheduled.state.type.any_ == [StateType.SCHEDULED]  # just submitted, late, or waiting for a slot
@@ -24,25 +24,27 @@ def test_a_scheduled_run_is_under_way_once_its_start_time_has_come():
 
 def test_a_listing_leaves_out_what_a_schedule_holds_for_later_whatever_the_status_asked():
     now = datetime.now(timezone.utc)
-    every, scheduled = _filters()
+    every, scheduled = flow_run_filters()
     assert set(every.state.type.any_) == set(StateType) - {StateType.SCHEDULED}
     assert scheduled.state.type.any_ == [StateType.SCHEDULED] and scheduled.expected_start_time.before_ >= now
-    (pending,) = [f for f in _filters(statuses=[RunStatus.PENDING]) if f.state.type.any_ == [StateType.SCHEDULED]]
+    pending_filters = flow_run_filters(statuses=[RunStatus.PENDING])
+    (pending,) = [f for f in pending_filters if f.state.type.any_ == [StateType.SCHEDULED]]
     assert now <= pending.expected_start_time.before_ <= datetime.now(timezone.utc)
-    (queued,) = _filters(statuses=[RunStatus.QUEUED])  # waiting for a concurrency slot: SCHEDULED, its time come
+    # Waiting for a concurrency slot: SCHEDULED, its time come.
+    (queued,) = flow_run_filters(statuses=[RunStatus.QUEUED])
     assert queued.state.type.any_ == [StateType.SCHEDULED] and queued.expected_start_time.before_ >= now
-    (ended,) = _filters(statuses=[RunStatus.COMPLETED])
+    (ended,) = flow_run_filters(statuses=[RunStatus.COMPLETED])
     assert ended.state.type.any_ == [StateType.COMPLETED] and ended.expected_start_time is None
 
 
 def test_before_and_after_bound_both_reads_and_now_bounds_the_scheduled_one():
     now = datetime.now(timezone.utc)
     week_ago, tomorrow = now - timedelta(days=7), now + timedelta(days=1)
-    started, scheduled = _filters(before=tomorrow, after=week_ago)
+    started, scheduled = flow_run_filters(before=tomorrow, after=week_ago)
     assert (started.expected_start_time.before_, started.expected_start_time.after_) == (tomorrow, week_ago)
     assert now <= scheduled.expected_start_time.before_ < tomorrow and scheduled.expected_start_time.after_ == week_ago
     yesterday = now - timedelta(days=1)
-    started, scheduled = _filters(before=yesterday)
+    started, scheduled = flow_run_filters(before=yesterday)
     assert started.expected_start_time.before_ == scheduled.expected_start_time.before_ == yesterday
 
 
@@ -66,14 +68,15 @@ def _runs(*hours: int) -> list:
 
 def test_runs_read_through_both_filters_come_newest_first_up_to_the_limit():
     prefect = Prefect(started=_runs(9, 5, 1), scheduled=_runs(7, 3))
-    assert [r.name for r in _read_flow_runs(prefect, _filters(statuses=ACTIVE), limit=3)] == ["h9", "h7", "h5"]
+    newest = read_flow_runs(prefect, flow_run_filters(statuses=ACTIVE), limit=3)
+    assert [r.name for r in newest] == ["h9", "h7", "h5"]
     assert [r.name for r in under_way(prefect, ["t"])] == ["h9", "h7", "h5", "h3", "h1"]
 
 
 def test_each_filter_is_read_in_the_servers_pages(monkeypatch):
-    import flows.foundation_model.runs as runs
+    from flows.foundation_model import jobs
 
-    monkeypatch.setattr(runs, "PAGE", 2)
+    monkeypatch.setattr(jobs, "PAGE", 2)
     prefect = Prefect(started=_runs(5, 4, 3, 2, 1), scheduled=_runs(15, 14, 13))
     assert [r.name for r in under_way(prefect, ["t"])] == ["h15", "h14", "h13", "h5", "h4", "h3", "h2", "h1"]
     assert prefect.reads == 3 + 2  # pages of 2: 2, 2, 1 and 2, 1

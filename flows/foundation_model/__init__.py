@@ -17,7 +17,12 @@
 import builtins
 
 from flows.foundation_model import runs as _runs
-from flows.foundation_model.retraining import (  # noqa: F401  (the public API, with the two below)
+from flows.foundation_model.jobs import (  # noqa: F401  (the public API, with the ones below)
+    ACTIVE,
+    FineTuningEvent,
+    RunStatus,
+)
+from flows.foundation_model.retraining import (  # noqa: F401
     Retraining,
     RetrainingSchedule,
     get_retraining,
@@ -31,9 +36,6 @@ from flows.foundation_model.retraining import (  # noqa: F401  (the public API, 
     unschedule_retraining,
 )
 from flows.foundation_model.runs import (  # noqa: F401
-    ACTIVE,
-    FineTuningEvent,
-    RunStatus,
     TrainingRun,
     create,
     get,

@@ -11,34 +11,31 @@ import builtins
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from mlflow.exceptions import MlflowException
 from prefect.client.schemas.actions import DeploymentScheduleCreate
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
 from prefect.client.schemas.schedules import CronSchedule
-from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
 
 from flows import services
-from flows.foundation_model.runs import (
+from flows.foundation_model.jobs import (
+    Job,
+    Kind,
     RunStatus,
-    _filters,
-    _follow,
-    _read_flow_runs,
-    _status,
-    failed_unless_started,
-    newest_flow_run,
-    settled_events,
-    stop_flow_run,
-    under_way,
+    common_fields,
+    flow_run_filters,
+    name_of,
+    newest_first,
+    read_flow_runs,
+    tracking_ids,
+    wanted_statuses,
 )
-from flows.foundation_model.runs import cancel as cancel_runs
 from flows.services import RETRAIN_DEPLOYMENT, model_retrain_deployment
 from tasks.config import run_name_for
 from tasks.errors import InvalidInputError, RunNotFoundError
-from tasks.events import RunEvent, emit, flush
 from tasks.prefect_api import prefect_client
 from tasks.recipe import SHORTHANDS
 from tasks.retraining import (
@@ -52,13 +49,14 @@ from tasks.retraining import (
 )
 from tasks.run_record import (
     RETRAIN_TAG,
-    RunRecord,
     challenger_tag,
     current_user,
     retrain_tags,
     tag_value,
 )
-from tasks.tracking import client, refused, start_run
+from tasks.tracking import client, refused
+
+RETRAINING = Kind(RETRAIN_TAG, "retraining", "fm.list_retrainings()", RETRAIN_DEPLOYMENT, runs_under=challenger_tag)
 
 
 @dataclass
@@ -71,7 +69,11 @@ class RetrainingSchedule:
 
 
 @dataclass
-class Retraining:
+class Retraining(Job):
+    """A retraining; cancel() stops its challenger's run too (the champion stays), returning how many runs were
+    stopped, and its events are the retraining's: started, the challenger, the verdict, completed."""
+
+    KIND: ClassVar[Kind] = RETRAINING
     name: str
     registered_model: str
     status: RunStatus
@@ -83,25 +85,15 @@ class Retraining:
     details: str | None
     flow_run_id: str
 
-    def refresh(self) -> "Retraining":
-        self.__dict__.update(get_retraining(self.name).__dict__)
-        return self
-
-    def cancel(self) -> int:
-        """Stop the retraining and its challenger's run; the champion stays. Returns how many runs were stopped."""
-        with services.connected(), prefect_client() as prefect:
-            stop_flow_run(prefect, _latest(self.name), "retraining")
-            running = under_way(prefect, [challenger_tag(self.name)], limit=10)
-        flush()
-        return cancel_runs([r.name for r in running]) if running else 0
-
-    def get_events(self, follow: bool = False):
-        """The retraining's events (started, the challenger, the verdict, completed), oldest first; with
-        follow=True an iterator that ends at a terminal event."""
-        if follow:
-            return _follow(self.name, _latest)
-        with services.connected():
-            return settled_events(self.name, _latest(self.name))
+    @classmethod
+    def of(cls, flow_run) -> "Retraining":
+        """The retraining a flow run is; its outcome and challenger are tags of its MLflow run."""
+        common = common_fields(flow_run)
+        _, mlflow_run_id = tracking_ids(flow_run)
+        tags = client().get_run(mlflow_run_id).data.tags if mlflow_run_id else {}
+        return cls(**common, registered_model=tag_value(flow_run.tags, "model") or "",
+                   outcome=tags.get(OUTCOME_TAG) if common["status"] == RunStatus.COMPLETED else None,
+                   challenger=tags.get(CHALLENGER_TAG))
 
 
 def schedule_retraining(
@@ -201,32 +193,27 @@ def retrain_now(
         experiment_path,  # the flow's module, imported only to start one
     )
 
-    with services.connected():
-        experiment_id, mlflow_run_id = start_run(config.params(), name, experiment_path(config, user), user)
-        with failed_unless_started(mlflow_run_id):
-            flow_run = run_deployment(deployment, parameters={"config": config.to_recipe(), "run_name": name,
-                                                              "mlflow_run_id": mlflow_run_id},
-                                      flow_run_name=name, timeout=0, as_subflow=False,
-                                      tags=retrain_tags(user, experiment_id, registered_model))
-        emit(name, RunEvent.CREATED, f"retraining {name} of {registered_model} created", flow_run_id=str(flow_run.id))
-        flush()
-        return _retraining(flow_run)
+    flow_run = RETRAINING.start_tracked(config, name, experiment_path(config, user), user,
+                                        {"config": config.to_recipe(), "run_name": name},
+                                        lambda experiment_id: retrain_tags(user, experiment_id, registered_model),
+                                        f"retraining {name} of {registered_model} created", deployment)
+    with services.connected():  # its outcome is read from MLflow
+        return Retraining.of(flow_run)
 
 
 def get_retraining(retraining: "str | Retraining") -> Retraining:
-    with services.connected():
-        return _retraining(_latest(retraining.name if isinstance(retraining, Retraining) else retraining))
+    return Retraining.read(name_of(retraining))
 
 
 def list_retrainings(registered_model: str | None = None, statuses: "builtins.list[str | RunStatus] | None" = None,
                      limit: int = 100) -> "builtins.list[Retraining]":
     """Retrainings, newest first; of one model when `registered_model` is given."""
-    wanted = [_status(s) for s in statuses] if statuses else None
+    wanted = wanted_statuses(statuses)
     tags = [RETRAIN_TAG] + ([f"model:{registered_model}"] if registered_model else [])
     with services.connected(), prefect_client() as prefect:
-        found = [_retraining(r) for r in _read_flow_runs(prefect, _filters(statuses=wanted, tags=tags), limit)]
-    found = [r for r in found if wanted is None or r.status in wanted]  # the filter asks for more states than match
-    return sorted(found, key=lambda r: r.created_at, reverse=True)[:limit]
+        flow_runs = read_flow_runs(prefect, flow_run_filters(statuses=wanted, tags=tags), limit)
+        found = [Retraining.of(r) for r in flow_runs]
+    return newest_first(found, wanted, limit)
 
 
 def promote(registered_model: str, version: int) -> int | None:
@@ -280,23 +267,3 @@ def _schedule_of(deployment) -> RetrainingSchedule:
     (schedule,) = deployment.schedules
     return RetrainingSchedule(config.retrain.registered_model, schedule.schedule.cron, schedule.schedule.timezone,
                               schedule.active, config)
-
-
-def _latest(name: str):
-    """The retraining's flow run."""
-    return newest_flow_run(name, RETRAIN_TAG, "retraining", "fm.list_retrainings()")
-
-
-def _retraining(flow_run) -> Retraining:
-    status = RunStatus.of(flow_run)
-    record = RunRecord.load(flow_run.name)
-    mlflow_run_id = flow_run.parameters.get("mlflow_run_id") or (record.mlflow_run_id if record else None)
-    tags = client().get_run(mlflow_run_id).data.tags if mlflow_run_id else {}
-    return Retraining(
-        name=flow_run.name, registered_model=tag_value(flow_run.tags, "model") or "", status=status,
-        outcome=tags.get(OUTCOME_TAG) if status == RunStatus.COMPLETED else None,
-        challenger=tags.get(CHALLENGER_TAG), created_at=flow_run.created, started_at=flow_run.start_time,
-        completed_at=flow_run.end_time if status.is_terminal() else None,
-        details=flow_run.state.message if flow_run.state and status == RunStatus.FAILED else None,
-        flow_run_id=str(flow_run.id),
-    )
