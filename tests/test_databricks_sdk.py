@@ -81,8 +81,12 @@ def test_a_databricks_notebook_runs_unchanged_against_tessera(sdk_python, http_a
         out["by_experiment"] = fm.cancel(experiment_id=fm.get(again).experiment_id)
         # The SDK's own checks of an experiment path and a checkpoint go to MLflow at the workspace address.
         latest = out["checkpoints"][-1].rsplit("/", 1)[0] + "/latest-sharded-rank0.symlink"
+        # A run that would train for long: cancelled by name, it must be stopped, not have failed first. (At the
+        # default context length the 24 conversations pack into 2 rows, fewer than a global batch: such a run
+        # fails within seconds of starting, and a warm-started run can get there before the cancel does.)
         queued = fm.create(model={model!r}, train_data_path={train!r}, register_to="main.sdk",
-                           experiment_path="/Users/{USER}/sdk-continued", custom_weights_path=latest)
+                           experiment_path="/Users/{USER}/sdk-continued", custom_weights_path=latest,
+                           context_length=64, training_duration="100000ba")
         got = fm.get(queued)
         out["queued"] = [got.name, got.submitted_experiment_path, got.submitted_config.custom_weights_path == latest]
         out["by_name"] = fm.cancel(queued.name)
