@@ -286,7 +286,7 @@ def _child(request: dict, fds: list[int], connection: socket.socket, server: soc
 
 
 def wait_until_listening(address: Path, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-    """Block until the server at `address` accepts requests (tests and benchmarks that time warm starts)."""
+    """Block until the server at `address` accepts requests (a caller that must start warm, e.g. a test)."""
     deadline = time.monotonic() + timeout_s
     while not address.exists():
         if time.monotonic() > deadline:

@@ -26,13 +26,12 @@ def test_a_run_tokenizes_its_data_without_importing_the_training_stack(tiny_mode
     """The data step's tokenizer needs transformers, and so torch: it runs in a child of the warm-start server that
     the runner keeps, and the flow process stays without them."""
     script = f"""
-import os, sys, time
+import os, sys
 from pathlib import Path
 from tasks import warm_start
 from tasks.data.prepare import prepare_dataset
 warm_start.start_server()
-while not Path(os.environ[warm_start.ADDRESS]).exists():
-    time.sleep(0.1)
+warm_start.wait_until_listening(Path(os.environ[warm_start.ADDRESS]))
 prepared = warm_start.run(prepare_dataset, {chat_file!r}, Path({str(tiny_model_dir)!r}), "CHAT_COMPLETION", 64, 0.0)
 print(prepared.num_examples, *[m for m in {TRAINING_STACK!r} if m in sys.modules])
 """

@@ -24,10 +24,7 @@ def server():
         del os.environ[warm_start.ADDRESS]
     else:
         os.environ[warm_start.ADDRESS] = before
-    deadline = time.monotonic() + warm_start.STARTUP_TIMEOUT_S
-    while not Path(address).exists():
-        assert time.monotonic() < deadline, "the warm-start server did not listen"
-        time.sleep(0.1)
+    warm_start.wait_until_listening(Path(address))
     return address
 
 
@@ -93,10 +90,7 @@ def test_the_server_leaves_with_the_process_that_started_it(tmp_path):
                                "print(os.environ[warm_start.ADDRESS], flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True, start_new_session=True)
     address = Path(parent.stdout.readline().strip())
-    deadline = time.monotonic() + warm_start.STARTUP_TIMEOUT_S
-    while not address.exists():
-        assert time.monotonic() < deadline, "the warm-start server did not listen"
-        time.sleep(0.1)
+    warm_start.wait_until_listening(address)
     os.killpg(parent.pid, signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 5 * warm_start.PARENT_CHECK_S
