@@ -74,7 +74,7 @@ def train(record: RunRecord, config: RunConfig, model_dir: str, train_rows: str,
             if others:
                 others.stop(wait_s=END_S if proc.returncode == 0 else 0)
     report.log_generations()
-    return outcome(record, config, report, returncode, protocol.why(stderr_log), others.failure if others else None)
+    return outcome(record, config, report, returncode, stderr_log, others.failure if others else None)
 
 
 class WorkerReport:
@@ -128,20 +128,20 @@ class WorkerReport:
         self.mlflow.log_batch(self.record.mlflow_run_id, metrics=metrics)
 
 
-def outcome(record: RunRecord, config: RunConfig, report: WorkerReport, returncode: int, why: str,
+def outcome(record: RunRecord, config: RunConfig, report: WorkerReport, returncode: int, stderr_log: Path,
             other_nodes_failure: str | None) -> str:
     """The export's path and TRAIN_FINISHED when training ended well; else the typed error its exit code means."""
     if returncode == protocol.DIVERGED_EXIT and report.diverged is not None:
         raise TrainingDiverged(diverged_message(report.diverged, config.training_config.model.optim.lr))
     if returncode == protocol.BAD_INPUT_EXIT:
-        raise InvalidInputError(why)
+        raise InvalidInputError(protocol.why(stderr_log))
     if returncode == protocol.DISK_FULL_EXIT:
-        raise StorageError(why)
+        raise StorageError(protocol.why(stderr_log))
     finished, stopped = report.finished, report.stopped
     if returncode != 0 or finished is None:
         if other_nodes_failure:
             raise WorkerFailed(f"training stopped because {other_nodes_failure}")
-        raise WorkerFailed(f"training worker exited with code {returncode}: {why}")
+        raise WorkerFailed(f"training worker exited with code {returncode}: {protocol.why(stderr_log)}")
     payload = {**finished, "stopped_early": stopped is not None}
     if stopped:
         payload.update(reason=stopped["reason"], best_eval_loss=stopped["best_loss"], best_batch=stopped["best_batch"])
