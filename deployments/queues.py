@@ -1,26 +1,15 @@
-"""Work queues by GPU count, so that a run lands only on a machine it fits (Prefect's routing, no scheduler of ours).
-
-A run that asks for `training_config.deepspeed.processes: n` goes to the queue `gpus-<n>`; one that leaves it unset
-(one process per GPU of whichever machine takes it) to `default`. A worker on a machine with G GPUs takes `default`
-and `gpus-1` ... `gpus-<G>` (`tessera worker`). The embedded runner has no queues: it takes every run.
-"""
+"""The work queues a worker takes, by its machine's GPU count (tasks/routing.py names them), created in its pool."""
 
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from tasks.errors import ServiceError
 from tasks.prefect_api import prefect_client
-
-DEFAULT = "default"
-
-
-def queue_for(processes: int | None) -> str:
-    """The queue of a run that asks for `processes` processes on one machine (None: as many as it has GPUs)."""
-    return DEFAULT if processes is None else f"gpus-{processes}"
+from tasks.routing import DEFAULT_QUEUE, queue_for
 
 
 def queues_for(gpus: int) -> list[str]:
     """The queues a worker on a machine with `gpus` GPUs takes."""
-    return [DEFAULT] + [queue_for(n) for n in range(1, gpus + 1)]
+    return [DEFAULT_QUEUE] + [queue_for(n) for n in range(1, gpus + 1)]
 
 
 def ensure_queues(pool: str, queues: list[str]) -> None:

@@ -1,20 +1,19 @@
 """One fine-tuning run as a Prefect flow: the six steps in plain order, and hooks for the ways it can end."""
 
 from prefect import flow
-from prefect.client.schemas.objects import StateType
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled
 
 from flows.interrupted import STOPPED_UNDER
-from tasks.config import RunConfig, TaskType, run_name_for
-from tasks.events import RunEvent, emit, flush
+from flows.lifecycle import FlowKind, begin, end_hooks
+from tasks.config import RunConfig, TaskType
+from tasks.events import RunEvent, emit
 from tasks.init_model import init_model
-from tasks.prefect_api import prefect_client
 from tasks.process_group import exit_with_parent
 from tasks.recipe import SHORTHANDS, configure
 from tasks.register_model import register_model
-from tasks.run_record import RunRecord, cancelled_while_starting, current_user, run_tags
-from tasks.tracking import client, experiment_for, start_run
+from tasks.run_record import RunRecord, cancelled_while_starting, run_tags
+from tasks.tracking import client, experiment_for
 from tasks.train import kill_worker, train
 from tasks.training.checkpoint_names import complete_checkpoints
 from tasks.upload_checkpoints import upload_checkpoints
@@ -22,42 +21,19 @@ from tasks.validate_data import validate_data
 from tasks.validate_paths import validate_paths
 
 
-def _end(flow_run, kind: RunEvent, mlflow_status: str, message: str) -> None:
-    record = RunRecord.of_flow_run(flow_run)
-    if record is None:  # it never got as far as naming itself
-        return
+def _stop_worker(record: RunRecord, cancelled: bool) -> str:
     if kill_worker(record):
-        message += "; the training worker was stopped, checkpoints and logs are kept in " + str(record.dir)
-    emit(record.name, kind, message, flow_run_id=str(flow_run.id))
-    flush()
-    client().set_terminated(record.mlflow_run_id, mlflow_status)
+        return "; the training worker was stopped, checkpoints and logs are kept in " + str(record.dir)
+    return ""
 
 
-def on_cancellation(flow, flow_run, state) -> None:
-    _end(flow_run, RunEvent.CANCELED, "KILLED", "run cancelled")
-
-
-def on_crashed(flow, flow_run, state) -> None:
-    with prefect_client() as prefect:
-        history = prefect.read_flow_run_states(flow_run.id)
-        if any(s.type in (StateType.CANCELLING, StateType.CANCELLED) for s in history):
-            # Cancelled while its process was starting: the server freed the run's slot of the deployment's
-            # concurrency limit, and the process, its lease gone, crashed. It was cancelled, and stays so.
-            prefect.set_flow_run_state(flow_run.id, Cancelled(message="cancelled by the user"), force=True)
-            return on_cancellation(flow, flow_run, state)
-    _end(flow_run, RunEvent.FAILED, "FAILED", f"run crashed: {state.message}")
-
-
-def on_failure(flow, flow_run, state) -> None:
-    exc = state.result(raise_on_failure=False)
-    reason = str(exc) if isinstance(exc, BaseException) else state.message
-    _end(flow_run, RunEvent.FAILED, "FAILED", reason)
+RUN = FlowKind("run", None, tags=lambda user, experiment_id, config: run_tags(user, experiment_id),
+               experiment=experiment_for, stop=_stop_worker)
 
 
 # Parameters arrive as JSON and are checked by `configure`, which words errors as the user wrote the setting;
 # the Prefect server and UI check them against the schema of these types before a run is created.
-@flow(name="finetune", validate_parameters=False, on_cancellation=[on_cancellation], on_crashed=[on_crashed],
-      on_failure=[on_failure])
+@flow(name="finetune", validate_parameters=False, **end_hooks(RUN))
 def finetune(
     config: RunConfig | None = None,
     model: str | None = None,
@@ -90,7 +66,7 @@ def finetune(
         return Cancelled(message="cancelled before it started")
     # Keys of `config` are named by their path in errors; the arguments by their own names.
     config = configure(config, shorthands={k: v for k, v in locals().items() if k in SHORTHANDS}, called=None)
-    record = _name_run(config, run_name, mlflow_run_id)
+    record = begin(RUN, config, run_name, mlflow_run_id)
     exit_with_parent(lambda: kill_worker(record))
     emit(record.name, RunEvent.STARTED, f"run {record.name} started")
     if current_flow_run.run_count > 1:  # scheduled again after the services stopped under it (flows/interrupted.py)
@@ -119,22 +95,3 @@ def _completed(record: RunRecord, message: str, **payload) -> dict:
     emit(record.name, RunEvent.COMPLETED, message, **payload)
     return {"run_name": record.name, **payload}
 
-
-def _name_run(config: RunConfig, run_name: str | None, mlflow_run_id: str | None) -> RunRecord:
-    """The run's record; a run started straight from the deployment gets its name, MLflow run and tags here."""
-    flow_run_id, user = str(current_flow_run.id), current_user()
-    named_here = run_name is None
-    run_name = run_name or run_name_for(config.run.model_name_or_path, config.run.task_type)
-    if mlflow_run_id is None:
-        experiment_id, mlflow_run_id = start_run(config.params(), run_name, experiment_for(config, run_name, user),
-                                                 user)
-        with prefect_client() as prefect:
-            tags = prefect.read_flow_run(flow_run_id).tags
-            prefect.update_flow_run(flow_run_id, name=run_name, tags=sorted({*tags, *run_tags(user, experiment_id)}))
-    else:
-        experiment_id = client().get_run(mlflow_run_id).info.experiment_id
-    if named_here:
-        emit(run_name, RunEvent.CREATED, f"run {run_name} created from its deployment")
-    record = RunRecord(run_name, flow_run_id, experiment_id, mlflow_run_id)
-    record.save()
-    return record

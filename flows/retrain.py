@@ -17,15 +17,21 @@ import mlflow
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled
 
-from flows.foundation_model.jobs import RunStatus, under_way
-from flows.foundation_model.runs import cancel, get, submit
-from tasks.config import RunConfig, run_name_for
+from flows.lifecycle import (
+    FlowKind,
+    begin,
+    child_run,
+    end_hooks,
+    start_child,
+    stop_children,
+)
+from tasks.config import RunConfig
 from tasks.data.increments import Inventory, gather, take_inventory
 from tasks.errors import InvalidInputError, TesseraError
 from tasks.events import RunEvent, emit, flush
+from tasks.flow_runs import RunStatus, under_way
 from tasks.judge import Verdict, judge
 from tasks.prefect_api import prefect_client
 from tasks.process_group import exit_with_parent
@@ -36,6 +42,7 @@ from tasks.retraining import (
     RetrainConfig,
     champion,
     configure_retraining,
+    experiment_path,
 )
 from tasks.retries import retryable
 from tasks.run_record import (
@@ -43,11 +50,9 @@ from tasks.run_record import (
     RunRecord,
     cancelled_while_starting,
     challenger_tag,
-    current_user,
     retrain_tags,
-    run_tags,
 )
-from tasks.tracking import check_owner_may_register, client, experiment_for, start_run
+from tasks.tracking import check_owner_may_register, client
 from tasks.training.checkpoint_names import LATEST
 from tasks.upload_checkpoints import checkpoints_uri
 
@@ -62,31 +67,21 @@ class ChallengerFailed(TesseraError):
     retryable = False
 
 
-def end_challenger(flow, flow_run, state) -> None:
-    """However it ends early (cancelled, failed, crashed): stop the challenger's run, say why, end the MLflow run.
-    The champion is unchanged, and what was new stays new for the next retraining."""
-    record = RunRecord.of_flow_run(flow_run)
-    if record is None:  # it never got as far as naming itself
-        return
-    with prefect_client() as prefect:
-        running = under_way(prefect, [challenger_tag(record.name)], limit=10)
-    stopped = cancel([r.name for r in running]) if running else 0
-    challenger = "; its challenger run was stopped" if stopped else ""
-    if state.is_cancelled():
-        emit(record.name, RunEvent.CANCELED, f"retraining cancelled{challenger}; the champion is unchanged",
-             flow_run_id=str(flow_run.id))
-        client().set_terminated(record.mlflow_run_id, "KILLED")
-    else:
-        exc = state.result(raise_on_failure=False) if state.is_failed() else None
-        reason = str(exc) if isinstance(exc, BaseException) else f"the retraining's flow crashed ({state.message})"
-        emit(record.name, RunEvent.FAILED, reason + challenger, flow_run_id=str(flow_run.id))
-        client().set_terminated(record.mlflow_run_id, "FAILED")
-    flush()
+def _stop_challenger(record: RunRecord, cancelled: bool) -> str:
+    """However it ends early, stop the challenger's run. The champion is unchanged, and what was new stays new for
+    the next retraining."""
+    stopped = "; its challenger run was stopped" if stop_children(RETRAINING, record) else ""
+    return stopped + ("; the champion is unchanged" if cancelled else "")
+
+
+RETRAINING = FlowKind(
+    "retraining", "retrain", stop=_stop_challenger, children=challenger_tag,
+    tags=lambda user, experiment_id, config: retrain_tags(user, experiment_id, config.retrain.registered_model),
+    experiment=lambda config, name, user: experiment_path(config, user))
 
 
 # Parameters arrive as JSON and are checked by configure_retraining, as fm.schedule_retraining() checks them.
-@flow(name="retrain", validate_parameters=False, on_cancellation=[end_challenger], on_crashed=[end_challenger],
-      on_failure=[end_challenger])
+@flow(name="retrain", validate_parameters=False, **end_hooks(RETRAINING))
 def retrain(config: RetrainConfig, run_name: str | None = None, mlflow_run_id: str | None = None) -> dict:
     """Train a challenger on what is new, judge it against the champion on the frozen eval set, promote the better.
 
@@ -98,7 +93,7 @@ def retrain(config: RetrainConfig, run_name: str | None = None, mlflow_run_id: s
     if cancelled_while_starting():
         return Cancelled(message="cancelled before it started")
     config = configure_retraining(config, called=None)
-    record = _name_retraining(config, run_name, mlflow_run_id)
+    record = begin(RETRAINING, config, run_name, mlflow_run_id)
     exit_with_parent(lambda: None)  # its runs have watchdogs of their own
     settings, source = config.retrain, config.run.train_data_path
     model = settings.registered_model
@@ -122,7 +117,6 @@ def retrain(config: RetrainConfig, run_name: str | None = None, mlflow_run_id: s
     weights = champion_checkpoint(incumbent) if continuing else None
     start = f"the champion (version {incumbent.version})" if continuing else config.run.model_name_or_path
     challenger_run, version = train_challenger(record, config.challenger(str(train_file), weights),
-                                               experiment_path(config, current_user()),
                                                f"{len(files)} file(s) from {start}")
 
     verdict = judge(record, config, version, int(incumbent.version) if incumbent else None)
@@ -209,20 +203,17 @@ def champion_checkpoint(version) -> str:
     return f"{checkpoints_uri(version.run_id, run_name)}/{LATEST}"
 
 
-def train_challenger(record: RunRecord, config: RunConfig, experiment: str, what: str) -> tuple[str, int]:
+def train_challenger(record: RunRecord, config: RunConfig, what: str) -> tuple[str, int]:
     """The challenger as a finetune run (a subflow, its MLflow run nested under the retraining's), waited for;
     returns its name and its registered version."""
-    user = current_user()
     name = f"{record.name}-challenger"
-    experiment_id, mlflow_run_id = start_run(config.params(), name, experiment, user,
-                                             parent_run_id=record.mlflow_run_id)
-    submit(config, name, mlflow_run_id, [*run_tags(user, experiment_id), challenger_tag(record.name)], as_subflow=True)
+    mlflow_run_id = start_child(RETRAINING, record, config, name)
     client().set_tag(record.mlflow_run_id, CHALLENGER_TAG, name)
     emit(record.name, RunEvent.TRAIN_UPDATED, f"challenger run {name} started on {what}", run=name)
-    while not (run := get(name)).status.is_terminal():
+    while not (status := RunStatus.of(run := child_run(name))).is_terminal():
         time.sleep(POLL_S)
-    if run.status != RunStatus.COMPLETED:
-        raise ChallengerFailed(f"challenger run {name} ended {run.status.value}: {run.details or 'see its events'}; "
+    if status != RunStatus.COMPLETED:
+        raise ChallengerFailed(f"challenger run {name} ended {status.value}: {run.state.message or 'see its events'}; "
                                f"the champion is unchanged and the new data stays new for the next retraining")
     versions = client().search_model_versions(f"name='{config.run.register_to}' and run_id='{mlflow_run_id}'")
     return name, int(versions[0].version)
@@ -242,28 +233,3 @@ def _completed(record: RunRecord, now: Inventory | None, model: str, outcome: st
     flush()  # on the server before the flow run's state says COMPLETED
     return {"run_name": record.name, "outcome": outcome, "registered_model": model, **payload}
 
-
-def _name_retraining(config: RetrainConfig, run_name: str | None, mlflow_run_id: str | None) -> RunRecord:
-    """The retraining's record: named, with its MLflow run, by fm.retrain_now(); here when started by its schedule
-    or from the deployment. Its MLflow experiment is the model's (run.experiment_path, else
-    /Users/<user>/retrain-<model>), so its retrainings sit together."""
-    flow_run_id, user = str(current_flow_run.id), current_user()
-    model = config.retrain.registered_model
-    name = run_name or run_name_for(config.run.model_name_or_path, config.run.task_type, prefix="retrain")
-    if mlflow_run_id is None:
-        experiment_id, mlflow_run_id = start_run(config.params(), name, experiment_path(config, user), user)
-        with prefect_client() as prefect:
-            tags = prefect.read_flow_run(flow_run_id).tags
-            prefect.update_flow_run(flow_run_id, name=name,
-                                    tags=sorted({*tags, *retrain_tags(user, experiment_id, model)}))
-        emit(name, RunEvent.CREATED, f"retraining {name} of {model} created by its schedule or deployment")
-    else:
-        experiment_id = client().get_run(mlflow_run_id).info.experiment_id
-    record = RunRecord(name, flow_run_id, experiment_id, mlflow_run_id)
-    record.save()
-    return record
-
-
-def experiment_path(config: RetrainConfig, user: str) -> str:
-    """The model's retraining experiment: run.experiment_path, else /Users/<user>/retrain-<model>."""
-    return experiment_for(config, f"retrain-{config.retrain.registered_model}", user)

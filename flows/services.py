@@ -19,25 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flows import interrupted
-from tasks import tracking
+from tasks import routing, tracking
 from tasks.devices import gpu_count
 from tasks.errors import ServiceError
 from tasks.home import tessera_home
 from tasks.ports import free_port
 from tasks.process_group import stop_group
 
-DEPLOYMENT = "finetune/default"
-SWEEP_DEPLOYMENT = "sweep/default"
-RETRAIN_DEPLOYMENT = "retrain/default"
 # A global concurrency limit of one slot: create() counts the active runs and submits one while holding it, so the
 # active-run limit holds for every client of the server, on any machine.
 CREATE_LOCK = "tessera-create"
 STARTUP_TIMEOUT_S = 120
-
-
-def model_retrain_deployment(registered_model: str) -> str:
-    """The model's scheduled retraining: a twin of retrain/default with the model's settings as its parameters."""
-    return f"retrain/{registered_model}"
 
 
 def max_active_runs() -> int:
@@ -220,7 +212,7 @@ def ensure_started() -> str:
             with temporary_settings(updates={PREFECT_API_URL: url}):
                 interrupted.recover(RUNNER.recorded_pid())  # runs the last runner left behind carry on
             _spawn(RUNNER, [sys.executable, "-m", "deployments.serve"], env)
-            served = (DEPLOYMENT, SWEEP_DEPLOYMENT, RETRAIN_DEPLOYMENT)
+            served = (routing.RUN, routing.SWEEP, routing.RETRAIN)
             _wait_for(lambda: all(_answers(f"{url}/deployments/name/{d}") for d in served), RUNNER,
                       f"the runner serving {', '.join(served)}")
         if mlflow_ui_url() and MLFLOW.pid() is None:
@@ -261,7 +253,7 @@ def stop() -> list[str]:
 
 def status() -> dict[str, str]:
     """Each embedded service: 'running (pid N) at URL' or 'stopped'."""
-    urls = {PREFECT.name: prefect_ui_url(), RUNNER.name: DEPLOYMENT, MLFLOW.name: mlflow_ui_url() or "-",
+    urls = {PREFECT.name: prefect_ui_url(), RUNNER.name: routing.RUN, MLFLOW.name: mlflow_ui_url() or "-",
             HTTP_API.name: http_api_url()}
     return {
         s.name: f"running (pid {s.pid()}) at {urls[s.name]}" if s.pid() else "stopped"

@@ -20,19 +20,30 @@ import mlflow
 import optuna
 from optuna.trial import TrialState
 from prefect import flow
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
-from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled
 
-from flows.foundation_model.jobs import RunStatus, under_way
-from flows.foundation_model.runs import cancel, get, submit
-from tasks.config import run_name_for
+from flows.lifecycle import (
+    FlowKind,
+    begin,
+    child_run,
+    end_hooks,
+    start_child,
+    stop_child,
+    stop_children,
+)
 from tasks.errors import TesseraError
-from tasks.events import RunEvent, emit, flush
+from tasks.events import RunEvent, emit
+from tasks.flow_runs import RunStatus
 from tasks.prefect_api import prefect_client
 from tasks.process_group import exit_with_parent
 from tasks.register_model import register_model
-from tasks.run_record import RunRecord, cancelled_while_starting, current_user, run_tags, sweep_tags, trial_tag
+from tasks.run_record import (
+    RunRecord,
+    cancelled_while_starting,
+    sweep_tags,
+    tag_value,
+    trial_tag,
+)
 from tasks.search import (
     BEST_RUN_TAG,
     SweepConfig,
@@ -41,7 +52,7 @@ from tasks.search import (
     open_study,
     trial_config,
 )
-from tasks.tracking import client, experiment_for, start_run
+from tasks.tracking import client, experiment_for
 from tasks.training.checkpoint_names import LATEST, export_dir, final_export, tag_step
 from tasks.upload_checkpoints import checkpoints_uri
 
@@ -68,31 +79,19 @@ class Running:
     pruned: bool = False  # told as pruned, its run still stopping
 
 
-def stop_trials(flow, flow_run, state) -> None:
-    """Cancelled: stop every running trial. Crashed or failed: say why; a crash leaves the trials running for the
-    sweep, run again, to watch."""
-    record = RunRecord.of_flow_run(flow_run)
-    if record is None:  # it never got as far as naming itself
-        return
-    if state.is_cancelled():
-        with prefect_client() as prefect:
-            trials = under_way(prefect, [trial_tag(record.name)])
-        stopped = cancel([t.name for t in trials]) if trials else 0
-        emit(record.name, RunEvent.CANCELED, f"sweep cancelled; {stopped} running trial(s) stopped",
-             flow_run_id=str(flow_run.id))
-        client().set_terminated(record.mlflow_run_id, "KILLED")
-    else:
-        exc = state.result(raise_on_failure=False) if state.is_failed() else None
-        reason = str(exc) if isinstance(exc, BaseException) else (
-            f"the sweep's flow crashed ({state.message}); fm.resume_sweep('{record.name}') continues it")
-        emit(record.name, RunEvent.FAILED, reason, flow_run_id=str(flow_run.id))
-        client().set_terminated(record.mlflow_run_id, "FAILED")
-    flush()
+def _stop_trials(record: RunRecord, cancelled: bool) -> str:
+    """Cancelled: stop every running trial. Crashed or failed: leave them running for the sweep, run again, to
+    watch."""
+    return f"; {stop_children(SWEEP, record)} running trial(s) stopped" if cancelled else ""
+
+
+SWEEP = FlowKind("sweep", "sweep", tags=lambda user, experiment_id, config: sweep_tags(user, experiment_id),
+                 experiment=experiment_for, stop=_stop_trials,
+                 crash_hint=lambda name: f"; fm.resume_sweep('{name}') continues it", children=trial_tag)
 
 
 # Parameters arrive as JSON and are checked by configure_sweep, as fm.sweep() checks them.
-@flow(name="sweep", validate_parameters=False, on_cancellation=[stop_trials], on_crashed=[stop_trials],
-      on_failure=[stop_trials])
+@flow(name="sweep", validate_parameters=False, **end_hooks(SWEEP))
 def sweep(config: SweepConfig, sweep_name: str | None = None, mlflow_run_id: str | None = None) -> dict:
     """Search the settings of `config.sweep.space` with finetune runs of the recipe; register the best.
 
@@ -104,7 +103,7 @@ def sweep(config: SweepConfig, sweep_name: str | None = None, mlflow_run_id: str
     if cancelled_while_starting():
         return Cancelled(message="cancelled before it started")
     config = configure_sweep(config, called=None)
-    record = _name_sweep(config, sweep_name, mlflow_run_id)
+    record = begin(SWEEP, config, sweep_name, mlflow_run_id)
     exit_with_parent(lambda: None)  # its runs have watchdogs of their own
     settings = config.sweep
     emit(record.name, RunEvent.STARTED, f"sweep {record.name} started: {settings.trials} trials of "
@@ -137,8 +136,8 @@ def run_trials(record: RunRecord, config: SweepConfig, study: optuna.Study) -> N
     settings, space = config.sweep, distributions(config.sweep)
     active = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # left by an earlier attempt
-        if "mlflow_run_id" in t.user_attrs:
-            active[t.number] = Running(t.number, t.user_attrs["run"], t.user_attrs["mlflow_run_id"], None)
+        if started := child_run(t.user_attrs["run"]) if "run" in t.user_attrs else None:
+            active[t.number] = Running(t.number, started.name, started.parameters["mlflow_run_id"], None)
         else:  # asked for, but stopped before its run was started
             study.tell(t.number, state=TrialState.FAIL)
     while True:
@@ -156,14 +155,9 @@ def run_trials(record: RunRecord, config: SweepConfig, study: optuna.Study) -> N
 
 def _start_trial(record: RunRecord, config: SweepConfig, trial: optuna.trial.Trial) -> Running:
     """A finetune run of the recipe with the trial's values, as a subflow, its MLflow run nested under the sweep's."""
-    trial_cfg, user = trial_config(config, trial.params), current_user()
     name = f"{record.name}-t{trial.number}"
-    experiment_id, mlflow_run_id = start_run(trial_cfg.params(), name, experiment_for(config, record.name, user),
-                                             user, parent_run_id=record.mlflow_run_id)
     trial.set_user_attr("run", name)
-    trial.set_user_attr("mlflow_run_id", mlflow_run_id)
-    submit(trial_cfg, name, mlflow_run_id, [*run_tags(user, experiment_id), trial_tag(record.name)], register=False,
-           as_subflow=True)
+    mlflow_run_id = start_child(SWEEP, record, trial_config(config, trial.params), name, register=False)
     emit(record.name, RunEvent.TRAIN_UPDATED, f"trial {trial.number} started as run {name}: {_values(trial.params)}",
          trial=trial.number, run=name, params=trial.params)
     return Running(trial.number, name, mlflow_run_id, trial)
@@ -185,7 +179,7 @@ def _watch(record: RunRecord, config: SweepConfig, study: optuna.Study, running:
             emit(running.run, RunEvent.PRUNED, f"pruned by sweep {record.name} at batch {step}: {metric} "
                  f"{value:.4f}, behind {_others_at(study, running.number, step)}", batch=step, value=value,
                  sweep=record.name)
-            cancel(running.run)
+            stop_child(running.run)
             study.tell(running.number, state=TrialState.PRUNED)
             _trial_finished(record, running, "pruned", value)
             running.pruned = True
@@ -230,9 +224,8 @@ def _cancelling(record: RunRecord) -> bool:
 
 
 def _status(run_name: str) -> RunStatus | None:
-    with prefect_client() as prefect:
-        found = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])), limit=1)
-    return RunStatus.of(found[0]) if found else None
+    flow_run = child_run(run_name)
+    return RunStatus.of(flow_run) if flow_run else None
 
 
 def _final_export(run: str) -> tuple[RunRecord, str]:
@@ -241,9 +234,9 @@ def _final_export(run: str) -> tuple[RunRecord, str]:
     record = RunRecord.load(run)
     if record is not None:
         return record, str(final_export(record.checkpoints))
-    trial = get(run)
-    record = RunRecord(run, trial.flow_run_id, trial.experiment_id, trial.run_id)
-    checkpoints = checkpoints_uri(trial.run_id, run)
+    trial = child_run(run)
+    record = RunRecord(run, str(trial.id), tag_value(trial.tags, "experiment"), trial.parameters["mlflow_run_id"])
+    checkpoints = checkpoints_uri(record.mlflow_run_id, run)
     step = tag_step(mlflow.artifacts.load_text(f"{checkpoints}/{LATEST}").strip())
     return record, mlflow.artifacts.download_artifacts(f"{checkpoints}/{export_dir(Path(), step).as_posix()}",
                                                        dst_path=tempfile.mkdtemp(prefix="tessera-best-"))
@@ -272,22 +265,3 @@ def _summarize(record: RunRecord, config: SweepConfig, study: optuna.Study) -> N
     figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
     mlflow_client.log_figure(run_id, figure, "sweep/metric_by_setting.png")
 
-
-def _name_sweep(config: SweepConfig, sweep_name: str | None, mlflow_run_id: str | None) -> RunRecord:
-    """The sweep's record: named, with its parent MLflow run, by fm.sweep(); here when started from the deployment.
-    A sweep run again under its name keeps both."""
-    flow_run_id, user = str(current_flow_run.id), current_user()
-    earlier = RunRecord.load(sweep_name) if sweep_name else None
-    name = sweep_name or run_name_for(config.run.model_name_or_path, config.run.task_type, prefix="sweep")
-    if mlflow_run_id is None and earlier is None:
-        experiment_id, mlflow_run_id = start_run(config.params(), name, experiment_for(config, name, user), user)
-        emit(name, RunEvent.CREATED, f"sweep {name} created from its deployment")
-    else:
-        mlflow_run_id = mlflow_run_id or earlier.mlflow_run_id
-        experiment_id = client().get_run(mlflow_run_id).info.experiment_id
-    with prefect_client() as prefect:
-        tags = prefect.read_flow_run(flow_run_id).tags
-        prefect.update_flow_run(flow_run_id, name=name, tags=sorted({*tags, *sweep_tags(user, experiment_id)}))
-    record = RunRecord(name, flow_run_id, experiment_id, mlflow_run_id)
-    record.save()
-    return record

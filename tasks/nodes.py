@@ -22,6 +22,7 @@ from prefect.client.schemas.objects import StateType, WorkerStatus
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as current_flow_run
 
+from tasks import routing
 from tasks.errors import InvalidInputError, ServiceError
 from tasks.ports import free_port
 from tasks.prefect_api import prefect_client
@@ -30,7 +31,6 @@ from tasks.run_record import cancel_flow_run
 from tasks.training.spec import TrainSpec
 
 NAME_ENV, ADDR_ENV = "TESSERA_NODE", "TESSERA_NODE_ADDR"
-DEPLOYMENT = "train-node/default"
 START_S = 180  # a node's flow run not running by then (its worker gone): the run fails instead of waiting
 END_S = 60  # how long a head that trained to the end waits for the other nodes' flow runs to end on their own
 WATCH_S = 2.0
@@ -99,7 +99,7 @@ class OtherNodes:
         for rank, node in enumerate(self.nodes[1:], start=1):
             parameters = dict(run_name=self.spec.run_name, spec=str(self.spec_path), nodes=self.nodes,
                               node_rank=rank, master_addr=self.master_addr, master_port=self.master_port)
-            self.flow_runs.append(run_deployment(DEPLOYMENT, parameters=parameters, timeout=0,
+            self.flow_runs.append(run_deployment(routing.NODE, parameters=parameters, timeout=0,
                                                  work_queue_name=node_queue(node),
                                                  flow_run_name=f"{self.spec.run_name}-node{rank}").id)
 

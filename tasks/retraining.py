@@ -28,7 +28,7 @@ from tasks.data.sources import check_data_path
 from tasks.errors import InvalidInputError
 from tasks.models import context_length_for
 from tasks.recipe import configure
-from tasks.tracking import client, refused
+from tasks.tracking import client, experiment_for, refused
 
 CHAMPION = "champion"  # the alias of the version in service
 OUTCOME_TAG = "tessera.retrain"  # promoted, rejected or skipped: on the retraining's MLflow run and the version
@@ -122,3 +122,9 @@ def check_retraining(config: RetrainConfig) -> RetrainConfig:
     length = context_length_for(run.model_name_or_path, config.training_config.max_length,
                                 config.name_of("training_config.max_length"))
     return config.replace({"training_config.max_length": length})
+
+
+def experiment_path(config: RetrainConfig, user: str) -> str:
+    """The model's retraining experiment: run.experiment_path, else /Users/<user>/retrain-<model>, so its
+    retrainings sit together."""
+    return experiment_for(config, f"retrain-{config.retrain.registered_model}", user)

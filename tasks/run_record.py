@@ -28,6 +28,11 @@ from tasks.prefect_api import prefect_client
 WORKER_PGID = "worker.pgid"  # in a run folder while its training worker runs: the worker's process group
 
 
+def _in_run_dir(name: str) -> property:
+    """A path in the run's folder, as the layout above names it."""
+    return property(lambda record: record.dir / name)
+
+
 @dataclass
 class RunRecord:
     name: str
@@ -39,29 +44,12 @@ class RunRecord:
     def dir(self) -> Path:
         return runs_dir() / self.name
 
-    @property
-    def spec(self) -> Path:
-        return self.dir / "spec.json"
-
-    @property
-    def pgid_file(self) -> Path:
-        return self.dir / WORKER_PGID
-
-    @property
-    def logs(self) -> Path:
-        return self.dir / "logs"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.dir / "checkpoints"
-
-    @property
-    def custom_weights(self) -> Path:
-        return self.dir / "custom_weights"
-
-    @property
-    def generations(self) -> Path:
-        return self.dir / "eval_generations.json"
+    spec = _in_run_dir("spec.json")
+    pgid_file = _in_run_dir(WORKER_PGID)
+    logs = _in_run_dir("logs")
+    checkpoints = _in_run_dir("checkpoints")
+    custom_weights = _in_run_dir("custom_weights")
+    generations = _in_run_dir("eval_generations.json")
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,13 @@ from types import SimpleNamespace
 
 from prefect.client.schemas.objects import StateType
 
-from flows.foundation_model.jobs import ACTIVE, RunStatus, flow_run_filters, read_flow_runs, under_way
+from tasks.flow_runs import (
+    ACTIVE,
+    RunStatus,
+    flow_run_filters,
+    read_flow_runs,
+    under_way,
+)
 
 STARTED = {StateType.PENDING, StateType.RUNNING, StateType.CANCELLING, StateType.PAUSED}
 
@@ -74,9 +80,9 @@ def test_runs_read_through_both_filters_come_newest_first_up_to_the_limit():
 
 
 def test_each_filter_is_read_in_the_servers_pages(monkeypatch):
-    from flows.foundation_model import jobs
+    from tasks import flow_runs
 
-    monkeypatch.setattr(jobs, "PAGE", 2)
+    monkeypatch.setattr(flow_runs, "PAGE", 2)
     prefect = Prefect(started=_runs(5, 4, 3, 2, 1), scheduled=_runs(15, 14, 13))
     assert [r.name for r in under_way(prefect, ["t"])] == ["h15", "h14", "h13", "h5", "h4", "h3", "h2", "h1"]
     assert prefect.reads == 3 + 2  # pages of 2: 2, 2, 1 and 2, 1

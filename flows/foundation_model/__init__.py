@@ -17,11 +17,7 @@
 import builtins
 
 from flows.foundation_model import runs as _runs
-from flows.foundation_model.jobs import (  # noqa: F401  (the public API, with the ones below)
-    ACTIVE,
-    FineTuningEvent,
-    RunStatus,
-)
+from flows.foundation_model.jobs import FineTuningEvent  # noqa: F401  (the public API, with the ones below)
 from flows.foundation_model.retraining import (  # noqa: F401
     Retraining,
     RetrainingSchedule,
@@ -52,6 +48,7 @@ from flows.foundation_model.sweeps import (  # noqa: F401
 )
 from tasks.data.validation import DataValidation, validate_data  # noqa: F401
 from tasks.errors import RunNotFoundError
+from tasks.flow_runs import ACTIVE, RunStatus  # noqa: F401
 
 
 def cancel(runs: "str | TrainingRun | Sweep | Retraining | builtins.list[str | TrainingRun] | None" = None,

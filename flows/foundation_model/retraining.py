@@ -24,18 +24,16 @@ from flows import services
 from flows.foundation_model.jobs import (
     Job,
     Kind,
-    RunStatus,
     common_fields,
-    flow_run_filters,
     name_of,
     newest_first,
-    read_flow_runs,
     tracking_ids,
     wanted_statuses,
 )
-from flows.services import RETRAIN_DEPLOYMENT, model_retrain_deployment
+from tasks import routing
 from tasks.config import run_name_for
 from tasks.errors import InvalidInputError, RunNotFoundError
+from tasks.flow_runs import RunStatus, flow_run_filters, read_flow_runs
 from tasks.prefect_api import prefect_client
 from tasks.recipe import SHORTHANDS
 from tasks.retraining import (
@@ -46,6 +44,7 @@ from tasks.retraining import (
     champion,
     check_retraining,
     configure_retraining,
+    experiment_path,
 )
 from tasks.run_record import (
     RETRAIN_TAG,
@@ -56,7 +55,7 @@ from tasks.run_record import (
 )
 from tasks.tracking import client, refused
 
-RETRAINING = Kind(RETRAIN_TAG, "retraining", "fm.list_retrainings()", RETRAIN_DEPLOYMENT, runs_under=challenger_tag)
+RETRAINING = Kind(RETRAIN_TAG, "retraining", "fm.list_retrainings()", routing.RETRAIN, runs_under=challenger_tag)
 
 
 @dataclass
@@ -126,7 +125,7 @@ def schedule_retraining(
         raise InvalidInputError(f"cron {cron!r} (timezone {timezone!r}) is not a schedule: "
                                 f"{e.errors()[0]['msg']}; write five fields, e.g. '0 3 * * *' (03:00 daily)") from None
     with services.connected(), prefect_client() as prefect:
-        base = prefect.read_deployment_by_name(RETRAIN_DEPLOYMENT)
+        base = prefect.read_deployment_by_name(routing.RETRAIN)
         # The same flow, served where retrain/default is (the embedded runner, or a work pool's workers).
         prefect.create_deployment(
             base.flow_id, registered_model, parameters={"config": config.to_recipe()},
@@ -181,18 +180,14 @@ def retrain_now(
     schedule_retraining() takes them)."""
     given = {k: v for k, v in arguments.items() if v is not None}
     if recipe is None and not given and not overrides and mode is None and min_improvement is None:
-        deployment = model_retrain_deployment(registered_model)
+        deployment = routing.model_retrain(registered_model)
         with services.connected():
             config = get_retraining_schedule(registered_model).config
     else:
-        deployment = RETRAIN_DEPLOYMENT
+        deployment = routing.RETRAIN
         with services.connected():  # the champion is read from MLflow
             config = _configure(registered_model, recipe, overrides, mode, min_improvement, given, validate_inputs)
     name, user = run_name_for(config.run.model_name_or_path, config.run.task_type, prefix="retrain"), current_user()
-    from flows.retrain import (
-        experiment_path,  # the flow's module, imported only to start one
-    )
-
     flow_run = RETRAINING.start_tracked(config, name, experiment_path(config, user), user,
                                         {"config": config.to_recipe(), "run_name": name},
                                         lambda experiment_id: retrain_tags(user, experiment_id, registered_model),
@@ -256,7 +251,7 @@ def _configure(registered_model: str, recipe, overrides, mode, min_improvement, 
 def _deployment(prefect, registered_model: str):
     """The model's retrain/<model> deployment."""
     try:
-        return prefect.read_deployment_by_name(model_retrain_deployment(registered_model))
+        return prefect.read_deployment_by_name(routing.model_retrain(registered_model))
     except ObjectNotFound:
         raise RunNotFoundError(f"{registered_model} has no retraining schedule: create one with "
                                "fm.schedule_retraining() or `tessera retrain schedule`") from None

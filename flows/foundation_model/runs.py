@@ -17,27 +17,22 @@ from typing import Any, ClassVar
 from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 
-from deployments.queues import queue_for
 from flows import services
 from flows.foundation_model.jobs import (
-    ACTIVE,
     Job,
     Kind,
-    RunStatus,
     common_fields,
     creator,
-    flow_run_filters,
     job_events,
     name_of,
     newest_first,
     read_events,
-    read_flow_runs,
-    stop_flow_run,
     tracked,
     tracking_ids,
-    under_way,
     wanted_statuses,
 )
+from flows.lifecycle import launch_run
+from tasks import routing
 from tasks.config import RunConfig, run_name_for
 from tasks.data.validation import DataValidation, validate_data  # noqa: F401  (public API)
 from tasks.errors import (
@@ -46,6 +41,14 @@ from tasks.errors import (
     TooManyActiveRunsError,
 )
 from tasks.events import RunEvent, flush
+from tasks.flow_runs import (
+    ACTIVE,
+    RunStatus,
+    flow_run_filters,
+    read_flow_runs,
+    stop_flow_run,
+    under_way,
+)
 from tasks.models import ModelInfo
 from tasks.models import get_models as _catalog
 from tasks.prefect_api import prefect_client
@@ -58,7 +61,7 @@ from tasks.training.protocol import seconds_left
 from tasks.upload_checkpoints import artifact_dir
 from tasks.validate_paths import check_paths
 
-RUN = Kind(RUN_TAG, "run", "fm.list()", services.DEPLOYMENT)
+RUN = Kind(RUN_TAG, "run", "fm.list()", routing.RUN)
 
 
 @dataclass
@@ -168,7 +171,7 @@ def create(
         user = current_user()
         with tracked(config, name, experiment_for(config, name, user), user) as (experiment_id, mlflow_run_id):
             # The arguments beside the config they are in: the run names a setting as it was given.
-            flow_run = submit(config, name, mlflow_run_id, run_tags(user, experiment_id), given)
+            flow_run = launch_run(config, name, mlflow_run_id, run_tags(user, experiment_id), given)
     return TrainingRun.of(flow_run, include_details=False)
 
 @contextmanager
@@ -187,24 +190,6 @@ def _create_lock() -> Iterator[None]:
         raise ServiceError(f"the Prefect server at {services.prefect_api_url()} has no concurrency limit "
                            f"{services.CREATE_LOCK}: register Tessera's deployments there "
                            "(python -m deployments.deploy --pool <pool>), which creates it") from None
-
-
-def submit(config: RunConfig, name: str, mlflow_run_id: str, tags: "builtins.list[str]", given: dict | None = None,
-           register: bool = True, as_subflow: bool = False):
-    """Start a flow run of the finetune deployment, its MLflow run made by the caller; returns the flow run.
-
-    `given`: the arguments the config was made with; `register=False` leaves registration to the caller (a sweep,
-    which registers only its best trial); `as_subflow`: from inside a flow, shown as its subflow."""
-    parameters = {"config": config.to_recipe(), **(given or {}), "run_name": name, "mlflow_run_id": mlflow_run_id}
-    return RUN.start(name, parameters | ({} if register else {"register": False}), tags, f"run {name} created",
-                     as_subflow=as_subflow, work_queue_name=_queue(config))
-
-
-def _queue(config: RunConfig) -> str | None:
-    """On a work pool, the queue of the workers whose machines the run fits; a runner has none."""
-    with prefect_client() as prefect:
-        pooled = prefect.read_deployment_by_name(services.DEPLOYMENT).work_pool_name is not None
-    return queue_for(config.training_config.deepspeed.processes) if pooled else None
 
 
 def get(training_run: "str | TrainingRun") -> TrainingRun:

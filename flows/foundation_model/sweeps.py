@@ -13,20 +13,18 @@ from flows import services
 from flows.foundation_model.jobs import (
     Job,
     Kind,
-    RunStatus,
     common_fields,
     creator,
-    flow_run_filters,
     name_of,
     newest_first,
-    read_flow_runs,
     tracking_ids,
     wanted_statuses,
 )
 from flows.foundation_model.runs import TrainingRun, get
-from flows.services import SWEEP_DEPLOYMENT
+from tasks import routing
 from tasks.config import run_name_for
 from tasks.errors import InvalidInputError
+from tasks.flow_runs import RunStatus, flow_run_filters, read_flow_runs
 from tasks.prefect_api import prefect_client
 from tasks.recipe import SHORTHANDS
 from tasks.run_record import RUN_TAG, SWEEP_TAG, current_user, sweep_tags, trial_tag
@@ -35,7 +33,7 @@ from tasks.tracking import client as mlflow_client
 from tasks.tracking import experiment_for
 from tasks.validate_paths import check_paths
 
-SWEEP = Kind(SWEEP_TAG, "sweep", "fm.list_sweeps()", SWEEP_DEPLOYMENT, runs_under=trial_tag)
+SWEEP = Kind(SWEEP_TAG, "sweep", "fm.list_sweeps()", routing.SWEEP, runs_under=trial_tag)
 
 
 @dataclass
