@@ -38,7 +38,7 @@ $(SDK_STAMP): $(STAMP)
 # Tessera's own modules are installed editable, so uv does not compile them: every process (each run starts
 # several) would compile them again. compileall only rewrites what changed.
 compile:
-	$(PY) -m compileall -q tasks flows deployments api
+	$(PY) -m compileall -q tasks flows deployments client api cli
 
 demo: setup compile
 	$(PY) examples/demo.py

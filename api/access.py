@@ -21,7 +21,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from api.openai import files
-from flows.foundation_model import runs
+from client import runs
 from tasks.custom_weights import DATABRICKS_ARTIFACT, store_uri
 from tasks.data.sources import local_path
 from tasks.errors import InvalidInputError

@@ -9,7 +9,7 @@ from api.databricks import graphql, mlflow_proxy, workspace
 from api.keys import api_keys, user_for
 from api.limits import LimitBodies, answer
 from api.openai import errors, files, inference, jobs
-from flows import services
+from deployments import services
 from tasks.errors import InvalidInputError
 from tasks.run_record import ACTING_USER
 

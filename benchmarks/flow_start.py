@@ -46,7 +46,7 @@ def through_a_pool(fm, recipe: dict, repeats: int) -> tuple[list[float], list[fl
     """The same runs with the runner stopped and `tessera worker` taking them from a process work pool."""
     from prefect.client.schemas.actions import WorkPoolCreate
 
-    from flows import services
+    from deployments import services
     from tasks.prefect_api import prefect_client
     from tasks.process_group import stop_group
 
@@ -60,9 +60,9 @@ def through_a_pool(fm, recipe: dict, repeats: int) -> tuple[list[float], list[fl
                               capture_output=True, text=True)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     with open(Path(os.environ["TESSERA_HOME"]) / "worker.log", "w") as log:
-        # Polling the pool as often as the embedded runner polls its deployments (flows/services.py).
+        # Polling the pool as often as the embedded runner polls its deployments (deployments/services.py).
         env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", "2")}
-        worker = subprocess.Popen([sys.executable, "-m", "flows.cli", "worker", "--pool", POOL], cwd=REPO, env=env,
+        worker = subprocess.Popen([sys.executable, "-m", "cli.main", "worker", "--pool", POOL], cwd=REPO, env=env,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             return timed_runs(fm, recipe, repeats)

@@ -93,7 +93,7 @@ def main() -> int:
     from tasks.ports import free_port
 
     port, home = free_port(), tempfile.mkdtemp(prefix="tessera-inference-bench-")
-    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port)],
                               env={**os.environ, "TESSERA_HOME": home, "TESSERA_API_KEYS": ""},
                               cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -32,7 +32,7 @@ def machine_cpu_s() -> float:
 
 def resume_s(fm, recipe: dict) -> float:
     """Seconds from the first API call after the services stopped under a run to the run's RESUMED event."""
-    from flows import services
+    from deployments import services
     from tasks.run_record import RunRecord
     from tasks.training.checkpoint_names import LATEST
 

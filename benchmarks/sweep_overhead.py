@@ -58,7 +58,7 @@ def tiny_services(prefix: str) -> Iterator[tuple[object, dict]]:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     # Imported once the environment says where the services live: Prefect reads its settings at import.
     from flows import foundation_model as fm
-    from flows import services
+    from deployments import services
 
     (work / "model").mkdir()
     model = tiny_model(work / "model")

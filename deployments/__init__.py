@@ -1,1 +1,2 @@
-"""How Tessera's flows are served: the local runner (embedded default) and deploy.py for work pools."""
+"""How Tessera's flows are executed: the embedded stack (services.py, and interrupted.py for the runs it stopped
+under), the local runner (serve.py) and deploy.py for work pools."""

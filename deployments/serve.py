@@ -15,7 +15,7 @@ from prefect.runner import Runner
 
 from flows.finetune import finetune
 from flows.retrain import retrain
-from flows.services import CREATE_LOCK, device_slots, max_active_runs
+from deployments.services import CREATE_LOCK, device_slots, max_active_runs
 from flows.sweep import sweep
 from flows.train_node import train_node
 from tasks import warm_start

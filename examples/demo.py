@@ -10,8 +10,8 @@ from pathlib import Path
 from rich.table import Table
 
 from flows import foundation_model as fm
-from flows import services
-from flows.console import console, follow
+from deployments import services
+from cli.console import console, follow
 from tasks import tracking
 
 DATA = Path(__file__).parent / "data"

@@ -4,8 +4,7 @@ from prefect import flow
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled
 
-from flows.interrupted import STOPPED_UNDER
-from flows.lifecycle import FlowKind, begin, end_hooks
+from flows.lifecycle import STOPPED_UNDER, FlowKind, begin, end_hooks
 from tasks.config import RunConfig, TaskType
 from tasks.events import RunEvent, emit
 from tasks.init_model import init_model
@@ -69,7 +68,7 @@ def finetune(
     record = begin(RUN, config, run_name, mlflow_run_id)
     exit_with_parent(lambda: kill_worker(record))
     emit(record.name, RunEvent.STARTED, f"run {record.name} started")
-    if current_flow_run.run_count > 1:  # scheduled again after the services stopped under it (flows/interrupted.py)
+    if current_flow_run.run_count > 1:  # scheduled again after the services stopped under it (deployments/interrupted.py)
         done = complete_checkpoints(record.checkpoints)
         emit(record.name, RunEvent.RESUMED, f"resumed after {STOPPED_UNDER}: " + (
             f"training continues from checkpoint {done[-1].name}" if done else

@@ -21,6 +21,9 @@ from tasks.prefect_api import prefect_client
 from tasks.run_record import RUN_TAG, RunRecord, current_user, run_tags
 from tasks.tracking import client, start_run
 
+# Why a run was started again (deployments/interrupted.py), as its RESUMED event says.
+STOPPED_UNDER = "the services stopped under it"
+
 
 @dataclass(frozen=True)
 class FlowKind:

@@ -8,7 +8,7 @@ challenger's version is tagged rejected). What it saw is recorded only once it h
 fails leaves the new data new for the next one.
 
 Each scheduled model has its own deployment, `retrain/<model>`, whose parameters are its settings
-(flows/foundation_model/retraining.py); `retrain/default` runs the settings it is given.
+(client/retraining.py); `retrain/default` runs the settings it is given.
 """
 
 import time

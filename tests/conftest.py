@@ -164,7 +164,8 @@ def fm(aws_env, tmp_path_factory, tiny_model_dir):
         env.setenv("TESSERA_API_KEYS", ",".join(f"{user}:{key}" for user, key in KEYS.items()))
         env.setenv("TESSERA_MODELS_ROOT", str(tiny_model_dir.parent))
         env.setenv("TESSERA_MAX_UPLOAD_MB", "1")
-        from flows import foundation_model, services
+        from deployments import services
+        from flows import foundation_model
 
         services.ensure_started()
         yield foundation_model
@@ -174,7 +175,7 @@ def fm(aws_env, tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="session")
 def http_api(fm) -> str:
     """The address of the test session's HTTP API, once it answers."""
-    from flows import services
+    from deployments import services
 
     url = services.http_api_url()
     deadline = time.monotonic() + 60
@@ -203,7 +204,7 @@ def tessera_serve(log: Path | None = None, **env: str) -> Iterator[str]:
     once it answers, and stopped afterwards."""
     port = free_port()
     out = open(log, "wb") if log else None
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port)],
                                cwd=Path(__file__).parents[1], env={**os.environ, **env}, stdout=out,
                                stderr=subprocess.STDOUT if out else None)
     url = f"http://127.0.0.1:{port}"

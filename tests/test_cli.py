@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from flows.foundation_model import get_models
-from flows.foundation_model.runs import _parse_time
+from client.runs import _parse_time
 from tasks.errors import InvalidInputError
 
 
 def tessera(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200"}  # rich wraps table cells to the terminal width
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_models_lists_the_catalog_and_what_can_run_here():
@@ -144,7 +144,7 @@ def test_create_from_a_recipe_refuses_a_bad_key_before_any_run(tmp_path):
 ])
 def test_create_sets_any_setting_by_its_path_and_refuses_a_wrong_one_before_any_run(setting, said, monkeypatch,
                                                                                        capsys):
-    from flows import cli
+    from cli import main as cli
 
     recipe = Path(__file__).parents[1] / "examples" / "recipes" / "full.yaml"
     monkeypatch.setattr(sys, "argv", ["tessera", "create", "--recipe", str(recipe), "--set", setting])

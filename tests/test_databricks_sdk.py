@@ -30,7 +30,7 @@ def sdk_python() -> str:
 
 def sdk(python: str, url: str, code: str, token: str = KEY) -> dict:
     """Run `code` with the SDK as `fm` against the server; what it put in `out`."""
-    from flows import services
+    from deployments import services
 
     result = Path(os.environ["TESSERA_HOME"]) / f"sdk-{time.monotonic_ns()}.json"
     script = "import json, time\nfrom databricks.model_training import foundation_model as fm\nout = {}\n" + \

@@ -94,7 +94,7 @@ def test_sweeps_and_retrainings_take_the_same_checks():
 
 
 def tessera(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "COLUMNS": "200", **env}, cwd=Path(__file__).parents[1])
 
 

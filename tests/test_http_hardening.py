@@ -236,8 +236,8 @@ def test_tessera_serve_brings_the_services_up_without_a_second_http_api(tmp_path
             assert answer.status_code == 200 and answer.json()["data"] == [], answer.text
             assert (tmp_path / "services" / "runner.pid").exists()  # the request brought the services up
             assert not (tmp_path / "services" / "http-api.pid").exists()
-            assert subprocess.run(["pgrep", "-f", f"flows.cli serve --port {serve_port}"]).returncode == 1
+            assert subprocess.run(["pgrep", "-f", f"cli.main serve --port {serve_port}"]).returncode == 1
     finally:
-        subprocess.run([sys.executable, "-m", "flows.cli", "server", "stop"], cwd=Path(__file__).parents[1],
+        subprocess.run([sys.executable, "-m", "cli.main", "server", "stop"], cwd=Path(__file__).parents[1],
                        env={**os.environ, "TESSERA_HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect"),
                             **env}, timeout=120, check=True)

@@ -37,7 +37,7 @@ def references(path: Path) -> list[tuple[int, str]]:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             if match := STARTED_BY_NAME.match(node.value):
                 found.append((node.lineno, match.group(1)))
-    return found
+    return sorted(found)
 
 
 def upward_imports() -> list[str]:

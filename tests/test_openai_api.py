@@ -181,7 +181,7 @@ def test_a_job_trains_registers_and_serves_its_model(client, finished, fm):
 
 def test_mlflow_serves_what_a_job_registered(finished, fm):
     """MLflow's own scoring server on the registered model's candidate alias."""
-    from flows import services
+    from deployments import services
 
     model = finished[3].fine_tuned_model
     port = free_port()

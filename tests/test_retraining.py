@@ -31,7 +31,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 
-from flows import services
+from deployments import services
 from tasks.errors import InvalidInputError, RunNotFoundError
 from conftest import CHAT, wait_for
 
@@ -211,7 +211,7 @@ def test_a_model_retrained_on_its_schedule_keeps_the_better_champion(fm, tiny_mo
     assert fm.pause_retraining(MODEL, paused=False).active and not fm.pause_retraining(MODEL).active
     assert coming_runs(MODEL) == []
 
-    from flows import cli  # the CLI over the same API
+    from cli import main as cli  # the CLI over the same API
 
     listed = [cron, "paused", "promoted", "rejected", "skipped"]
     for argv, code, said in ((["retrain", "list", MODEL], 0, listed),

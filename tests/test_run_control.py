@@ -68,7 +68,7 @@ def test_an_ended_run_whose_process_never_said_so_gets_its_terminal_event_once(f
     from prefect import get_client
     from prefect.states import Crashed, Scheduled
 
-    from flows import services
+    from deployments import services
 
     name = f"ift-orphan-{uuid.uuid4().hex[:6]}"
     with services.connected(), get_client(sync_client=True) as prefect:
@@ -90,8 +90,8 @@ def test_a_run_that_ended_a_while_ago_is_read_without_waiting_for_its_events(fm,
     from prefect import get_client
     from prefect.states import Crashed, Scheduled
 
-    from flows import services
-    from flows.foundation_model import jobs
+    from deployments import services
+    from client import jobs
 
     monkeypatch.setattr(jobs, "EVENTS_SETTLE_S", 8.0)
     name = f"ift-old-{uuid.uuid4().hex[:6]}"
@@ -112,7 +112,7 @@ def test_the_active_run_limit_holds_when_creates_race(fm, tiny_model_dir, chat_f
     from prefect import get_client
     from prefect.states import Scheduled
 
-    from flows import services
+    from deployments import services
 
     active = len(fm.list(statuses=[s for s in fm.ACTIVE], include_details=False))
     monkeypatch.setenv("TESSERA_MAX_ACTIVE_RUNS", str(active + 3))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import services
+from deployments import services
 from tasks.training.checkpoint_names import tag_step
 from conftest import answers, worker_pids
 
@@ -21,7 +21,7 @@ def tessera(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items()
              if k not in ("PREFECT_API_URL", "TESSERA_EMBEDDED", "TESSERA_PREFECT_PORT", "TESSERA_MLFLOW_PORT",
                           "TESSERA_SERVE_PORT", "MLFLOW_TRACKING_URI")}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parents[1], env={**clean, "COLUMNS": "250", "TESSERA_HOME": str(home),
                                                               "PREFECT_HOME": str(home / "prefect"), **env})
 

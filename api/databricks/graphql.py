@@ -23,8 +23,8 @@ from starlette.responses import JSONResponse
 
 from api import access
 from api.failures import unexpected
-from flows import foundation_model as fm
-from flows.foundation_model.jobs import events_of
+import client as fm
+from client.jobs import events_of
 from tasks.custom_weights import DATABRICKS_SAVE_FOLDER
 from tasks.errors import InvalidInputError, RunNotFoundError, TesseraError, TooManyActiveRunsError
 from tasks.run_record import current_user

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import access
 from api.databricks.workspace import error
-from flows import services
+from deployments import services
 from tasks import tracking
 
 router = APIRouter()

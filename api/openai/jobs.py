@@ -30,7 +30,7 @@ from api.openai.errors import OpenAIError, from_tessera
 from api.openai.inference import registered_version
 from api.openai.pages import after as _after
 from api.openai.pages import page
-from flows import foundation_model as fm
+import client as fm
 from tasks.config import Optim, TaskType, TrainingConfig
 from tasks.errors import RunNotFoundError, TesseraError
 from tasks.events import RunEvent

@@ -9,9 +9,9 @@ from rich.markup import escape
 from rich.table import Table
 from ruamel.yaml import YAMLError
 
-from flows import foundation_model as fm
-from flows import services
-from flows.console import (
+import client as fm
+from deployments import services
+from cli.console import (
     console,
     data_summary,
     follow,

@@ -16,9 +16,9 @@
 
 import builtins
 
-from flows.foundation_model import runs as _runs
-from flows.foundation_model.jobs import FineTuningEvent  # noqa: F401  (the public API, with the ones below)
-from flows.foundation_model.retraining import (  # noqa: F401
+from client import runs as _runs
+from client.jobs import FineTuningEvent  # noqa: F401  (the public API, with the ones below)
+from client.retraining import (  # noqa: F401
     Retraining,
     RetrainingSchedule,
     get_retraining,
@@ -31,7 +31,7 @@ from flows.foundation_model.retraining import (  # noqa: F401
     schedule_retraining,
     unschedule_retraining,
 )
-from flows.foundation_model.runs import (  # noqa: F401
+from client.runs import (  # noqa: F401
     TrainingRun,
     create,
     get,
@@ -39,7 +39,7 @@ from flows.foundation_model.runs import (  # noqa: F401
     get_models,
     list,
 )
-from flows.foundation_model.sweeps import (  # noqa: F401
+from client.sweeps import (  # noqa: F401
     Sweep,
     get_sweep,
     list_sweeps,

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
-from flows import services
-from flows.foundation_model.jobs import (
+from deployments import services
+from client.jobs import (
     Job,
     Kind,
     common_fields,
@@ -20,7 +20,7 @@ from flows.foundation_model.jobs import (
     tracking_ids,
     wanted_statuses,
 )
-from flows.foundation_model.runs import TrainingRun, get
+from client.runs import TrainingRun, get
 from tasks import routing
 from tasks.config import run_name_for
 from tasks.errors import InvalidInputError

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows import interrupted
+from deployments import interrupted
 from tasks import routing, tracking
 from tasks.devices import gpu_count
 from tasks.errors import ServiceError
@@ -229,7 +229,7 @@ def ensure_started() -> str:
             if _port_taken(HTTP_API.port):
                 HTTP_API.take_free_port("another program (this home's HTTP API is not running)")
             # Not waited for: nothing else needs it, and it reads the others only when a request comes.
-            _spawn(HTTP_API, [sys.executable, "-m", "flows.cli", "serve", "--port", str(HTTP_API.port)], env)
+            _spawn(HTTP_API, [sys.executable, "-m", "cli.main", "serve", "--port", str(HTTP_API.port)], env)
     os.environ["PREFECT_API_URL"] = url
     os.environ["TESSERA_EMBEDDED"] = "1"
     return url
@@ -237,7 +237,7 @@ def ensure_started() -> str:
 
 def stop() -> list[str]:
     """Stop the embedded services; names what was stopped. Runs in progress stop with the runner, uncancelled:
-    they carry on from their latest checkpoint when the services start again (flows/interrupted.py)."""
+    they carry on from their latest checkpoint when the services start again (deployments/interrupted.py)."""
     stopped = []
     if RUNNER.pid() is not None:
         interrupted.kill_leftovers(RUNNER.pid())

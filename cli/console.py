@@ -11,7 +11,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from flows import foundation_model as fm
+import client as fm
 from tasks.data.validation import DataValidation
 
 console = Console()

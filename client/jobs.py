@@ -26,7 +26,7 @@ from prefect.events.filters import (
     EventResourceFilter,
 )
 
-from flows import services
+from deployments import services
 from flows.lifecycle import launch
 from tasks.errors import InvalidInputError, RunNotFoundError
 from tasks.events import RunEvent, emit, flush, resource_id

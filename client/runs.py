@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 
-from flows import services
-from flows.foundation_model.jobs import (
+from deployments import services
+from client.jobs import (
     Job,
     Kind,
     common_fields,

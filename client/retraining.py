@@ -20,8 +20,8 @@ from prefect.client.schemas.schedules import CronSchedule
 from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
 
-from flows import services
-from flows.foundation_model.jobs import (
+from deployments import services
+from client.jobs import (
     Job,
     Kind,
     common_fields,

@@ -25,6 +25,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.states import Cancelled, Failed, Scheduled
 
+from flows.lifecycle import STOPPED_UNDER
 from tasks.events import RunEvent, emit, flush
 from tasks.home import runs_dir, tessera_home
 from tasks.prefect_api import prefect_client
@@ -38,9 +39,6 @@ from tasks.run_record import (
     tag_value,
 )
 from tasks.tracking import client
-
-STOPPED_UNDER = "the services stopped under it"
-
 
 def kill_leftovers(runner_pid: int | None) -> None:
     """Kill the runner's process group (it and the flows it runs) and every run's training worker, which has a
