@@ -133,10 +133,10 @@ def _queue(config: RunConfig) -> str | None:
 
 
 def start_child(kind: FlowKind, record: RunRecord, config: RunConfig, name: str, register: bool = True) -> str:
-    """A finetune run this job starts, shown as its subflow, its MLflow run nested under the job's, tagged as the
-    kind's children; returns its MLflow run id."""
-    user = current_user()
-    experiment_id, mlflow_run_id = start_run(config.params(), name, kind.experiment(config, record.name, user), user,
+    """A finetune run this job starts, shown as its subflow, its MLflow run nested under the job's in the job's
+    experiment, tagged as the kind's children; returns its MLflow run id."""
+    user, experiment = current_user(), client().get_experiment(record.experiment_id).name
+    experiment_id, mlflow_run_id = start_run(config.params(), name, experiment, user,
                                              parent_run_id=record.mlflow_run_id)
     launch_run(config, name, mlflow_run_id, [*run_tags(user, experiment_id), kind.children(record.name)],
                register=register, as_subflow=True)

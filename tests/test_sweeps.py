@@ -95,7 +95,9 @@ def test_a_grid_sweep_two_at_a_time_prunes_what_falls_behind_and_registers_only_
         assert registry.get_run(trial.run_id).data.tags["mlflow.parentRunId"] == sweep.run_id
     from prefect import get_client
 
-    with get_client(sync_client=True) as prefect:
+    from deployments import services
+
+    with services.connected(), get_client(sync_client=True) as prefect:  # not an ephemeral server of its own
         assert all(prefect.read_flow_run(t.flow_run_id).parent_task_run_id for t in trials)
     events = [e for e in sweep.get_events(follow=True)]
     assert events[-1].type == "COMPLETED" and f"registered main.sweep.{best.name}" in events[-1].message
