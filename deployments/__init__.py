@@ -1,1 +1,2 @@
-"""How Tessera's flows are served: the local runner (embedded default) and deploy.py for work pools."""
+"""How Tessera's flows are served: deploy.py puts them on a work pool, worker.py runs a worker of it, serve.py is
+the embedded default's own pool and worker."""

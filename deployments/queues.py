@@ -2,7 +2,7 @@
 
 A run that asks for `training_config.deepspeed.processes: n` goes to the queue `gpus-<n>`; one that leaves it unset
 (one process per GPU of whichever machine takes it) to `default`. A worker on a machine with G GPUs takes `default`
-and `gpus-1` ... `gpus-<G>` (`tessera worker`). The embedded runner has no queues: it takes every run.
+and `gpus-1` ... `gpus-<G>` (`tessera worker`); the embedded default's worker every queue up to its device slots.
 """
 
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound

@@ -197,14 +197,7 @@ def submit(config: RunConfig, name: str, mlflow_run_id: str, tags: "builtins.lis
     which registers only its best trial); `as_subflow`: from inside a flow, shown as its subflow."""
     parameters = {"config": config.to_recipe(), **(given or {}), "run_name": name, "mlflow_run_id": mlflow_run_id}
     return RUN.start(name, parameters | ({} if register else {"register": False}), tags, f"run {name} created",
-                     as_subflow=as_subflow, work_queue_name=_queue(config))
-
-
-def _queue(config: RunConfig) -> str | None:
-    """On a work pool, the queue of the workers whose machines the run fits; a runner has none."""
-    with prefect_client() as prefect:
-        pooled = prefect.read_deployment_by_name(services.DEPLOYMENT).work_pool_name is not None
-    return queue_for(config.training_config.deepspeed.processes) if pooled else None
+                     as_subflow=as_subflow, work_queue_name=queue_for(config.training_config.deepspeed.processes))
 
 
 def get(training_run: "str | TrainingRun") -> TrainingRun:
