@@ -82,7 +82,7 @@ def main() -> int:
     args = parser.parse_args()
     plain, trial, trial_from_ask = [], [], []
     with tiny_services("tessera-sweep-bench-") as (fm, base):
-        # Warm, and finished before timing starts: the first run of a fresh runner pays one-time costs.
+        # Warm, and finished before timing starts: the first run of a fresh worker pays one-time costs.
         list(fm.get_events(fm.create(recipe=base), follow=True))
         for _ in range(args.repeats):
             run = fm.create(recipe=base)

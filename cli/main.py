@@ -25,7 +25,7 @@ from tasks.errors import InvalidInputError, TesseraError
 from tasks.recipe import read_yaml
 
 app = App(name="tessera", help="Self-hosted fine-tuning of foundation language models.")
-server = App(name="server", help="The embedded Prefect server, runner, MLflow UI and HTTP API.")
+server = App(name="server", help="The embedded Prefect server, its work pool's worker, MLflow UI and HTTP API.")
 app.command(server)
 retrain = App(name="retrain", help="Scheduled retraining: keep a registered model's @champion current.")
 app.command(retrain)
@@ -341,45 +341,23 @@ def serve(*, host: str = "127.0.0.1", port: int = services.HTTP_API.default_port
 
 
 @app.command
-def worker(*, pool: str = "tessera", gpus: int | None = None, name: str | None = None, addr: str | None = None):
+def worker(*, pool: str = services.LOCAL_POOL, gpus: int | None = None, name: str | None = None,
+           addr: str | None = None):
     """Start a Prefect worker of the work pool on this machine, taking the runs that fit it: those that ask for at
     most `gpus` processes (default: the GPUs it sees, 1 without any), those that ask for none, and the nodes of runs
     over several machines sent to it by name (default: the host name). `addr` is where the other machines reach this
     one (a run over several machines needs it on the one that heads it). Prefect's
-    `prefect worker start --pool POOL --name NAME --work-queue ...`, with the queues deployments/queues.py names."""
-    import os
-    import socket
+    `prefect worker start --pool POOL --name NAME --work-queue ...`, with the queues deployments/queues.py names.
+    Without PREFECT_API_URL it serves the embedded default's local server (whose own worker runs already)."""
+    from deployments import worker as pool_worker
 
-    from deployments.queues import ensure_queues, queues_for
-    from tasks import warm_start
-    from tasks.devices import gpu_count
-    from tasks.nodes import ADDR_ENV, NAME_ENV, node_queue
-
-    if services.embedded():
-        raise InvalidInputError("tessera worker serves a shared Prefect server's work pool: set PREFECT_API_URL (and "
-                                "PREFECT_API_AUTH_STRING) as README 'When one machine is not enough' shows; the "
-                                "embedded default runs its own runner")
-    if gpus is None:
-        gpus = gpu_count() or 1
-    if gpus < 1:
-        raise InvalidInputError(f"--gpus {gpus}: a worker takes runs of at least 1 process")
-    name = name or socket.gethostname()
-    queues = [*queues_for(gpus), node_queue(name)]
-    with services.connected():  # the server's refusal of this machine's credentials, said as one
-        ensure_queues(pool, queues)
-    os.environ[NAME_ENV] = name  # for its flow runs: the node's name, and where the others reach it
-    if addr:
-        os.environ[ADDR_ENV] = addr
-    command = ["prefect", "worker", "start", "--pool", pool, "--name", name,
-               *(f for q in queues for f in ("--work-queue", q))]
-    console.print(" ".join(command))
-    warm_start.start_server()  # for the flow runs it starts; it leaves with the worker
-    os.execvp(sys.executable, [sys.executable, "-m", *command])
+    with services.connected():  # the embedded services started; a shared server's refusal of the credentials said
+        pool_worker.start(pool, gpus, name, addr)
 
 
 @server.command(name="start")
 def server_start():
-    """Start the local Prefect server, runner, MLflow UI and HTTP API (those not running)."""
+    """Start the local Prefect server, its work pool's worker, MLflow UI and HTTP API (those not running)."""
     services.ensure_started()
     server_status()
 

@@ -1,8 +1,8 @@
 """Scheduled retraining: schedule it, run it now, read retrainings back, and move @champion by hand.
 
 A model's retraining is its own Prefect deployment, `retrain/<model>`: a twin of `retrain/default` whose parameters
-are the model's settings and whose schedule is its cron, so the Prefect UI shows and pauses it, the runner (or the
-work pool) serves it, and `prefect deployment run 'retrain/<model>'` runs it. Each retraining is a flow run tagged
+are the model's settings and whose schedule is its cron, so the Prefect UI shows and pauses it, the work pool's worker
+serves it, and `prefect deployment run 'retrain/<model>'` runs it. Each retraining is a flow run tagged
 `tessera-retrain` and `model:<name>` (flows/retrain.py); its events are Prefect events on the resource
 `tessera.run.<name>`, as a run's.
 """
@@ -126,7 +126,7 @@ def schedule_retraining(
                                 f"{e.errors()[0]['msg']}; write five fields, e.g. '0 3 * * *' (03:00 daily)") from None
     with services.connected(), prefect_client() as prefect:
         base = prefect.read_deployment_by_name(routing.RETRAIN)
-        # The same flow, served where retrain/default is (the embedded runner, or a work pool's workers).
+        # The same flow, served where retrain/default is: its work pool's workers.
         prefect.create_deployment(
             base.flow_id, registered_model, parameters={"config": config.to_recipe()},
             schedules=[DeploymentScheduleCreate(schedule=cron_schedule, active=True)],
@@ -242,7 +242,7 @@ def _configure(registered_model: str, recipe, overrides, mode, min_improvement, 
         arguments = dict(arguments, model=incumbent.tags.get("tessera.base_model"))
     config = configure_retraining(recipe, shorthands=arguments,
                                   overrides=(overrides or {}) | {k: v for k, v in given.items() if v is not None})
-    # The schedule runs in the runner, whose working directory is not this one.
+    # The schedule runs in a worker, whose working directory is not this one.
     config = config.replace({f"run.{key}": str(Path(value).resolve()) for key in ("train_data_path", "eval_data_path")
                              if (value := getattr(config.run, key)) and Path(value).exists()})
     return check_retraining(config) if validate_inputs else config

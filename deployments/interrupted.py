@@ -1,11 +1,11 @@
 """Runs the services stopped under: found, their leftover processes ended, and their flow runs brought back.
 
-The embedded runner is the one process that executes this home's flow runs, so when a new one is about to start,
-a flow run that Prefect still shows as pending or running was interrupted: by `tessera server stop`, a reboot, or
-the runner killed on its own. Before the new runner starts:
+The embedded default's worker is the one process that executes this home's flow runs, so when a new one is about to
+start, a flow run that Prefect still shows as pending or running was interrupted: by `tessera server stop`, a reboot,
+or the worker killed on its own. Before the new worker starts:
 
-- whatever is left of the old runner's process group and of the runs' training workers is killed;
-- each interrupted run is scheduled again: the runner starts it at once, its finetune flow says RESUMED, and its
+- whatever is left of the old worker's process group and of the runs' training workers is killed;
+- each interrupted run is scheduled again: the worker starts it at once, its finetune flow says RESUMED, and its
   training continues from the latest checkpoint (from the start when it had none);
 - a sweep or retraining, whose flow cannot pick up where it was, fails saying the services stopped under it (a
   sweep resumes with fm.resume_sweep, its trials having resumed on their own); a retraining's challenger is
@@ -40,19 +40,19 @@ from tasks.run_record import (
 )
 from tasks.tracking import client
 
-def kill_leftovers(runner_pid: int | None) -> None:
-    """Kill the runner's process group (it and the flows it runs) and every run's training worker, which has a
+def kill_leftovers(worker_pid: int | None) -> None:
+    """Kill the worker's process group (it and the flows it runs) and every run's training worker, which has a
     group of its own."""
-    if runner_pid is not None:
-        _kill_group_of_this_home(runner_pid)
+    if worker_pid is not None:
+        _kill_group_of_this_home(worker_pid)
     for pgid_file in runs_dir().glob(f"*/{WORKER_PGID}"):
         _kill_group_of_this_home(int(pgid_file.read_text()))
         pgid_file.unlink(missing_ok=True)
 
 
-def recover(old_runner_pid: int | None) -> None:
-    """End what the old runner left, then bring its flow runs back."""
-    kill_leftovers(old_runner_pid)
+def recover(old_worker_pid: int | None) -> None:
+    """End what the old worker left, then bring its flow runs back."""
+    kill_leftovers(old_worker_pid)
     with prefect_client() as prefect:
         interrupted = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
             type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]))))

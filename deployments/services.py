@@ -1,5 +1,5 @@
-"""The embedded default: a local Prefect server, a runner serving the deployments, the MLflow UI, and Tessera's HTTP
-API (`tessera serve`).
+"""The embedded default: a local Prefect server, a worker of a process work pool on it serving the deployments (as a
+team's `tessera worker` serves theirs: deployments/serve.py), the MLflow UI, and Tessera's HTTP API (`tessera serve`).
 
 Started once, detached, with pidfiles under TESSERA_HOME/services, the way `ray.init()` starts a local
 cluster. With PREFECT_API_URL set, Tessera uses that server and whoever serves its deployments instead.
@@ -29,6 +29,7 @@ from tasks.process_group import stop_group
 # A global concurrency limit of one slot: create() counts the active runs and submits one while holding it, so the
 # active-run limit holds for every client of the server, on any machine.
 CREATE_LOCK = "tessera-create"
+LOCAL_POOL = "tessera"  # the embedded default's process work pool: `tessera worker` joins it by default
 STARTUP_TIMEOUT_S = 120
 
 
@@ -102,7 +103,7 @@ class Service:
 
 
 PREFECT = Service("prefect-server", "TESSERA_PREFECT_PORT", 4200)
-RUNNER = Service("runner")
+WORKER = Service("worker")
 MLFLOW = Service("mlflow-ui", "TESSERA_MLFLOW_PORT", 5000)
 HTTP_API = Service("http-api", "TESSERA_SERVE_PORT", 8000)
 IS_HTTP_API = False  # set by a process that is itself an HTTP API (api/app.py serve): it starts no other beside it
@@ -206,15 +207,15 @@ def ensure_started() -> str:
                              "--port", str(PREFECT.port), "--analytics-off"], env)
             _wait_for(lambda: _prefect_home_at(url) == ours, PREFECT, "the Prefect server")
         _SERVING[(url, ours)] = PREFECT.pid()
-        if RUNNER.pid() is None:
+        if WORKER.pid() is None:
             from prefect.settings import PREFECT_API_URL, temporary_settings
 
             with temporary_settings(updates={PREFECT_API_URL: url}):
-                interrupted.recover(RUNNER.recorded_pid())  # runs the last runner left behind carry on
-            _spawn(RUNNER, [sys.executable, "-m", "deployments.serve"], env)
+                interrupted.recover(WORKER.recorded_pid())  # runs the last worker left behind carry on
+            _spawn(WORKER, [sys.executable, "-m", "deployments.serve"], env)
             served = (routing.RUN, routing.SWEEP, routing.RETRAIN)
-            _wait_for(lambda: all(_answers(f"{url}/deployments/name/{d}") for d in served), RUNNER,
-                      f"the runner serving {', '.join(served)}")
+            _wait_for(lambda: all(_pool_of(f"{url}/deployments/name/{d}") == LOCAL_POOL for d in served), WORKER,
+                      f"the worker of pool {LOCAL_POOL} serving {', '.join(served)}")
         if mlflow_ui_url() and MLFLOW.pid() is None:
             if _port_taken(MLFLOW.port):
                 MLFLOW.take_free_port("another program (this home's MLflow UI is not running)")
@@ -236,13 +237,13 @@ def ensure_started() -> str:
 
 
 def stop() -> list[str]:
-    """Stop the embedded services; names what was stopped. Runs in progress stop with the runner, uncancelled:
+    """Stop the embedded services; names what was stopped. Runs in progress stop with the worker, uncancelled:
     they carry on from their latest checkpoint when the services start again (deployments/interrupted.py)."""
     stopped = []
-    if RUNNER.pid() is not None:
-        interrupted.kill_leftovers(RUNNER.pid())
-        stopped.append(RUNNER.name)
-    RUNNER.pidfile.unlink(missing_ok=True)
+    if WORKER.pid() is not None:
+        interrupted.kill_leftovers(WORKER.pid())
+        stopped.append(WORKER.name)
+    WORKER.pidfile.unlink(missing_ok=True)
     for service in (HTTP_API, MLFLOW, PREFECT):
         pid = service.pid()
         if pid is not None and stop_group(pid):  # each service leads a process group of its own (_spawn)
@@ -253,11 +254,11 @@ def stop() -> list[str]:
 
 def status() -> dict[str, str]:
     """Each embedded service: 'running (pid N) at URL' or 'stopped'."""
-    urls = {PREFECT.name: prefect_ui_url(), RUNNER.name: routing.RUN, MLFLOW.name: mlflow_ui_url() or "-",
+    urls = {PREFECT.name: prefect_ui_url(), WORKER.name: f"pool {LOCAL_POOL}", MLFLOW.name: mlflow_ui_url() or "-",
             HTTP_API.name: http_api_url()}
     return {
         s.name: f"running (pid {s.pid()}) at {urls[s.name]}" if s.pid() else "stopped"
-        for s in (PREFECT, RUNNER, MLFLOW, HTTP_API)
+        for s in (PREFECT, WORKER, MLFLOW, HTTP_API)
     }
 
 
@@ -269,7 +270,8 @@ def _service_env(url: str) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # Events are stored within half a second of arriving (Prefect's default, 5 s, is for heavy event traffic).
         "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.5",
-        "PREFECT_RUNNER_POLL_FREQUENCY": os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", "2"),
+        # The worker asks for runs every 2 s (Prefect's default, 10 s, is for many workers on a shared server).
+        "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
         "TESSERA_HOME": str(tessera_home()),
         "TESSERA_EMBEDDED": "1",
         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda"),
@@ -324,3 +326,12 @@ def _answers(url: str) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def _pool_of(deployment_url: str) -> str | None:
+    """The work pool of the deployment at `deployment_url` (its API URL), None when none or no such deployment."""
+    try:
+        with urllib.request.urlopen(deployment_url, timeout=2) as response:
+            return json.load(response).get("work_pool_name")
+    except (OSError, ValueError):
+        return None

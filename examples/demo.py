@@ -1,6 +1,6 @@
 """`make demo`: fine-tune the bundled SmolLM2-135M-Instruct to know Tessera, on the embedded default.
 
-Starts the local Prefect server, runner and MLflow UI if they are not running, submits one run through
+Starts the local Prefect server, its work pool's worker and MLflow UI if they are not running, submits one run through
 the public API, streams its events, then shows the answers before and after and the registered model.
 """
 
@@ -19,7 +19,7 @@ DATA = Path(__file__).parent / "data"
 
 def main() -> int:
     started = time.monotonic()
-    with console.status("starting the embedded Prefect server, runner, MLflow UI and HTTP API"):
+    with console.status("starting the embedded Prefect server, worker, MLflow UI and HTTP API"):
         services.ensure_started()
     console.print(f"services up in {time.monotonic() - started:.0f}s: Prefect UI {services.prefect_ui_url()}, "
                   f"MLflow UI {services.mlflow_ui_url()}, HTTP API {services.http_api_url()}")

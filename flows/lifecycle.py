@@ -122,14 +122,8 @@ def launch_run(config: RunConfig, name: str, mlflow_run_id: str, tags: list[str]
     leaves registration to the caller (a sweep registers only its best trial); `as_subflow`: from inside a flow."""
     parameters = {"config": config.to_recipe(), **(given or {}), "run_name": name, "mlflow_run_id": mlflow_run_id}
     return launch(routing.RUN, name, parameters | ({} if register else {"register": False}), tags,
-                  f"run {name} created", as_subflow=as_subflow, work_queue_name=_queue(config))
-
-
-def _queue(config: RunConfig) -> str | None:
-    """On a work pool, the queue of the workers whose machines the run fits; a runner has none."""
-    with prefect_client() as prefect:
-        pooled = prefect.read_deployment_by_name(routing.RUN).work_pool_name is not None
-    return routing.queue_for(config.training_config.deepspeed.processes) if pooled else None
+                  f"run {name} created", as_subflow=as_subflow,
+                  work_queue_name=routing.queue_for(config.training_config.deepspeed.processes))
 
 
 def start_child(kind: FlowKind, record: RunRecord, config: RunConfig, name: str, register: bool = True) -> str:

@@ -1,5 +1,5 @@
 """Which devices a run trains on. The Prefect global concurrency limit DEVICE_SLOTS (one slot per GPU,
-deployments/serve.py) bounds how many GPUs are in use at once; a lock file per GPU under TESSERA_HOME says which
+deployments/deploy.py) bounds how many GPUs are in use at once; a lock file per GPU under TESSERA_HOME says which
 ones each run holds, so two runs never share a GPU. The operating system drops a lock when its holder dies, so a
 killed run frees its GPUs."""
 

@@ -48,4 +48,4 @@ class StorageError(TesseraError):
 
 
 class ServiceError(TesseraError):
-    """The Prefect server, runner or MLflow store could not be reached or started."""
+    """The Prefect server, its worker or the MLflow store could not be reached or started."""

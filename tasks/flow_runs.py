@@ -42,7 +42,7 @@ class RunStatus(StrEnum):
     @classmethod
     def of(cls, flow_run) -> "RunStatus":
         """A flow run's status. One cancelled while its process was starting (CANCELLED_TAG) is TERMINATING until it
-        ends, then STOPPED however Prefect recorded the end: the runner may kill that process mid-start (Crashed)."""
+        ends, then STOPPED however Prefect recorded the end: the worker may kill that process mid-start (Crashed)."""
         status = cls.from_state(flow_run.state)
         if CANCELLED_TAG not in flow_run.tags:
             return status

@@ -27,7 +27,7 @@ def stop_group(pgid: int, grace_s: float = 10.0) -> bool:
 
 
 def kill_group(pgid: int, wait_s: float = 10.0) -> None:
-    """SIGKILL the group (no handler runs: a runner would cancel its runs on SIGTERM) and wait until it is gone."""
+    """SIGKILL the group (no handler runs: a worker would cancel its runs on SIGTERM) and wait until it is gone."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
@@ -50,8 +50,8 @@ def _alive(pgid: int) -> bool:
 
 
 def exit_with_parent(cleanup: Callable[[], None], poll_s: float = 1.0) -> None:
-    """End this process within `poll_s` of its parent (the runner, killed), `cleanup` first, leaving its flow run's
-    state as it is: nothing of a run outlives the runner that ran it."""
+    """End this process within `poll_s` of its parent (the worker, killed), `cleanup` first, leaving its flow run's
+    state as it is: nothing of a run outlives the worker that ran it."""
     parent = os.getppid()
 
     def watch() -> None:

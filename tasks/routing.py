@@ -4,7 +4,8 @@ the flows that start runs (a sweep's trials, a retraining's challenger) and a ru
 
 A run that asks for `training_config.deepspeed.processes: n` goes to the queue `gpus-<n>`; one that leaves it unset
 (one process per GPU of whichever machine takes it) to `default`. A worker on a machine with G GPUs takes `default`
-and `gpus-1` ... `gpus-<G>` (deployments/queues.py).
+and `gpus-1` ... `gpus-<G>` (deployments/queues.py); the embedded default's worker every queue up to its device
+slots.
 """
 
 RUN = "finetune/default"

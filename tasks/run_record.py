@@ -80,7 +80,7 @@ def cancel_flow_run(prefect, flow_run, message: str) -> StateType | None:
     """Cancel a flow run of Tessera's (a run, sweep, retraining or node): the state it was in, or None when it has
     ended or is ending already.
 
-    Scheduled: set Cancelled; Prefect never starts it. Running: set Cancelling; the runner or worker kills its process
+    Scheduled: set Cancelled; Prefect never starts it. Running: set Cancelling; the worker kills its process
     and the flow's hooks clean up. Pending, its process starting: tagged CANCELLED_TAG, and its flow, once started,
     ends itself (cancelled_while_starting). Not set Cancelled, which Prefect lets that process move on to Running,
     nor Cancelling: Prefect's runner (3.9.1) ignores a cancel that comes before it knows the process, and the

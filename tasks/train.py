@@ -48,7 +48,7 @@ def train(record: RunRecord, config: RunConfig, model_dir: str, train_rows: str,
     others = OtherNodes(spec, record.spec) if config.training_config.deepspeed.nodes > 1 else None
     # One slot per process of the global limit (one slot per GPU) and that many GPUs of this machine, held while
     # training; stderr apart from stdout: its last line is the worker's reason when it fails.
-    # The shortest lease Prefect takes: a run killed with the runner frees its slots within a minute.
+    # The shortest lease Prefect takes: a run killed with its worker frees its slots within a minute.
     with (concurrency(DEVICE_SLOTS, occupy=spec.processes, lease_duration=60), claim_gpus(spec.processes) as gpus,
           open(record.logs / "worker.log", "a") as log, open(stderr_log, "a") as stderr):
         try:

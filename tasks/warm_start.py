@@ -4,8 +4,8 @@ the model), so they start in milliseconds instead of paying seconds of CPU for t
 
     python -m tasks.warm_start --socket PATH
 
-The process that starts flow runs keeps one beside it (`start_server()`: the runner of the embedded default, a
-`tessera worker`); its flow runs find it through TESSERA_WARM_START. The server never touches CUDA: a child forked
+The process that starts flow runs keeps one beside it (`start_server()`: `tessera worker`, and the embedded
+default's worker); its flow runs find it through TESSERA_WARM_START. The server never touches CUDA: a child forked
 from a process that had initialised it could not use a GPU. Without a server, or when the request's environment
 differs in a setting the stack read when it was imported, the work runs cold: a plain subprocess, or in the calling
 process.
@@ -86,7 +86,7 @@ class WarmProcess:
 
     def _receive(self) -> None:
         message = self.connection.recv(MAX_MESSAGE)
-        if not message:  # the server went away (killed with its runner): the child's exit code is lost with it
+        if not message:  # the server went away (killed with its worker): the child's exit code is lost with it
             self.returncode = -signal.SIGKILL if self.returncode is None else self.returncode
             return
         reply = pickle.loads(message)

@@ -25,7 +25,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")  # the runner picks up a new run within a second
+os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")  # the worker picks up a new run within a second
 # Prefect's scheduler makes a new schedule's runs within seconds (its loop for recently changed deployments); its main
 # loop, every 60 s by default, is the fallback when a busy server misses that: every 10 s, a schedule set a minute or
 # two ahead (test_retraining.py) still gets its run in time.

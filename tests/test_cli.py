@@ -3,16 +3,20 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from prefect.client.schemas.actions import WorkPoolCreate
 
 from flows.foundation_model import get_models
 from client.runs import _parse_time
 from tasks.errors import InvalidInputError
+from tasks.prefect_api import prefect_client
 
 
 def tessera(*args: str) -> subprocess.CompletedProcess:
@@ -38,10 +42,30 @@ def test_bad_input_is_an_error_line_not_a_traceback(tmp_path):
     assert "Traceback" not in done.stdout + done.stderr
 
 
-def test_a_worker_needs_a_shared_server():
-    done = tessera("worker", "--pool", "tessera")  # the session's environment has no PREFECT_API_URL
-    assert done.returncode == 2 and "set PREFECT_API_URL" in done.stdout, done.stdout + done.stderr
+def test_a_worker_serves_a_pool_of_the_local_server(fm):
+    """`tessera worker` without PREFECT_API_URL joins the embedded default's server, as the services' own worker
+    does: a pool it lacks is refused by name, and on one it has, the worker comes online."""
+    done = tessera("worker", "--pool", "no-such-pool")
+    assert done.returncode == 2 and "no work pool 'no-such-pool' on http://127.0.0.1:" in done.stdout, \
+        done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+    with prefect_client() as prefect:
+        prefect.create_work_pool(WorkPoolCreate(name="cli-test", type="process"))
+    worker = subprocess.Popen([sys.executable, "-m", "cli.main", "worker", "--pool", "cli-test", "--name", "cli"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _online("cli-test", "cli"):
+            assert worker.poll() is None and time.monotonic() < deadline, "the worker did not come online"
+            time.sleep(1)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+
+
+def _online(pool: str, name: str) -> bool:
+    with prefect_client() as prefect:
+        return any(w.name == name and w.status == "ONLINE" for w in prefect.read_workers_for_work_pool(pool))
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -234,7 +234,7 @@ def test_tessera_serve_brings_the_services_up_without_a_second_http_api(tmp_path
         with start(tmp_path, **env) as url:
             answer = httpx.get(f"{url}/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {KEY}"}, timeout=300)
             assert answer.status_code == 200 and answer.json()["data"] == [], answer.text
-            assert (tmp_path / "services" / "runner.pid").exists()  # the request brought the services up
+            assert (tmp_path / "services" / "worker.pid").exists()  # the request brought the services up
             assert not (tmp_path / "services" / "http-api.pid").exists()
             assert subprocess.run(["pgrep", "-f", f"cli.main serve --port {serve_port}"]).returncode == 1
     finally:

@@ -48,7 +48,7 @@ def test_a_second_home_never_uses_the_first_homes_services(fm, tmp_path):
         their_url = f"http://127.0.0.1:{taken['prefect']}/api"
         assert services._prefect_home_at(their_url) == str(theirs / "prefect")
         assert services._prefect_home_at(services.prefect_api_url()) == str(Path(os.environ["TESSERA_HOME"]) / "prefect")
-        assert services._answers(f"{their_url}/deployments/name/finetune/default")  # its runner serves its server
+        assert services._pool_of(f"{their_url}/deployments/name/finetune/default") == services.LOCAL_POOL  # its own
         status = " ".join(tessera(theirs, "server", "status").stdout.split())
         assert all(f"127.0.0.1:{port}" in status for port in taken.values()), status
 
@@ -67,8 +67,8 @@ def test_a_second_home_never_uses_the_first_homes_services(fm, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_carries_on_from_its_checkpoint_when_the_runner_dies_or_the_services_stop(fm, tiny_model_dir, chat_file):
-    """The runner SIGKILLed on its own, then every service stopped: each time nothing of the run is left running,
+def test_a_run_carries_on_from_its_checkpoint_when_the_worker_dies_or_the_services_stop(fm, tiny_model_dir, chat_file):
+    """The worker SIGKILLed on its own, then every service stopped: each time nothing of the run is left running,
     the next API call brings the services back, and the run resumes from its latest checkpoint (RESUMED), never
     cancelled, and completes."""
     run = fm.create(model=str(tiny_model_dir), train_data_path=chat_file, register_to="main.test",
@@ -77,17 +77,17 @@ def test_a_run_carries_on_from_its_checkpoint_when_the_runner_dies_or_the_servic
                                "training_config.micro_batch_size": 2})
     checkpoints = Path(os.environ["TESSERA_HOME"]) / "runs" / run.name / "checkpoints"
     resumed_at: list[str] = []  # the checkpoint of each resume
-    for stop in ("the runner killed", "the services stopped"):
+    for stop in ("the worker killed", "the services stopped"):
         first = _latest_checkpoint(checkpoints, after=resumed_at[-1] if resumed_at else None)
-        runner = services.RUNNER.pid()
-        if stop == "the runner killed":
-            os.kill(runner, signal.SIGKILL)
-            deadline = time.monotonic() + 10  # the flow and its worker follow the runner within a second or two
-            while (worker_pids(run.name) or _group_alive(runner)) and time.monotonic() < deadline:
+        worker = services.WORKER.pid()
+        if stop == "the worker killed":
+            os.kill(worker, signal.SIGKILL)
+            deadline = time.monotonic() + 10  # the flow and its training follow the worker within a second or two
+            while (worker_pids(run.name) or _group_alive(worker)) and time.monotonic() < deadline:
                 time.sleep(0.2)
         else:
             services.stop()
-        assert not worker_pids(run.name) and not _group_alive(runner), f"{stop}: a process of the run is left"
+        assert not worker_pids(run.name) and not _group_alive(worker), f"{stop}: a process of the run is left"
         assert fm.get(run.name).status != fm.RunStatus.STOPPED  # the first API call starts the services again
         resumed = _wait_for_event(fm, run.name, "RESUMED", len(resumed_at) + 1)
         assert resumed.message.startswith("resumed after the services stopped under it: training continues from "
