@@ -127,7 +127,7 @@ def _name_run(config: RunConfig, run_name: str | None, mlflow_run_id: str | None
     run_name = run_name or run_name_for(config.run.model_name_or_path, config.run.task_type)
     if mlflow_run_id is None:
         experiment_id, mlflow_run_id = start_run(config.params(), run_name, experiment_for(config, run_name, user),
-                                                 user)
+                                                 user, display_name=config.run.mlflow_run_name)
         with prefect_client() as prefect:
             tags = prefect.read_flow_run(flow_run_id).tags
             prefect.update_flow_run(flow_run_id, name=run_name, tags=sorted({*tags, *run_tags(user, experiment_id)}))

@@ -1,7 +1,8 @@
 """Amazon Nova's published recipes load as their users wrote them (tests/data/nova/, copies with only the model and
 data paths changed): the keys that mean something here take effect, the keys only Amazon's service acts on are
-kept aside, and a typo still gets the nearest key."""
+named once and ignored, a typo still gets the nearest key, and a DPO recipe loads but its run is refused."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from tasks.errors import InvalidInputError
 from tasks.recipe import configure, read_yaml
 from tasks.run_record import current_user
 from tasks.tracking import tracking_uri
+from conftest import wait_for
 
 NOVA = Path(__file__).parent / "data" / "nova"
 AMAZON_RUN_KEYS = {"run.model_type", "run.replicas", "run.output_s3_path"}
@@ -139,3 +141,51 @@ def test_mlflow_tracking_uri_is_the_store_in_use_or_amazons(tmp_path):
     with pytest.raises(InvalidInputError, match=r"run.mlflow_tracking_uri 'http://mlflow.elsewhere:5000' is not the "
                                                 r"MLflow store Tessera tracks every run in .*set MLFLOW_TRACKING_URI="):
         load(recipe)
+
+
+def test_a_dpo_recipe_loads_and_its_run_is_refused_before_any_run_exists():
+    from flows import foundation_model as fm
+
+    recipe = NOVA / "nova_micro_1_0_p5_p4d_gpu_dpo.yaml"
+    with pytest.raises(InvalidInputError) as error:
+        fm.create(recipe=str(recipe), register_to="main.nova")
+    assert str(error.value).startswith(f"{recipe}: training_config.model.dpo_cfg: DPO training is not available yet")
+    assert "beta 0.1 is kept" in str(error.value)
+    written = read_yaml(recipe.read_text())
+    written["run"]["task_type"] = "dpo"  # Nova's lower-case name, said outright
+    written["training_config"]["model"]["dpo_cfg"]["beta"] = 0.05
+    assert (load(written).run.task_type, load(written).training_config.model.dpo_cfg.beta) == ("DPO", 0.05)
+
+
+@pytest.mark.e2e
+def test_a_nova_lora_recipe_runs_from_the_cli_and_names_the_amazon_keys_once(fm, tiny_model_dir, chat_file,
+                                                                             monkeypatch, capsys):
+    """`tessera create --recipe` with Nova's LoRA recipe as published: the model, data and registry from the usual
+    arguments, and what the tiny model needs (its context, a batch its 24 conversations fill) from --set."""
+    from flows import cli
+
+    recipe = NOVA / "nova_micro_1_0_p5_p4d_gpu_lora_sft.yaml"
+    monkeypatch.setattr(sys, "argv", [
+        "tessera", "create", str(tiny_model_dir), chat_file, "main.nova", "--recipe", str(recipe),
+        "--context-length", "64", "--set", "training_config.global_batch_size=8"])
+    with pytest.raises(SystemExit) as exit:
+        cli.main()
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit.value.code == 0, out
+    warned = ("warning: run.model_type, run.replicas, run.output_s3_path: mean something only on Amazon's service "
+              "(SageMaker HyperPod or training jobs); accepted and ignored here")
+    assert out.count("warning:") == 1 and warned in out, out
+    name = out.split("created ")[1].split()[0]
+    run = wait_for(fm.get(name))
+    assert run.status == fm.RunStatus.COMPLETED, run.details
+    warnings = [e for e in fm.get_events(run) if e.type == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].payload["keys"] == "run.model_type, run.replicas, run.output_s3_path"
+    from tasks.tracking import client
+
+    mlflow_run = client().get_run(run.run_id)
+    assert mlflow_run.info.run_name == "my-lora-run"
+    assert client().get_experiment(mlflow_run.info.experiment_id).name == f"/Users/{current_user()}/my-lora-experiment"
+    lora = run.config.training_config.model.peft
+    assert (lora.peft_scheme, lora.lora_tuning.alpha, lora.lora_tuning.loraplus_lr_ratio) == ("lora", 128, 16.0)
+    beside = Path(client().download_artifacts(run.run_id, "config/resolved.yaml")).read_text()
+    assert "model_type" not in beside and "replicas" not in beside and configure(read_yaml(beside)) == run.config
