@@ -33,7 +33,8 @@ def follow(run: "fm.TrainingRun | fm.Sweep | fm.Retraining | str") -> "fm.FineTu
                     bar = progress.add_task("training", total=p["total_batches"], loss="")
                 progress.update(bar, completed=p["batch"], loss=f"loss {p['loss']:.3f}")
                 continue
-            style = {"FAILED": "bold red", "CANCELED": "yellow", "COMPLETED": "bold green"}.get(event.type, "cyan")
+            style = {"FAILED": "bold red", "CANCELED": "yellow", "WARNING": "yellow",
+                     "COMPLETED": "bold green"}.get(event.type, "cyan")
             progress.console.print(f"[dim]{event.time:%H:%M:%S}[/dim] [{style}]{event.type:<17}[/{style}] {escape(event.message)}")
     return last
 

@@ -1,6 +1,7 @@
 """`tessera`: the command line over the same API as `from flows import foundation_model as fm`."""
 
 import sys
+import warnings
 from typing import Annotated, Literal
 
 import yaml
@@ -22,6 +23,7 @@ from cli.console import (
 )
 from tasks.data.validation import DEFAULT_MODEL
 from tasks.errors import InvalidInputError, TesseraError
+from tasks.nova import AmazonOnlyKeys
 from tasks.recipe import read_yaml
 
 app = App(name="tessera", help="Self-hosted fine-tuning of foundation language models.")
@@ -71,13 +73,20 @@ def create(
         PATH=VALUE: any setting by its path in the recipe, e.g. --set training_config.trainer.max_steps=40
         (the value is read as YAML); repeatable
     """
-    run = fm.create(
-        model, train_data_path, register_to, task_type=task_type, training_duration=training_duration,
-        learning_rate=learning_rate, context_length=context_length, eval_data_path=eval_data_path,
-        eval_prompts=eval_prompts, custom_weights_path=custom_weights_path, experiment_path=experiment_path,
-        allow_percentage_invalid_samples=allow_percentage_invalid_samples, recipe=recipe,
-        overrides=dict(map(_path_value, settings or [])),
-    )
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", AmazonOnlyKeys)
+        run = fm.create(
+            model, train_data_path, register_to, task_type=task_type, training_duration=training_duration,
+            learning_rate=learning_rate, context_length=context_length, eval_data_path=eval_data_path,
+            eval_prompts=eval_prompts, custom_weights_path=custom_weights_path, experiment_path=experiment_path,
+            allow_percentage_invalid_samples=allow_percentage_invalid_samples, recipe=recipe,
+            overrides=dict(map(_path_value, settings or [])),
+        )
+    for w in said:  # the recipe's ignored keys, said as a line; any other warning as Python would have shown it
+        if issubclass(w.category, AmazonOnlyKeys):
+            console.print(f"[yellow]warning:[/yellow] {escape(str(w.message))}", soft_wrap=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     console.print(f"created [bold]{run.name}[/bold] ({run.status.display_name}); follow it with "
                   f"`tessera events {run.name} --follow`")
     if follow_events:

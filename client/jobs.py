@@ -98,7 +98,8 @@ class Kind:
 @contextmanager
 def tracked(config, name: str, experiment_path: str, user: str) -> Iterator[tuple[str, str]]:
     """The MLflow run a job is started with, as (experiment_id, mlflow_run_id), failed if the job is not started."""
-    experiment_id, mlflow_run_id = start_run(config.params(), name, experiment_path, user)
+    experiment_id, mlflow_run_id = start_run(config.params(), name, experiment_path, user,
+                                             display_name=config.run.mlflow_run_name)
     with failed_unless_started(mlflow_run_id):
         yield experiment_id, mlflow_run_id
 

@@ -40,7 +40,7 @@ from tasks.errors import (
     ServiceError,
     TooManyActiveRunsError,
 )
-from tasks.events import RunEvent, flush
+from tasks.events import RunEvent, emit, flush
 from tasks.flow_runs import (
     ACTIVE,
     RunStatus,
@@ -51,6 +51,7 @@ from tasks.flow_runs import (
 )
 from tasks.models import ModelInfo
 from tasks.models import get_models as _catalog
+from tasks.nova import warn_amazon_only
 from tasks.prefect_api import prefect_client
 from tasks.recipe import SHORTHANDS, configure
 from tasks.run_record import RUN_TAG, RunRecord, current_user, run_tags
@@ -172,6 +173,9 @@ def create(
         with tracked(config, name, experiment_for(config, name, user), user) as (experiment_id, mlflow_run_id):
             # The arguments beside the config they are in: the run names a setting as it was given.
             flow_run = launch_run(config, name, mlflow_run_id, run_tags(user, experiment_id), given)
+    if ignored := warn_amazon_only(config.amazon_only):  # said once: here, and in the run's events
+        emit(name, RunEvent.WARNING, ignored, flow_run_id=str(flow_run.id), keys=", ".join(config.amazon_only))
+        flush()
     return TrainingRun.of(flow_run, include_details=False)
 
 @contextmanager

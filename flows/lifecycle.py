@@ -48,7 +48,8 @@ def begin(kind: FlowKind, config, name: str | None, mlflow_run_id: str | None) -
     from_deployment = mlflow_run_id is None
     name = name or run_name_for(config.run.model_name_or_path, config.run.task_type, prefix=kind.prefix)
     if from_deployment and earlier is None:
-        experiment_id, mlflow_run_id = start_run(config.params(), name, kind.experiment(config, name, user), user)
+        experiment_id, mlflow_run_id = start_run(config.params(), name, kind.experiment(config, name, user), user,
+                                                 display_name=config.run.mlflow_run_name)
     else:
         mlflow_run_id = mlflow_run_id or earlier.mlflow_run_id
         experiment_id = client().get_run(mlflow_run_id).info.experiment_id

@@ -10,9 +10,11 @@
                              optim {name, adam_w_mode, lr, eps, weight_decay, betas,
                                     sched {name, warmup_steps, constant_steps, min_lr}},
                              peft {peft_scheme, lora_tuning {alpha, adapter_dropout, loraplus_lr_ratio, rank,
-                                                             target_modules}}}
+                                                             target_modules}},
+                             dpo_cfg {beta}}
 
-Laid out key for key like Amazon Nova's SFT recipes (plus Tessera's own `deepspeed` section and `max_tokens`).
+Laid out key for key like Amazon Nova's SFT and DPO recipes (plus Tessera's own `deepspeed` section and `max_tokens`);
+the keys of Nova's that are laid out otherwise here, or mean nothing here, are read by tasks.nova.
 Ranges and allowed values live in the types, the few rules that join two settings in validators; each
 field's docstring is its description in the Prefect UI's form. `tasks.recipe` builds a RunConfig from what a
 user wrote (a recipe, the anchor's arguments, path overrides) and words its errors.
@@ -44,6 +46,7 @@ class TaskType(StrEnum):
     CHAT_COMPLETION = "CHAT_COMPLETION"
     INSTRUCTION_FINETUNE = "INSTRUCTION_FINETUNE"
     CONTINUED_PRETRAIN = "CONTINUED_PRETRAIN"
+    DPO = "DPO"  # preference pairs (Nova's DPO recipes): loads into the config; training it is not available yet
 
 
 class Rule(ValueError):
@@ -130,7 +133,7 @@ class Run(Section):
     """catalog.schema (registered as catalog.schema.<run name>) or catalog.schema.model_name, in letters, digits
     and underscores, each at most 255."""
     task_type: TaskType = Field(TaskType.CHAT_COMPLETION, strict=False)
-    """CHAT_COMPLETION, INSTRUCTION_FINETUNE or CONTINUED_PRETRAIN (case-sensitive)."""
+    """CHAT_COMPLETION, INSTRUCTION_FINETUNE or CONTINUED_PRETRAIN (case-sensitive); DPO is not trained yet."""
     experiment_path: ExperimentPath | None = Field(None, examples=["/Users/me/assistant"])
     """The MLflow experiment, an absolute workspace path; default /Users/<user>/<run name>."""
     eval_prompts: list[Prompt] | None = Field(None, max_length=100, examples=[["What is Tessera?"]])
@@ -140,6 +143,8 @@ class Run(Section):
     latest-sharded-rank0.symlink; local, file://, s3:// or an MLflow artifact URI)."""
     allow_percentage_invalid_samples: float = Field(0.0, ge=0, le=100, examples=[5])
     """The share of invalid records (0-100) to skip instead of failing the run."""
+    mlflow_run_name: Name | None = None
+    """The MLflow run's display name (Nova's key); null: the run's name."""
 
     @model_validator(mode="after")
     def _prompts_say_something(self) -> Self:
@@ -298,8 +303,15 @@ class Peft(Section):
     lora_tuning: LoraTuning = LoraTuning()
 
 
+class DpoCfg(Section):
+    """Direct preference optimization (Nova's dpo_cfg), for task_type DPO."""
+
+    beta: float = Field(0.1, ge=0.001, le=0.1)
+    """How strongly the preferences are enforced against the starting model: 0.001-0.1 (Nova's range)."""
+
+
 class Model(Section):
-    """Dropouts (training only), the optimizer and PEFT."""
+    """Dropouts (training only), the optimizer, PEFT and DPO."""
 
     attention_dropout: float = Field(0.0, ge=0, lt=1, examples=[0.1])
     """On the attention probabilities (the model's own)."""
@@ -309,6 +321,7 @@ class Model(Section):
     """On the MLP activations before the down projection (Megatron's)."""
     optim: Optim = Optim()
     peft: Peft = Peft()
+    dpo_cfg: DpoCfg = DpoCfg()
 
 
 class TrainingConfig(Section):
@@ -372,6 +385,7 @@ class RunConfig(Section):
     run: Run
     training_config: TrainingConfig = TrainingConfig()
     _names: dict[str, str] = PrivateAttr(default_factory=dict)  # path -> what the user wrote for it (tasks.recipe)
+    _amazon_only: tuple[str, ...] = PrivateAttr(default=())  # the recipe's keys ignored here (tasks.nova)
 
     @model_validator(mode="after")
     def _eval_settings_need_eval_data(self) -> Self:
@@ -397,6 +411,11 @@ class RunConfig(Section):
         register_to = self.run.register_to
         return register_to if register_to.count(".") == 2 else f"{register_to}.{run_name}"
 
+    @property
+    def amazon_only(self) -> tuple[str, ...]:
+        """The recipe's keys that mean something only on Amazon's service: accepted, ignored, named to the user."""
+        return self._amazon_only
+
     def name_of(self, path: str) -> str:
         """How an error should name a setting: as the user wrote it (an argument's name or the path)."""
         return self._names.get(path, path)
@@ -411,7 +430,7 @@ class RunConfig(Section):
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in e.errors())
             raise InvalidInputError(f"cannot set {', '.join(updates)}: {problems}") from None
-        config._names = self._names
+        config._names, config._amazon_only = self._names, self._amazon_only
         return config
 
     def to_recipe(self) -> dict[str, Any]:

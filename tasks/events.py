@@ -10,6 +10,7 @@ from prefect.events.worker import EventsWorker
 
 class RunEvent(StrEnum):
     CREATED = "CREATED"
+    WARNING = "WARNING"  # created with settings that take no effect here (a recipe's Amazon-only keys)
     STARTED = "STARTED"
     RESUMED = "RESUMED"  # started again after the services stopped under it, from its latest checkpoint
     DATA_VALIDATED = "DATA_VALIDATED"

@@ -18,6 +18,7 @@ from ruamel.yaml import YAML, YAMLError
 
 from tasks.config import DURATION_KEYS, Duration, Rule, RunConfig, set_path
 from tasks.errors import InvalidInputError
+from tasks.nova import keys_under, nearest, translate
 
 # The anchor's create() arguments (and the CLI's flags), each the config path it sets. training_duration sets
 # training_config.trainer.max_epochs, max_steps or max_tokens by its unit (3ep, 200ba, 1_000_000tok).
@@ -46,7 +47,10 @@ def configure(recipe: "str | Path | dict | RunConfig | None" = None, shorthands:
     if isinstance(recipe, RunConfig):
         recipe = recipe.to_recipe()
     data, source = load_recipe(recipe, called) if recipe is not None else ({}, None)
-    names = {path: path for path, _ in _leaves(data)}  # recipe keys, as written
+    nova = translate(data)  # Amazon Nova's own keys, as Tessera's
+    data = nova.data
+    names = {path: path for path, _ in _leaves(data)} | nova.names  # recipe keys, as written
+    from_recipe = set(names)
     durations = {path for path, value in (overrides or {}).items() if path in _DURATION_PATHS and value is not None}
     if durations:
         _clear_duration(data, keep=durations)  # a duration given replaces whichever the recipe gave
@@ -67,15 +71,20 @@ def configure(recipe: "str | Path | dict | RunConfig | None" = None, shorthands:
             path = SHORTHANDS[argument]
         set_path(data, path, value)
         names[path] = argument
-    recipe_keys = {path for path, name in names.items() if name == path} - set(overrides or {})
+    shorthand_paths = {path for path, name in names.items() if name in SHORTHANDS}
+    recipe_keys = from_recipe - set(overrides or {}) - shorthand_paths
     data.setdefault("run", {})
+    problems = [f"{source}: {line}" if source else line for line in nova.problems + nova.duration_problems(data)]
     try:
         config = schema.model_validate(data)
     except ValidationError as e:
-        raise InvalidInputError("\n".join(_problems(e, schema, names, recipe_keys if source else set(), source))) from None
+        problems += _problems(e, schema, names, recipe_keys if source else set(), source)
+    if problems:
+        raise InvalidInputError("\n".join(problems))
     # Later checks (paths, the model's context limit) name a setting as given: the argument, or the recipe's key.
     config._names = {path: name for path, name in names.items() if name != path}
-    config._names |= {path: f"{source}: {path}" for path in recipe_keys} if source else {}
+    config._names |= {path: f"{source}: {names[path]}" for path in recipe_keys} if source else {}
+    config._amazon_only = tuple(nova.amazon_only)
     return config
 
 
@@ -162,9 +171,10 @@ def _problems(error: ValidationError, schema: type[BaseModel], names: dict[str, 
             paths, line = [], (f"{shorthand} is missing: pass {shorthand} or set {path} in the recipe" if shorthand
                                else f"{path} is missing")
         elif e["type"] == "extra_forbidden":
-            parent = path.rpartition(".")[0]
+            parent, _, key = path.rpartition(".")
+            known = [*_model_at(schema, parent).model_fields, *keys_under(parent)]
             line = (f"{path} is not a recipe key; the keys allowed {f'under {parent}' if parent else 'at the top'} "
-                    f"are {_keys(schema, parent)}")
+                    f"are {_keys(schema, parent)}{nearest(key, known)}")
             if path == "sweep":
                 line += " (a recipe with a sweep section runs as a sweep: fm.sweep(recipe=...), tessera sweep --recipe)"
             elif path == "retrain":

@@ -68,9 +68,9 @@ def experiment_for(config: RunConfig, run_name: str, user: str) -> str:
 
 
 def start_run(params: dict, run_name: str, experiment_path: str, user: str,
-              parent_run_id: str | None = None) -> tuple[str, str]:
+              parent_run_id: str | None = None, display_name: str | None = None) -> tuple[str, str]:
     """An MLflow run for a Tessera run (nested under `parent_run_id`: a sweep's), its parameters logged:
-    (experiment_id, run_id)."""
+    (experiment_id, run_id). `display_name`: the MLflow run's name, if not the Tessera run's."""
     experiment_id = ensure_experiment(experiment_path)
     tags = {"mlflow.user": user, "tessera.run_name": run_name}
     owner = os.environ.get("MLFLOW_TRACKING_USERNAME")  # a shared server's account: it will own the registered model
@@ -78,7 +78,7 @@ def start_run(params: dict, run_name: str, experiment_path: str, user: str,
         owner = client().get_run(parent_run_id).data.tags.get(OWNER_TAG, owner)
     if owner:
         tags[OWNER_TAG] = owner
-    run = client().create_run(experiment_id, run_name=run_name,
+    run = client().create_run(experiment_id, run_name=display_name or run_name,
                               tags=tags | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}))
     client().log_batch(run.info.run_id, params=[
         mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items() if v is not None

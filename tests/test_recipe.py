@@ -121,7 +121,8 @@ def test_nova_names_and_empty_sections():
     (dict(training_config__model__optim__betas=[0.9, 1.0]), "recipe: training_config.model.optim.betas[1] 1.0 must be below 1"),
     (dict(training_config__max_lenght=256),
      "recipe: training_config.max_lenght is not a recipe key; the keys allowed under training_config are max_length"),
-    (dict(run__model_type="amazon.nova-lite-v1:0:300k"), "recipe: run.model_type is not a recipe key"),
+    (dict(run__model_typ="amazon.nova-lite-v1:0:300k"),  # Nova's run.model_type is accepted: tests/test_nova.py
+     "recipe: run.model_typ is not a recipe key; the keys allowed under run are name, model_name_or_path"),
     (dict(run__model="m"), "run.model is not a recipe key; the keys allowed under run are name, model_name_or_path"),
     (dict(training_config__max_length=1000000.5), "recipe: training_config.max_length 1000000.5 must be a whole number"),
     (dict(training_config__model__peft__peft_scheme="dora"),
