@@ -44,6 +44,7 @@ class TaskType(StrEnum):
     CHAT_COMPLETION = "CHAT_COMPLETION"
     INSTRUCTION_FINETUNE = "INSTRUCTION_FINETUNE"
     CONTINUED_PRETRAIN = "CONTINUED_PRETRAIN"
+    DPO = "DPO"  # preference pairs: their data is validated and prepared; training them is not there yet
 
 
 class Rule(ValueError):
@@ -130,7 +131,8 @@ class Run(Section):
     """catalog.schema (registered as catalog.schema.<run name>) or catalog.schema.model_name, in letters, digits
     and underscores, each at most 255."""
     task_type: TaskType = Field(TaskType.CHAT_COMPLETION, strict=False)
-    """CHAT_COMPLETION, INSTRUCTION_FINETUNE or CONTINUED_PRETRAIN (case-sensitive)."""
+    """CHAT_COMPLETION, INSTRUCTION_FINETUNE or CONTINUED_PRETRAIN (case-sensitive); DPO's data can be checked
+    (tessera validate), not trained on yet."""
     experiment_path: ExperimentPath | None = Field(None, examples=["/Users/me/assistant"])
     """The MLflow experiment, an absolute workspace path; default /Users/<user>/<run name>."""
     eval_prompts: list[Prompt] | None = Field(None, max_length=100, examples=[["What is Tessera?"]])
@@ -140,6 +142,14 @@ class Run(Section):
     latest-sharded-rank0.symlink; local, file://, s3:// or an MLflow artifact URI)."""
     allow_percentage_invalid_samples: float = Field(0.0, ge=0, le=100, examples=[5])
     """The share of invalid records (0-100) to skip instead of failing the run."""
+
+    @model_validator(mode="after")
+    def _no_dpo_training_yet(self) -> Self:
+        # The one place a DPO run is refused, before any run exists, until its training lands.
+        if self.task_type is TaskType.DPO:
+            raise Rule("{} DPO: DPO training is not available yet; check preference data with `tessera validate "
+                       "<data> --task-type DPO` (fm.validate_data), or train with CHAT_COMPLETION", "task_type")
+        return self
 
     @model_validator(mode="after")
     def _prompts_say_something(self) -> Self:

@@ -62,8 +62,10 @@ def test_defaults_match_the_anchor_and_nova():
 
 
 @pytest.mark.parametrize("shorthands, message", [
-    (dict(task_type="chat"), "task_type 'chat' must be 'CHAT_COMPLETION', 'INSTRUCTION_FINETUNE' or "
-                             "'CONTINUED_PRETRAIN'"),
+    (dict(task_type="chat"), "task_type 'chat' must be 'CHAT_COMPLETION', 'INSTRUCTION_FINETUNE', "
+                             "'CONTINUED_PRETRAIN' or 'DPO'"),
+    (dict(task_type="DPO"), "task_type DPO: DPO training is not available yet; check preference data with "
+                            "`tessera validate <data> --task-type DPO`"),
     (dict(register_to="main"), "register_to 'main' is malformed (catalog.schema"),
     (dict(register_to="main.demo.model.extra"), "is malformed"),
     (dict(register_to="main.de mo"), "is malformed"),
