@@ -78,17 +78,12 @@ def data_summary(result: DataValidation) -> Group:
     verdict = "[bold green]valid[/bold green]" if result.ok else "[bold red]not valid[/bold red]"
     parts: list = [f"{verdict}: {escape(result.report)}"]
     s = result.stats
-    table = Table("examples", "tokens", "loss tokens", "length min / p50 / p90 / max", "truncated", "dropped",
-                  title=f"tokens at context_length {s['context_length']:,}", title_justify="left")
-    length = s["length"]
-    table.add_row(f"{s['num_examples']:,}", f"{s['num_tokens']:,}", f"{s['num_loss_tokens']:,}",
-                  f"{length['min']} / {length['p50']} / {length['p90']} / {length['max']}",
-                  f"{s['num_truncated']:,}", f"{s['num_dropped']:,}")
     if s["num_examples"] or s["num_dropped"]:  # nothing was tokenized when the records were refused
-        parts.append(table)
+        parts += _pair_tokens(s) if "pairs" in s else [_example_tokens(s)]
     if result.prepared is not None:
         p = result.prepared
-        parts.append(f"packed into {p.num_rows:,} rows ({p.packing_efficiency:.1%} of each row is data)")
+        shape = f" of {p.row_length:,} tokens, each pair's two sides in one" if p.row_length != p.context_length else ""
+        parts.append(f"packed into {p.num_rows:,} rows{shape} ({p.packing_efficiency:.1%} of each row is data)")
     if result.training_tokens is not None:
         parts.append(f"estimate: {result.training_duration} is {result.training_steps:,} optimizer steps, "
                      f"{result.training_tokens:,} token positions ({s['num_tokens']:,} data tokens per epoch)")
@@ -98,3 +93,30 @@ def data_summary(result: DataValidation) -> Group:
     parts += [f"[yellow]warning:[/yellow] {escape(w)}" for w in result.warnings]
     parts.append(f"[dim]evidence: {result.evidence} (report.txt, stats.json, quality.json, lengths.png)[/dim]")
     return Group(*parts)
+
+
+def _lengths(length: dict) -> str:
+    return f"{length['min']} / {length['p50']} / {length['p90']} / {length['max']}"
+
+
+def _example_tokens(s: dict) -> Table:
+    table = Table("examples", "tokens", "loss tokens", "length min / p50 / p90 / max", "truncated", "dropped",
+                  title=f"tokens at context_length {s['context_length']:,}", title_justify="left")
+    table.add_row(f"{s['num_examples']:,}", f"{s['num_tokens']:,}", f"{s['num_loss_tokens']:,}", _lengths(s["length"]),
+                  f"{s['num_truncated']:,}", f"{s['num_dropped']:,}")
+    return table
+
+
+def _pair_tokens(s: dict) -> list:
+    """The pairs' tokens per side, answers cut, and the histogram of sequence lengths (a prompt with one answer)."""
+    pairs = s["pairs"]
+    table = Table("pairs", "prompt tokens", "chosen tokens", "rejected tokens", "sequence min / p50 / p90 / max",
+                  "truncated chosen / rejected", title=f"tokens at context_length {s['context_length']:,} (a sequence "
+                  "is a prompt with one answer)", title_justify="left")
+    table.add_row(f"{s['num_examples']:,}", f"{pairs['prompt_tokens']:,}", f"{pairs['chosen_tokens']:,}",
+                  f"{pairs['rejected_tokens']:,}", _lengths(s["length"]),
+                  f"{pairs['chosen_truncated']:,} / {pairs['rejected_truncated']:,}")
+    most = max(b["count"] for b in pairs["histogram"]) or 1
+    bars = [f"  {b['from']:>6,}-{b['to']:<6,} {'█' * round(24 * b['count'] / most):<24} {b['count']:,}"
+            for b in pairs["histogram"]]
+    return [table, "sequences by length in tokens:", *bars]

@@ -40,7 +40,7 @@ def create(
     register_to: str | None = None,
     *,
     recipe: str | None = None,
-    task_type: Literal["CHAT_COMPLETION", "INSTRUCTION_FINETUNE", "CONTINUED_PRETRAIN"] | None = None,
+    task_type: Literal["CHAT_COMPLETION", "INSTRUCTION_FINETUNE", "CONTINUED_PRETRAIN", "DPO"] | None = None,
     training_duration: str | None = None,
     learning_rate: float | None = None,
     context_length: int | None = None,
@@ -256,7 +256,7 @@ def promote(registered_model: str, version: int):
 def validate(
     data_path: str,
     *,
-    task_type: Literal["CHAT_COMPLETION", "INSTRUCTION_FINETUNE", "CONTINUED_PRETRAIN"] = "CHAT_COMPLETION",
+    task_type: Literal["CHAT_COMPLETION", "INSTRUCTION_FINETUNE", "CONTINUED_PRETRAIN", "DPO"] = "CHAT_COMPLETION",
     model: str = DEFAULT_MODEL,
     context_length: int | None = None,
     training_duration: str = "1ep",

@@ -46,7 +46,7 @@ class TaskType(StrEnum):
     CHAT_COMPLETION = "CHAT_COMPLETION"
     INSTRUCTION_FINETUNE = "INSTRUCTION_FINETUNE"
     CONTINUED_PRETRAIN = "CONTINUED_PRETRAIN"
-    DPO = "DPO"  # preference pairs (Nova's DPO recipes): loads into the config; training it is not available yet
+    DPO = "DPO"  # preference pairs (Nova's DPO recipes too): their data is validated and prepared; not trained yet
 
 
 class Rule(ValueError):
@@ -133,7 +133,8 @@ class Run(Section):
     """catalog.schema (registered as catalog.schema.<run name>) or catalog.schema.model_name, in letters, digits
     and underscores, each at most 255."""
     task_type: TaskType = Field(TaskType.CHAT_COMPLETION, strict=False)
-    """CHAT_COMPLETION, INSTRUCTION_FINETUNE or CONTINUED_PRETRAIN (case-sensitive); DPO is not trained yet."""
+    """CHAT_COMPLETION, INSTRUCTION_FINETUNE or CONTINUED_PRETRAIN (case-sensitive); DPO's data can be checked
+    (tessera validate), not trained on yet."""
     experiment_path: ExperimentPath | None = Field(None, examples=["/Users/me/assistant"])
     """The MLflow experiment, an absolute workspace path; default /Users/<user>/<run name>."""
     eval_prompts: list[Prompt] | None = Field(None, max_length=100, examples=[["What is Tessera?"]])

@@ -18,8 +18,9 @@ def check_paths(config: RunConfig) -> RunConfig:
     if run.task_type == TaskType.DPO:  # the one place a DPO run is refused: create(), sweeps and the flow pass here
         raise InvalidInputError(
             f"{config.name_of('run.task_type')}: DPO training is not available yet (the recipe loads, its "
-            f"training_config.model.dpo_cfg.beta {config.training_config.model.dpo_cfg.beta:g} is kept); train on "
-            "the preferred answers as CHAT_COMPLETION (task_type=CHAT_COMPLETION) meanwhile")
+            f"training_config.model.dpo_cfg.beta {config.training_config.model.dpo_cfg.beta:g} is kept); check the "
+            "preference data with `tessera validate <data> --task-type DPO`, and train on the preferred answers as "
+            "CHAT_COMPLETION (task_type=CHAT_COMPLETION) meanwhile")
     for path in ("run.train_data_path", "run.eval_data_path"):
         if uri := getattr(run, path.split(".")[1]):
             check_data_path(uri, config.name_of(path), run.task_type)

@@ -113,10 +113,10 @@ def test_suites_differ_by_task_type():
         assert result.success, result.failed
         return {r["expectation_config"]["kwargs"]["column"] for r in result.result["results"]}
 
-    chat, instructions, documents = (judged(t) for t in TaskType)
+    chat, instructions, documents, pairs = (judged(t) for t in TaskType)
     assert chat == {"valid", "num_messages", "role_pattern", "last_role", "num_empty_content", "num_tokens",
                     "truncated", "num_loss_tokens"}
-    assert instructions == {"valid", "num_tokens", "truncated", "num_loss_tokens"}
+    assert instructions == pairs == {"valid", "num_tokens", "truncated", "num_loss_tokens"}
     assert documents == {"valid", "num_tokens", "num_loss_tokens"}
     # Instruction records have no chat columns, so the chat suite would fail them.
     assert not run_suite(good_frame(task_type=TaskType.INSTRUCTION_FINETUNE), TaskType.CHAT_COMPLETION,

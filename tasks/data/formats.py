@@ -96,7 +96,7 @@ def record_problems(record: Any, task_type: TaskType, at: At, template: Template
     if isinstance(record, UnreadableLine):
         return [at("", record.error, record.fix)]
     if task_type is TaskType.CHAT_COMPLETION:
-        check = _bedrock_problems if _is_bedrock(record) else _chat_problems
+        check = bedrock_problems if is_bedrock(record) else _chat_problems
         return list(check(record, at, template))
     if task_type is TaskType.INSTRUCTION_FINETUNE:
         return list(_instruction_problems(record, at))
@@ -108,11 +108,11 @@ def record_problems(record: Any, task_type: TaskType, at: At, template: Template
 def normalize(record: dict, task_type: TaskType) -> dict:
     """A valid record in the canonical shape: a Bedrock conversation becomes {"messages": [...]}, text blocks
     joined by newlines as vLLM joins text parts; every other record comes back as it is."""
-    if task_type is not TaskType.CHAT_COMPLETION or not _is_bedrock(record):
+    if task_type is not TaskType.CHAT_COMPLETION or not is_bedrock(record):
         return record
-    system = _joined(record.get("system", []))
+    system = joined(record.get("system", []))
     head = [{"role": "system", "content": system}] if system else []
-    return {"messages": head + [{"role": m["role"], "content": _joined(m["content"])} for m in record["messages"]]}
+    return {"messages": head + [{"role": m["role"], "content": joined(m["content"])} for m in record["messages"]]}
 
 
 def describe(value: Any) -> str:
@@ -139,12 +139,12 @@ def _chat_problems(record: Any, at: At, template: TemplateSupport | None) -> Ite
     if "messages" not in record and "prompt" in record:
         yield at("", "a prompt/response record", 'use task_type INSTRUCTION_FINETUNE, or write {"messages": [...]}')
         return
-    yield from _key_problems(record, ("messages",), at)
+    yield from key_problems(record, ("messages",), at)
     allowed = (*ROLES, "tool") if template and template.tool else ROLES
-    yield from _messages_problems(record, _text_problems, allowed, at, template)
+    yield from messages_problems(record, text_problems, allowed, at, template)
 
 
-def _text_problems(content: Any, where: str, at: At) -> Iterator[Problem]:
+def text_problems(content: Any, where: str, at: At) -> Iterator[Problem]:
     """A chat message's content: a string with some text in it."""
     if isinstance(content, list):
         yield at(where, "a list", "use a string: join the text parts into one")
@@ -154,10 +154,11 @@ def _text_problems(content: Any, where: str, at: At) -> Iterator[Problem]:
         yield at(where, describe(content), "write the message's text")
 
 
-def _bedrock_problems(record: dict, at: At, template: TemplateSupport | None) -> Iterator[Problem]:
+def bedrock_problems(record: dict, at: At, template: TemplateSupport | None, prompt: bool = False
+                     ) -> Iterator[Problem]:
     """Bedrock's Converse format: {"schemaVersion": ..., "system": [blocks], "messages": [{role, content: [blocks]}]},
-    roles user and assistant, text blocks only."""
-    yield from _key_problems(record, ("messages",), at, optional=("schemaVersion", "system"))
+    roles user and assistant, text blocks only. `prompt`: the messages are a prompt, as messages_problems says."""
+    yield from key_problems(record, ("messages",), at, optional=("schemaVersion", "system"))
     if "schemaVersion" in record and record["schemaVersion"] != BEDROCK_SCHEMA:
         yield at("schemaVersion", describe(record["schemaVersion"]),
                  f"write {BEDROCK_SCHEMA!r}, or leave schemaVersion out")
@@ -168,14 +169,14 @@ def _bedrock_problems(record: dict, at: At, template: TemplateSupport | None) ->
         elif system:
             problems = _blocks_problems(system, "system", at)
             yield from problems
-            if not problems and not _joined(system).strip():
-                yield at("system", describe(_joined(system)), "write the system prompt's text, or leave system out")
+            if not problems and not joined(system).strip():
+                yield at("system", describe(joined(system)), "write the system prompt's text, or leave system out")
             elif not problems and template and not template.system:
                 yield at("system", "a system prompt", _no_system_fix(template))
-    yield from _messages_problems(record, _blocks_content_problems, BEDROCK_ROLES, at, template)
+    yield from messages_problems(record, blocks_content_problems, BEDROCK_ROLES, at, template, prompt)
 
 
-def _blocks_content_problems(content: Any, where: str, at: At) -> Iterator[Problem]:
+def blocks_content_problems(content: Any, where: str, at: At) -> Iterator[Problem]:
     """A Converse message's content: a list of text blocks with some text in them."""
     if not isinstance(content, list):
         yield at(where, describe(content), f"use a list of content blocks, like [{BLOCK_EXAMPLE}]")
@@ -184,31 +185,34 @@ def _blocks_content_problems(content: Any, where: str, at: At) -> Iterator[Probl
     else:
         problems = _blocks_problems(content, where, at)
         yield from problems
-        if not problems and not _joined(content).strip():
-            yield at(where, describe(_joined(content)), "write the message's text")
+        if not problems and not joined(content).strip():
+            yield at(where, describe(joined(content)), "write the message's text")
 
 
-def _messages_problems(record: dict, content_problems: Callable[[Any, str, At], Iterator[Problem]],
-                       allowed: tuple[str, ...], at: At, template: TemplateSupport | None) -> Iterator[Problem]:
-    """The conversation under "messages": at least two messages, each exactly role and content, in turn."""
+def messages_problems(record: dict, content_problems: Callable[[Any, str, At], Iterator[Problem]],
+                      allowed: tuple[str, ...], at: At, template: TemplateSupport | None, prompt: bool = False
+                      ) -> Iterator[Problem]:
+    """The conversation under "messages": at least two messages, each exactly role and content, in turn. A `prompt`
+    (a preference pair's) is the conversation before the answers: at least one message, ending with the user's."""
     if "messages" not in record:
         return
     messages = record["messages"]
     if not isinstance(messages, list):
         yield at("messages", describe(messages), "use a list of {role, content} messages")
         return
-    if len(messages) < 2:
-        yield at("messages", f"{len(messages)} message(s)", "give at least a user message and the assistant's reply")
+    if len(messages) < (1 if prompt else 2):
+        yield at("messages", f"{len(messages)} message(s)", "give at least a user message" if prompt
+                 else "give at least a user message and the assistant's reply")
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             yield at(where, describe(message), "use an object with role and content")
             continue
-        yield from _key_problems(message, ("role", "content"), at, prefix=f"{where}.")
+        yield from key_problems(message, ("role", "content"), at, prefix=f"{where}.")
         if "content" in message:
             yield from content_problems(message["content"], f"{where}.content", at)
     roles = [message.get("role", _ABSENT) if isinstance(message, dict) else _ABSENT for message in messages]
-    yield from _turn_problems(roles, allowed, at, template)
+    yield from _turn_problems(roles, allowed, at, template, prompt)
 
 
 def _blocks_problems(blocks: list, where: str, at: At) -> list[Problem]:
@@ -226,7 +230,7 @@ def _block_problems(block: Any, where: str, at: At) -> Iterator[Problem]:
         yield at(where, f"a non-text block ({kinds[0]})",
                  f"remove it, or give its text as {BLOCK_EXAMPLE}: Tessera trains on text only")
         return
-    yield from _key_problems(block, ("text",), at, prefix=f"{where}.")
+    yield from key_problems(block, ("text",), at, prefix=f"{where}.")
     if "text" in block and not isinstance(block["text"], str):
         yield at(f"{where}.text", describe(block["text"]), "use a string")
 
@@ -239,7 +243,7 @@ def _instruction_problems(record: Any, at: At) -> Iterator[Problem]:
     if "prompt" not in record and "messages" in record:
         yield at("", "a conversation", 'use task_type CHAT_COMPLETION, or write {"prompt": "...", "response": "..."}')
         return
-    yield from _key_problems(record, ("prompt",), at, optional=("response", "completion"))
+    yield from key_problems(record, ("prompt",), at, optional=("response", "completion"))
     answers = [key for key in ("response", "completion") if key in record]
     if not answers:
         yield at("response", "nothing", "add 'response' (or 'completion'): the text the model learns to write")
@@ -251,8 +255,9 @@ def _instruction_problems(record: Any, at: At) -> Iterator[Problem]:
 
 
 def _turn_problems(roles: list[Any], allowed: tuple[str, ...], at: At,
-                   template: TemplateSupport | None) -> Iterator[Problem]:
-    """Each role is allowed and in its place. After a role that is itself wrong, the next is not judged by it."""
+                   template: TemplateSupport | None, prompt: bool = False) -> Iterator[Problem]:
+    """Each role is allowed and in its place, and the last is the assistant's (a `prompt`'s: the user's or a tool's,
+    where the answers begin). After a role that is itself wrong, the next is not judged by it."""
     previous: str | None = None  # the last turn's role; None before the first; "?" after a wrong or missing one
     for i, role in enumerate(roles):
         where = f"messages[{i}].role"
@@ -271,7 +276,11 @@ def _turn_problems(roles: list[Any], allowed: tuple[str, ...], at: At,
                 yield at(where, describe(role), fix)
             previous = role
     last = roles[-1] if roles else None
-    if last in allowed and last != "assistant":
+    if prompt and last in allowed and last not in ("user", "tool"):
+        yield at(f"messages[{len(roles) - 1}].role", describe(last),
+                 "end the prompt with the user's message (or a tool result): the answers begin where it ends, so "
+                 "move an assistant reply into the answers or drop it")
+    elif not prompt and last in allowed and last != "assistant":
         yield at(f"messages[{len(roles) - 1}].role", describe(last),
                  "end with an assistant message: it is what the model learns to write")
 
@@ -305,7 +314,7 @@ def _no_system_fix(template: TemplateSupport) -> str:
             "takes no system message")
 
 
-def _key_problems(obj: dict, required: tuple[str, ...], at: At, prefix: str = "",
+def key_problems(obj: dict, required: tuple[str, ...], at: At, prefix: str = "",
                   optional: tuple[str, ...] = ()) -> Iterator[Problem]:
     """Required keys that are missing, and keys that are neither required nor optional."""
     allowed = required + optional
@@ -318,7 +327,7 @@ def _key_problems(obj: dict, required: tuple[str, ...], at: At, prefix: str = ""
                      f"remove it; the keys allowed here are {', '.join(allowed)}")
 
 
-def _is_bedrock(record: Any) -> bool:
+def is_bedrock(record: Any) -> bool:
     """A Converse record: it names its schemaVersion, or gives some message's content as Converse blocks (objects
     without the "type" of OpenAI's content parts)."""
     if not isinstance(record, dict):
@@ -331,7 +340,7 @@ def _is_bedrock(record: Any) -> bool:
         and "type" not in c[0] for m in messages)
 
 
-def _joined(blocks: list[dict]) -> str:
+def joined(blocks: list[dict]) -> str:
     """The text of valid Converse text blocks, one block per line."""
     return "\n".join(block["text"] for block in blocks)
 

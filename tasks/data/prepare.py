@@ -2,9 +2,16 @@
 
 Slices of the data are validated and tokenized in worker processes (one per core); the parent packs their
 examples in file order, so the result is the same whatever the number of workers. A prepared folder holds
-input_ids.npy, labels.npy and position_ids.npy (int32, [num_rows, context_length]), meta.json (the
+input_ids.npy, labels.npy and position_ids.npy (int32, [num_rows, row_length]), meta.json (the
 PreparedDataset fields but path), and the evidence a user reads: report.txt, stats.json, quality.json
-(the great-expectations result) and lengths.png. A rejected data set keeps its evidence in `<key>.rejected`."""
+(the great-expectations result) and lengths.png. A rejected data set keeps its evidence in `<key>.rejected`.
+
+Rows are context_length long, but preference pairs' (DPO) are twice that: each pair's two sides, prompt + chosen and
+prompt + rejected (each at most context_length), lie in one row, so one forward computes both. Their folder also
+holds sequence_ids.npy (int32, same shape): 2 * pair + side (0 chosen, 1 rejected) at every position of a side, -1
+on padding, pairs numbered 0..num_examples-1 in file order. The loss tokens (labels) are the answers' only; a
+side's log-probability is the sum of its positions' (the next-token shift as PackedRows.targets does it), so the
+reference model's can be computed in one pass and kept per sequence id."""
 
 import hashlib
 import json
@@ -17,7 +24,7 @@ from dataclasses import dataclass
 from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 import pandas as pd
@@ -25,6 +32,7 @@ import pandas as pd
 from tasks.config import TaskType
 from tasks.data.formats import parse_task_type
 from tasks.data.pack import RowBlock, pack_stream
+from tasks.data.pair_stats import PairStats
 from tasks.data.quality import run_suite
 from tasks.data.report import DataReport, Problem
 from tasks.data.shard import (
@@ -35,19 +43,24 @@ from tasks.data.shard import (
     SliceResult,
     encoder_for,
     offset_lines,
+    offset_pairs,
     run_slice,
     slices,
 )
 from tasks.data.sources import LocalData, fetch, text_files
 from tasks.data.stats import TokenStats
-from tasks.data.template import probe
+from tasks.data.template import TemplateSupport, probe
 from tasks.data.tokenize import IGNORE
 from tasks.errors import InvalidDataError
 from tasks.home import cache_dir
 from tasks.publish import publish_once
 
-FORMAT_VERSION = 2  # bump when tokenization or packing changes, so older prepared folders are not reused
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+FORMAT_VERSION = 3  # bump when tokenization or packing changes, so older prepared folders are not reused
 ARRAYS = ("input_ids", "labels", "position_ids")
+PAIR_ARRAYS = (*ARRAYS, "sequence_ids")
 # The files that decide how text becomes tokens (the chat template is in chat_template.jinja or tokenizer_config.json).
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.*",
                    "merges.txt")
@@ -68,7 +81,8 @@ class PreparedDataset:
     num_loss_tokens: int
     num_rows: int
     context_length: int
-    packing_efficiency: float  # num_tokens / (num_rows * context_length)
+    row_length: int  # context_length; twice that for preference pairs, whose two sides share a row
+    packing_efficiency: float  # num_tokens / (num_rows * row_length)
     task_type: str
     source: str  # the data path it was first prepared from; the cache is shared by identical content
     content_hash: str
@@ -95,7 +109,7 @@ def prepare_dataset(data_path: str, model_dir: Path, task_type: str, context_len
             meta = _prepare(data, Path(model_dir), task, context_length, allow_percentage_invalid, staging)
         except InvalidDataError as e:
             shutil.rmtree(rejected, ignore_errors=True)
-            for name in ARRAYS:
+            for name in PAIR_ARRAYS:
                 (staging / f"{name}.npy").unlink(missing_ok=True)
             staging.rename(rejected)
             raise InvalidDataError(str(e), evidence=rejected) from None
@@ -112,10 +126,11 @@ def _prepare(data: LocalData, model_dir: Path, task: TaskType, context_length: i
     """Write the rows and the evidence into `folder`; return the counts for meta.json."""
     tokenizer = encoder_for(str(model_dir)).tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    template = probe(tokenizer) if task is TaskType.CHAT_COMPLETION else None
+    pairs = task is TaskType.DPO
+    template = _template(tokenizer, task)
     report = DataReport(data.uri, task)
     parts = _parts(data, task, report)
-    stats = TokenStats(context_length)
+    stats = PairStats(context_length) if pairs else TokenStats(context_length)
     quality: list[dict[str, np.ndarray]] = []
     failing = [not report.acceptable(allow_percentage_invalid)]  # once bound to fail, workers only report
 
@@ -129,6 +144,8 @@ def _prepare(data: LocalData, model_dir: Path, task: TaskType, context_length: i
             lines_read[part.path] += result.num_lines
             if task is TaskType.CONTINUED_PRETRAIN:  # a document is a file: the suite numbers documents
                 result.quality["line"][:] = len(lines_read)
+            if pairs:  # numbered across slices, in file order
+                result = offset_pairs(result, stats.num_examples)
             report.merge(result.report)
             quality.append(result.quality)
             stats.add(*result.counts)
@@ -140,12 +157,12 @@ def _prepare(data: LocalData, model_dir: Path, task: TaskType, context_length: i
         blocks = (RowBlock.of([row], context_length) for row in pack_stream(examples, context_length, pad_id))
     else:  # whole examples, packed by the workers
         blocks = (result.rows for result in results())
-    counts = _write_rows(folder, blocks, context_length)
+    row_length = 2 * context_length if pairs else context_length
+    counts = _write_rows(folder, blocks, row_length, PAIR_ARRAYS if pairs else ARRAYS)
     if report.num_records == 0 and report.ok:  # an empty file, or one of blank lines
         what = "no documents" if task is TaskType.CONTINUED_PRETRAIN else "no records"
         report.add_problem(Problem(data.name, None, "", what, "write one JSON object per line"
                                    if task is not TaskType.CONTINUED_PRETRAIN else "put text in the .txt files"))
-
     trainable = report.acceptable(allow_percentage_invalid)
     _write_evidence(folder, quality, stats, report, task, context_length, allow_percentage_invalid, trainable)
     if not trainable:
@@ -158,13 +175,22 @@ def _prepare(data: LocalData, model_dir: Path, task: TaskType, context_length: i
     return dict(
         counts, num_records=report.num_records, num_invalid=report.num_invalid,
         num_examples=stats.num_examples, num_dropped=stats.num_dropped,
-        num_truncated=stats.num_truncated, context_length=context_length, task_type=str(task),
-        packing_efficiency=round(counts["num_tokens"] / (counts["num_rows"] * context_length), 4),
+        num_truncated=stats.num_truncated, context_length=context_length, row_length=row_length, task_type=task,
+        packing_efficiency=round(counts["num_tokens"] / (counts["num_rows"] * row_length), 4),
     )
 
 
-def _write_evidence(folder: Path, quality: list[dict[str, np.ndarray]], stats: TokenStats, report: DataReport,
-                    task: TaskType, context_length: int, allow_percentage_invalid: float, trainable: bool) -> None:
+def _template(tokenizer: "PreTrainedTokenizerBase", task: TaskType) -> TemplateSupport | None:
+    """What the chat template renders, where records are conversations: chat records, and pairs where the model has
+    a template (pairs of plain strings need none; conversational ones are refused without one when tokenized)."""
+    if task is TaskType.CHAT_COMPLETION or (task is TaskType.DPO and tokenizer.chat_template is not None):
+        return probe(tokenizer)
+    return None
+
+
+def _write_evidence(folder: Path, quality: list[dict[str, np.ndarray]], stats: TokenStats | PairStats,
+                    report: DataReport, task: TaskType, context_length: int, allow_percentage_invalid: float,
+                    trainable: bool) -> None:
     """What a run keeps of its data, refused or not: the quality suite's result, the length histogram, the token
     statistics and the report."""
     frame = pd.DataFrame({name: np.concatenate([q[name] for q in quality]) for name in quality[0]}) if quality \
@@ -238,12 +264,13 @@ def tokenizer_hash(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_rows(folder: Path, blocks: Iterable[RowBlock], context_length: int) -> dict[str, int]:
+def _write_rows(folder: Path, blocks: Iterable[RowBlock], row_length: int, arrays: tuple[str, ...]
+                ) -> dict[str, int]:
     counts = dict.fromkeys(("num_tokens", "num_loss_tokens", "num_rows"), 0)
-    files = {name: _RowsFile(folder / f"{name}.npy", context_length) for name in ARRAYS}
+    files = {name: _RowsFile(folder / f"{name}.npy", row_length) for name in arrays}
     try:
         for block in blocks:
-            for name in ARRAYS:
+            for name in arrays:
                 files[name].append(getattr(block, name))
             counts["num_rows"] += len(block.num_tokens)
             counts["num_tokens"] += int(block.num_tokens.sum())

@@ -4,6 +4,7 @@ A file is cut into byte ranges that end at line ends, so each worker reads, chec
 and the parent only packs. Line numbers in a result count from the slice's first line; the parent adds the lines
 of the slices before it."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -12,8 +13,10 @@ from typing import Any
 import numpy as np
 
 from tasks.config import TaskType
-from tasks.data.formats import normalize, parse_line, record_problems
-from tasks.data.pack import RowBlock, pack_best_fit
+from tasks.data.formats import At, normalize, parse_line, record_problems
+from tasks.data.pack import RowBlock, pack_best_fit, pack_pairs
+from tasks.data.pair_tokenize import PairExample, tokenize_pairs
+from tasks.data.preference import Pair, canonical_pair, pair_problems
 from tasks.data.quality import QUALITY_COLUMNS
 from tasks.data.report import DataReport, Problem
 from tasks.data.template import TemplateSupport
@@ -62,7 +65,8 @@ class SliceResult:
     # which the parent packs as one stream across files.
     rows: RowBlock | None = None
     examples: list[Example] = field(default_factory=list)
-    counts: tuple[np.ndarray, ...] = ()  # per example: length, loss tokens, truncated, dropped (TokenStats.add)
+    # per example: length, loss tokens, truncated, dropped (TokenStats.add); per pair: pair_counts (PairStats.add)
+    counts: tuple[np.ndarray, ...] = ()
     quality: dict[str, np.ndarray] = field(default_factory=dict)  # one entry per record, for the GX suite
 
 
@@ -119,22 +123,38 @@ def run_slice(job: SliceJob, model_dir: str) -> SliceResult:
         data = f.read(job.part.end - job.part.start)
     if job.task_type is TaskType.CONTINUED_PRETRAIN:
         return _documents(job, data, model_dir)
+    if job.task_type is TaskType.DPO:
+        return _pairs(job, data, model_dir)
     return _records(job, data, model_dir)
 
 
-def _records(job: SliceJob, data: bytes, model_dir: str) -> SliceResult:
+Checked = tuple[int, Any, list[Problem]]  # a record's line, the record, what is wrong with it
+
+
+def _checked(job: SliceJob, data: bytes, check: Callable[[Any, At], list[Problem]]) -> tuple[int, list[Checked]]:
+    """The slice's lines, and each non-blank one parsed and checked."""
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
+    checked = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            record = parse_line(line)
+            checked.append((number, record, check(record, _at(job, number))))
+    return len(lines), checked
+
+
+def _at(job: SliceJob, number: int) -> At:
+    return partial(Problem, job.part.name, number, unit=job.part.unit)
+
+
+def _records(job: SliceJob, data: bytes, model_dir: str) -> SliceResult:
+    num_lines, checked = _checked(job, data, lambda record, at: record_problems(record, job.task_type, at,
+                                                                                job.template))
     report = DataReport(job.part.name, job.task_type)
     quality = _Quality()
     valid: list[tuple[int, dict]] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        record = parse_line(line)
-        at = partial(Problem, job.part.name, number, unit=job.part.unit)
-        problems = record_problems(record, job.task_type, at, job.template)
+    for number, record, problems in checked:
         report.add_record(problems)
         if not problems:
             record = normalize(record, job.task_type)
@@ -153,7 +173,34 @@ def _records(job: SliceJob, data: bytes, model_dir: str) -> SliceResult:
             quality.add_tokens([number for number, _ in valid[start:start + BATCH]], tokenized)
     kept = [example for example in examples if example.has_loss]
     rows = RowBlock.of(pack_best_fit(kept, job.context_length, job.pad_id), job.context_length)
-    return SliceResult(len(lines), report, rows=rows, counts=example_counts(examples), quality=quality.columns())
+    return SliceResult(num_lines, report, rows=rows, counts=example_counts(examples), quality=quality.columns())
+
+
+def _pairs(job: SliceJob, data: bytes, model_dir: str) -> SliceResult:
+    """Preference pairs: checked, tokenized (which finds the prompts that fill the context), and packed two sides
+    to a row. Pairs are numbered from 0 in the slice, in file order; the parent numbers them across slices."""
+    num_lines, checked = _checked(job, data, lambda record, at: pair_problems(record, at, job.template))
+    valid = {number: canonical_pair(record) for number, record, problems in checked if not problems}
+    examples: dict[int, PairExample] = {}
+    if job.tokenize and valid:
+        pairs = list(valid.values())
+        examples = dict(zip(valid, (example for start in range(0, len(pairs), BATCH) for example in
+                                    tokenize_pairs(encoder_for(model_dir), pairs[start:start + BATCH],
+                                                   job.context_length))))
+    report = DataReport(job.part.name, job.task_type)
+    quality = _Quality()
+    for number, record, problems in checked:
+        example = examples.get(number)
+        if example is not None and example.problem:
+            problems = [_at(job, number)(*example.problem)]
+        report.add_record(problems)
+        quality.add_record(number, valid[number] if not problems else record, not problems)
+    kept = {number: example for number, example in examples.items() if example.problem is None}
+    quality.add_pairs(list(kept), list(kept.values()))
+    width = 2 * job.context_length
+    rows = RowBlock.of(pack_pairs([example.sides for example in kept.values()], width, job.pad_id), width)
+    return SliceResult(num_lines, report, rows=rows, counts=pair_counts(list(kept.values())),
+                       quality=quality.columns())
 
 
 def _documents(job: SliceJob, data: bytes, model_dir: str) -> SliceResult:
@@ -194,7 +241,7 @@ class _Quality:
                "num_empty_content": 0, "num_chars": 0, "num_tokens": 0, "num_loss_tokens": 0, "truncated": False}
         if isinstance(record, str):
             row["num_chars"] = len(record)
-        elif isinstance(record, dict):
+        elif isinstance(record, dict | Pair):
             texts = _texts(record)
             row["num_chars"] = sum(len(t) for t in texts if isinstance(t, str))
             row["num_empty_content"] = sum(1 for t in texts if not (isinstance(t, str) and t.strip()))
@@ -212,19 +259,32 @@ class _Quality:
             row["num_loss_tokens"] = int((example.labels[1:] != IGNORE).sum())
             row["truncated"] = example.truncated
 
+    def add_pairs(self, lines: list[int], pairs: list[PairExample]) -> None:
+        """A pair's tokens as its longer side holds them (what context_length bounds), its loss tokens both answers'."""
+        for line, pair in zip(lines, pairs):
+            row = self.rows[line]
+            row["num_tokens"] = len(pair.prompt) + max(len(pair.chosen), len(pair.rejected))
+            row["num_loss_tokens"] = len(pair.chosen) + len(pair.rejected)
+            row["truncated"] = pair.chosen_cut or pair.rejected_cut
+
     def columns(self) -> dict[str, np.ndarray]:
         rows = list(self.rows.values())
         return {name: np.array([row[name] for row in rows], dtype=dtype) for name, dtype in QUALITY_COLUMNS.items()}
 
 
-def _texts(record: dict) -> list[Any]:
+def _texts(record: dict | Pair) -> list[Any]:
+    if isinstance(record, Pair):
+        prompt = [m["content"] for m in record.prompt] if record.chat else [record.prompt]
+        return [*prompt, record.chosen, record.rejected]
     messages = record.get("messages")
     if isinstance(messages, list):
         return [m.get("content") if isinstance(m, dict) else None for m in messages]
     return [record.get(key) for key in ("prompt", "response", "completion") if key in record]
 
 
-def _roles(record: dict) -> list[str] | None:
+def _roles(record: dict | Pair) -> list[str] | None:
+    if isinstance(record, Pair):
+        return [m["role"] for m in record.prompt] + ["assistant"] if record.chat else None
     messages = record.get("messages")
     if not isinstance(messages, list):
         return None
@@ -245,3 +305,17 @@ def example_counts(examples: list[Example]) -> tuple[np.ndarray, ...]:
     loss = np.array([int((e.labels[1:] != IGNORE).sum()) for e in examples], dtype=np.int64)
     return (np.array([len(e) for e in examples], dtype=np.int64), loss,
             np.array([e.truncated for e in examples], dtype=bool), loss == 0)
+
+
+def pair_counts(pairs: list[PairExample]) -> tuple[np.ndarray, ...]:
+    """Per pair: prompt tokens, chosen and rejected answer tokens (after the cut), whether each answer was cut."""
+    return (*(np.array([len(getattr(p, name)) for p in pairs], dtype=np.int64)
+              for name in ("prompt", "chosen", "rejected")),
+            *(np.array([getattr(p, name) for p in pairs], dtype=bool) for name in ("chosen_cut", "rejected_cut")))
+
+
+def offset_pairs(result: SliceResult, pairs_before: int) -> SliceResult:
+    """The result with its pairs numbered from the start of the data set."""
+    sides = result.rows.sequence_ids
+    sides[sides >= 0] += 2 * pairs_before
+    return result

@@ -80,6 +80,13 @@ class TokenStats:
         mean = round(self.num_tokens / self.num_examples, 1)
         return {"min": shortest, **self.percentiles(), "max": self.max_length, "mean": mean}
 
+    def bins(self, count: int) -> list[dict[str, int]]:
+        """The length histogram in `count` equal bins from 0 to context_length: each bin's lengths and examples."""
+        width = ceil((self.context_length + 1) / count)
+        return [{"from": start, "to": min(start + width, self.context_length + 1) - 1,
+                 "count": int(self.lengths[start:start + width].sum())}
+                for start in range(0, self.context_length + 1, width)]
+
     def warnings(self, task_type: TaskType) -> list[str]:
         """Too little data for the task, and examples cut or left out."""
         notes = []
@@ -101,8 +108,9 @@ class TokenStats:
             notes.append(f"{self.num_dropped:,} of {total:,} examples {why} and are left out")
         return notes
 
-    def histogram_png(self, path: Path) -> None:
-        """Examples per length in about BARS bars, context_length marked, titled with the counts."""
+    def histogram_png(self, path: Path, noun: str = "example") -> None:
+        """Examples (or what `noun` names) per length in about BARS bars, context_length marked, titled with the
+        counts."""
         from matplotlib.figure import (
             Figure,  # on use: a second to import; Figure needs no pyplot or backend state
         )
@@ -118,11 +126,11 @@ class TokenStats:
         axes.axvline(self.context_length, color="tab:red", linestyle="--",
                      label=f"context_length = {self.context_length:,}" + ("" if shown else " (off the chart)"))
         axes.set_xlim(0, (self.context_length if shown else top + 1) * 1.02)
-        axes.set_xlabel("tokens per example")
-        axes.set_ylabel("examples")
+        axes.set_xlabel(f"tokens per {noun}")
+        axes.set_ylabel(f"{noun}s")
         axes.legend(loc="upper right")
         summary = self.summary()
-        axes.set_title(f"{self.num_examples:,} examples, {self.num_tokens:,} tokens; {self.num_truncated:,} "
+        axes.set_title(f"{self.num_examples:,} {noun}s, {self.num_tokens:,} tokens; {self.num_truncated:,} "
                        f"truncated, {self.num_dropped:,} dropped\nlength p50 {summary['p50']:,}, "
                        f"p99 {summary['p99']:,}, max {summary['max']:,}", fontsize=10)
         figure.savefig(path, format="png")

@@ -199,7 +199,7 @@ def _prefix_spans(tokenizer: "PreTrainedTokenizerBase", conversations: Sequence[
 
 def tokenize_instructions(encoder: Encoder, records: Sequence[dict], context_length: int) -> list[Example]:
     """Untemplated, as the anchor: prompt tokens (no loss), then response tokens and EOS (loss)."""
-    lead, eos = _leading_ids(encoder.tokenizer), [_eos_id(encoder.tokenizer)]
+    lead, eos = leading_ids(encoder.tokenizer), [eos_id(encoder.tokenizer)]
     prompts = encoder.ids([r["prompt"] for r in records])
     answers = encoder.ids([r["response"] if "response" in r else r["completion"] for r in records])
     examples = []
@@ -214,8 +214,8 @@ def tokenize_instructions(encoder: Encoder, records: Sequence[dict], context_len
 def tokenize_documents(encoder: Encoder, texts: Sequence[str], lead: bool = True, eos: bool = True) -> list[Example]:
     """Each document whole, ended by EOS, loss on every token. A large file comes in pieces: only its first
     piece gets the leading token (Llama's BOS) and only its last the EOS."""
-    before = _leading_ids(encoder.tokenizer) if lead else []
-    after = [_eos_id(encoder.tokenizer)] if eos else []
+    before = leading_ids(encoder.tokenizer) if lead else []
+    after = [eos_id(encoder.tokenizer)] if eos else []
     examples = []
     for tokens in encoder.ids(texts):
         ids = np.asarray(before + tokens + after, dtype=np.int32)
@@ -229,14 +229,14 @@ def _cut(ids: np.ndarray, labels: np.ndarray, context_length: int) -> Example:
     return Example(ids[:context_length], labels[:context_length], truncated=True)
 
 
-def _leading_ids(tokenizer: "PreTrainedTokenizerBase") -> list[int]:
+def leading_ids(tokenizer: "PreTrainedTokenizerBase") -> list[int]:
     """What the tokenizer puts before any text by default: Llama's BOS, nothing for SmolLM2."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     marked = tokenizer("a")["input_ids"]
     return marked[: marked.index(plain[0])]
 
 
-def _eos_id(tokenizer: "PreTrainedTokenizerBase") -> int:
+def eos_id(tokenizer: "PreTrainedTokenizerBase") -> int:
     if tokenizer.eos_token_id is None:
         raise InvalidInputError(f"the tokenizer of {tokenizer.name_or_path} has no EOS token to end examples with")
     return tokenizer.eos_token_id

@@ -60,7 +60,7 @@ def validate_data(
         return _read(e.evidence, ok=False, report=str(e), training_duration=training_duration)
     validation = _read(prepared.path, ok=True, prepared=prepared, training_duration=training_duration)
     try:
-        plan = plan_duration(duration, prepared.num_rows, context_length, global_batch_size)
+        plan = plan_duration(duration, prepared.num_rows, prepared.row_length, global_batch_size)
     except InvalidInputError as e:  # valid data, too little of it for one optimizer step: say so, don't fail
         validation.stats["warnings"] = [*validation.warnings, str(e)]
         return validation
