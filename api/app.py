@@ -9,7 +9,6 @@ from api.databricks import graphql, mlflow_proxy, workspace
 from api.keys import api_keys, user_for
 from api.limits import LimitBodies, answer
 from api.openai import errors, files, inference, jobs
-from deployments import services
 from tasks.errors import InvalidInputError
 from tasks.run_record import ACTING_USER
 
@@ -84,5 +83,4 @@ def serve(host: str, port: int) -> None:
     if not keys and not _loopback(host):
         raise InvalidInputError(f"--host {host} serves other machines, so set API keys first "
                                 "(TESSERA_API_KEYS=user:key or TESSERA_API_KEYS_FILE), or serve on 127.0.0.1")
-    services.IS_HTTP_API = True  # the embedded services it starts on a request do not include another HTTP API
     uvicorn.run(create_app(keys), host=host, port=port, log_level="info")

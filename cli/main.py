@@ -11,7 +11,7 @@ from rich.table import Table
 from ruamel.yaml import YAMLError
 
 import client as fm
-from deployments import services
+from api import service as http_api
 from cli.console import (
     console,
     data_summary,
@@ -21,6 +21,7 @@ from cli.console import (
     schedules_table,
     sweeps_table,
 )
+from deployments import services
 from tasks.data.validation import DEFAULT_MODEL
 from tasks.errors import InvalidInputError, TesseraError
 from tasks.nova import AmazonOnlyKeys
@@ -340,11 +341,13 @@ def models():
 
 
 @app.command
-def serve(*, host: str = "127.0.0.1", port: int = services.HTTP_API.default_port):
+def serve(*, host: str = "127.0.0.1", port: int = http_api.HTTP_API.default_port):
     """Serve Tessera over HTTP: the databricks-genai SDK's API (DATABRICKS_HOST=http://HOST:PORT) and OpenAI's
     files, fine-tuning and inference API (base_url=http://HOST:PORT/v1), for the keys in TESSERA_API_KEYS. The
-    embedded default runs one already (tessera server status)."""
-    from api.app import serve as serve_http  # FastAPI and ariadne: only this command needs them
+    embedded default runs one once `tessera server start` started it (tessera server status)."""
+    from api.app import (
+        serve as serve_http,  # FastAPI and ariadne: only this command needs them
+    )
 
     serve_http(host, port)
 
@@ -367,7 +370,7 @@ def worker(*, pool: str = services.LOCAL_POOL, gpus: int | None = None, name: st
 @server.command(name="start")
 def server_start():
     """Start the local Prefect server, its work pool's worker, MLflow UI and HTTP API (those not running)."""
-    services.ensure_started()
+    http_api.ensure_serving()
     server_status()
 
 
@@ -381,7 +384,7 @@ def server_stop():
 @server.command(name="status")
 def server_status():
     """Show whether each embedded service runs, and where."""
-    for name, state in services.status().items():
+    for name, state in services.status(above={http_api.HTTP_API: http_api.url()}).items():
         console.print(f"{name:<15} {state}")
 
 

@@ -1,5 +1,6 @@
 """The embedded default: a local Prefect server, a worker of a process work pool on it serving the deployments (as a
-team's `tessera worker` serves theirs: deployments/serve.py), the MLflow UI, and Tessera's HTTP API (`tessera serve`).
+team's `tessera worker` serves theirs: deployments/serve.py) and the MLflow UI; beside them, services of the layers
+above that ask for it (Tessera's HTTP API: api/service.py), stopped with them.
 
 Started once, detached, with pidfiles under TESSERA_HOME/services, the way `ray.init()` starts a local
 cluster. With PREFECT_API_URL set, Tessera uses that server and whoever serves its deployments instead.
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,8 +107,6 @@ class Service:
 PREFECT = Service("prefect-server", "TESSERA_PREFECT_PORT", 4200)
 WORKER = Service("worker")
 MLFLOW = Service("mlflow-ui", "TESSERA_MLFLOW_PORT", 5000)
-HTTP_API = Service("http-api", "TESSERA_SERVE_PORT", 8000)
-IS_HTTP_API = False  # set by a process that is itself an HTTP API (api/app.py serve): it starts no other beside it
 
 
 def services_dir() -> Path:
@@ -128,10 +128,6 @@ def prefect_api_url() -> str:
 
 def prefect_ui_url() -> str:
     return prefect_api_url().removesuffix("/api")
-
-
-def http_api_url() -> str:
-    return f"http://127.0.0.1:{HTTP_API.port}"
 
 
 def mlflow_ui_url() -> str | None:
@@ -193,8 +189,7 @@ def ensure_started() -> str:
         return prefect_api_url()
     url = prefect_api_url()
     env = _service_env(url)
-    with open(services_dir() / "start.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # many create() calls at once start one set of services
+    with _start_lock():
         ours = str(tessera_home() / "prefect")
         # Asked once per server process: its settings page costs the server ~12 ms, and every call of the API asks.
         server = PREFECT.pid()
@@ -226,14 +221,30 @@ def ensure_started() -> str:
                             "--port", str(MLFLOW.port), "--backend-store-uri", tracking.tracking_uri(),
                             "--default-artifact-root", tracking.default_artifact_root(), "--workers", "1"],
                    {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **env})
-        if HTTP_API.pid() is None and not IS_HTTP_API:
-            if _port_taken(HTTP_API.port):
-                HTTP_API.take_free_port("another program (this home's HTTP API is not running)")
-            # Not waited for: nothing else needs it, and it reads the others only when a request comes.
-            _spawn(HTTP_API, [sys.executable, "-m", "cli.main", "serve", "--port", str(HTTP_API.port)], env)
     os.environ["PREFECT_API_URL"] = url
     os.environ["TESSERA_EMBEDDED"] = "1"
     return url
+
+
+def ensure_running(service: Service, command: Callable[[int], list[str]]) -> None:
+    """Start a service of a layer above (the HTTP API) beside the embedded ones, unless it runs: `command` given its
+    port. Not waited for: nothing here needs it."""
+    url = ensure_started()
+    if not embedded():
+        return
+    with _start_lock():
+        if service.pid() is None:
+            if _port_taken(service.port):
+                service.take_free_port(f"another program (this home's {service.name} is not running)")
+            _spawn(service, command(service.port), _service_env(url))
+
+
+@contextmanager
+def _start_lock():
+    """Held while services start: many create() calls at once start one set of services."""
+    with open(services_dir() / "start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def stop() -> list[str]:
@@ -244,7 +255,10 @@ def stop() -> list[str]:
         interrupted.kill_leftovers(WORKER.pid())
         stopped.append(WORKER.name)
     WORKER.pidfile.unlink(missing_ok=True)
-    for service in (HTTP_API, MLFLOW, PREFECT):
+    # The layers' above first (the HTTP API), known by their pidfiles: they talk to the others.
+    above = [Service(f.stem) for f in sorted(services_dir().glob("*.pid")) if f.stem not in {WORKER.name, MLFLOW.name,
+                                                                                             PREFECT.name}]
+    for service in (*above, MLFLOW, PREFECT):
         pid = service.pid()
         if pid is not None and stop_group(pid):  # each service leads a process group of its own (_spawn)
             stopped.append(service.name)
@@ -252,14 +266,10 @@ def stop() -> list[str]:
     return stopped
 
 
-def status() -> dict[str, str]:
-    """Each embedded service: 'running (pid N) at URL' or 'stopped'."""
-    urls = {PREFECT.name: prefect_ui_url(), WORKER.name: f"pool {LOCAL_POOL}", MLFLOW.name: mlflow_ui_url() or "-",
-            HTTP_API.name: http_api_url()}
-    return {
-        s.name: f"running (pid {s.pid()}) at {urls[s.name]}" if s.pid() else "stopped"
-        for s in (PREFECT, WORKER, MLFLOW, HTTP_API)
-    }
+def status(above: dict[Service, str] | None = None) -> dict[str, str]:
+    """Each embedded service, and those `above` given with their addresses: 'running (pid N) at URL' or 'stopped'."""
+    urls = {PREFECT: prefect_ui_url(), WORKER: f"pool {LOCAL_POOL}", MLFLOW: mlflow_ui_url() or "-", **(above or {})}
+    return {s.name: f"running (pid {s.pid()}) at {url}" if s.pid() else "stopped" for s, url in urls.items()}
 
 
 def _service_env(url: str) -> dict[str, str]:

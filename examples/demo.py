@@ -9,9 +9,10 @@ from pathlib import Path
 
 from rich.table import Table
 
-from flows import foundation_model as fm
-from deployments import services
+from api import service as http_api
 from cli.console import console, follow
+from deployments import services
+from flows import foundation_model as fm
 from tasks import tracking
 
 DATA = Path(__file__).parent / "data"
@@ -20,9 +21,9 @@ DATA = Path(__file__).parent / "data"
 def main() -> int:
     started = time.monotonic()
     with console.status("starting the embedded Prefect server, worker, MLflow UI and HTTP API"):
-        services.ensure_started()
+        api_url = http_api.ensure_serving()
     console.print(f"services up in {time.monotonic() - started:.0f}s: Prefect UI {services.prefect_ui_url()}, "
-                  f"MLflow UI {services.mlflow_ui_url()}, HTTP API {services.http_api_url()}")
+                  f"MLflow UI {services.mlflow_ui_url()}, HTTP API {api_url}")
 
     prompts = (DATA / "eval_prompts.txt").read_text().splitlines()
     run = fm.create(
@@ -56,8 +57,8 @@ def main() -> int:
                   f"(alias @candidate); load it with mlflow.transformers.load_model('models:/{registered}@candidate')")
     console.print(f"checkpoints: {', '.join(fm.get_checkpoints(run))}")
     console.print(f"Prefect UI: {services.prefect_ui_url()}   MLflow UI: {services.mlflow_ui_url()}   "
-                  f"HTTP API: {services.http_api_url()} (DATABRICKS_HOST for the databricks-genai SDK; "
-                  f"{services.http_api_url()}/v1 is base_url for OpenAI's client, which chats with {registered})   "
+                  f"HTTP API: {api_url} (DATABRICKS_HOST for the databricks-genai SDK; "
+                  f"{api_url}/v1 is base_url for OpenAI's client, which chats with {registered})   "
                   f"(stop them with `.venv/bin/tessera server stop`)")
     console.print(f"demo finished in {time.monotonic() - started:.0f}s")
     return 0

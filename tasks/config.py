@@ -23,6 +23,7 @@ user wrote (a recipe, the anchor's arguments, path overrides) and words its erro
 import re
 import secrets
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
@@ -451,6 +452,15 @@ def set_path(data: dict, path: str, value: Any) -> None:
             data[section] = {}
         data = data[section]
     data[key] = value
+
+
+def leaves(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted path, value) of each value in nested dicts that is not itself a non-empty dict."""
+    if isinstance(data, dict) and data:
+        for key, value in data.items():
+            yield from leaves(value, f"{prefix}{key}.")
+    elif prefix:
+        yield prefix[:-1], data
 
 
 def _get(config: BaseModel, path: str) -> Any:

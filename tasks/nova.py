@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.config import DURATION_KEYS, TaskType, set_path
+from tasks.config import DURATION_KEYS, TaskType, leaves, set_path
 
 _CHECKPOINT = "training_config.exp_manager.checkpoint_callback_params"
 _STOPPING = "training_config.exp_manager.early_stopping_callback_params"
@@ -82,7 +82,7 @@ def translate(data: dict) -> Translation:
     """The recipe's keys in Tessera's layout (a copy); nothing to do for a recipe of Tessera's own."""
     resolved, problems = _resolved(data)
     t = Translation(resolved, problems=problems)
-    for path, value in list(_leaves(t.data)):
+    for path, value in list(leaves(t.data)):
         if path in _EMPTY_MEANS_UNSET and value == "":
             _pop(t.data, path)
         elif key := _amazon_only(path, value):
@@ -121,7 +121,7 @@ def warn_amazon_only(keys: tuple[str, ...]) -> str | None:
 def _resolved(data: dict) -> tuple[dict, list[str]]:
     """The recipe with `${...}` resolved: `${recipes.run.name}` against the recipe (HyperPod nests it under
     `recipes`), `${oc.select:training_config.max_steps}` and the like against its top."""
-    if not any(isinstance(v, str) and "${" in v for _, v in _leaves(data)):
+    if not any(isinstance(v, str) and "${" in v for _, v in leaves(data)):
         return data, []
     from omegaconf import OmegaConf  # only for the recipes that interpolate: every configure() would pay its import
     from omegaconf.errors import OmegaConfBaseException
@@ -174,7 +174,7 @@ def _move(t: Translation) -> None:
         set_path(t.data, tessera, None if UNSET.get(nova) == value else value)
         t.names[tessera] = nova
     left = _pop(t.data, _EXP)
-    for path, _ in _leaves(left, f"{_EXP}.") if isinstance(left, dict) and left else ():
+    for path, _ in leaves(left, f"{_EXP}.") if isinstance(left, dict) and left else ():
         section, _, key = path.rpartition(".")
         t.problems.append(f"{path} is not a recipe key{nearest(key, keys_under(section))}")
 
@@ -206,14 +206,6 @@ def _infer_dpo(t: Translation) -> None:
     if _get(t.data, "training_config.model.dpo_cfg") is not None and not (isinstance(run, dict) and "task_type" in run):
         set_path(t.data, "run.task_type", TaskType.DPO.value)
         t.names["run.task_type"] = "training_config.model.dpo_cfg"
-
-
-def _leaves(data: Any, prefix: str = ""):
-    if isinstance(data, dict) and data:
-        for key, value in data.items():
-            yield from _leaves(value, f"{prefix}{key}.")
-    elif prefix:
-        yield prefix[:-1], data
 
 
 def _get(data: dict, path: str) -> Any:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from ruamel.yaml import YAML, YAMLError
 
-from tasks.config import DURATION_KEYS, Duration, Rule, RunConfig, set_path
+from tasks.config import DURATION_KEYS, Duration, Rule, RunConfig, leaves, set_path
 from tasks.errors import InvalidInputError
 from tasks.nova import keys_under, nearest, translate
 
@@ -49,7 +49,7 @@ def configure(recipe: "str | Path | dict | RunConfig | None" = None, shorthands:
     data, source = load_recipe(recipe, called) if recipe is not None else ({}, None)
     nova = translate(data)  # Amazon Nova's own keys, as Tessera's
     data = nova.data
-    names = {path: path for path, _ in _leaves(data)} | nova.names  # recipe keys, as written
+    names = {path: path for path, _ in leaves(data)} | nova.names  # recipe keys, as written
     from_recipe = set(names)
     durations = {path for path, value in (overrides or {}).items() if path in _DURATION_PATHS and value is not None}
     if durations:
@@ -128,14 +128,6 @@ def load_recipe(recipe: "str | Path | dict", called: str | None = "recipe") -> t
 def read_yaml(text: str) -> Any:
     """YAML as version 1.2 reads it, so `lr: 5e-5` is a number (1.1, and so PyYAML, reads a string) and `yes` text."""
     return YAML(typ="safe", pure=True).load(text)
-
-
-def _leaves(data: Any, prefix: str = ""):
-    if isinstance(data, dict) and data:
-        for key, value in data.items():
-            yield from _leaves(value, f"{prefix}{key}.")
-    elif prefix:
-        yield prefix[:-1], data
 
 
 # --- errors, worded -------------------------------------------------------------------------------------------

@@ -164,10 +164,11 @@ def fm(aws_env, tmp_path_factory, tiny_model_dir):
         env.setenv("TESSERA_API_KEYS", ",".join(f"{user}:{key}" for user, key in KEYS.items()))
         env.setenv("TESSERA_MODELS_ROOT", str(tiny_model_dir.parent))
         env.setenv("TESSERA_MAX_UPLOAD_MB", "1")
+        from api import service as http_api
         from deployments import services
         from flows import foundation_model
 
-        services.ensure_started()
+        http_api.ensure_serving()  # its keys are set above, before it starts
         yield foundation_model
         services.stop()
 
@@ -175,9 +176,9 @@ def fm(aws_env, tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="session")
 def http_api(fm) -> str:
     """The address of the test session's HTTP API, once it answers."""
-    from deployments import services
+    from api import service as http_api
 
-    url = services.http_api_url()
+    url = http_api.url()
     deadline = time.monotonic() + 60
     while not answers(url):
         assert time.monotonic() < deadline, f"the embedded HTTP API at {url} does not answer"

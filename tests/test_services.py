@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import answers, worker_pids
 
+from api import service as http_api
 from deployments import services
 from tasks.training.checkpoint_names import tag_step
-from conftest import answers, worker_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -28,9 +29,9 @@ def tessera(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_a_second_home_never_uses_the_first_homes_services(fm, tmp_path):
     ours = {"prefect": services.PREFECT.port, "mlflow": services.MLFLOW.port,  # this session's home: the first
-            "http": services.HTTP_API.port}
+            "http": http_api.HTTP_API.port}
     deadline = time.monotonic() + 60  # its MLflow UI and HTTP API hold their ports once they answer
-    while not (services._answers(services.mlflow_ui_url()) and answers(services.http_api_url())):
+    while not (services._answers(services.mlflow_ui_url()) and answers(http_api.url())):
         assert time.monotonic() < deadline, "this home's MLflow UI or HTTP API does not answer"
         time.sleep(1)
     theirs = tmp_path / "second-home"
