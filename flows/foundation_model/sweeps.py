@@ -25,10 +25,10 @@ from flows.foundation_model.jobs import (
 )
 from flows.foundation_model.runs import TrainingRun, get
 from flows.services import SWEEP_DEPLOYMENT
+from tasks.arguments import refuse_unknown
 from tasks.config import run_name_for
 from tasks.errors import InvalidInputError
 from tasks.prefect_api import prefect_client
-from tasks.recipe import SHORTHANDS
 from tasks.run_record import RUN_TAG, SWEEP_TAG, current_user, sweep_tags, trial_tag
 from tasks.search import BEST_RUN_TAG, SweepConfig, configure_sweep
 from tasks.tracking import client as mlflow_client
@@ -104,9 +104,7 @@ def sweep(
     {"loguniform": [lo, hi]} or {"int": [lo, hi]}. The base run is `recipe` (which may hold a `sweep` section),
     `overrides` by path and create()'s own arguments (model, train_data_path, eval_data_path, register_to, ...);
     the arguments here win. Every value the space can take is checked before anything runs."""
-    unknown = sorted(set(arguments) - set(SHORTHANDS))
-    if unknown:
-        raise InvalidInputError(f"sweep() has no argument {', '.join(unknown)}: use create()'s ({', '.join(SHORTHANDS)})")
+    refuse_unknown(arguments, "sweep()")
     given = dict(space=space, strategy=strategy, metric=metric, mode=mode, max_trials=max_trials,
                  max_parallel=max_parallel, prune=prune)
     config = configure_sweep(recipe, shorthands=arguments,
