@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal, get_origin
 
 from cyclopts import Parameter
 
-from tasks.arguments import ARGUMENTS, Argument
+from tasks.arguments import ARGUMENTS, BY_NAME, Argument
 
-Kind = inspect.Parameter
+Kind = inspect.Parameter  # its kinds: positional or keyword, keyword-only
 
 
 def with_arguments(*names: str, defaults: Callable | None = None, positional: bool = True):
@@ -18,7 +18,7 @@ def with_arguments(*names: str, defaults: Callable | None = None, positional: bo
 
     An option's default is the one `defaults` (the function the command calls) has, else None: not given, and its
     help says the config's default. `positional`: the anchor's first arguments (model, ...) may come by position."""
-    declared = [a for a in ARGUMENTS if a.name in names or not names]
+    declared = [BY_NAME[name] for name in names] if names else ARGUMENTS
 
     def decorate(command: Callable) -> Callable:
         own = [p for p in inspect.signature(command).parameters.values() if p.name != "arguments"]
@@ -57,7 +57,7 @@ def _option(argument: Argument, positional: bool, default: Any) -> inspect.Param
                              annotation=Annotated[_cli_type(argument.type) | None, parameter])
 
 
-def _cli_type(type_: type) -> Any:
+def _cli_type(type_: Any) -> Any:
     """An enum is given and shown by its values."""
     is_enum = isinstance(type_, type) and issubclass(type_, Enum)
     return Literal[tuple(member.value for member in type_)] if is_enum else type_

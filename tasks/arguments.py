@@ -24,7 +24,7 @@ DURATION = "training_duration"  # sets max_epochs, max_steps or max_tokens under
 @dataclass(frozen=True)
 class Argument:
     name: str
-    type: type  # as the config types its setting; an enum is given by its value
+    type: Any  # as the config types its setting (list[str] for a list); an enum is given by its value
     path: str  # the recipe path it sets
     help: str  # one line: the CLI's help, what the README's table says
     positional: bool = False  # the anchor's create() takes it by position too
