@@ -26,7 +26,7 @@ class Argument:
     name: str
     type: Any  # as the config types its setting (list[str] for a list); an enum is given by its value
     path: str  # the recipe path it sets
-    help: str  # one line: the CLI's help, what the README's table says
+    help: str  # one line: the CLI's help
     positional: bool = False  # the anchor's create() takes it by position too
 
     @property
@@ -46,7 +46,7 @@ class Argument:
         return value.value if isinstance(value, Enum) else value
 
 
-# The anchor's order (its create() and TrainingRun), then Tessera's own.
+# In the order of the anchor's create(), then Tessera's own.
 ARGUMENTS: tuple[Argument, ...] = (
     Argument("model", str, "run.model_name_or_path",
              "a catalog name (`tessera models`) or a local Hugging Face model folder", positional=True),
