@@ -2,7 +2,7 @@
 
 import sys
 import warnings
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from cyclopts import App, Parameter
@@ -21,8 +21,9 @@ from cli.console import (
     schedules_table,
     sweeps_table,
 )
+from cli.options import with_arguments
 from deployments import services
-from tasks.data.validation import DEFAULT_MODEL
+from tasks.arguments import setting_default
 from tasks.errors import InvalidInputError, TesseraError
 from tasks.nova import AmazonOnlyKeys
 from tasks.recipe import read_yaml
@@ -35,54 +36,27 @@ app.command(retrain)
 
 
 @app.command
+@with_arguments()
 def create(
-    model: str | None = None,
-    train_data_path: str | None = None,
-    register_to: str | None = None,
     *,
     recipe: str | None = None,
-    task_type: Literal["CHAT_COMPLETION", "INSTRUCTION_FINETUNE", "CONTINUED_PRETRAIN", "DPO"] | None = None,
-    training_duration: str | None = None,
-    learning_rate: float | None = None,
-    context_length: int | None = None,
-    eval_data_path: str | None = None,
-    eval_prompts: Annotated[list[str] | None, Parameter(consume_multiple=True)] = None,
-    custom_weights_path: str | None = None,
-    experiment_path: str | None = None,
-    allow_percentage_invalid_samples: float | None = None,
     settings: Annotated[list[str] | None, Parameter(name="--set")] = None,
     follow_events: Annotated[bool, Parameter(name="--follow")] = False,
+    arguments: dict[str, Any],
 ):
     """Start a fine-tuning run (from arguments, a recipe, or both); with --follow, stream its events until it ends.
 
     Parameters
     ----------
-    model
-        a catalog name (`tessera models`) or a local Hugging Face model folder
-    train_data_path
-        a .jsonl file, s3://, dbfs:/Volumes/..., an HF dataset org/name/split or a Delta table
-        cat.schema.table (a .txt file or folder for CONTINUED_PRETRAIN)
-    register_to
-        catalog.schema or catalog.schema.model_name in the model registry
     recipe
         a YAML recipe laid out like Nova's SFT recipes (examples/recipes/); the other options override it
-    training_duration
-        e.g. 3ep, 200ba, 1_000_000tok (default 1ep)
-    allow_percentage_invalid_samples
-        skip invalid records up to this percentage of the data (default 0: any fails)
     settings
         PATH=VALUE: any setting by its path in the recipe, e.g. --set training_config.trainer.max_steps=40
         (the value is read as YAML); repeatable
     """
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always", AmazonOnlyKeys)
-        run = fm.create(
-            model, train_data_path, register_to, task_type=task_type, training_duration=training_duration,
-            learning_rate=learning_rate, context_length=context_length, eval_data_path=eval_data_path,
-            eval_prompts=eval_prompts, custom_weights_path=custom_weights_path, experiment_path=experiment_path,
-            allow_percentage_invalid_samples=allow_percentage_invalid_samples, recipe=recipe,
-            overrides=dict(map(_path_value, settings or [])),
-        )
+        run = fm.create(**arguments, recipe=recipe, overrides=dict(map(_path_value, settings or [])))
     for w in said:  # the recipe's ignored keys, said as a line; any other warning as Python would have shown it
         if issubclass(w.category, AmazonOnlyKeys):
             console.print(f"[yellow]warning:[/yellow] {escape(str(w.message))}", soft_wrap=True)
@@ -254,37 +228,28 @@ def promote(registered_model: str, version: int):
 
 
 @app.command
+@with_arguments("model", "task_type", "training_duration", "context_length", "allow_percentage_invalid_samples",
+                defaults=fm.validate_data, positional=False)
 def validate(
     data_path: str,
     *,
-    task_type: Literal["CHAT_COMPLETION", "INSTRUCTION_FINETUNE", "CONTINUED_PRETRAIN", "DPO"] = "CHAT_COMPLETION",
-    model: str = DEFAULT_MODEL,
-    context_length: int | None = None,
-    training_duration: str = "1ep",
-    global_batch_size: int = 8,
-    allow_percentage_invalid_samples: float = 0.0,
+    global_batch_size: int = setting_default("training_config.global_batch_size"),
+    arguments: dict[str, Any],
 ):
     """Check a data set as a run would, before any run: the report, token statistics and the cost estimate.
 
-    Exits 0 when the data is fit to train on, 1 when it is not (2 for bad arguments). A passing check
-    leaves the prepared rows in the cache, so a run on the same data and settings starts from them.
+    Exits 0 when the data is fit to train on, 1 when it is not (2 for bad arguments). The model's tokenizer and chat
+    template count the tokens; training_duration and global_batch_size make the estimate. A passing check leaves
+    the prepared rows in the cache, so a run on the same data and settings starts from them.
 
     Parameters
     ----------
     data_path
         a .jsonl file, s3://, dbfs:/Volumes/..., an HF dataset org/name/split, a Delta table cat.schema.table
-    model
-        the model whose tokenizer and chat template count the tokens
-    context_length
-        default min(8192, the model's maximum)
-    training_duration
-        for the estimate, e.g. 3ep, 200ba, 1_000_000tok
+    global_batch_size
+        rows per optimizer step, for the estimate
     """
-    result = fm.validate_data(
-        data_path, task_type=task_type, model=model, context_length=context_length,
-        training_duration=training_duration, global_batch_size=global_batch_size,
-        allow_percentage_invalid_samples=allow_percentage_invalid_samples,
-    )
+    result = fm.validate_data(data_path, **arguments, global_batch_size=global_batch_size)
     console.print(data_summary(result))
     return 0 if result.ok else 1
 

@@ -20,7 +20,6 @@ from prefect.client.schemas.schedules import CronSchedule
 from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
 
-from deployments import services
 from client.jobs import (
     Job,
     Kind,
@@ -30,12 +29,13 @@ from client.jobs import (
     tracking_ids,
     wanted_statuses,
 )
+from deployments import services
 from tasks import routing
+from tasks.arguments import refuse_unknown
 from tasks.config import run_name_for
 from tasks.errors import InvalidInputError, RunNotFoundError
 from tasks.flow_runs import RunStatus, flow_run_filters, read_flow_runs
 from tasks.prefect_api import prefect_client
-from tasks.recipe import SHORTHANDS
 from tasks.retraining import (
     CHALLENGER_TAG,
     CHAMPION,
@@ -115,6 +115,7 @@ def schedule_retraining(
     frozen set champion and challenger are judged on; `mode` "continue" (from the champion, on what is new) or
     "from_base"; the rest as create() takes them, or by `recipe` and `overrides`. The base model defaults to the
     champion's."""
+    refuse_unknown(arguments, "schedule_retraining()")
     with services.connected():  # the champion is read from MLflow: a refusal there said as one
         config = _configure(registered_model, recipe, overrides, mode, min_improvement,
                             dict(arguments, train_data_path=train_data_path, eval_data_path=eval_data_path),
@@ -178,6 +179,7 @@ def retrain_now(
     """Start a retraining of `registered_model` now and return at once: as a run of its deployment
     retrain/<registered_model> when no settings are given here, else of retrain/default with these (as
     schedule_retraining() takes them)."""
+    refuse_unknown(arguments, "retrain_now()")
     given = {k: v for k, v in arguments.items() if v is not None}
     if recipe is None and not given and not overrides and mode is None and min_improvement is None:
         deployment = routing.model_retrain(registered_model)
@@ -232,9 +234,6 @@ def promote(registered_model: str, version: int) -> int | None:
 def _configure(registered_model: str, recipe, overrides, mode, min_improvement, arguments: dict,
                validate_inputs: bool) -> RetrainConfig:
     """The checked settings; the base model, when none is given, is the one the champion was trained from."""
-    unknown = sorted(set(arguments) - set(SHORTHANDS))
-    if unknown:
-        raise InvalidInputError(f"no argument {', '.join(unknown)}: use create()'s ({', '.join(SHORTHANDS)})")
     given = {"retrain.registered_model": registered_model, "retrain.mode": mode,
              "retrain.min_improvement": min_improvement}
     incumbent = champion(registered_model)

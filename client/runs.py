@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 
-from deployments import services
 from client.jobs import (
     Job,
     Kind,
@@ -31,8 +30,10 @@ from client.jobs import (
     tracking_ids,
     wanted_statuses,
 )
+from deployments import services
 from flows.lifecycle import launch_run
 from tasks import routing
+from tasks.arguments import ARGUMENTS, SHORTHANDS
 from tasks.config import RunConfig, run_name_for
 from tasks.data.validation import DataValidation, validate_data  # noqa: F401  (public API)
 from tasks.errors import (
@@ -53,7 +54,7 @@ from tasks.models import ModelInfo
 from tasks.models import get_models as _catalog
 from tasks.nova import warn_amazon_only
 from tasks.prefect_api import prefect_client
-from tasks.recipe import SHORTHANDS, configure
+from tasks.recipe import configure
 from tasks.run_record import RUN_TAG, RunRecord, current_user, run_tags
 from tasks.tracking import client as mlflow_client
 from tasks.tracking import experiment_for
@@ -82,6 +83,7 @@ class TrainingRun(Job):
     training_duration: str
     learning_rate: float
     context_length: int | None
+    allow_percentage_invalid_samples: float | None
     created_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
@@ -96,27 +98,17 @@ class TrainingRun(Job):
     def of(cls, flow_run, include_details: bool = True) -> "TrainingRun":
         """The run a flow run is, its anchor arguments read from its config (`include_details`: with the estimated
         end, which reads its events)."""
-        p = flow_run.parameters
+        p, common, by = flow_run.parameters, common_fields(flow_run), creator(flow_run)
         try:  # create() passes the config; `prefect deployment run` may pass the anchor's arguments instead
             config = configure(p.get("config"), shorthands={k: p.get(k) for k in SHORTHANDS})
-        except InvalidInputError:  # refused by the run itself, which says why in its FAILED state
+        except InvalidInputError:  # refused by the run itself, which says why in its FAILED state; shown as given
             config = None
-        run = config.run if config else None
-        experiment_id, run_id = tracking_ids(flow_run)
-        common, by = common_fields(flow_run), creator(flow_run)
+        arguments = {a.name: a.read(config) if config else p.get(a.name) for a in ARGUMENTS}
+        arguments["experiment_path"] = experiment_for(config, flow_run.name, by) if config else ""  # its default named
         running = include_details and common["status"] == RunStatus.RUNNING
+        experiment_id, run_id = tracking_ids(flow_run)
         return cls(
-            **common, created_by=by,
-            model=run.model_name_or_path if run else p.get("model"),
-            train_data_path=run.train_data_path if run else p.get("train_data_path"),
-            register_to=run.register_to if run else p.get("register_to"),
-            task_type=run.task_type.value if run else p.get("task_type"),
-            experiment_path=experiment_for(config, flow_run.name, by) if config else "",
-            eval_data_path=run.eval_data_path if run else None, eval_prompts=run.eval_prompts if run else None,
-            custom_weights_path=run.custom_weights_path if run else None,
-            training_duration=str(config.duration) if config else p.get("training_duration"),
-            learning_rate=config.training_config.model.optim.lr if config else p.get("learning_rate"),
-            context_length=config.training_config.max_length if config else p.get("context_length"),
+            **common, created_by=by, **arguments,
             estimated_end_time=_estimated_end(flow_run.name) if running else None,
             experiment_id=experiment_id, run_id=run_id, config=config,
         )
@@ -145,7 +137,7 @@ def create(
 
     `recipe` (a YAML file, a dict or a RunConfig, laid out like Nova's SFT recipes: tasks/config.py) sets any
     setting; `overrides` sets settings by their path (`{"training_config.trainer.max_steps": 40}`); the anchor's
-    arguments set theirs. Arguments and overrides win over the recipe. The config is checked here, before any run
+    arguments set theirs (tasks/arguments.py: what each means and sets). Arguments and overrides win over the recipe. The config is checked here, before any run
     exists: an error names the setting as it was given."""
     if data_prep_cluster_id is not None:
         warnings.warn("data_prep_cluster_id is ignored: Tessera prepares data inside the run, no cluster needed",

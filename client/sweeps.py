@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
-from deployments import services
 from client.jobs import (
     Job,
     Kind,
@@ -21,12 +20,13 @@ from client.jobs import (
     wanted_statuses,
 )
 from client.runs import TrainingRun, get
+from deployments import services
 from tasks import routing
+from tasks.arguments import refuse_unknown
 from tasks.config import run_name_for
 from tasks.errors import InvalidInputError
 from tasks.flow_runs import RunStatus, flow_run_filters, read_flow_runs
 from tasks.prefect_api import prefect_client
-from tasks.recipe import SHORTHANDS
 from tasks.run_record import RUN_TAG, SWEEP_TAG, current_user, sweep_tags, trial_tag
 from tasks.search import BEST_RUN_TAG, SweepConfig, configure_sweep
 from tasks.tracking import client as mlflow_client
@@ -102,9 +102,7 @@ def sweep(
     {"loguniform": [lo, hi]} or {"int": [lo, hi]}. The base run is `recipe` (which may hold a `sweep` section),
     `overrides` by path and create()'s own arguments (model, train_data_path, eval_data_path, register_to, ...);
     the arguments here win. Every value the space can take is checked before anything runs."""
-    unknown = sorted(set(arguments) - set(SHORTHANDS))
-    if unknown:
-        raise InvalidInputError(f"sweep() has no argument {', '.join(unknown)}: use create()'s ({', '.join(SHORTHANDS)})")
+    refuse_unknown(arguments, "sweep()")
     given = dict(space=space, strategy=strategy, metric=metric, mode=mode, max_trials=max_trials,
                  max_parallel=max_parallel, prune=prune)
     config = configure_sweep(recipe, shorthands=arguments,

@@ -5,11 +5,12 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled
 
 from flows.lifecycle import STOPPED_UNDER, FlowKind, begin, end_hooks
+from tasks.arguments import SHORTHANDS
 from tasks.config import RunConfig, TaskType
 from tasks.events import RunEvent, emit
 from tasks.init_model import init_model
 from tasks.process_group import exit_with_parent
-from tasks.recipe import SHORTHANDS, configure
+from tasks.recipe import configure
 from tasks.register_model import register_model
 from tasks.run_record import RunRecord, cancelled_while_starting, run_tags
 from tasks.tracking import client, experiment_for
@@ -38,14 +39,14 @@ def finetune(
     model: str | None = None,
     train_data_path: str | None = None,
     register_to: str | None = None,
+    experiment_path: str | None = None,
     task_type: TaskType | None = None,
-    training_duration: str | None = None,
-    learning_rate: float | None = None,
-    context_length: int | None = None,
     eval_data_path: str | None = None,
     eval_prompts: list[str] | None = None,
     custom_weights_path: str | None = None,
-    experiment_path: str | None = None,
+    training_duration: str | None = None,
+    learning_rate: float | None = None,
+    context_length: int | None = None,
     allow_percentage_invalid_samples: float | None = None,
     run_name: str | None = None,
     mlflow_run_id: str | None = None,
@@ -55,8 +56,8 @@ def finetune(
 
     Args:
         config: The whole run, laid out as a recipe (run, training_config).
-        model: The anchor's create() arguments, from model to allow_percentage_invalid_samples: each sets its
-            setting in config (the README's table), or they make the whole config without one.
+        model: The anchor's create() arguments, from model to allow_percentage_invalid_samples (tasks/arguments.py):
+            each sets its setting in config, or they make the whole config without one.
         run_name: Set by create(); empty, the run names itself.
         mlflow_run_id: Set by create(); empty, the run starts its own MLflow run.
         register: Off for a sweep's trials: the sweep registers its best.

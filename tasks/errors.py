@@ -23,6 +23,10 @@ class InvalidDataError(InvalidInputError):
         self.evidence = evidence
 
 
+class UnknownArgumentError(InvalidInputError):
+    """A call that passes its arguments on to create() was given one that create() does not take."""
+
+
 class TrainingDiverged(TesseraError):
     """The loss or grad norm went non-finite, or the loss spiked: training stopped without saving more."""
 

@@ -3,8 +3,8 @@
     configure(recipe="examples/recipes/full.yaml", shorthands={"learning_rate": 1e-4},
               overrides={"training_config.trainer.max_steps": 40})
 
-The recipe is the config's own dict or YAML form. The anchor's arguments are shorthands for one path each
-(SHORTHANDS); both they and overrides win over the recipe. The config is checked once, here; every error
+The recipe is the config's own dict or YAML form. The anchor's arguments (tasks/arguments.py) are shorthands for
+one path each (SHORTHANDS); both they and overrides win over the recipe. The config is checked once, here; every error
 names the setting as the user wrote it (the argument, or the recipe's file and key), the value, and the fix.
 """
 
@@ -16,26 +16,10 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from ruamel.yaml import YAML, YAMLError
 
+from tasks.arguments import DURATION, SHORTHANDS, refuse_unknown
 from tasks.config import DURATION_KEYS, Duration, Rule, RunConfig, leaves, set_path
 from tasks.errors import InvalidInputError
 from tasks.nova import keys_under, nearest, translate
-
-# The anchor's create() arguments (and the CLI's flags), each the config path it sets. training_duration sets
-# training_config.trainer.max_epochs, max_steps or max_tokens by its unit (3ep, 200ba, 1_000_000tok).
-SHORTHANDS: dict[str, str] = {
-    "model": "run.model_name_or_path",
-    "train_data_path": "run.train_data_path",
-    "register_to": "run.register_to",
-    "task_type": "run.task_type",
-    "experiment_path": "run.experiment_path",
-    "eval_data_path": "run.eval_data_path",
-    "eval_prompts": "run.eval_prompts",
-    "custom_weights_path": "run.custom_weights_path",
-    "allow_percentage_invalid_samples": "run.allow_percentage_invalid_samples",
-    "context_length": "training_config.max_length",
-    "learning_rate": "training_config.model.optim.lr",
-    "training_duration": "training_config.trainer",
-}
 
 
 def configure(recipe: "str | Path | dict | RunConfig | None" = None, shorthands: dict[str, Any] | None = None,
@@ -57,12 +41,11 @@ def configure(recipe: "str | Path | dict | RunConfig | None" = None, shorthands:
     for path, value in (overrides or {}).items():
         set_path(data, path, value)
         names[path] = path
+    refuse_unknown(shorthands or {}, "configure()")
     for argument, value in (shorthands or {}).items():
         if value is None:
             continue
-        if argument not in SHORTHANDS:
-            raise InvalidInputError(f"{argument} is not an argument: use one of {', '.join(SHORTHANDS)}")
-        if argument == "training_duration":
+        if argument == DURATION:
             duration = Duration.parse(value)
             path = f"training_config.trainer.{DURATION_KEYS[duration.unit]}"
             _clear_duration(data, keep={path})

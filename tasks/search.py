@@ -33,10 +33,11 @@ from optuna.distributions import (
 )
 from pydantic import Field, model_validator
 
+from tasks.arguments import SHORTHANDS
 from tasks.config import Rule, RunConfig, Section
 from tasks.errors import InvalidInputError
 from tasks.home import tessera_home
-from tasks.recipe import SHORTHANDS, configure, is_setting
+from tasks.recipe import configure, is_setting
 
 Scalar = str | int | float | bool | None  # what Optuna can choose among
 

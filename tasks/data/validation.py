@@ -4,7 +4,8 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tasks.config import Duration, TaskType
+from tasks.arguments import BY_NAME, setting_default
+from tasks.config import Duration
 from tasks.data.formats import parse_task_type
 from tasks.data.prepare import PreparedDataset, prepare_dataset
 from tasks.data.sources import check_data_path
@@ -34,14 +35,14 @@ class DataValidation:
         return self.stats.get("warnings", [])
 
 
-def validate_data(
+def validate_data(  # the settings' defaults are a run's
     data_path: str,
-    task_type: str = TaskType.CHAT_COMPLETION.value,
+    task_type: str = BY_NAME["task_type"].default,
     model: str = DEFAULT_MODEL,
-    context_length: int | None = None,
-    training_duration: str = "1ep",
-    global_batch_size: int = 8,
-    allow_percentage_invalid_samples: float = 0.0,
+    context_length: int | None = BY_NAME["context_length"].default,
+    training_duration: str = BY_NAME["training_duration"].default,
+    global_batch_size: int = setting_default("training_config.global_batch_size"),
+    allow_percentage_invalid_samples: float = BY_NAME["allow_percentage_invalid_samples"].default,
 ) -> DataValidation:
     """Validate, tokenize and pack a data set as a run would; report what is wrong and what a run would cost.
 
