@@ -5,8 +5,8 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled
 
 from flows.lifecycle import STOPPED_UNDER, FlowKind, begin, end_hooks
-from tasks.arguments import SHORTHANDS
-from tasks.config import RunConfig, TaskType
+from tasks.arguments import takes_arguments
+from tasks.config import RunConfig
 from tasks.events import RunEvent, emit
 from tasks.init_model import init_model
 from tasks.process_group import exit_with_parent
@@ -34,38 +34,23 @@ RUN = FlowKind("run", None, tags=lambda user, experiment_id, config: run_tags(us
 # Parameters arrive as JSON and are checked by `configure`, which words errors as the user wrote the setting;
 # the Prefect server and UI check them against the schema of these types before a run is created.
 @flow(name="finetune", validate_parameters=False, **end_hooks(RUN))
-def finetune(
-    config: RunConfig | None = None,
-    model: str | None = None,
-    train_data_path: str | None = None,
-    register_to: str | None = None,
-    experiment_path: str | None = None,
-    task_type: TaskType | None = None,
-    eval_data_path: str | None = None,
-    eval_prompts: list[str] | None = None,
-    custom_weights_path: str | None = None,
-    training_duration: str | None = None,
-    learning_rate: float | None = None,
-    context_length: int | None = None,
-    allow_percentage_invalid_samples: float | None = None,
-    run_name: str | None = None,
-    mlflow_run_id: str | None = None,
-    register: bool = True,
-) -> dict:
+@takes_arguments
+def finetune(config: RunConfig | None = None, run_name: str | None = None, mlflow_run_id: str | None = None,
+             register: bool = True, **arguments) -> dict:
     """Fine-tune a model on a data set and register the result.
 
     Args:
         config: The whole run, laid out as a recipe (run, training_config).
-        model: The anchor's create() arguments, from model to allow_percentage_invalid_samples (tasks/arguments.py):
-            each sets its setting in config, or they make the whole config without one.
         run_name: Set by create(); empty, the run names itself.
         mlflow_run_id: Set by create(); empty, the run starts its own MLflow run.
         register: Off for a sweep's trials: the sweep registers its best.
+        arguments: The anchor's create() arguments (tasks/arguments.py), named in the form: each sets its setting
+            in config, or they make the whole config without one.
     """
     if cancelled_while_starting():
         return Cancelled(message="cancelled before it started")
     # Keys of `config` are named by their path in errors; the arguments by their own names.
-    config = configure(config, shorthands={k: v for k, v in locals().items() if k in SHORTHANDS}, called=None)
+    config = configure(config, shorthands=arguments, called=None)
     record = begin(RUN, config, run_name, mlflow_run_id)
     exit_with_parent(lambda: kill_worker(record))
     emit(record.name, RunEvent.STARTED, f"run {record.name} started")

@@ -3,11 +3,13 @@ it sets.
 
 Derived from here: the recipe's shorthands (tasks/recipe.py), the CLI's options and their help
 (cli/options.py), TrainingRun's read-back of a run's config, `validate`'s defaults, and the one error for an
-argument that is none of these. Written out for IDEs and Prefect's form, and checked against this by
-tests/test_arguments.py: create()'s signature, the finetune flow's, TrainingRun's fields, fm.validate_data's, and
-the README's table.
+argument that is none of these, and the finetune flow's parameters (takes_arguments: Prefect's schema and form).
+Written out for IDEs, and checked against this by tests/test_arguments.py: create()'s signature, TrainingRun's
+fields, fm.validate_data's, and the README's table.
 """
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -73,6 +75,17 @@ ARGUMENTS: tuple[Argument, ...] = (
 )
 BY_NAME: dict[str, Argument] = {a.name: a for a in ARGUMENTS}
 SHORTHANDS: dict[str, str] = {a.name: a.path for a in ARGUMENTS}
+
+
+def takes_arguments(function: Callable) -> Callable:
+    """Give `function`, which takes the arguments as **arguments, a signature that names each (keyword-only, its type
+    or None, default None): what Prefect reads a flow's parameters, its schema and its form from."""
+    own = [p for p in inspect.signature(function).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    declared = [inspect.Parameter(a.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=a.type | None)
+                for a in ARGUMENTS]
+    function.__signature__ = inspect.Signature([*own, *declared], return_annotation=inspect.signature(function)
+                                               .return_annotation)
+    return function
 
 
 def setting_default(path: str) -> Any:

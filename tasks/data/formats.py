@@ -133,15 +133,24 @@ def describe(value: Any) -> str:
 def _chat_problems(record: Any, at: At, template: TemplateSupport | None) -> Iterator[Problem]:
     """{"messages": [...]}: optional system first, then user and assistant alternate, ending with assistant;
     tool messages answer an assistant message where the template renders them."""
-    if not isinstance(record, dict):
-        yield at("", describe(record), f'{ONE_PER_LINE}, like {{"messages": [...]}}')
-        return
-    if "messages" not in record and "prompt" in record:
-        yield at("", "a prompt/response record", 'use task_type INSTRUCTION_FINETUNE, or write {"messages": [...]}')
+    if problem := _shape_problem(record, at, "messages", '{"messages": [...]}',
+                                 other=("prompt", "a prompt/response record", "INSTRUCTION_FINETUNE")):
+        yield problem
         return
     yield from key_problems(record, ("messages",), at)
     allowed = (*ROLES, "tool") if template and template.tool else ROLES
     yield from messages_problems(record, text_problems, allowed, at, template)
+
+
+def _shape_problem(record: Any, at: At, key: str, example: str, other: tuple[str, str, str]) -> Problem | None:
+    """A record that is no JSON object, or is one of the other task type's shape: `other` is that shape's key, what
+    such a record is called, and its task type."""
+    if not isinstance(record, dict):
+        return at("", describe(record), f"{ONE_PER_LINE}, like {example}")
+    other_key, called, task_type = other
+    if key not in record and other_key in record:
+        return at("", called, f"use task_type {task_type}, or write {example}")
+    return None
 
 
 def text_problems(content: Any, where: str, at: At) -> Iterator[Problem]:
@@ -237,11 +246,9 @@ def _block_problems(block: Any, where: str, at: At) -> Iterator[Problem]:
 
 def _instruction_problems(record: Any, at: At) -> Iterator[Problem]:
     """{"prompt": ..., "response": ...} (or "completion" instead of "response"), both strings."""
-    if not isinstance(record, dict):
-        yield at("", describe(record), f'{ONE_PER_LINE}, like {{"prompt": "...", "response": "..."}}')
-        return
-    if "prompt" not in record and "messages" in record:
-        yield at("", "a conversation", 'use task_type CHAT_COMPLETION, or write {"prompt": "...", "response": "..."}')
+    if problem := _shape_problem(record, at, "prompt", '{"prompt": "...", "response": "..."}',
+                                 other=("messages", "a conversation", "CHAT_COMPLETION")):
+        yield problem
         return
     yield from key_problems(record, ("prompt",), at, optional=("response", "completion"))
     answers = [key for key in ("response", "completion") if key in record]
