@@ -4,9 +4,10 @@
 
 It reads a TrainSpec, trains the model with DeepSpeed, checkpoints under spec.output_dir and reports in
 protocol lines on stdout; its exit code and last stderr line say how it ended (see protocol.py).
-Read `train` top to bottom: `setup` builds the engine (engine.py), `restore` resumes, `loop` trains. The loop
-stands on step.py (the step and its loss), stopping.py (when to checkpoint, evaluate or stop), metrics.py (the
-progress figures) and saving.py (writing a checkpoint).
+Read `train` top to bottom: `setup` builds the engine (engine.py) and the objective (DPO's, with its reference
+pass: preference.py), `restore` resumes, `loop` trains. The loop stands on step.py (the step and its objective),
+stopping.py (when to checkpoint, evaluate or stop), metrics.py (the progress figures) and saving.py (writing a
+checkpoint).
 """
 
 import argparse
