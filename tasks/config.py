@@ -11,7 +11,7 @@
                                     sched {name, warmup_steps, constant_steps, min_lr}},
                              peft {peft_scheme, lora_tuning {alpha, adapter_dropout, loraplus_lr_ratio, rank,
                                                              target_modules}},
-                             dpo_cfg {beta}}
+                             dpo_cfg {beta, loss_type, label_smoothing}}
 
 Laid out key for key like Amazon Nova's SFT and DPO recipes (plus Tessera's own `deepspeed` section and `max_tokens`);
 the keys of Nova's that are laid out otherwise here, or mean nothing here, are read by tasks.nova.
@@ -47,7 +47,7 @@ class TaskType(StrEnum):
     CHAT_COMPLETION = "CHAT_COMPLETION"
     INSTRUCTION_FINETUNE = "INSTRUCTION_FINETUNE"
     CONTINUED_PRETRAIN = "CONTINUED_PRETRAIN"
-    DPO = "DPO"  # preference pairs (Nova's DPO recipes too): their data is validated and prepared; not trained yet
+    DPO = "DPO"  # preference pairs (Nova's DPO recipes too), trained with the DPO loss (training_config.model.dpo_cfg)
 
 
 class Rule(ValueError):
@@ -134,8 +134,7 @@ class Run(Section):
     """catalog.schema (registered as catalog.schema.<run name>) or catalog.schema.model_name, in letters, digits
     and underscores, each at most 255."""
     task_type: TaskType = Field(TaskType.CHAT_COMPLETION, strict=False)
-    """CHAT_COMPLETION, INSTRUCTION_FINETUNE or CONTINUED_PRETRAIN (case-sensitive); DPO's data can be checked
-    (tessera validate), not trained on yet."""
+    """CHAT_COMPLETION, INSTRUCTION_FINETUNE, CONTINUED_PRETRAIN or DPO (preference pairs; case-sensitive)."""
     experiment_path: ExperimentPath | None = Field(None, examples=["/Users/me/assistant"])
     """The MLflow experiment, an absolute workspace path; default /Users/<user>/<run name>."""
     eval_prompts: list[Prompt] | None = Field(None, max_length=100, examples=[["What is Tessera?"]])
@@ -310,6 +309,18 @@ class DpoCfg(Section):
 
     beta: float = Field(0.1, ge=0.001, le=0.1)
     """How strongly the preferences are enforced against the starting model: 0.001-0.1 (Nova's range)."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: DPO's own loss (Rafailov et al. 2023); ipo: IPO's squared loss on length-averaged log-probabilities
+    (Azar et al. 2023), as TRL's loss_type."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, examples=[0.1])
+    """sigmoid only: the assumed share of pairs whose labels are flipped (conservative DPO); 0 turns it off."""
+
+    @model_validator(mode="after")
+    def _smoothing_on_sigmoid(self) -> Self:
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise Rule(f"{{}} {self.label_smoothing:g} applies to {{}} sigmoid only, not {self.loss_type}: set it to 0",
+                       "label_smoothing", "loss_type")
+        return self
 
 
 class Model(Section):

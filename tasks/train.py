@@ -29,7 +29,8 @@ from tasks.training.spec import TrainSpec
 
 WORKER_MODULE = "tasks.training.worker"
 EVENT_EVERY_S = 2.0  # at most one TRAIN_UPDATED event per this many seconds (the last one always)
-PROGRESS_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb", "mfu")
+PREFERENCE_METRICS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")  # DPO runs' (TRL's)
+PROGRESS_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb", "mfu", *PREFERENCE_METRICS)
 
 
 # A retry resumes from the latest checkpoint: the worker finds it through latest-sharded-rank0.symlink.
@@ -105,7 +106,7 @@ class WorkerReport:
                 emit(name, RunEvent.TRAIN_UPDATED, train_message(msg, self.unit), **msg)
                 self.last_event = now
         elif kind == "eval":
-            self._log_metrics(msg["batch"], {"eval_loss": msg["loss"]})
+            self._log_metrics(msg["batch"], {f"eval_{k}": msg.get(k) for k in ("loss", *PREFERENCE_METRICS)})
         elif kind == "generations":
             self.generations += [{"batch": msg["batch"], "prompt": p, "response": r}
                                  for p, r in zip(msg["prompts"], msg["responses"])]
@@ -228,14 +229,17 @@ def diverged_message(diverged: dict, learning_rate: float) -> str:
 
 
 def train_message(p: dict, unit: str) -> str:
-    """`[epoch=1/2][batch=5/20][ETA=3min] Train loss: 1.71`, in the unit of the run's duration."""
+    """`[epoch=1/2][batch=5/20][ETA=3min] Train loss: 1.71`, in the unit of the run's duration; a DPO run's adds
+    `, reward accuracy: 0.75, margin: 0.120`."""
     if unit == "tok":
         where = f"[token={p['tokens']}/{p['total_tokens']}]"
     elif unit == "ba":
         where = f"[batch={p['batch']}/{p['total_batches']}]"
     else:
         where = f"[epoch={p['epoch']}/{p['epochs']}][batch={p['batch']}/{p['total_batches']}]"
-    return f"{where}[ETA={_duration(protocol.seconds_left(p) or 0)}] Train loss: {p['loss']:.2f}"
+    rewards = f", reward accuracy: {p['reward_accuracy']:.2f}, margin: {p['reward_margin']:.3f}" \
+        if "reward_accuracy" in p else ""  # DPO
+    return f"{where}[ETA={_duration(protocol.seconds_left(p) or 0)}] Train loss: {p['loss']:.2f}{rewards}"
 
 
 def finished_message(finished: dict, stopped: dict | None) -> str:

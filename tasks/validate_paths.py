@@ -3,24 +3,17 @@
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import RunConfig, TaskType
+from tasks.config import RunConfig
 from tasks.custom_weights import check_custom_weights
 from tasks.data.sources import check_data_path
 from tasks.models import context_length_for
 from tasks.run_record import RunRecord
-from tasks.errors import InvalidInputError
 from tasks.tracking import check_owner_may_register, client
 
 
 def check_paths(config: RunConfig) -> RunConfig:
     """The config with its context length resolved, or an InvalidInputError naming the setting to fix."""
     run = config.run
-    if run.task_type == TaskType.DPO:  # the one place a DPO run is refused: create(), sweeps and the flow pass here
-        raise InvalidInputError(
-            f"{config.name_of('run.task_type')}: DPO training is not available yet (the recipe loads, its "
-            f"training_config.model.dpo_cfg.beta {config.training_config.model.dpo_cfg.beta:g} is kept); check the "
-            "preference data with `tessera validate <data> --task-type DPO`, and train on the preferred answers as "
-            "CHAT_COMPLETION (task_type=CHAT_COMPLETION) meanwhile")
     for path in ("run.train_data_path", "run.eval_data_path"):
         if uri := getattr(run, path.split(".")[1]):
             check_data_path(uri, config.name_of(path), run.task_type)

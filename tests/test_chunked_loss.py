@@ -1,10 +1,11 @@
-"""chunked_cross_entropy against F.cross_entropy on the full logits: the loss and both gradients, on CPU."""
+"""chunked_cross_entropy against F.cross_entropy on the full logits, and chunked_token_logps (DPO's per-token
+log-probabilities) against log_softmax: the values and both gradients, on CPU."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.training.chunked_loss import chunked_cross_entropy
+from tasks.training.chunked_loss import chunked_cross_entropy, chunked_token_logps
 from tasks.training.rows import IGNORE
 
 
@@ -80,3 +81,26 @@ def test_no_grad_computes_only_the_loss():
         loss = chunked_cross_entropy(h, w, t, chunk_size=8)
     assert not loss.requires_grad
     torch.testing.assert_close(loss.double(), reference(h, w, t).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 37, 1000])
+def test_token_logps_and_their_gradients_match_full_logits(chunk_size):
+    h, w, t = inputs()
+    kept = (t != IGNORE).nonzero().squeeze(1)
+    # Each token's log-probability gets its own incoming gradient, as DPO's per-sequence sums give it.
+    weights = torch.randn(len(kept), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def full(h, w, t):
+        logps = (h @ w.T).log_softmax(-1)[kept, t[kept]]
+        return (weights * logps).sum(), logps
+
+    def chunked(h, w, t):
+        logps, rows = chunked_token_logps(h, w, t, chunk_size=chunk_size)
+        assert torch.equal(rows, kept) and logps.dtype == torch.float32
+        return (weights * logps.double()).sum(), logps
+
+    expected = loss_and_grads(lambda *a: full(*a)[0], h, w, t)
+    got = loss_and_grads(lambda *a: chunked(*a)[0], h, w, t)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.double(), e.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked(h, w, t)[1].double(), full(h, w, t)[1].detach(), rtol=1e-5, atol=1e-5)

@@ -121,6 +121,11 @@ def test_a_rule_joining_settings_names_each_as_given():
         configure(shorthands=ARGS, overrides={"training_config.trainer.val_check_interval": 5})
     assert configure(shorthands={**ARGS, "eval_data_path": "e.jsonl"},
                      overrides={"training_config.trainer.val_check_interval": 5})
+    dpo = "training_config.model.dpo_cfg."
+    with pytest.raises(InvalidInputError, match=re.escape(
+            f"{dpo}label_smoothing 0.1 applies to {dpo}loss_type sigmoid only, not ipo: set it to 0")):
+        configure(shorthands={**ARGS, "task_type": "DPO"}, overrides={f"{dpo}loss_type": "ipo",
+                                                                      f"{dpo}label_smoothing": 0.1})
 
 
 def test_the_config_round_trips_as_a_recipe_and_replace_checks_again():

@@ -1,6 +1,6 @@
 """Amazon Nova's published recipes load as their users wrote them (tests/data/nova/, copies with only the model and
 data paths changed): the keys that mean something here take effect, the keys only Amazon's service acts on are
-named once and ignored, a typo still gets the nearest key, and a DPO recipe loads but its run is refused."""
+named once and ignored, a typo still gets the nearest key, and a DPO recipe loads as a DPO run."""
 
 import sys
 from pathlib import Path
@@ -143,14 +143,13 @@ def test_mlflow_tracking_uri_is_the_store_in_use_or_amazons(tmp_path):
         load(recipe)
 
 
-def test_a_dpo_recipe_loads_and_its_run_is_refused_before_any_run_exists():
-    from flows import foundation_model as fm
+def test_a_dpo_recipe_loads_as_a_dpo_run_that_passes_the_path_checks():
+    from tasks.validate_paths import check_paths
 
     recipe = NOVA / "nova_micro_1_0_p5_p4d_gpu_dpo.yaml"
-    with pytest.raises(InvalidInputError) as error:
-        fm.create(recipe=str(recipe), register_to="main.nova")
-    assert str(error.value).startswith(f"{recipe}: training_config.model.dpo_cfg: DPO training is not available yet")
-    assert "beta 0.1 is kept" in str(error.value)
+    config = check_paths(load(recipe, context_length=256))  # once refused here: DPO trains now
+    assert (config.run.task_type, config.training_config.model.dpo_cfg.beta) == ("DPO", 0.1)
+    assert config.training_config.model.dpo_cfg.loss_type == "sigmoid"  # Nova's recipes name no loss: DPO's own
     written = read_yaml(recipe.read_text())
     written["run"]["task_type"] = "dpo"  # Nova's lower-case name, said outright
     written["training_config"]["model"]["dpo_cfg"]["beta"] = 0.05

@@ -15,6 +15,11 @@ def test_batch_and_token_durations_count_in_their_own_unit():
     assert train_message(PROGRESS, "tok") == "[token=5120/20480][ETA=3min] Train loss: 1.71"
 
 
+def test_dpo_runs_add_their_reward_accuracy_and_margin():
+    dpo = {**PROGRESS, "loss": 0.6513, "reward_accuracy": 0.75, "reward_margin": 0.1234}
+    assert train_message(dpo, "ba") == "[batch=5/20][ETA=3min] Train loss: 0.65, reward accuracy: 0.75, margin: 0.123"
+
+
 def test_eta_is_seconds_minutes_or_hours():
     assert "[ETA=20s]" in train_message({**PROGRESS, "elapsed_s": 6.7}, "ep")
     assert "[ETA=2h0min]" in train_message({**PROGRESS, "elapsed_s": 2400.0}, "ep")

@@ -47,14 +47,15 @@ def write_rows(folder: Path, rows: int = 8, context_length: int = 32, seed: int 
 
 def make_spec(run_name: str, model_dir: Path, data_dir: Path, output_dir: Path, *, eval_data_dir: Path | None = None,
               duration: str = "1ep", learning_rate: float = 1e-3, eval_prompts: list[str] | None = None,
-              settings: dict | None = None, **runtime) -> TrainSpec:
+              settings: dict | None = None, task_type: str | None = None, **runtime) -> TrainSpec:
     """A TrainSpec as the train task builds one: the config from the anchor's arguments and `settings` (paths
     under training_config), at the rows' context length; `runtime` sets the spec's own fields."""
     context_length = json.loads((data_dir / "meta.json").read_text())["context_length"]
     config = configure(
         shorthands=dict(model=str(model_dir), train_data_path=str(data_dir), register_to="main.test",
                         eval_data_path=str(eval_data_dir) if eval_data_dir else None, training_duration=duration,
-                        learning_rate=learning_rate, eval_prompts=eval_prompts, context_length=context_length),
+                        learning_rate=learning_rate, eval_prompts=eval_prompts, context_length=context_length,
+                        task_type=task_type),
         overrides={f"training_config.{path}": value for path, value in (settings or {}).items()},
     )
     return TrainSpec.build(run_name, config, model_dir, data_dir, output_dir, eval_data_dir=eval_data_dir, **runtime)

@@ -38,7 +38,7 @@ def step_with(model, batch, micro_batch_size: int, zero_stage: int, chunked: boo
     """One optimizer step through the worker's train_step; returns (summed token loss, weight change)."""
     import deepspeed
 
-    from tasks.training.step import train_step
+    from tasks.training.step import TokenLoss, train_step
 
     model = copy.deepcopy(model)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -55,7 +55,7 @@ def step_with(model, batch, micro_batch_size: int, zero_stage: int, chunked: boo
             "steps_per_print": 2**31 - 1,
         },
     )
-    loss_sum, _ = train_step(engine, batch, torch.device("cpu"), world_size=1, clip=None, chunked=chunked)
+    loss_sum, _ = train_step(engine, batch, torch.device("cpu"), world_size=1, clip=None, objective=TokenLoss(chunked))
     assert engine.global_steps == 1  # one optimizer step, after all micro batches
     return loss_sum.item(), {k: before[k] - v.detach() for k, v in engine.module.named_parameters()}
 
@@ -184,7 +184,7 @@ def test_steps_run_in_train_mode_and_eval_and_generation_in_eval_mode(one_rank, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tasks.training.generation import answer
-    from tasks.training.step import evaluate, train_step
+    from tasks.training.step import TokenLoss, evaluate, train_step
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     modes = []
@@ -200,10 +200,10 @@ def test_steps_run_in_train_mode_and_eval_and_generation_in_eval_mode(one_rank, 
     cpu = torch.device("cpu")
 
     engine.train()  # as the worker does before its loop
-    train_step(engine, batch, cpu, world_size=1, clip=1.0, chunked=True)
+    train_step(engine, batch, cpu, world_size=1, clip=1.0, objective=TokenLoss(chunked=True))
     assert modes == [True, True]
     modes.clear()
-    evaluate(engine, data, micro_batch_size=1, rank=0, world_size=1, device=cpu, chunked=True)
+    evaluate(engine, data, micro_batch_size=1, rank=0, world_size=1, device=cpu, objective=TokenLoss(chunked=True))
     assert modes == [False, False] and engine.training and engine.module.training  # back to training
     modes.clear()
     answer(engine, AutoTokenizer.from_pretrained(tiny_model_dir), ["Hi"], seed=0, device=cpu, synced=False)

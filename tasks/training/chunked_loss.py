@@ -95,3 +95,58 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             None,
             None,
         )
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_ROWS,
+    ignore_index: int = IGNORE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each kept target's log-probability under softmax(hidden @ weight.T), fp32 [K], and the kept rows' indices
+    [K]: what DPO sums per sequence, as log_softmax(logits).gather(targets) on the upcast logits, without the [N, V]
+    logits. Rows whose target is ignored skip the head, as in chunked_cross_entropy."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    kept = (targets != ignore_index).nonzero().squeeze(1)
+    logps = _ChunkedTokenLogps.apply(hidden.index_select(0, kept), weight, targets.index_select(0, kept), chunk_size)
+    return logps, kept
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """Per-token log-probabilities chunk by chunk. Unlike the summed loss above, each output has its own incoming
+    gradient, unknown in the forward: the forward keeps each row's log-sum-exp and the backward recomputes a
+    chunk's logits (one matmul more than _ChunkedCrossEntropy, the same O(chunk_size x V) memory)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logps)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            logits = (hidden[start:end] @ weight.T).float()
+            lse[start:end] = torch.logsumexp(logits, dim=1)
+            logps[start:end] = logits.gather(1, targets[start:end].unsqueeze(1)).squeeze(1) - lse[start:end]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size = chunk_size
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        needs_hidden, needs_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            h, t, g = hidden[start:end], targets[start:end], grad_logps[start:end].float()
+            # d logp_t / d logits = one_hot(t) - softmax, times each row's incoming gradient.
+            grad = (h @ weight.T).float().sub_(lse[start:end].unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))
+            grad[torch.arange(len(t), device=t.device), t] += g
+            grad = grad.to(hidden.dtype)
+            if needs_hidden:
+                grad_hidden[start:end] = grad @ weight
+            if needs_weight:
+                grad_weight += grad.T @ h
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None

@@ -4,7 +4,7 @@ thread."""
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -17,15 +17,23 @@ class MicroBatch:
     input_ids: torch.Tensor  # [micro_batch_size, context_length] int64
     position_ids: torch.Tensor
     targets: torch.Tensor  # IGNORE where no loss
+    # Preference rows only: each target's side, numbered 2 x pair + side over this micro batch's pairs (-1: none),
+    # and each of those pairs' number in the data set (its row of the reference log-probabilities).
+    sides: torch.Tensor | None = None
+    pairs: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: t for f in fields(self) if (t := getattr(self, f.name)) is not None}
 
     def to(self, device: torch.device) -> "MicroBatch":
-        return MicroBatch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.position_ids, self.targets)))
+        return replace(self, **{name: t.to(device, non_blocking=True) for name, t in self.tensors().items()})
 
 
 @dataclass
 class StepBatch:
     micro_batches: list[MicroBatch]  # this rank's share of the global batch
-    loss_tokens: int  # loss tokens in the whole global batch, all ranks: the loss is their mean
+    loss_tokens: int  # loss tokens in the whole global batch, all ranks: the token loss is their mean
+    pairs: int = 0  # preference pairs in the whole global batch: the DPO loss is their mean
 
 
 def epoch_order(rows: int, seed: int, epoch: int) -> np.ndarray:
@@ -55,6 +63,7 @@ def step_batches(
         # Targets of the whole global batch, so every rank knows the loss-token count without a collective.
         targets = data.targets(batch_rows)
         loss_tokens = int((targets != IGNORE).sum())
+        pairs = _pair_count(data.sequence_ids[batch_rows]) if data.pairs else 0
         mine = slice(rank, None, world_size)  # strided, like DistributedSampler
         rows, targets = batch_rows[mine], targets[mine]
         yield StepBatch(
@@ -63,6 +72,7 @@ def step_batches(
                 for i in range(0, len(rows), micro_batch_size)
             ],
             loss_tokens=loss_tokens,
+            pairs=pairs,
         )
 
 
@@ -75,6 +85,14 @@ def logits_of(model, micro_batch: MicroBatch) -> torch.Tensor:
     """
     output = model(input_ids=micro_batch.input_ids, position_ids=micro_batch.position_ids, use_cache=False)
     return output.logits.float()
+
+
+def hidden_of(causal_lm, micro_batch: MicroBatch) -> torch.Tensor:
+    """The decoder's last hidden states [rows * length, hidden] of packed rows (per-document attention, as
+    logits_of), for a loss that meets the LM head itself (chunked_loss.py)."""
+    output = causal_lm.get_decoder()(input_ids=micro_batch.input_ids, position_ids=micro_batch.position_ids,
+                                     use_cache=False)
+    return output.last_hidden_state.flatten(0, 1)
 
 
 def eval_batches(data: PackedRows, micro_batch_size: int, rank: int, world_size: int) -> Iterator[MicroBatch]:
@@ -90,15 +108,32 @@ def eval_batches(data: PackedRows, micro_batch_size: int, rank: int, world_size:
         if len(rows):
             yield _micro_batch(data, rows, data.targets(rows))
         else:
-            yield _micro_batch(data, np.array([0]), np.full((1, data.context_length), IGNORE))
+            yield _micro_batch(data, np.array([0]), np.full((1, data.context_length), IGNORE), filler=True)
 
 
-def _micro_batch(data: PackedRows, rows: np.ndarray, targets: np.ndarray) -> MicroBatch:
-    return MicroBatch(
+def _micro_batch(data: PackedRows, rows: np.ndarray, targets: np.ndarray, filler: bool = False) -> MicroBatch:
+    batch = MicroBatch(
         input_ids=torch.from_numpy(data.input_ids[rows].astype(np.int64)),
         position_ids=torch.from_numpy(data.position_ids[rows].astype(np.int64)),
         targets=torch.from_numpy(targets),
     )
+    if data.pairs:
+        sequences = np.full(targets.shape, -1, np.int32) if filler else data.sequence_ids[rows]
+        batch.sides, batch.pairs = _sides(sequences, targets)
+    return batch
+
+
+def _pair_count(sequences: np.ndarray) -> int:
+    return len(np.unique(sequences[sequences >= 0])) // 2  # -1: padding
+
+
+def _sides(sequences: np.ndarray, targets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each target position's side, numbered over the pairs in these rows (so a micro batch's log-probabilities
+    fill a [pairs, 2] tensor), and those pairs' numbers in the data set. A target belongs to its position's side:
+    targets never cross a document boundary."""
+    ids = np.unique(sequences[sequences >= 0])  # both sides of every pair here, as they share a row: 2p, 2p + 1, ...
+    local = np.where((sequences >= 0) & (targets != IGNORE), np.searchsorted(ids, sequences), -1)
+    return torch.from_numpy(local.astype(np.int64)), torch.from_numpy(ids[0::2] // 2)
 
 
 class Prefetcher:
@@ -118,10 +153,8 @@ class Prefetcher:
         try:
             for batch in source:
                 if self._pin:
-                    for mb in batch.micro_batches:
-                        mb.input_ids, mb.position_ids, mb.targets = (
-                            t.pin_memory() for t in (mb.input_ids, mb.position_ids, mb.targets)
-                        )
+                    batch.micro_batches = [replace(mb, **{name: t.pin_memory() for name, t in mb.tensors().items()})
+                                           for mb in batch.micro_batches]
                 self._queue.put(batch)
             self._queue.put(self._DONE)
         except BaseException as e:  # surfaces in the training loop, not lost on this thread

@@ -13,27 +13,29 @@ H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM: the MFU denominator 
 
 
 class Window:
-    """The steps since the last progress line: their summed token loss (kept on the device, so reading it is the
-    loop's only host sync), their loss tokens, how many, and when the window started."""
+    """The steps since the last progress line: the objective's summed figures (kept on the device, so reading them
+    is the loop's only host sync), their units (loss tokens, or pairs), how many steps, and when the window
+    started."""
 
-    def __init__(self, device: torch.device, start: float):
-        self.loss, self.tokens, self.steps, self.start = torch.zeros((), device=device), 0, 0, start
+    def __init__(self, device: torch.device, start: float, figures: int = 1):
+        self.sums, self.units, self.steps, self.start = torch.zeros(figures, device=device), 0, 0, start
 
-    def add(self, loss_sum: torch.Tensor, loss_tokens: int) -> None:
-        self.loss += loss_sum
-        self.tokens += loss_tokens
+    def add(self, sums: torch.Tensor, units: int) -> None:
+        self.sums += sums
+        self.units += units
         self.steps += 1
 
-    def mean_loss(self, world_size: int, keep: bool = False) -> float:
-        """The mean over the window's loss tokens of every rank (a collective: all ranks call it)."""
-        total = self.loss.clone() if keep else self.loss
+    def means(self, world_size: int, keep: bool = False) -> list[float]:
+        """Each figure's mean over the window's units of every rank, the loss first (a collective: all ranks call
+        it); `keep` leaves the window as it was."""
+        total = self.sums.clone() if keep else self.sums
         if world_size > 1:
             dist.all_reduce(total)
-        return total.item() / max(1, self.tokens)
+        return [value / max(1, self.units) for value in total.tolist()]
 
     def reset(self, now: float) -> None:
-        self.loss.zero_()
-        self.tokens, self.steps, self.start = 0, 0, now
+        self.sums.zero_()
+        self.units, self.steps, self.start = 0, 0, now
 
     @contextmanager
     def paused(self) -> Iterator[float]:

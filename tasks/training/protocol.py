@@ -12,13 +12,17 @@ print is free-form log. Only rank 0 writes them:
                elapsed_s (training seconds of the run so far, carried across resumes),
                peak_memory_mb (MiB: the most GPU memory allocated so far, or on CPU the process's peak RSS),
                mfu (estimated model FLOPs utilization, 0-1: tokens_per_s x (6N + 12 L d T) FLOPs per token over
-               the devices' peak FLOP/s; null on CPU unless the spec sets peak_flops)
+               the devices' peak FLOP/s; null on CPU unless the spec sets peak_flops);
+               DPO runs: loss is the mean over pairs, and reward_chosen, reward_rejected (beta x the log-ratio of
+               policy to reference, means over pairs), reward_margin (their difference), reward_accuracy (the
+               share of pairs whose chosen answer earns more)
   checkpoint   tag ("ep{E}-ba{B}", E = completed epochs), path, hf_path: written and complete
   pruned       batch, keep, removed (paths of the ep*-ba* folders and huggingface/ba* exports deleted): with
                save_top_k, right after a checkpoint line when older ones were removed
   eval         batch, loss (mean over eval_data_dir's loss tokens), tokens: when the spec has eval data, at
                each checkpoint (just before its checkpoint line), or every val_check_interval steps and at
-               the end when that is set
+               the end when that is set; DPO runs: loss and the rewards as in progress, over the eval pairs, and
+               pairs instead of tokens
   stopped      batch, best_loss, best_batch, evals_without_improvement, reason (a sentence): early stopping
                ended the run before its planned end, after the final checkpoint at `batch`; `finished` follows
   diverged     batch, loss, grad_norm, reason (a phrase, e.g. "loss nan (not a number)"), checkpoint (the tag the

@@ -4,9 +4,10 @@
 
 It reads a TrainSpec, trains the model with DeepSpeed, checkpoints under spec.output_dir and reports in
 protocol lines on stdout; its exit code and last stderr line say how it ended (see protocol.py).
-Read `train` top to bottom: `setup` builds the engine (engine.py), `restore` resumes, `loop` trains. The loop
-stands on step.py (the step and its loss), stopping.py (when to checkpoint, evaluate or stop), metrics.py (the
-progress figures) and saving.py (writing a checkpoint).
+Read `train` top to bottom: `setup` builds the engine (engine.py) and the objective (DPO's, with its reference
+pass: preference.py), `restore` resumes, `loop` trains. The loop stands on step.py (the step and its objective),
+stopping.py (when to checkpoint, evaluate or stop), metrics.py (the progress figures) and saving.py (writing a
+checkpoint).
 """
 
 import argparse
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
-from tasks.config import TrainingConfig
+from tasks.config import TaskType, TrainingConfig
 from tasks.errors import InvalidInputError, StorageError, TrainingDiverged
 from tasks.ports import free_port
 from tasks.training.checkpoint_names import export_dir, latest_tag
@@ -44,12 +45,13 @@ from tasks.training.engine import (
 )
 from tasks.training.generation import answer
 from tasks.training.metrics import H100_BF16_FLOPS, Window, flops_per_token, peak_memory_mb
+from tasks.training.preference import PreferenceLoss, reference_logps
 from tasks.training.protocol import BAD_INPUT_EXIT, DISK_FULL_EXIT, DIVERGED_EXIT, emit, say_why
 from tasks.training.rows import PackedRows
 from tasks.training.saving import save
 from tasks.training.schedule import learning_rate_at
 from tasks.training.spec import TrainSpec
-from tasks.training.step import evaluate, train_step
+from tasks.training.step import Objective, TokenLoss, evaluate, train_step
 from tasks.training.stopping import DivergenceGuard, EvalWatch, checkpoint_due, eval_due
 
 
@@ -75,7 +77,9 @@ class Session:
     rank: int
     world_size: int
     clip_here: bool  # fp32 ZeRO-0 reports no grad norm: the step clips and measures it itself
-    chunked: bool  # the LM head's loss a chunk of rows at a time (token_loss)
+    chunked: bool  # the LM head's loss a chunk of rows at a time (token_loss, side_logps)
+    objective: Objective  # what a step minimises: the token loss, or DPO's on preference rows
+    eval_objective: Objective  # the same on the eval rows (DPO: against their own reference log-probabilities)
     token_flops: int  # training FLOPs per token, for the MFU
     peak_flops: float | None
     output_dir: Path
@@ -105,6 +109,11 @@ def setup(spec: TrainSpec) -> Session:
     # Inputs first: a wrong folder should fail before the model loads and DeepSpeed starts.
     data = PackedRows(spec.data_dir, "data_dir")
     eval_data = PackedRows(spec.eval_data_dir, "eval_data_dir") if spec.eval_data_dir else None
+    preference = spec.config.run.task_type == TaskType.DPO
+    for role, rows in (("data_dir", data), ("eval_data_dir", eval_data)):
+        if rows and preference and rows.sequence_ids is None:
+            raise InvalidInputError(f"{role} {getattr(spec, role)} holds no preference pairs (sequence_ids.npy), "
+                                    "which task_type DPO trains on: prepare the data with task_type DPO")
     if not (spec.model_dir / "config.json").is_file():
         raise InvalidInputError(f"model_dir {spec.model_dir} has no config.json: pass a Hugging Face model folder")
     config = model_config(spec.model_dir, settings.attention_dropout)
@@ -119,7 +128,8 @@ def setup(spec: TrainSpec) -> Session:
 
     tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
     # Another run's weights start a fresh run only: a resumed one has weights of its own.
-    init_from = None if not spec.init_from or (spec.resume and latest_tag(output_dir)) else spec.init_from
+    resuming = bool(spec.resume and latest_tag(output_dir))
+    init_from = None if resuming else spec.init_from
     model = load_model(spec.model_dir, config, settings, init_from)
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
@@ -131,9 +141,11 @@ def setup(spec: TrainSpec) -> Session:
     session = Session(
         spec=spec, training=training, data=data, eval_data=eval_data, engine=engine, optimizer=optimizer,
         tokenizer=tokenizer, device=device, rank=rank, world_size=world_size, clip_here=clip_here, chunked=chunked,
-        token_flops=token_flops, peak_flops=peak_flops,
-        output_dir=output_dir, trainable_params=trainable_params, total_params=total_params,
+        objective=TokenLoss(chunked), eval_objective=TokenLoss(chunked), token_flops=token_flops,
+        peak_flops=peak_flops, output_dir=output_dir, trainable_params=trainable_params, total_params=total_params,
     )
+    if preference:
+        prefer(session, resuming)
     if session.master:
         _say_ready(session, bf16, accumulation)
     return session
@@ -141,16 +153,36 @@ def setup(spec: TrainSpec) -> Session:
 
 def _say_ready(s: Session, bf16: bool, accumulation: int) -> None:
     """The worker log's line on what trains, and how."""
-    settings = s.training.model
+    settings, dpo = s.training.model, s.training.model.dpo_cfg
+    objective = f"; DPO ({dpo.loss_type}, beta {dpo.beta:g})" if isinstance(s.objective, PreferenceLoss) else ""
     print(
         f"tessera worker {s.spec.run_name}: {s.data.rows} rows x {s.data.context_length} tokens, {s.world_size} "
         f"process(es) on {s.device.type}{' bf16' if bf16 else ''}, ZeRO {s.training.deepspeed.zero_stage}, "
         f"{s.training.micro_batch_size} rows x {accumulation} accumulation "
         f"steps per rank; training {s.trainable_params:,} of {s.total_params:,} parameters"
         f"{f' (LoRA rank {settings.peft.lora_tuning.rank})' if settings.peft.peft_scheme else ''}; "
-        f"{'chunked' if s.chunked else 'full-logits'} loss",
+        f"{'chunked' if s.chunked else 'full-logits'} loss{objective}",
         flush=True,
     )
+
+
+def prefer(s: Session, resuming: bool) -> None:
+    """DPO's objective on the train and eval rows, each against the reference log-probabilities of its pairs: read
+    back on resume, else computed now, with the weights as loaded, before the first step."""
+    started = time.time()
+
+    def objective(data: PackedRows, split: str) -> PreferenceLoss:
+        reference = reference_logps(s.engine, data, split, s.output_dir, s.training.micro_batch_size, s.rank,
+                                    s.world_size, s.device, s.chunked, resuming)
+        return PreferenceLoss(s.training.model.dpo_cfg, reference, s.chunked)
+
+    s.objective = objective(s.data, "train")
+    if s.eval_data is not None:
+        s.eval_objective = objective(s.eval_data, "eval")
+    if s.master:
+        pairs = s.data.pairs + (s.eval_data.pairs if s.eval_data is not None else 0)
+        print(f"tessera worker {s.spec.run_name}: reference log-probabilities of {pairs} pairs "
+              f"{'read back' if resuming else 'computed'} in {time.time() - started:.1f} s", flush=True)
 
 
 def restore(s: Session) -> State:
@@ -206,16 +238,16 @@ def loop(s: Session, state: State) -> None:
     batches = _batches(s, state.step)
     s.engine.train()
     loop_start = time.time()
-    window = Window(s.device, loop_start)
+    window = Window(s.device, loop_start, len(s.objective.names))
 
     while state.step < plan.total_batches and not stopped:
         lr = learning_rate_at(state.step, optim.lr, spec.warmup_steps, plan.total_batches, optim.sched.name,
                               optim.final_lr, optim.sched.constant_steps)
         set_learning_rate(s.optimizer, lr)
         batch = next(batches)
-        loss_sum, grad_norm = train_step(s.engine, batch, s.device, s.world_size,
-                                         trainer.gradient_clip_val if s.clip_here else None, s.chunked)
-        window.add(loss_sum, batch.loss_tokens)
+        sums, grad_norm = train_step(s.engine, batch, s.device, s.world_size,
+                                     trainer.gradient_clip_val if s.clip_here else None, s.objective)
+        window.add(sums, s.objective.units(batch))
         state.step += 1
         if state.step % trainer.log_every_n_steps == 0 or state.step == plan.total_batches:
             report(s, state, window, lr, grad_norm, loop_start)
@@ -224,7 +256,7 @@ def loop(s: Session, state: State) -> None:
         eval_now = s.eval_data is not None and eval_due(state.step, plan.total_batches, trainer.val_check_interval,
                                                         checkpoint_now)
         if checkpoint_now and window.steps:  # steps since the last log point: check them before anything is saved
-            stop_if_diverged(s, state, window.mean_loss(s.world_size, keep=True), _number(grad_norm), record=False)
+            stop_if_diverged(s, state, window.means(s.world_size, keep=True)[0], _number(grad_norm), record=False)
         if not (checkpoint_now or eval_now):
             continue
         with window.paused() as pause_start:  # tokens_per_s measures training, not evals, checkpoints or generation
@@ -265,7 +297,7 @@ def report(s: Session, state: State, window: Window, lr: float, grad_norm, loop_
 
     `now` ends the window; by default the time once the loss has been read, i.e. once its steps have run."""
     plan = s.spec.plan
-    loss, norm = window.mean_loss(s.world_size), _number(grad_norm)
+    figures, norm = s.objective.report(window.means(s.world_size)), _number(grad_norm)
     now = time.time() if now is None else now
     tokens_per_s = window.steps * plan.tokens_per_batch / (now - window.start)
     if s.master:
@@ -277,7 +309,7 @@ def report(s: Session, state: State, window: Window, lr: float, grad_norm, loop_
             total_batches=plan.total_batches,
             tokens=state.step * plan.tokens_per_batch,
             total_tokens=plan.total_tokens,
-            loss=loss,
+            **figures,  # loss, and DPO's rewards
             lr=lr,
             grad_norm=norm,
             tokens_per_s=tokens_per_s,
@@ -286,7 +318,7 @@ def report(s: Session, state: State, window: Window, lr: float, grad_norm, loop_
             mfu=tokens_per_s * s.token_flops / (s.peak_flops * s.world_size) if s.peak_flops else None,
         )
     window.reset(now)
-    stop_if_diverged(s, state, loss, norm, record=True)
+    stop_if_diverged(s, state, figures["loss"], norm, record=True)
 
 
 def stop_if_diverged(s: Session, state: State, loss: float, norm: float | None, record: bool) -> None:
@@ -303,15 +335,16 @@ def stop_if_diverged(s: Session, state: State, loss: float, norm: float | None, 
 
 
 def evaluate_and_watch(s: Session, state: State) -> bool:
-    """The eval loss, in an `eval` line and counted by early stopping; returns whether training stops here.
+    """The eval loss (DPO: with its rewards), in an `eval` line and counted by early stopping; returns whether
+    training stops here.
 
     The eval loss is all-reduced, so every rank takes the same decision and stops at the same step."""
     training = s.training
-    loss, tokens = evaluate(s.engine, s.eval_data, training.micro_batch_size, s.rank, s.world_size, s.device,
-                            s.chunked)
-    state.watch.update(loss, state.step, training.early_stopping.min_delta)
+    figures, units = evaluate(s.engine, s.eval_data, training.micro_batch_size, s.rank, s.world_size, s.device,
+                              s.eval_objective)
+    state.watch.update(figures["loss"], state.step, training.early_stopping.min_delta)
     if s.master:
-        emit("eval", batch=state.step, loss=loss, tokens=tokens)
+        emit("eval", batch=state.step, **figures, **{s.eval_objective.unit: units})
     return state.watch.stops(state.step, s.spec.plan.total_batches, training.early_stopping.patience)
 
 
