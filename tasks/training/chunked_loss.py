@@ -17,22 +17,22 @@ from tasks.training.rows import IGNORE
 DEFAULT_CHUNK_ROWS = 1024  # 1024 x 128256 fp32 logits: 0.5 GiB, a matmul big enough to keep a GPU busy
 
 
-def chunked_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    chunk_size: int = DEFAULT_CHUNK_ROWS,
-    ignore_index: int = IGNORE,
-) -> torch.Tensor:
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk_size: int = DEFAULT_CHUNK_ROWS, ignore_index: int = IGNORE) -> torch.Tensor:
     """Summed token loss of `hidden @ weight.T` [N, V] against `targets` [N]: an fp32 scalar, as
     F.cross_entropy(..., ignore_index=ignore_index, reduction="sum") on the upcast logits."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    # Indexing with the kept rows (not a boolean mask) keeps autograd's scatter back to [N, d] cheap.
-    kept = (targets != ignore_index).nonzero().squeeze(1)
+    kept = _kept_rows(targets, chunk_size, ignore_index)
     return _ChunkedCrossEntropy.apply(
         hidden.index_select(0, kept), weight, targets.index_select(0, kept), chunk_size, torch.is_grad_enabled()
     )
+
+
+def _kept_rows(targets: torch.Tensor, chunk_size: int, ignore_index: int) -> torch.Tensor:
+    """The indices of the rows whose target counts. Indexing with them (not a boolean mask) keeps autograd's scatter
+    back to [N, d] cheap."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    return (targets != ignore_index).nonzero().squeeze(1)
 
 
 def chunked_loss_applies(model: torch.nn.Module, zero_stage: int) -> bool:
@@ -97,19 +97,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         )
 
 
-def chunked_token_logps(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    chunk_size: int = DEFAULT_CHUNK_ROWS,
-    ignore_index: int = IGNORE,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        chunk_size: int = DEFAULT_CHUNK_ROWS, ignore_index: int = IGNORE
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each kept target's log-probability under softmax(hidden @ weight.T), fp32 [K], and the kept rows' indices
     [K]: what DPO sums per sequence, as log_softmax(logits).gather(targets) on the upcast logits, without the [N, V]
     logits. Rows whose target is ignored skip the head, as in chunked_cross_entropy."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    kept = (targets != ignore_index).nonzero().squeeze(1)
+    kept = _kept_rows(targets, chunk_size, ignore_index)
     logps = _ChunkedTokenLogps.apply(hidden.index_select(0, kept), weight, targets.index_select(0, kept), chunk_size)
     return logps, kept
 
