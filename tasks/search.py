@@ -4,6 +4,7 @@
       space:                                           # a create() argument's name, or any config path
         learning_rate: {loguniform: [1.0e-5, 1.0e-3]}
         training_config.model.peft.lora_tuning.alpha: [32, 64, 96]
+        beta: [0.01, 0.1]                              # DPO's beta (task_type DPO only)
         training_duration: [1ep, 2ep]
       strategy: tpe                                    # grid | random | tpe
       metric: eval_loss
@@ -34,7 +35,7 @@ from optuna.distributions import (
 from pydantic import Field, model_validator
 
 from tasks.arguments import SHORTHANDS
-from tasks.config import Rule, RunConfig, Section
+from tasks.config import Rule, RunConfig, Section, TaskType
 from tasks.errors import InvalidInputError
 from tasks.home import tessera_home
 from tasks.recipe import configure, is_setting
@@ -42,6 +43,9 @@ from tasks.recipe import configure, is_setting
 Scalar = str | int | float | bool | None  # what Optuna can choose among
 
 BEST_RUN_TAG = "tessera.best_run"  # on the sweep's MLflow run: its best completed trial's run so far
+# Names the space takes beside create()'s arguments and config paths: a short name for a setting that is no argument.
+SPACE_NAMES = {"beta": "training_config.model.dpo_cfg.beta"}
+DPO_SECTION = "training_config.model.dpo_cfg."  # settings a DPO run alone reads
 
 
 class Uniform(Section):
@@ -69,7 +73,7 @@ class Sweep(Section):
     """Which settings to search, how, and how many trials: each trial is a finetune run of the recipe."""
 
     space: dict[str, Dimension] = Field(min_length=1, examples=[{"learning_rate": {"loguniform": [1e-5, 1e-3]}}])
-    """Each searched setting (a create() argument's name or a config path) and its values: a list (choose one),
+    """Each searched setting (a create() argument's name, beta, or a config path) and its values: a list (choose one),
     {uniform: [lo, hi]}, {loguniform: [lo, hi]} or {int: [lo, hi]}."""
     strategy: Literal["grid", "random", "tpe"] = "tpe"
     """grid: every combination of the lists; random; tpe: Optuna's Tree-structured Parzen Estimator."""
@@ -128,11 +132,7 @@ def configure_sweep(recipe, shorthands: dict[str, Any] | None = None, overrides:
     """A checked sweep config; every value the space can take is checked by the config's rules too."""
     config = configure(recipe, shorthands, overrides, called, schema=SweepConfig)
     for key, dimension in config.sweep.space.items():
-        if key not in SHORTHANDS and not is_setting(key):
-            raise InvalidInputError(
-                f"sweep.space.{key} is not a setting: use a create() argument ({', '.join(SHORTHANDS)}) or a config "
-                "path, e.g. training_config.model.optim.weight_decay"
-            )
+        _check_key(config, key)
         for value in dimension if isinstance(dimension, list) else _bounds(dimension):
             try:
                 trial_config(config, {key: value})
@@ -144,7 +144,23 @@ def configure_sweep(recipe, shorthands: dict[str, Any] | None = None, overrides:
 def trial_config(config: SweepConfig, values: dict[str, Any]) -> RunConfig:
     """The recipe with one trial's values set: the arguments' names as arguments, paths as overrides."""
     return configure(config.base(), shorthands={k: v for k, v in values.items() if k in SHORTHANDS},
-                     overrides={k: v for k, v in values.items() if k not in SHORTHANDS}, called=None)
+                     overrides={SPACE_NAMES.get(k, k): v for k, v in values.items() if k not in SHORTHANDS},
+                     called=None)
+
+
+def _check_key(config: SweepConfig, key: str) -> None:
+    """`key` names a setting, and one this sweep's runs read: DPO's only in a DPO recipe."""
+    path = SPACE_NAMES.get(key, key)
+    if key not in SHORTHANDS and not is_setting(path):
+        raise InvalidInputError(
+            f"sweep.space.{key} is not a setting: use a create() argument ({', '.join(SHORTHANDS)}), "
+            f"{', '.join(SPACE_NAMES)}, or a config path, e.g. training_config.model.optim.weight_decay")
+    if path.startswith(DPO_SECTION) and config.run.task_type != TaskType.DPO:
+        named = key if key == path else f"{key} ({path})"
+        raise InvalidInputError(
+            f"sweep.space.{key}: {named} is a DPO setting, and {config.name_of('run.task_type')} is "
+            f"{config.run.task_type.value}, whose runs do not read it: search it in a recipe with task_type DPO "
+            "(preference pairs), or search another setting")
 
 
 def distributions(sweep: Sweep) -> dict[str, BaseDistribution]:

@@ -47,6 +47,9 @@ CHAT = [
                   {"role": "assistant", "content": f"Fact {i} is that Tessera fine-tunes models."}]}
     for i in range(24)
 ]
+# CHAT's questions as preference pairs (OpenAI's format): the right fact preferred to not knowing it.
+PAIRS = [{"input": {"messages": c["messages"][:1]}, "preferred_output": c["messages"][1:],
+          "non_preferred_output": [{"role": "assistant", "content": "I do not know."}]} for c in CHAT]
 
 
 def worker_pids(run_name: str) -> list[str]:

@@ -14,10 +14,12 @@ import pytest
 from openai.types import Completion, FileObject, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
+from openai.types.fine_tuning.fine_tuning_job import Method
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 
-from conftest import CHAT, KEYS, worker_pids
+from conftest import CHAT, KEYS, PAIRS, worker_pids
 from tasks.custom_weights import check_custom_weights
+from tasks.recipe import configure
 from tasks.ports import free_port
 
 pytestmark = pytest.mark.e2e
@@ -237,7 +239,7 @@ def test_a_second_job_is_cancelled_and_a_malformed_file_fails_by_its_line(client
 
 
 @pytest.mark.parametrize("request_body, param, said", [
-    ({"method": {"type": "dpo"}}, "method.type", "Input should be 'supervised'"),
+    ({"method": {"type": "reinforcement"}}, "method.type", "Input should be 'supervised' or 'dpo'"),
     ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", "greater than or equal to 1"),
     ({"hyperparameters": {"learning_rate_multiplier": 1e6}}, "hyperparameters.learning_rate_multiplier", "20"),
     ({"integrations": [{"type": "wandb"}]}, "integrations", "at most 0 items"),
@@ -261,3 +263,94 @@ def test_no_key_or_a_wrong_key_is_refused(base_url):
             openai.OpenAI(base_url=base_url, api_key=key or "x", max_retries=0,
                           default_headers={"Authorization": key}).models.list()
         assert refused.value.status_code == 401 and refused.value.body["code"] == "invalid_api_key"
+
+
+def dpo(**hyperparameters) -> dict:
+    return {"type": "dpo", "dpo": {"hyperparameters": hyperparameters}}
+
+
+def test_a_dpo_job_trains_on_pairs_and_echoes_its_method(client, base_url, tiny_model_dir, fm):
+    train = client.files.create(file=("pairs.jsonl", jsonl(PAIRS)), purpose="fine-tune")
+    valid = client.files.create(file=("pairs_valid.jsonl", jsonl(PAIRS[:6])), purpose="fine-tune")
+    method = dpo(beta=0.05, n_epochs=2, batch_size=2, learning_rate_multiplier="auto")
+    other = openai.OpenAI(base_url=base_url, api_key=OTHER_KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as hidden:  # another user's pairs are as absent as none
+        other.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id, method=method)
+    assert hidden.value.body["param"] == "training_file"
+    assert train.id not in [f.id for f in other.files.list()]
+
+    created = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id, validation_file=valid.id,
+                         method=method, metadata={"method": "dpo"})
+    hyperparameters = {"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 1.0}  # "auto": Tessera's rate
+    echoed = {"type": "dpo", "dpo": {"hyperparameters": hyperparameters | {"beta": 0.05}}}
+    assert created.method.model_dump(exclude_none=True) == echoed
+    got = shaped(raw(client.fine_tuning.jobs.with_raw_response.retrieve(created.id)), FineTuningJob)
+    assert got["method"] == echoed and got["hyperparameters"] == hyperparameters
+    listed = [j for j in client.fine_tuning.jobs.list(metadata={"method": "dpo"})]
+    assert [(j.id, j.method.model_dump(exclude_none=True)) for j in listed] == [(created.id, echoed)]
+    run = fm.get(created.id.removeprefix("ftjob-"))
+    assert run.task_type == "DPO" and run.config.training_config.model.dpo_cfg.beta == 0.05
+    with pytest.raises(openai.NotFoundError):
+        other.fine_tuning.jobs.retrieve(created.id)
+    with pytest.raises(openai.NotFoundError):
+        other.fine_tuning.jobs.list_events(created.id)
+    assert created.id not in [j.id for j in other.fine_tuning.jobs.list()]
+
+    job, seen = wait_job(client, created.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model.startswith("main.openai.") and job.method.dpo.hyperparameters.beta == 0.05
+    assert client.fine_tuning.jobs.checkpoints.list(job.id).data
+
+
+def test_a_dpo_job_on_a_bad_pair_fails_by_its_line(client, tiny_model_dir):
+    bad = client.files.create(file=("pairs.jsonl", jsonl(PAIRS[:2] + [{**PAIRS[2], "non_preferred_output": []}])),
+                              purpose="fine-tune")
+    failing = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=bad.id, method=dpo())
+    failed, _ = wait_job(client, failing.id)
+    assert failed.status == "failed" and failed.error.param == "training_file"
+    assert f"training_file {bad.id} (pairs.jsonl) line 3" in failed.error.message, failed.error.message
+
+
+@pytest.mark.parametrize("data, method, param, said", [
+    ({"training_file": CHAT}, dpo(), "training_file",
+     "line 1: found a conversation for the supervised method, not a preference pair; a dpo job trains on pairs"),
+    ({"training_file": PAIRS, "validation_file": CHAT}, dpo(), "validation_file", "(v.jsonl) line 1: found a "
+                                                                                  "conversation"),
+    ({"training_file": PAIRS}, {"type": "supervised"}, "training_file",
+     "(t.jsonl) line 1: found a preference pair, not a conversation; a supervised job trains on conversations"),
+    ({"training_file": [{"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5"}]}, None, "training_file",
+     "found a preference pair"),
+    ({"training_file": PAIRS}, dpo(beta=0.5), "method.dpo.hyperparameters.beta",
+     "method.dpo.hyperparameters.beta 0.5 must be at most 0.1"),
+    ({"training_file": PAIRS}, dpo(beta=0), "method.dpo.hyperparameters.beta", "must be at least 0.001"),
+    ({"training_file": PAIRS}, dpo(beta="strong"), "method.dpo.hyperparameters.beta", "should be a valid number"),
+    ({"training_file": PAIRS}, dpo(n_epochs=0), "method.dpo.hyperparameters.n_epochs", "greater than or equal to 1"),
+    ({"training_file": PAIRS}, dpo(batch_size=0), "method.dpo.hyperparameters.batch_size", "greater than or equal"),
+    ({"training_file": PAIRS}, {"type": "dpo", "supervised": {}}, "method",
+     "a dpo method takes its hyperparameters in method.dpo, not method.supervised"),
+])
+def test_a_dpo_jobs_bad_beta_or_data_is_refused_with_the_param(client, tiny_model_dir, data, method, param, said):
+    body = {"model": str(tiny_model_dir)} | ({"method": method} if method else {})
+    for field, records in data.items():
+        body[field] = client.files.create(file=(f"{field[0]}.jsonl", jsonl(records)), purpose="fine-tune").id
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.post("/fine_tuning/jobs", body=body, cast_to=FineTuningJob)
+    assert refused.value.body["param"] == param and said in refused.value.body["message"], refused.value.body
+    assert refused.value.body["type"] == "invalid_request_error"
+
+
+def test_a_dpo_run_is_shown_as_a_dpo_job_with_what_it_resolved():
+    """The echo itself, for any DPO run (one made through fm.create or a Nova recipe too): beta "auto" is the
+    config's default."""
+    from api.openai.jobs import resolved
+
+    arguments = {"model": "m", "train_data_path": "pairs.jsonl", "register_to": "main.openai", "task_type": "DPO",
+                 "training_duration": "3ep"}
+    for overrides, beta in (({}, 0.1), ({"training_config.model.dpo_cfg.beta": 0.02}, 0.02)):
+        config = configure(shorthands=arguments, overrides=overrides, called=None)
+        hyperparameters, method = resolved(config, 1e-4)
+        assert hyperparameters == {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 2.0}
+        assert method == {"type": "dpo", "dpo": {"hyperparameters": hyperparameters | {"beta": beta}}}
+        Method.model_validate(method)
+    supervised = configure(shorthands=arguments | {"task_type": "CHAT_COMPLETION"}, called=None)
+    assert resolved(supervised, None)[1]["type"] == "supervised"

@@ -43,7 +43,31 @@ def test_value_forms_and_a_grids_size():
     assert grid_config.sweep.trials == 4 and len(grid(grid_config.sweep)) == 4
 
 
+def test_a_dpo_sweep_searches_beta_and_the_learning_rate():
+    dpo = {"run.task_type": "DPO", "run.train_data_path": "pairs.jsonl"}
+    config = configure_sweep(SWEEP, overrides={**dpo, **sweep(beta={"loguniform": [0.01, 0.1]},
+                                                               learning_rate=[1e-4, 5e-4])})
+    assert distributions(config.sweep) == {"beta": FloatDistribution(0.01, 0.1, log=True),
+                                           "learning_rate": CategoricalDistribution((1e-4, 5e-4))}
+    trial = trial_config(config, {"beta": 0.05, "learning_rate": 5e-4})
+    assert (trial.training_config.model.dpo_cfg.beta, trial.training_config.model.optim.lr) == (0.05, 5e-4)
+    assert "beta" not in trial.to_recipe()["training_config"]  # set at its path, as any setting
+    by_path = configure_sweep(SWEEP, overrides={**dpo, **sweep(**{"training_config.model.dpo_cfg.beta": [0.02]})})
+    assert trial_config(by_path, {"training_config.model.dpo_cfg.beta": 0.02}).training_config.model.dpo_cfg.beta == 0.02
+    grid_config = configure_sweep(SWEEP, overrides={**dpo, **sweep(beta=[0.01, 0.1], learning_rate=[1e-4, 5e-4]),
+                                                    "sweep.strategy": "grid"})
+    assert grid_config.sweep.trials == 4 and {"beta": 0.1, "learning_rate": 1e-4} in grid(grid_config.sweep)
+    with pytest.raises(InvalidInputError, match="sweep.space.beta value 0.5 cannot be trained: "
+                                                "training_config.model.dpo_cfg.beta 0.5 must be at most 0.1"):
+        configure_sweep(SWEEP, overrides={**dpo, **sweep(beta=[0.05, 0.5])})
+
+
 @pytest.mark.parametrize("overrides, said", [
+    (sweep(beta=[0.05]), "sweep.space.beta: beta (training_config.model.dpo_cfg.beta) is a DPO setting, and "
+                         "run.task_type is CHAT_COMPLETION, whose runs do not read it"),
+    (sweep(**{"training_config.model.dpo_cfg.beta": {"uniform": [0.01, 0.1]}}),
+     "sweep.space.training_config.model.dpo_cfg.beta: training_config.model.dpo_cfg.beta is a DPO setting"),
+    (sweep(betas=[0.05]), "sweep.space.betas is not a setting: use a create() argument (model, "),
     (sweep(learning_rate=[1e-2]), "sweep.space.learning_rate value 0.01 cannot be trained: learning_rate 0.01 must be "
                                   "at most 0.001"),
     (sweep(**{"training_config.model.peft.lora_tuning.alpha": [48]}),

@@ -5,6 +5,7 @@ a grid of 4 (2 at a time) that prunes its hopeless trials, a random sweep cancel
 whose flow is killed and resumed.
 """
 
+import json
 import os
 import signal
 import time
@@ -17,7 +18,7 @@ from mlflow import MlflowClient
 
 from tasks.errors import InvalidInputError
 from tasks.search import storage_url
-from conftest import wait_for, worker_pids
+from conftest import PAIRS, wait_for, worker_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -50,6 +51,9 @@ def test_a_bad_space_is_refused_before_anything_runs(fm, tiny_model_dir, chat_fi
                         ({"learning_rate": {"uniform": [1e-3, 1e-4]}}, "must go from low to high")):
         with pytest.raises(InvalidInputError, match=said):
             fm.sweep(space=space, recipe=recipe)
+    with pytest.raises(InvalidInputError, match="sweep.space.beta: beta .training_config.model.dpo_cfg.beta. is a DPO "
+                                                "setting, and run.task_type is CHAT_COMPLETION"):
+        fm.sweep(space={"beta": [0.01, 0.1]}, recipe=recipe)
     no_eval = base(tiny_model_dir, chat_file, run={"eval_data_path": None}, training_config={"trainer": {}})
     with pytest.raises(InvalidInputError, match="sweep.metric eval_loss needs run.eval_data_path"):
         fm.sweep(recipe=no_eval)
@@ -166,3 +170,19 @@ def test_a_crashed_sweep_continues_its_study_when_run_again(fm, tiny_model_dir, 
     study = optuna.load_study(study_name=sweep.name, storage=storage_url())
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 2
     assert resumed.best.name in [t.name for t in trials]
+
+
+@pytest.mark.slow
+def test_a_dpo_sweep_searches_beta_and_the_learning_rate(fm, tiny_model_dir, tmp_path):
+    """A grid of two betas by two learning rates over preference pairs; each trial trains with its own beta."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    recipe = base(tiny_model_dir, str(pairs), run={"task_type": "DPO", "eval_data_path": str(pairs)})
+    space = {"beta": [0.01, 0.1], "learning_rate": [1e-4, 1e-3]}
+    sweep = wait_for(fm.sweep(space=space, strategy="grid", recipe=recipe), timeout=600)
+    assert sweep.status == fm.RunStatus.COMPLETED, sweep.details
+    assert [(t.config.training_config.model.dpo_cfg.beta, t.learning_rate) for t in sweep.trials] == [
+        (beta, lr) for beta in (0.01, 0.1) for lr in (1e-4, 1e-3)]
+    assert all(t.task_type == "DPO" for t in sweep.trials) and sweep.best is not None
+    params = _registry().get_run(sweep.best.run_id).data.params
+    assert float(params["training_config.model.dpo_cfg.beta"]) == sweep.best.config.training_config.model.dpo_cfg.beta

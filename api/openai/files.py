@@ -14,6 +14,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,6 +31,7 @@ router = APIRouter(prefix="/v1")
 META = "file.json"
 PURPOSES = ("fine-tune",)  # what a user uploads; Tessera writes "fine-tune-results" itself
 CHUNK = 2**20
+FIRST_LINE_MAX = 8 * CHUNK  # how far into a file a job looks for its first record
 FILE_ID = re.compile(r"^file-[A-Za-z0-9_-]{1,100}$")  # file-<24 hex>, or a job's file-results-<run name>
 
 
@@ -137,6 +139,20 @@ def put(file_id: str, source: BinaryIO, filename: str, purpose: str, created_by:
     return meta
 
 
+def first_line(file_id: str) -> tuple[int, bytes] | None:
+    """The file's first line that is not blank, with its number; None when there is none in its first
+    FIRST_LINE_MAX bytes."""
+    head = b""
+    with closing(store().read(file_id)) as chunks:
+        for chunk in chunks:
+            head += chunk
+            if any(line.strip() for line in head.split(b"\n")[:-1]) or len(head) > FIRST_LINE_MAX:
+                break
+        else:
+            head += b"\n"  # the whole file was read: its last line is whole too
+    return next(((n, line) for n, line in enumerate(head.split(b"\n")[:-1], 1) if line.strip()), None)
+
+
 def owned(file_id: str, param: str = "file_id") -> dict:
     """The acting user's file `file_id`; another user's is as absent as one that never was."""
     meta = store().meta(file_id) if FILE_ID.match(file_id) else None
@@ -151,7 +167,8 @@ def public(meta: dict) -> dict:
 
 @router.post("/files")
 def upload(file: UploadFile, purpose: str = Form()) -> dict:
-    """Upload a training or validation file (JSON lines in OpenAI's chat format)."""
+    """Upload a training or validation file: JSON lines, conversations in OpenAI's chat format or preference pairs
+    (for a dpo job)."""
     if purpose not in PURPOSES:
         raise OpenAIError(400, f"purpose {purpose!r}: Tessera stores files for fine-tuning only, "
                                "so send purpose=fine-tune", "purpose", "invalid_value")

@@ -2,16 +2,19 @@
 `fm.create()` and read with `fm.get()`, `fm.list()`, `fm.get_events()` and `fm.get_checkpoints()`.
 
 How a job maps (the README's "Point your OpenAI client at Tessera" says the same):
-- training_file / validation_file: files uploaded to /v1/files → train_data_path / eval_data_path, CHAT_COMPLETION.
+- training_file / validation_file: files uploaded to /v1/files → train_data_path / eval_data_path: conversations
+  (CHAT_COMPLETION) for the supervised method, preference pairs (task_type DPO) for dpo; a file whose first record is
+  the other method's is refused at once, any other bad record fails the job at its validation, naming the line.
 - n_epochs → training_duration `<n>ep`; batch_size → training_config.global_batch_size (rows of context length; with
   packing, short conversations share a row); learning_rate_multiplier → learning_rate = Tessera's default (5e-5) x
-  the multiplier; seed → training_config.seed; "auto" or absent: Tessera's defaults.
+  the multiplier; seed → training_config.seed; dpo's beta → training_config.model.dpo_cfg.beta; "auto" or absent:
+  Tessera's defaults.
 - suffix: the registered model is `main.openai.<suffix>-<6 chars>` (else `main.openai.<run name>`), and that name is
   fine_tuned_model, which /v1/chat/completions answers with.
 - metadata: kept as the run's MLflow tags `openai.metadata.<key>`.
 - model: a catalog name or model folder; a fine-tuned model (fine_tuned_model, or `<registered>@<alias>`) trains on
   from the last checkpoint of the run that made it (custom_weights_path), on that run's base model.
-- Refused (400, `param` set): method types other than supervised, integrations, fields OpenAI does not define.
+- Refused (400, `param` set): the reinforcement method, integrations, fields OpenAI does not define.
 """
 
 import io
@@ -22,7 +25,8 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from mlflow.entities import RunTag
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from api import access
 from api.openai import files
@@ -31,7 +35,10 @@ from api.openai.inference import registered_version
 from api.openai.pages import after as _after
 from api.openai.pages import page
 import client as fm
-from tasks.config import Optim, TaskType, TrainingConfig
+from tasks.config import Optim, RunConfig, TaskType, TrainingConfig
+from tasks.data.formats import parse_line, record_problems
+from tasks.data.preference import pair_problems
+from tasks.data.report import Problem
 from tasks.errors import RunNotFoundError, TesseraError
 from tasks.events import RunEvent
 from tasks.tracking import client
@@ -43,11 +50,14 @@ REGISTER_TO = "main.openai"  # catalog.schema of every job's registered model
 METADATA_TAG = "openai.metadata."
 DEFAULT_LR = Optim.model_fields["lr"].default
 DEFAULT_MICRO_BATCH = TrainingConfig.model_fields["micro_batch_size"].default
-# A setting named at the start of Tessera's message, as OpenAI's request names it.
+BETA = "training_config.model.dpo_cfg.beta"
+TASK_TYPES = {"supervised": TaskType.CHAT_COMPLETION, "dpo": TaskType.DPO}  # OpenAI's method → the run's task type
+# A setting named at the start of Tessera's message, as OpenAI's request names it ({hp}: where the request put its
+# hyperparameters). A config path (dotted) holds the request's value as given, so the message is reworded to name it.
 PARAMS = {"train_data_path": "training_file", "eval_data_path": "validation_file", "model": "model",
-          "training_duration": "hyperparameters.n_epochs", "learning_rate": "hyperparameters.learning_rate_multiplier",
-          "training_config.global_batch_size": "hyperparameters.batch_size", "training_config.seed": "seed",
-          "register_to": "suffix"}
+          "training_duration": "{hp}.n_epochs", "learning_rate": "{hp}.learning_rate_multiplier",
+          "training_config.global_batch_size": "{hp}.batch_size", BETA: "{hp}.beta", "training_config.seed": "seed",
+          "register_to": "suffix", "task_type": "method.type"}
 STATUSES = {fm.RunStatus.COMPLETED: "succeeded", fm.RunStatus.FAILED: "failed", fm.RunStatus.STOPPED: "cancelled"}
 
 
@@ -68,15 +78,50 @@ class Hyperparameters(BaseModel):
         return None if value == "auto" else value  # OpenAI's "auto": Tessera's default
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: float | None = Field(None, allow_inf_nan=False)  # its range is the config's (DpoCfg), checked by create()
+
+
 class Supervised(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hyperparameters: Hyperparameters = Hyperparameters()
 
 
+class Dpo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters = DpoHyperparameters()
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised"]  # dpo and reinforcement: Tessera trains supervised only
-    supervised: Supervised = Supervised()
+    type: Literal["supervised", "dpo"]  # reinforcement: Tessera has no graders
+    supervised: Supervised | None = None
+    dpo: Dpo | None = None
+
+    @model_validator(mode="after")
+    def _own_section(self) -> "Method":
+        other = "dpo" if self.type == "supervised" else "supervised"
+        if getattr(self, other) is not None:
+            raise PydanticCustomError("method_section", f"a {self.type} method takes its hyperparameters in "
+                                                        f"method.{self.type}, not method.{other}")
+        return self
+
+    @property
+    def hyperparameters(self) -> Hyperparameters:
+        return (getattr(self, self.type) or SECTIONS[self.type]()).hyperparameters
+
+
+SECTIONS = {"supervised": Supervised, "dpo": Dpo}
+# A file whose first record is another method's data: what it is, and the fix, by the job's method.
+MISMATCH = {
+    "dpo": ("a conversation for the supervised method, not a preference pair",
+            'a dpo job trains on pairs, one a line, like {"input": {"messages": [...]}, "preferred_output": '
+            '[{"role": "assistant", "content": "..."}], "non_preferred_output": [...]}: upload pairs, or create the '
+            'job with method type supervised'),
+    "supervised": ("a preference pair, not a conversation",
+                   'a supervised job trains on conversations, like {"messages": [...]}: create the job with method '
+                   'type dpo to train on pairs, or upload conversations'),
+}
 
 
 class JobRequest(BaseModel):
@@ -96,35 +141,71 @@ class JobRequest(BaseModel):
 def create(request: JobRequest) -> dict:
     """Start a fine-tuning run from uploaded files; answers at once with the job, queued."""
     if request.hyperparameters and request.method:
-        raise OpenAIError(400, "give hyperparameters in method.supervised.hyperparameters only (the top-level "
-                               "hyperparameters field is its older form)", "hyperparameters", "invalid_value")
-    hp = request.method.supervised.hyperparameters if request.method else request.hyperparameters or Hyperparameters()
-    train = files.store().data_uri(files.owned(request.training_file, "training_file")["id"])
-    evals = (files.store().data_uri(files.owned(request.validation_file, "validation_file")["id"])
-             if request.validation_file else None)
-    overrides = {}
-    if request.seed is not None:
-        overrides["training_config.seed"] = request.seed
-    if hp.batch_size is not None:
-        overrides["training_config.global_batch_size"] = hp.batch_size
-        overrides["training_config.micro_batch_size"] = math.gcd(hp.batch_size, DEFAULT_MICRO_BATCH)
+        raise OpenAIError(400, f"give hyperparameters in method.{request.method.type}.hyperparameters only (the "
+                               "top-level hyperparameters field is its older form)", "hyperparameters", "invalid_value")
+    method = request.method.type if request.method else "supervised"
+    hp = request.method.hyperparameters if request.method else request.hyperparameters or Hyperparameters()
+    hp_at = f"method.{method}.hyperparameters" if request.method else "hyperparameters"
+    train = _data(request.training_file, "training_file", method)
+    evals = _data(request.validation_file, "validation_file", method) if request.validation_file else None
     register_to = REGISTER_TO + (f".{request.suffix}-{secrets.token_hex(3)}" if request.suffix else "")
     try:
         model, weights = _base(request.model)
         run = fm.create(
             model=model, custom_weights_path=weights, train_data_path=train, eval_data_path=evals,
             register_to=register_to,
-            task_type=TaskType.CHAT_COMPLETION.value,
+            task_type=TASK_TYPES[method].value,
             training_duration=None if hp.n_epochs is None else f"{hp.n_epochs}ep",
             learning_rate=None if hp.learning_rate_multiplier is None else DEFAULT_LR * hp.learning_rate_multiplier,
-            overrides=overrides or None,
+            overrides=_overrides(request, hp) or None,
         )
     except TesseraError as e:
-        raise from_tessera(e, _param(str(e))) from None
+        raise _refused(e, hp_at) from None
     if request.metadata:
         client().log_batch(run.run_id, tags=[RunTag(METADATA_TAG + k, v)
                                              for k, v in request.metadata.items()])
     return job(run, metadata=request.metadata or {})
+
+
+def _overrides(request: JobRequest, hp: Hyperparameters) -> dict:
+    """The config paths the request sets beside create()'s arguments."""
+    overrides = {}
+    if request.seed is not None:
+        overrides["training_config.seed"] = request.seed
+    if hp.batch_size is not None:
+        overrides["training_config.global_batch_size"] = hp.batch_size
+        overrides["training_config.micro_batch_size"] = math.gcd(hp.batch_size, DEFAULT_MICRO_BATCH)
+    if getattr(hp, "beta", None) is not None:
+        overrides[BETA] = hp.beta
+    return overrides
+
+
+def _data(file_id: str, param: str, method: str) -> str:
+    """Where the run reads the acting user's file; refused at once when its first record is another method's data
+    (the run's validation judges every record)."""
+    meta = files.owned(file_id, param)
+    first = files.first_line(meta["id"])
+    written_for = _written_for(first[1]) if first else None
+    if written_for not in (None, method):
+        found, fix = MISMATCH[method]
+        raise OpenAIError(400, f"{param} {file_id} ({meta['filename']}) line {first[0]}: found {found}; {fix}",
+                          param, f"invalid_{param}")
+    return files.store().data_uri(meta["id"])
+
+
+def _written_for(line: bytes) -> str | None:
+    """The method a record is data for: "dpo" for a preference pair in any format Tessera reads, "supervised" for a
+    conversation; None for a record that is neither (the run's validation says what is wrong with it)."""
+    record = parse_line(line)
+    if not isinstance(record, dict):
+        return None
+    if not pair_problems(record, _at):
+        return "dpo"
+    return "supervised" if not record_problems(record, TaskType.CHAT_COMPLETION, _at) else None
+
+
+def _at(field: str, found: str, fix: str) -> Problem:
+    return Problem("", 1, field, found, fix)
 
 
 @router.get("/jobs")
@@ -194,11 +275,7 @@ def job(run: fm.TrainingRun, metadata: dict | None = None) -> dict:
         "queued" if run.status in (fm.RunStatus.PENDING, fm.RunStatus.QUEUED, fm.RunStatus.STARTING) else
         "running" if RunEvent.DATA_VALIDATED in kinds else "validating_files")
     config = run.config
-    hyperparameters = {
-        "n_epochs": config.duration.value if config and config.duration.unit == "ep" else "auto",
-        "batch_size": config.training_config.global_batch_size if config else "auto",
-        "learning_rate_multiplier": round(run.learning_rate / DEFAULT_LR, 6) if run.learning_rate else "auto",
-    }
+    hyperparameters, method = resolved(config, run.learning_rate)
     done = next((e for e in events if e.type == RunEvent.COMPLETED), None)
     tokens = [e.payload["tokens"] for e in events if e.type == RunEvent.TRAIN_UPDATED and "tokens" in e.payload]
     return {
@@ -209,7 +286,7 @@ def job(run: fm.TrainingRun, metadata: dict | None = None) -> dict:
         "fine_tuned_model": done.payload.get("registered_model") if done else None,
         "training_file": _file_id(run.train_data_path), "validation_file": _file_id(run.eval_data_path),
         "hyperparameters": hyperparameters,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "method": method,
         "seed": config.training_config.seed if config else 0,
         "trained_tokens": tokens[-1] if tokens and run.status.is_terminal() else None,
         "estimated_finish": int(run.estimated_end_time.timestamp()) if run.estimated_end_time else None,
@@ -218,6 +295,20 @@ def job(run: fm.TrainingRun, metadata: dict | None = None) -> dict:
         "metadata": _metadata(run) if metadata is None else metadata,
         "integrations": [],
     }
+
+
+def resolved(config: RunConfig | None, learning_rate: float | None) -> tuple[dict, dict]:
+    """A run's hyperparameters as OpenAI's job shows them (its older top-level field), and its method echoing them:
+    dpo, with beta, for a DPO run."""
+    hyperparameters = {
+        "n_epochs": config.duration.value if config and config.duration.unit == "ep" else "auto",
+        "batch_size": config.training_config.global_batch_size if config else "auto",
+        "learning_rate_multiplier": round(learning_rate / DEFAULT_LR, 6) if learning_rate else "auto",
+    }
+    if config and config.run.task_type == TaskType.DPO:
+        beta = config.training_config.model.dpo_cfg.beta
+        return hyperparameters, {"type": "dpo", "dpo": {"hyperparameters": hyperparameters | {"beta": beta}}}
+    return hyperparameters, {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
 
 
 def _run(job_id: str) -> fm.TrainingRun:
@@ -250,8 +341,15 @@ def _base(model: str) -> tuple[str, str | None]:
     return version.tags["tessera.base_model"], latest
 
 
-def _param(message: str) -> str | None:
-    return next((p for setting, p in PARAMS.items() if message.startswith(setting + " ")), None)
+def _refused(error: TesseraError, hp_at: str) -> OpenAIError:
+    """Tessera's refusal of the run, its `param` the request's field; a config path it names is reworded as that
+    field, which holds the same value."""
+    message = str(error)
+    setting = next((s for s in PARAMS if message.startswith((s + " ", s + ":"))), None)
+    refusal = from_tessera(error, PARAMS[setting].format(hp=hp_at) if setting else None)
+    if setting and "." in setting:
+        refusal.message = refusal.param + message[len(setting):]
+    return refusal
 
 
 def _tag(checkpoint: str) -> str:
