@@ -44,6 +44,7 @@ class Verdict:
         return self.champion["eval_loss"] - self.challenger["eval_loss"] > margin, "DPO loss, the accuracies tied"
 
     def said(self, role: str) -> str:
+        """One side's figures as the verdict's message words them."""
         figures = self.challenger if role == "challenger" else self.champion
         if ACCURACY in figures:
             return f"preference accuracy {figures[ACCURACY]:.3f}, DPO loss {figures['eval_loss']:.4f}"
