@@ -4,7 +4,8 @@ Each run looks at what the training source holds now against what the last retra
 ends at once (RETRAIN_SKIPPED). Otherwise it trains a challenger as a finetune run (a subflow, its MLflow run nested
 under the retraining's), judges champion and challenger on the same frozen eval set, and moves @champion only when
 the challenger's eval loss beats the champion's by min_improvement (RETRAIN_PROMOTED; else RETRAIN_REJECTED, and the
-challenger's version is tagged rejected). What it saw is recorded only once it has judged, so a retraining that
+challenger's version is tagged rejected); a DPO model's, when its preference accuracy on the eval pairs does (its DPO
+loss breaking a tie). What it saw is recorded only once it has judged, so a retraining that
 fails leaves the new data new for the next one.
 
 Each scheduled model has its own deployment, `retrain/<model>`, whose parameters are its settings
@@ -135,32 +136,39 @@ def find_new(config: RetrainConfig) -> tuple[Inventory, list[str]]:
 def decide(record: RunRecord, config: RetrainConfig, incumbent, challenger_run: str, version: int,
            verdict: Verdict) -> str:
     """Promote the challenger if it beats the champion by more than min_improvement (or there is none), else tag
-    it rejected; say which with both figures. Returns "promoted" or "rejected"."""
+    it rejected; say which with both sides' figures. Returns "promoted" or "rejected"."""
     model, margin = config.retrain.registered_model, config.retrain.min_improvement
-    figures = {"challenger_eval_loss": verdict.challenger_loss, "champion_eval_loss": verdict.champion_loss,
-               "registered_model": model, "version": version,
+    figures = {**verdict.figures(), "registered_model": model, "version": version,
                "champion_version": int(incumbent.version) if incumbent else None}
     current = champion(model)
     moved = (current and current.version) != (incumbent and incumbent.version)  # by hand, while this one ran
-    promoted = not moved and (incumbent is None or verdict.champion_loss - verdict.challenger_loss > margin)
-    mlflow_client = client()
-    tags = {OUTCOME_TAG: "promoted" if promoted else "rejected", "tessera.retraining": record.name,
-            "tessera.eval_loss": str(verdict.challenger_loss), "tessera.champion_eval_loss": str(verdict.champion_loss)}
-    for key, value in tags.items():
-        mlflow_client.set_model_version_tag(model, str(version), key, value)
+    won, on = verdict.beats(margin) if incumbent else (True, "")
+    promoted = not moved and won
+    _tag_version(model, version, record.name, "promoted" if promoted else "rejected", verdict)
+    against = (f"the champion's {verdict.said('champion')} (version {incumbent.version}){f' on {on}' if on else ''}"
+               f" by more than {margin:g}" if incumbent else "")
     if promoted:
-        mlflow_client.set_registered_model_alias(model, CHAMPION, str(version))
-        against = (f"beats the champion's {verdict.champion_loss:.4f} (version {incumbent.version}) by more than "
-                   f"{margin:g}" if incumbent else "the first champion")
+        client().set_registered_model_alias(model, CHAMPION, str(version))
         emit(record.name, RunEvent.RETRAIN_PROMOTED, f"{model} version {version} ({challenger_run}) promoted to "
-             f"@{CHAMPION}: eval loss {verdict.challenger_loss:.4f} {against}", **figures)
+             f"@{CHAMPION}: {verdict.said('challenger')} " + (f"beats {against}" if incumbent else
+                                                               "the first champion"), **figures)
         return "promoted"
     why = (f"@{CHAMPION} moved to version {current.version if current else None} while it trained" if moved else
-           f"eval loss {verdict.challenger_loss:.4f} does not beat the champion's {verdict.champion_loss:.4f} "
-           f"(version {incumbent.version}) by more than {margin:g}")
+           f"{verdict.said('challenger')} does not beat {against}")
     emit(record.name, RunEvent.RETRAIN_REJECTED, f"{model} version {version} ({challenger_run}) rejected: {why}; "
          "the champion stays", **figures)
     return "rejected"
+
+
+def _tag_version(model: str, version: int, retraining: str, outcome: str, verdict: Verdict) -> None:
+    """The outcome on the challenger's version, with both sides' figures: tessera.eval_loss and
+    tessera.champion_eval_loss (and, judged on pairs, tessera.eval_accuracy and tessera.champion_eval_accuracy)."""
+    tags = {OUTCOME_TAG: outcome, "tessera.retraining": retraining}
+    for name, value in verdict.challenger.items():
+        tags |= {f"tessera.{name}": str(value), f"tessera.champion_{name}": str((verdict.champion or {}).get(name))}
+    mlflow_client = client()
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(model, str(version), key, value)
 
 
 def last_inventory(registered_model: str) -> Inventory | None:

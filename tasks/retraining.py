@@ -5,6 +5,7 @@
       mode: continue                          # continue: from the champion's checkpoint, on what is new;
                                               # from_base: run.model_name_or_path, on all the data
       min_improvement: 0.0                    # how much the challenger's eval loss must beat the champion's
+                                              # (task_type DPO: its preference accuracy on the eval pairs)
 
 The recipe's run.train_data_path is a source that grows (a folder or S3 prefix of .jsonl files, or a Delta table)
 and run.eval_data_path the frozen set both models are judged on. Each challenger is a version of
@@ -44,7 +45,9 @@ class Retrain(Section):
     """continue: from the champion's latest checkpoint, on the data added or changed since the last retraining;
     from_base: from run.model_name_or_path, on all the data. Without a champion both train from the base."""
     min_improvement: float = Field(0.0, ge=0, allow_inf_nan=False)
-    """How far the challenger's eval loss must fall below the champion's for it to be promoted."""
+    """How far the challenger's eval loss must fall below the champion's for it to be promoted; for task_type DPO,
+    how far its preference accuracy on the eval pairs must rise above the champion's (a share of the pairs), or,
+    where the accuracies tie, its DPO loss fall below the champion's."""
 
 
 class RetrainConfig(RunConfig):
