@@ -10,6 +10,11 @@ same way for every system), MFU ((6N + 12 L d T) FLOPs per useful token, over 98
     .venv/bin/python benchmarks/train_throughput.py --size 1b                   # on one H100
     .venv/bin/python benchmarks/train_throughput.py --size 8b --method lora
     .venv/bin/python benchmarks/train_throughput.py --size tiny --steps 3 --warmup-steps 1 --context-length 256
+    .venv/bin/python benchmarks/train_throughput.py --mode dpo --size tiny --context-length 512 --repeats 3
+
+`--mode dpo` compares Tessera's DPO (its reference pass, then packed pair rows) with TRL's DPOTrainer (its defaults,
+and with precompute_ref_log_probs) on the same preference pairs; a pair's useful tokens are prompt + chosen and
+prompt + rejected, padding excluded, and the reference log-probabilities' time counts towards each system's.
 
 Global batch, matched in tokens: Tessera and TRL train on `--batch-rows` packed rows of `--context-length` per step,
 `--micro-batch-rows` per forward (the rest is gradient accumulation). The padding systems (HF Trainer, with and
@@ -22,14 +27,16 @@ that fails (out of memory, or unable to run on CPU) gets a row saying why instea
 import argparse
 import json
 import os
+import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +46,7 @@ from rich.table import Table
 from transformers import TrainerCallback
 
 from tasks.data.pack import RowBlock, pack_best_fit
+from tasks.data.prepare import prepare_dataset
 from tasks.data.tokenize import IGNORE, Example
 from tasks.home import cache_dir
 from tasks.recipe import configure
@@ -53,6 +61,13 @@ SYSTEMS = {  # name in the JSON -> name in the table
     "hf-trainer": "HF Trainer (padding)",
     "trl-sft": "TRL SFTTrainer (packing)",
     "hf-deepspeed": "HF Trainer + DeepSpeed ZeRO-2",
+    "trl-dpo": "TRL DPOTrainer (defaults)",
+    "trl-dpo-precompute": "TRL DPOTrainer (precompute ref)",
+    "trl-dpo-precompute-nockpt": "TRL DPOTrainer (precompute ref, no grad ckpt)",
+}
+MODE_SYSTEMS = {  # the systems each mode compares; Tessera first
+    "sft": ("tessera", "hf-trainer", "trl-sft", "hf-deepspeed"),
+    "dpo": ("tessera", "trl-dpo", "trl-dpo-precompute", "trl-dpo-precompute-nockpt"),
 }
 LLAMA = dict(num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
              max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -70,6 +85,10 @@ FIRST_TOKEN = 3  # ids below are the tokenizer's pad, bos and eos
 SEED = 1234
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 LEARNING_RATE = 1e-5
+# DPO pairs: prompt and each answer log-normal (sigma LENGTH_SIGMA) around these means, cut so that a prompt with
+# either answer and its EOS fits the context (nothing is truncated by either system).
+PAIR_PROMPT_MEAN, PAIR_ANSWER_MEAN, PAIR_MIN_TOKENS = 150, 200, 8
+REFERENCE_LINE = re.compile(r"reference log-probabilities of \d+ pairs computed in ([\d.]+) s")
 
 # Piped output gets rich's 80 columns, which would cut the table's headers short.
 console = Console(width=None if sys.stdout.isatty() else 130)
@@ -86,12 +105,16 @@ class Setup:
     warmup_steps: int
     batch_rows: int
     micro_batch_rows: int
-    docs_per_micro_batch: int  # the padding systems' micro batch, in documents
+    docs_per_micro_batch: int  # the padding systems' micro batch, in documents (DPO: TRL's, in pairs)
     zero_stage: int  # Tessera's; the DeepSpeed peer runs ZeRO-2
     offload_optimizer: bool  # Tessera's ZeRO-Offload: how a full 8B fine-tune fits one 80 GB card
     model_dir: str
-    docs_path: str  # .npz: tokens, offsets, prompt lengths
+    docs_path: str  # .npz: tokens, offsets, prompt lengths (SFT)
     work_dir: str
+    mode: str = "sft"  # sft | dpo
+    data_dir: str = ""  # Tessera's prepared rows
+    pairs_path: str = ""  # DPO: the pairs as TRL's string format, {"prompt", "chosen", "rejected"} per line
+    dataset_tokens: int = 0  # DPO: useful tokens of every pair, what a reference pass reads
 
     @property
     def total_steps(self) -> int:
@@ -110,11 +133,15 @@ class Result:
     mfu_of_ceiling: float | None = None  # against the measured ~790 TFLOP/s
     peak_memory_mb: float | None = None
     error: str | None = None  # why the system has no numbers
+    # DPO: reference seconds within `seconds` (an up-front pass: its share for the timed tokens; TRL's defaults: the
+    # reference model's forwards in the timed steps) and the whole up-front pass (None when in the loop).
+    ref_seconds: float | None = None
+    ref_pass_seconds: float | None = None
 
 
-def main() -> None:
-    """Build the model and corpus, measure each system in a subprocess, print the table, write the JSON."""
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=MODE_SYSTEMS, default="sft", help="sft: packed documents; dpo: pairs")
     parser.add_argument("--size", choices=SHAPES, default="1b")
     parser.add_argument("--method", choices=("full", "lora"), default="full", help="lora: r=16 on all linear layers")
     parser.add_argument("--context-length", type=int, default=4096)
@@ -125,56 +152,117 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, default=0, choices=range(4), help="Tessera's ZeRO stage")
     parser.add_argument("--offload-optimizer", action="store_true",
                         help="Tessera's optimizer states on the CPU (needs --zero-stage 1-3), e.g. for --size 8b full")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_throughput.json")
+    parser.add_argument("--systems", help="comma-separated (default: the mode's), of " + ", ".join(SYSTEMS))
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each system, alternating; medians reported")
+    parser.add_argument("--out", type=Path, help="default benchmarks/results/train_throughput[_dpo].json")
     # A peer's measured run re-enters this script in a subprocess with these.
     parser.add_argument("--peer", choices=[s for s in SYSTEMS if s != "tessera"], help=argparse.SUPPRESS)
     parser.add_argument("--setup", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.systems = args.systems.split(",") if args.systems else list(MODE_SYSTEMS[args.mode])
+    if unknown := set(args.systems) - set(MODE_SYSTEMS[args.mode]):
+        parser.error(f"system(s) {', '.join(sorted(unknown))} not in {args.mode} mode's "
+                     f"{', '.join(MODE_SYSTEMS[args.mode])}")
+    if args.batch_rows % args.micro_batch_rows:
+        parser.error("--batch-rows must be a multiple of --micro-batch-rows")
+    suffix = "" if args.mode == "sft" else f"_{args.mode}"
+    args.out = args.out or Path(__file__).parent / "results" / f"train_throughput{suffix}.json"
+    return args
+
+
+def main() -> None:
+    """Build the model and data, measure each system in a subprocess, print the table, write the JSON."""
+    args = parse_args()
     if args.peer:
         run_peer(args.peer, Setup(**json.loads(args.setup.read_text())), args.result)
         return
-    systems = args.systems.split(",")
-    if unknown := set(systems) - set(SYSTEMS):
-        parser.error(f"unknown system(s) {', '.join(sorted(unknown))}: choose from {', '.join(SYSTEMS)}")
-    if args.batch_rows % args.micro_batch_rows:
-        parser.error("--batch-rows must be a multiple of --micro-batch-rows")
-
-    config = SHAPES[args.size]
     model_dir = build_model(args.size)
     with tempfile.TemporaryDirectory(prefix="tessera-train-bench-") as tmp:
-        work = Path(tmp)
-        docs = synthetic_documents(args.context_length, (args.warmup_steps + args.steps) * args.batch_rows,
-                                   config["vocab_size"])
-        rows = write_rows(docs, work / "rows", args.context_length)
-        row_count = len(rows.num_tokens)
-        save_documents(docs, work / "docs.npz")
-        setup = Setup(
-            args.size, args.method, args.context_length, args.steps, args.warmup_steps, args.batch_rows,
-            args.micro_batch_rows, max(1, round(len(docs) / row_count * args.micro_batch_rows)), args.zero_stage,
-            args.offload_optimizer, str(model_dir),
-            str(work / "docs.npz"), tmp,
-        )
-        console.print(f"corpus: {len(docs):,} documents, {sum(map(len, docs)):,} tokens, {row_count:,} packed rows; "
-                      f"padding systems: {setup.docs_per_micro_batch} documents per micro batch")
+        prepare = prepare_sft if args.mode == "sft" else prepare_dpo
+        setup, row_tokens = prepare(args, model_dir, Path(tmp))
         gpu = gpu_name()
-        results = []
-        for system in systems:
-            console.print(f"{system}: training ...")
-            result = run_tessera(setup, rows) if system == "tessera" else measure_peer(system, setup)
-            results.append(with_mfu(result, model_dir, args.context_length) if gpu else result)
-    print_table(results, setup, gpu)
+        runs, loads = measure_all(args.systems, setup, row_tokens, args.repeats)
+        results = [with_mfu(r, model_dir, args.context_length) if gpu else r for r in map(median_result, runs)]
+    print_table(results, runs, setup, gpu, loads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "rows": [asdict(r) for r in results],
+        "runs": {system: [asdict(r) for r in each] for system, each in zip(args.systems, runs)},
         "gpu": gpu,
         "commit": commit(),
-        "context_length": args.context_length, "steps": args.steps, "warmup_steps": args.warmup_steps,
-        "batch_rows": args.batch_rows, "micro_batch_rows": args.micro_batch_rows,
-        "zero_stage": args.zero_stage, "offload_optimizer": args.offload_optimizer,
+        "load_average_1min": loads,
+        "mode": args.mode, "context_length": args.context_length, "steps": args.steps,
+        "warmup_steps": args.warmup_steps, "batch_rows": args.batch_rows, "micro_batch_rows": args.micro_batch_rows,
+        "zero_stage": args.zero_stage, "offload_optimizer": args.offload_optimizer, "repeats": args.repeats,
     }, indent=2) + "\n")
     console.print(f"wrote {args.out}")
+
+
+def base_setup(args: argparse.Namespace, model_dir: Path, work: Path, docs_per_row: float, **mode) -> Setup:
+    """The Setup of a run; `docs_per_row`: documents (DPO: pairs) per Tessera row, which sizes the peers' micro batch."""
+    return Setup(args.size, args.method, args.context_length, args.steps, args.warmup_steps, args.batch_rows,
+                 args.micro_batch_rows, max(1, round(docs_per_row * args.micro_batch_rows)), args.zero_stage,
+                 args.offload_optimizer, str(model_dir), str(work / "docs.npz"), str(work), **mode)
+
+
+def prepare_sft(args: argparse.Namespace, model_dir: Path, work: Path) -> tuple[Setup, np.ndarray]:
+    """Synthetic documents, packed by Tessera and saved whole for the peers; the Setup and each row's real tokens."""
+    docs = synthetic_documents(args.context_length, (args.warmup_steps + args.steps) * args.batch_rows,
+                               SHAPES[args.size]["vocab_size"])
+    rows = write_rows(docs, work / "rows", args.context_length)
+    row_count = len(rows.num_tokens)
+    save_documents(docs, work / "docs.npz")
+    setup = base_setup(args, model_dir, work, len(docs) / row_count, data_dir=str(work / "rows"))
+    console.print(f"corpus: {len(docs):,} documents, {sum(map(len, docs)):,} tokens, {row_count:,} packed rows; "
+                  f"padding systems: {setup.docs_per_micro_batch} documents per micro batch")
+    return setup, rows.num_tokens
+
+
+def prepare_dpo(args: argparse.Namespace, model_dir: Path, work: Path) -> tuple[Setup, np.ndarray]:
+    """Synthetic pairs as TRL's string format, prepared by Tessera's own data path; the Setup and each row's tokens."""
+    model_dir = word_model(model_dir, work / "model", SHAPES[args.size]["vocab_size"])
+    rows_wanted = (args.warmup_steps + args.steps) * args.batch_rows
+    pairs, dataset_tokens = synthetic_pairs(args.context_length, rows_wanted, SHAPES[args.size]["vocab_size"])
+    pairs_path = work / "pairs.jsonl"
+    pairs_path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    prepared = prepare_dataset(str(pairs_path), model_dir, "DPO", args.context_length)
+    row_tokens = (np.load(prepared.path / "sequence_ids.npy") >= 0).sum(axis=1)
+    setup = base_setup(args, model_dir, work, len(pairs) / prepared.num_rows, mode="dpo", data_dir=str(prepared.path),
+                       pairs_path=str(pairs_path), dataset_tokens=dataset_tokens)
+    console.print(f"pairs: {len(pairs):,}, {dataset_tokens:,} tokens (prompt + chosen + prompt + rejected); Tessera: "
+                  f"{prepared.num_rows:,} rows of {prepared.row_length}, {prepared.num_tokens:,} tokens; TRL: "
+                  f"{setup.docs_per_micro_batch} pairs per micro batch")
+    if prepared.num_tokens != dataset_tokens:
+        console.print(f"[red]Tessera's rows hold {prepared.num_tokens:,} tokens, not {dataset_tokens:,}[/red]")
+    return setup, row_tokens
+
+
+def measure_all(systems: list[str], setup: Setup, row_tokens: np.ndarray,
+                repeats: int) -> tuple[list[list[Result]], list[float]]:
+    """Each system `repeats` times, alternating, so all see the same load; the runs and the 1-minute load
+    averages read before each run and at the end."""
+    runs: list[list[Result]] = [[] for _ in systems]
+    loads = []
+    for repeat in range(repeats):
+        for system, each in zip(systems, runs):
+            loads.append(os.getloadavg()[0])
+            console.print(f"{system}: training (run {repeat + 1} of {repeats}, load {loads[-1]:.1f}) ...")
+            each.append(run_tessera(setup, row_tokens) if system == "tessera" else measure_peer(system, setup))
+    loads.append(os.getloadavg()[0])
+    return runs, loads
+
+
+def median_result(runs: list[Result]) -> Result:
+    """The median of each figure over a system's runs that have numbers; the last error if none has."""
+    good = [r for r in runs if r.error is None]
+    if not good:
+        return runs[-1]
+    first = good[0]
+    figures = {f.name: float(np.median([getattr(r, f.name) for r in good]))
+               for f in fields(Result) if isinstance(getattr(first, f.name), (int, float))
+               and not isinstance(getattr(first, f.name), bool)}
+    return Result(first.system, first.size, first.method, **figures)
 
 
 def build_model(size: str) -> Path:
@@ -224,6 +312,46 @@ def synthetic_documents(context_length: int, rows: int, vocab_size: int) -> list
     return docs
 
 
+def word_model(model_dir: Path, folder: Path, vocab_size: int) -> Path:
+    """The cached model's weights (linked) with a word-level tokenizer over its whole vocabulary, word `w<id>` being
+    token <id>: pairs are text that both systems tokenize, each to the same ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True)
+    for file in model_dir.iterdir():
+        if not file.name.startswith(("tokenizer", "special_tokens")):
+            (folder / file.name).symlink_to(file)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": FIRST_TOKEN} | {f"w{i}": i for i in range(FIRST_TOKEN + 1,
+                                                                                             vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+def synthetic_pairs(context_length: int, rows: int, vocab_size: int) -> tuple[list[dict], int]:
+    """Seeded {"prompt", "chosen", "rejected"} string pairs, enough to fill at least `rows` rows of two contexts when
+    packed, and their useful tokens: prompt + chosen and prompt + rejected, each answer with its EOS."""
+    rng = np.random.default_rng(SEED)
+
+    def length(mean: int, most: int) -> int:
+        mu = np.log(mean) - LENGTH_SIGMA**2 / 2  # so the log-normal's mean is `mean` before clipping
+        return int(np.clip(rng.lognormal(mu, LENGTH_SIGMA), PAIR_MIN_TOKENS, most))
+
+    def words(count: int) -> str:
+        return " ".join(f"w{i}" for i in rng.integers(FIRST_TOKEN + 1, vocab_size, size=count))
+
+    pairs, total = [], 0
+    while total < rows * 2 * context_length:
+        prompt = length(PAIR_PROMPT_MEAN, context_length // 2)
+        chosen, rejected = (length(PAIR_ANSWER_MEAN, context_length - prompt - 1) for _ in range(2))
+        pairs.append({"prompt": words(prompt), "chosen": " " + words(chosen), "rejected": " " + words(rejected)})
+        total += 2 * prompt + chosen + rejected + 2  # + each answer's EOS
+    return pairs, total
+
+
 def write_rows(docs: list[Example], folder: Path, context_length: int) -> RowBlock:
     """Tessera's packing (best-fit decreasing, position ids restarting per document) into a prepared dataset folder."""
     rows = RowBlock.of(pack_best_fit(docs, context_length, pad_id=0), context_length)
@@ -241,34 +369,42 @@ def save_documents(docs: list[Example], path: Path) -> None:
              prompt_lengths=np.array([int((d.labels == IGNORE).sum()) for d in docs]))
 
 
-def run_tessera(setup: Setup, rows: RowBlock) -> Result:
-    """Tessera: the train task's own worker command on a TrainSpec, timed from its progress lines."""
+def tessera_spec(setup: Setup) -> Path:
+    """A TrainSpec built from a config as a run's is, saved where the worker reads it."""
     work = Path(setup.work_dir)
     lora = {"model.peft.peft_scheme": "lora", "model.peft.lora_tuning.rank": LORA["r"],
             "model.peft.lora_tuning.alpha": LORA["lora_alpha"],
             "model.peft.lora_tuning.target_modules": LORA["target_modules"]} if setup.method == "lora" else {}
     config = configure(
-        shorthands=dict(model=setup.model_dir, train_data_path=str(work / "rows"), register_to="bench.tessera",
+        shorthands=dict(model=setup.model_dir, train_data_path=setup.data_dir, register_to="bench.tessera",
                         training_duration=f"{setup.total_steps}ba", learning_rate=LEARNING_RATE,
-                        context_length=setup.context_length),
+                        context_length=setup.context_length, task_type=setup.mode.upper()),
         overrides={f"training_config.{path}": value for path, value in {
             "micro_batch_size": setup.micro_batch_rows, "global_batch_size": setup.batch_rows, "seed": SEED,
             "model.optim.sched.name": "constant", "model.optim.sched.warmup_steps": 1,  # 1: the peak from step 0
             "deepspeed.zero_stage": setup.zero_stage, "deepspeed.offload_optimizer": setup.offload_optimizer,
             **lora}.items()},
     )
-    spec = TrainSpec.build("bench", config, Path(setup.model_dir), work / "rows", work / "tessera-out",
+    spec = TrainSpec.build("bench", config, Path(setup.model_dir), Path(setup.data_dir), work / "tessera-out",
                            loss_spike_factor=None)  # random data: only a non-finite loss may stop the measurement
     spec.save(work / "spec.json")
+    return work / "spec.json"
+
+
+def run_tessera(setup: Setup, row_tokens: np.ndarray) -> Result:
+    """Tessera: the train task's own worker command on a TrainSpec, timed from its progress lines."""
+    work = Path(setup.work_dir)
+    spec_path = tessera_spec(setup)
+    shutil.rmtree(work / "tessera-out", ignore_errors=True)  # a repeat starts fresh: no checkpoint, no reference kept
     # The worker counts every position of its rows; the useful tokens are the real ones in the rows it reads at
     # each step, which follow from its own row order.
-    order = epoch_order(len(rows.num_tokens), SEED, 0)
-    step_tokens = [int(rows.num_tokens[order[s * setup.batch_rows : (s + 1) * setup.batch_rows]].sum())
+    order = epoch_order(len(row_tokens), SEED, 0)
+    step_tokens = [int(row_tokens[order[s * setup.batch_rows : (s + 1) * setup.batch_rows]].sum())
                    for s in range(setup.total_steps)]
     progress: dict[int, dict] = {}
     with open(work / "tessera.log", "w+") as log:
         process = subprocess.Popen(
-            worker_command(spec, str(work / "spec.json")),  # the train task's own command line
+            worker_command(TrainSpec.load(spec_path), str(spec_path)),  # the train task's own command line
             stdout=subprocess.PIPE, stderr=log, text=True, env=child_env(), start_new_session=True,
         )
         for line in process.stdout:
@@ -285,11 +421,25 @@ def run_tessera(setup: Setup, rows: RowBlock) -> Result:
         process.wait()
         if setup.total_steps not in progress:
             return Result("tessera", setup.size, setup.method, error=last_line(log))
+        log.seek(0)
+        reference = REFERENCE_LINE.search(log.read())
     start = progress[setup.warmup_steps]["elapsed_s"] if setup.warmup_steps else 0.0
     seconds = progress[setup.total_steps]["elapsed_s"] - start
     useful = sum(step_tokens[setup.warmup_steps :])
-    return Result("tessera", setup.size, setup.method, useful / seconds, useful, seconds,
-                  peak_memory_mb=progress[setup.total_steps]["peak_memory_mb"])
+    result = Result("tessera", setup.size, setup.method, peak_memory_mb=progress[setup.total_steps]["peak_memory_mb"])
+    return timed(result, useful, seconds, float(reference.group(1)) if reference else None, setup)
+
+
+def timed(result: Result, useful: int, train_seconds: float, ref_pass_seconds: float | None,
+          setup: Setup) -> Result:
+    """The result's throughput; an up-front reference pass (over every pair) counts for the timed tokens' share."""
+    ref_share = ref_pass_seconds * useful / setup.dataset_tokens if ref_pass_seconds is not None else 0.0
+    result.useful_tokens, result.seconds = useful, train_seconds + ref_share
+    result.tokens_per_s = useful / result.seconds
+    result.ref_pass_seconds = ref_pass_seconds
+    if result.ref_seconds is None and ref_pass_seconds is not None:
+        result.ref_seconds = ref_share
+    return result
 
 
 def measure_peer(system: str, setup: Setup) -> Result:
@@ -297,10 +447,13 @@ def measure_peer(system: str, setup: Setup) -> Result:
     work = Path(setup.work_dir)
     (work / "setup.json").write_text(json.dumps(asdict(setup)))
     result_file = work / f"{system}.json"
+    result_file.unlink(missing_ok=True)
+    # An empty datasets cache for each run: TRL would otherwise read back an earlier run's reference log-probabilities.
+    env = dict(child_env(), HF_DATASETS_CACHE=tempfile.mkdtemp(prefix="datasets-", dir=work))
     with open(work / f"{system}.log", "w+") as log:
         process = subprocess.run(
             [sys.executable, __file__, "--peer", system, "--setup", str(work / "setup.json"), "--result",
-             str(result_file)], stdout=log, stderr=log, env=child_env(),
+             str(result_file)], stdout=log, stderr=log, env=env,
         )
         if process.returncode != 0 or not result_file.is_file():
             return Result(system, setup.size, setup.method, error=last_line(log))
@@ -330,8 +483,7 @@ def last_line(log) -> str:
 def run_peer(system: str, setup: Setup, result_file: Path) -> None:
     """In the measured subprocess: train with one peer and write its figures as JSON."""
     # Imported here so that one system's imports do not count towards another's memory.
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cuda = torch.cuda.is_available()
     lora = setup.method == "lora"
@@ -344,43 +496,80 @@ def run_peer(system: str, setup: Setup, result_file: Path) -> None:
 
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
     clock = StepClock(model, setup, cuda)
+    common = dict(
+        output_dir=str(Path(setup.work_dir) / f"{system}-out"), max_steps=setup.total_steps,
+        gradient_accumulation_steps=setup.batch_rows // setup.micro_batch_rows, learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant", bf16=cuda, logging_steps=10**6, save_strategy="no", report_to="none", seed=SEED,
+        disable_tqdm=True,
+    )
+    build = dpo_peer if system.startswith("trl-dpo") else sft_peer
+    build(system, model, tokenizer, setup, common, clock).train()
+    if cuda:
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+    in_loop = clock.end_ref - clock.start_ref if clock.ref_pass_seconds is None and setup.mode == "dpo" else None
+    result = timed(Result(system, setup.size, setup.method, peak_memory_mb=peak_mb, ref_seconds=in_loop),
+                   clock.end_tokens - clock.start_tokens, clock.end_time - clock.start_time, clock.ref_pass_seconds,
+                   setup)
+    figures = {k: v for k, v in asdict(result).items() if k not in ("system", "size", "method")}
+    result_file.write_text(json.dumps(figures))
+
+
+def sft_peer(system: str, model, tokenizer, setup: Setup, common: dict, clock: "StepClock"):
+    """HF Trainer (padding, with or without DeepSpeed ZeRO-2) or TRL's SFTTrainer (packing) on the documents."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
     data = np.load(setup.docs_path)
     starts, ends = data["offsets"][:-1], data["offsets"][1:]
     input_ids = [data["tokens"][a:b].tolist() for a, b in zip(starts, ends)]
     labels = [[IGNORE] * p + ids[p:] for ids, p in zip(input_ids, data["prompt_lengths"].tolist())]
     dataset = Dataset.from_dict({"input_ids": input_ids, "labels": labels})
-    accumulation = setup.batch_rows // setup.micro_batch_rows
-    common = dict(
-        output_dir=str(Path(setup.work_dir) / f"{system}-out"), max_steps=setup.total_steps,
-        gradient_accumulation_steps=accumulation, learning_rate=LEARNING_RATE, lr_scheduler_type="constant",
-        bf16=cuda, logging_steps=10**6, save_strategy="no", report_to="none", seed=SEED, disable_tqdm=True,
-    )
     if system == "trl-sft":
         from trl import SFTConfig, SFTTrainer
 
         # Packing best-fit decreasing into padding-free rows of at most max_length; the labels column is kept.
         args = SFTConfig(per_device_train_batch_size=setup.micro_batch_rows, packing=True,
                          max_length=setup.context_length, **common)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             callbacks=[clock])
-    else:
-        deepspeed = {
-            "zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}, "gradient_clipping": "auto",
-            "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-        } if system == "hf-deepspeed" else None
-        args = TrainingArguments(per_device_train_batch_size=setup.docs_per_micro_batch, deepspeed=deepspeed, **common)
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[clock],
-                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest"))
-    trainer.train()
-    useful = clock.end_tokens - clock.start_tokens
-    seconds = clock.end_time - clock.start_time
-    if cuda:
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
-    result_file.write_text(json.dumps(dict(
-        tokens_per_s=useful / seconds, useful_tokens=useful, seconds=seconds, peak_memory_mb=peak_mb,
-    )))
+        return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[clock])
+    deepspeed = {
+        "zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}, "gradient_clipping": "auto",
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+    } if system == "hf-deepspeed" else None
+    args = TrainingArguments(per_device_train_batch_size=setup.docs_per_micro_batch, deepspeed=deepspeed, **common)
+    return Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[clock],
+                   data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest"))
+
+
+def dpo_peer(system: str, model, tokenizer, setup: Setup, common: dict, clock: "StepClock"):
+    """TRL's DPOTrainer on the pairs file, DPOConfig's defaults but for the batch, steps, learning rate, schedule and
+    precision every system shares: a reference model beside the policy and gradient checkpointing (trl-dpo);
+    precomputed reference log-probabilities (trl-dpo-precompute); and those without gradient checkpointing, which
+    Tessera does not use either (trl-dpo-precompute-nockpt)."""
+    from datasets import load_dataset
+    from trl import DPOConfig, DPOTrainer
+
+    precompute = system != "trl-dpo"
+    extra = {"gradient_checkpointing": False} if system.endswith("nockpt") else {}
+    args = DPOConfig(per_device_train_batch_size=setup.docs_per_micro_batch, max_length=setup.context_length,
+                     precompute_ref_log_probs=precompute, **extra, **common)
+    dataset = load_dataset("json", data_files=setup.pairs_path, split="train")
+    if precompute:  # TRL's constructor runs the pass: timed around it
+        original = DPOTrainer._precompute_ref_logps
+
+        def timed_pass(trainer, *args, **kwargs):
+            started = clock.now()
+            try:
+                return original(trainer, *args, **kwargs)
+            finally:
+                clock.ref_pass_seconds = (clock.ref_pass_seconds or 0.0) + clock.now() - started
+
+        DPOTrainer._precompute_ref_logps = timed_pass
+    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[clock])
+    if trainer.ref_model is not None:
+        clock.time_forwards(trainer.ref_model)
+    return trainer
 
 
 class StepClock(TrainerCallback):
@@ -388,6 +577,7 @@ class StepClock(TrainerCallback):
 
     A forward pre-hook sees what the model gets: with an attention mask (padding) its sum, without one
     (TRL's padding-free rows) every position. The count stays on the device until a mark, so counting adds no sync.
+    DPO: time_forwards adds up the seconds of a reference model's forwards; ref_pass_seconds is an up-front pass's.
     """
 
     def __init__(self, model: torch.nn.Module, setup: Setup, cuda: bool):
@@ -395,24 +585,42 @@ class StepClock(TrainerCallback):
         self.tokens: torch.Tensor | int = 0
         self.start_time = self.end_time = 0.0
         self.start_tokens = self.end_tokens = 0
+        self.ref_time = self.start_ref = self.end_ref = 0.0
+        self.ref_pass_seconds: float | None = None
         model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.setup.warmup_steps:
-            self.start_time, self.start_tokens = self._mark()
+            self.start_time, self.start_tokens, self.start_ref = self._mark()
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.setup.total_steps:
-            self.end_time, self.end_tokens = self._mark()
+            self.end_time, self.end_tokens, self.end_ref = self._mark()
+
+    def time_forwards(self, module: torch.nn.Module) -> None:
+        """Add the wall time of each of `module`'s forwards to ref_time (synchronizing the GPU around each)."""
+        started = [0.0]
+
+        def begin(*_):
+            started[0] = self.now()
+
+        def end(*_):
+            self.ref_time += self.now() - started[0]
+
+        module.register_forward_pre_hook(begin)
+        module.register_forward_hook(end)
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()  # the clock reads when the queued work is done
+        return time.perf_counter()
 
     def _count(self, module, args, kwargs) -> None:
         mask = kwargs.get("attention_mask")
         self.tokens = self.tokens + (mask.sum() if mask is not None else kwargs["input_ids"].numel())
 
-    def _mark(self) -> tuple[float, int]:
-        if self.cuda:
-            torch.cuda.synchronize()  # the clock reads when the queued work is done
-        return time.perf_counter(), int(self.tokens)
+    def _mark(self) -> tuple[float, int, float]:
+        return self.now(), int(self.tokens), self.ref_time
 
 
 def gpu_name() -> str | None:
@@ -444,20 +652,31 @@ def with_mfu(result: Result, model_dir: Path, context_length: int) -> Result:
     return result
 
 
-def print_table(results: list[Result], setup: Setup, gpu: str | None) -> None:
-    """One row per system."""
-    table = Table(title=f"Training throughput: {setup.size} {setup.method}, context {setup.context_length}, "
-                        f"{setup.batch_rows} x {setup.context_length} tokens per step, {setup.steps} steps timed "
-                        f"after {setup.warmup_steps}, on {gpu or 'CPU'}")
-    for column in ("system", "model", "useful tokens/s", "MFU (989T)", "MFU (790T)", "peak memory MiB"):
-        table.add_column(column, justify="left" if column in ("system", "model") else "right")
-    for r in results:
+def print_table(results: list[Result], runs: list[list[Result]], setup: Setup, gpu: str | None,
+                loads: list[float]) -> None:
+    """One row per system: medians over its runs, each run's tokens/s, and Tessera's figure over this one's."""
+    unit = "2 x " if setup.mode == "dpo" else ""
+    table = Table(title=f"Training throughput ({setup.mode}): {setup.size} {setup.method}, context "
+                        f"{setup.context_length}, {setup.batch_rows} x {unit}{setup.context_length} tokens per step, "
+                        f"{setup.steps} steps timed after {setup.warmup_steps}, on {gpu or 'CPU'}; medians of "
+                        f"{len(runs[0])}; 1-min load {min(loads):.1f}-{max(loads):.1f}")
+    columns = ["system", "model", "useful tokens/s", "each", "MFU (989T)", "MFU (790T)", "peak memory MiB",
+               "Tessera / this"] + (["ref s in time", "ref pass s"] if setup.mode == "dpo" else [])
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("system", "model", "each") else "right")
+    ours = results[0].tokens_per_s if results[0].system == "tessera" else None
+    for r, each in zip(results, runs):
         model = f"{r.size} {r.method}"
         if r.error:
-            table.add_row(SYSTEMS[r.system], model, f"failed: {r.error}", "", "", "")
+            table.add_row(SYSTEMS[r.system], model, f"failed: {r.error}", *[""] * (len(columns) - 3))
             continue
         mfu = (f"{r.mfu:.1%}", f"{r.mfu_of_ceiling:.1%}") if r.mfu is not None else ("n/a", "n/a")
-        table.add_row(SYSTEMS[r.system], model, f"{r.tokens_per_s:,.0f}", *mfu, f"{r.peak_memory_mb:,.0f}")
+        ratio = f"{ours / r.tokens_per_s:.2f}x" if ours else "n/a"
+        runs_text = ", ".join(f"{x.tokens_per_s:,.0f}" if x.error is None else "failed" for x in each)
+        ref = [f"{r.ref_seconds:.2f}" if r.ref_seconds is not None else "",
+               f"{r.ref_pass_seconds:.2f}" if r.ref_pass_seconds is not None else "in loop"]
+        table.add_row(SYSTEMS[r.system], model, f"{r.tokens_per_s:,.0f}", runs_text, *mfu, f"{r.peak_memory_mb:,.0f}",
+                      ratio, *(ref if setup.mode == "dpo" else []))
     console.print(table)
 
 
