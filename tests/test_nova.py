@@ -161,7 +161,7 @@ def test_a_nova_lora_recipe_runs_from_the_cli_and_names_the_amazon_keys_once(fm,
                                                                              monkeypatch, capsys):
     """`tessera create --recipe` with Nova's LoRA recipe as published: the model, data and registry from the usual
     arguments, and what the tiny model needs (its context, a batch its 24 conversations fill) from --set."""
-    from flows import cli
+    from cli import main as cli
 
     recipe = NOVA / "nova_micro_1_0_p5_p4d_gpu_lora_sft.yaml"
     monkeypatch.setattr(sys, "argv", [
