@@ -22,10 +22,11 @@ from tasks.prefect_api import prefect_client
 from tasks.run_record import RETRAIN_TAG, RUN_TAG, SWEEP_TAG
 
 REPO = Path(__file__).resolve().parents[1]
-# Prefect's engine started directly, as its runner starts it. Without a command, a process worker starts each flow run
-# through a workspace supervisor: a second Python process importing Prefect (~2 CPU-s a run), which also sets
-# PYTHONPATH, a setting the warm-start server refuses. `python` is the worker's own (deployments/worker.py).
-FLOW_RUN_COMMAND = "python -m prefect.engine"
+# Prefect's engine forked from the worker's warm-start server (tasks/flow_launcher.py). Without a command, a process
+# worker starts each flow run through a workspace supervisor: a second Python process importing Prefect (~2 CPU-s a
+# run), which also sets PYTHONPATH, a setting the warm-start server refuses. `python` is the worker's own
+# (deployments/worker.py).
+FLOW_RUN_COMMAND = "python -m tasks.flow_launcher"
 
 
 def deployments() -> list[tuple]:
