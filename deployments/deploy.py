@@ -22,6 +22,11 @@ from tasks.prefect_api import prefect_client
 from tasks.run_record import RETRAIN_TAG, RUN_TAG, SWEEP_TAG
 
 REPO = Path(__file__).resolve().parents[1]
+# Prefect's engine forked from the worker's warm-start server (tasks/flow_launcher.py). Without a command, a process
+# worker starts each flow run through a workspace supervisor: a second Python process importing Prefect (~2 CPU-s a
+# run), which also sets PYTHONPATH, a setting the warm-start server refuses. `python` is the worker's own
+# (deployments/worker.py).
+FLOW_RUN_COMMAND = "python -m tasks.flow_launcher"
 
 
 def deployments() -> list[tuple]:
@@ -64,7 +69,8 @@ def apply(pool: str, source: str = str(REPO), name: str = "default") -> list[str
     ids = []
     for flow, entrypoint, options in deployments():
         remote = flow.from_source(source=source, entrypoint=entrypoint)
-        ids.append(str(remote.deploy(**{**options, "name": name}, work_pool_name=pool, print_next_steps=False,
+        ids.append(str(remote.deploy(**{**options, "name": name}, work_pool_name=pool,
+                                     job_variables={"command": FLOW_RUN_COMMAND}, print_next_steps=False,
                                      ignore_warnings=True)))
     return ids
 

@@ -5,6 +5,7 @@ queues, device locks and warm starts on one machine as on many."""
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from deployments.queues import ensure_queues, queues_for
@@ -33,5 +34,7 @@ def start(pool: str, gpus: int | None = None, name: str | None = None, addr: str
     command = ["prefect", "worker", "start", "--pool", pool, "--name", name,
                *(f for q in queues for f in ("--work-queue", q))]
     print(" ".join(command), flush=True)
+    # Flow runs start as `python -m prefect.engine` (deploy.py): this interpreter, whatever PATH the user had.
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     warm_start.start_server()  # for the flow runs it starts; it leaves with the worker
     os.execvp(sys.executable, [sys.executable, "-m", *command])

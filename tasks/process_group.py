@@ -2,10 +2,13 @@
 own, so one signal reaches DeepSpeed's launcher and every rank, or a service and its workers."""
 
 import os
+import select
 import signal
 import threading
 import time
 from collections.abc import Callable
+
+from tasks.flow_launcher import LAUNCHER
 
 
 def stop_group(pgid: int, grace_s: float = 10.0) -> bool:
@@ -49,14 +52,18 @@ def _alive(pgid: int) -> bool:
         return False
 
 
-def exit_with_parent(cleanup: Callable[[], None], poll_s: float = 1.0) -> None:
-    """End this process within `poll_s` of its parent (the worker, killed), `cleanup` first, leaving its flow run's
-    state as it is: nothing of a run outlives the worker that ran it."""
-    parent = os.getppid()
+def exit_with_parent(cleanup: Callable[[], None]) -> None:
+    """End this process as soon as its parent ends (the worker, killed), `cleanup` first, leaving its flow run's
+    state as it is: nothing of a run outlives the worker that ran it. A flow run forked from the warm-start server
+    has the launcher the worker started for parent (tasks/flow_launcher.py)."""
+    try:
+        parent = os.pidfd_open(int(os.environ.get(LAUNCHER) or os.getppid()))
+    except ProcessLookupError:  # gone already
+        parent = None
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
+        if parent is not None:
+            select.select([parent], [], [])  # readable once the process has ended
         cleanup()
         os._exit(1)
 

@@ -41,6 +41,7 @@ READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_", "PYTORCH_", 
 PRELOAD = (
     "torch", "torch.distributed", "deepspeed", "transformers", "peft", "pandas", "great_expectations",
     "great_expectations.expectations", "matplotlib.pyplot", "mlflow.transformers",
+    "prefect.engine", "prefect.flow_engine",  # for the flow runs themselves (tasks/flow_launcher.py)
 )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from prefect.client.schemas.actions import WorkPoolCreate
 
+from flows import services
 from flows.foundation_model import get_models
 from client.runs import _parse_time
 from tasks.errors import InvalidInputError
@@ -49,7 +50,7 @@ def test_a_worker_serves_a_pool_of_the_local_server(fm):
     assert done.returncode == 2 and "no work pool 'no-such-pool' on http://127.0.0.1:" in done.stdout, \
         done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
-    with prefect_client() as prefect:
+    with services.connected(), prefect_client() as prefect:
         prefect.create_work_pool(WorkPoolCreate(name="cli-test", type="process"))
     worker = subprocess.Popen([sys.executable, "-m", "cli.main", "worker", "--pool", "cli-test", "--name", "cli"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -64,7 +65,7 @@ def test_a_worker_serves_a_pool_of_the_local_server(fm):
 
 
 def _online(pool: str, name: str) -> bool:
-    with prefect_client() as prefect:
+    with services.connected(), prefect_client() as prefect:
         return any(w.name == name and w.status == "ONLINE" for w in prefect.read_workers_for_work_pool(pool))
 
 

@@ -178,3 +178,43 @@ def test_a_killed_worker_is_resumed_by_the_train_tasks_retry(fm, tiny_model_dir,
     assert log.count("2 process(es) on cpu") == 2  # the first attempt and the retry, both on two ranks
     kept = fm.get_checkpoints(run)
     assert len(kept) == 2 and kept[-1].endswith("-ba30"), kept  # save_top_k held across the retry
+
+
+def test_a_runs_flow_is_forked_warm_and_ends_with_the_process_the_worker_started(fm, tiny_model_dir, chat_file):
+    """The worker starts a launcher, which has Prefect's engine forked from the warm-start server: when the launcher
+    is killed outright (as the worker kills a process that ignores a cancel), the flow ends itself and its training,
+    and Prefect records the run as crashed (FAILED)."""
+    from flows import services
+
+    run = fm.create(model=str(tiny_model_dir), train_data_path=chat_file, register_to="main.test",
+                    training_duration="100000ba", context_length=64)
+    for event in fm.get_events(run, follow=True):
+        if event.type == "TRAIN_UPDATED":
+            break
+    processes = _processes()
+    (launcher,) = [pid for pid, (_, cmdline, environ) in processes.items() if "tasks.flow_launcher" in cmdline
+                   and f"PREFECT__FLOW_RUN_ID={run.flow_run_id}" in environ]
+    (warm,) = [pid for pid, (ppid, cmdline, _) in processes.items()
+               if ppid == services.WORKER.pid() and "tasks.warm_start --socket" in cmdline]
+    (engine,) = [pid for pid, (ppid, cmdline, _) in processes.items() if ppid == warm and "-m prefect.engine" in cmdline]
+    assert processes[launcher][0] == services.WORKER.pid() and worker_pids(run.name)
+    os.kill(launcher, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (engine in _processes() or worker_pids(run.name)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert engine not in _processes() and not worker_pids(run.name), "the flow or its training outlived the launcher"
+    assert wait_for(run, timeout=60).status == fm.RunStatus.FAILED
+
+
+def _processes() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, command line, environment) of every process this user may read."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline, environ = ((proc / f).read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                                for f in ("cmdline", "environ"))
+        except OSError:
+            continue
+        found[int(proc.name)] = (int(stat[stat.rindex(")") + 2:].split()[1]), cmdline, environ)
+    return found
