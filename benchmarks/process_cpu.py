@@ -7,7 +7,7 @@ it, a warm-started child in the warm-start server.
 import os
 from pathlib import Path
 
-from flows import services
+from deployments import services
 
 TICK = os.sysconf("SC_CLK_TCK")
 WARM_START = "tasks.warm_start"

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from prefect.client.schemas.actions import WorkPoolCreate
 
-from flows import services
-from flows.foundation_model import get_models
 from client.runs import _parse_time
+from deployments import services
+from flows.foundation_model import get_models
 from tasks.errors import InvalidInputError
 from tasks.prefect_api import prefect_client
 

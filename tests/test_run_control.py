@@ -10,10 +10,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from conftest import wait_for, worker_pids
 
 from tasks.errors import TooManyActiveRunsError
 from tasks.run_record import RUN_TAG
-from conftest import wait_for, worker_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -90,8 +90,8 @@ def test_a_run_that_ended_a_while_ago_is_read_without_waiting_for_its_events(fm,
     from prefect import get_client
     from prefect.states import Crashed, Scheduled
 
-    from deployments import services
     from client import jobs
+    from deployments import services
 
     monkeypatch.setattr(jobs, "EVENTS_SETTLE_S", 8.0)
     name = f"ift-old-{uuid.uuid4().hex[:6]}"
@@ -184,7 +184,7 @@ def test_a_runs_flow_is_forked_warm_and_ends_with_the_process_the_worker_started
     """The worker starts a launcher, which has Prefect's engine forked from the warm-start server: when the launcher
     is killed outright (as the worker kills a process that ignores a cancel), the flow ends itself and its training,
     and Prefect records the run as crashed (FAILED)."""
-    from flows import services
+    from deployments import services
 
     run = fm.create(model=str(tiny_model_dir), train_data_path=chat_file, register_to="main.test",
                     training_duration="100000ba", context_length=64)
