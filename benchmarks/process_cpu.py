@@ -58,7 +58,6 @@ def snapshot() -> dict[str, float]:
     return {
         "Prefect server": _total(processes, _tree(processes, services.PREFECT.pid())),
         "MLflow server": _total(processes, _tree(processes, services.MLFLOW.pid())),
-        "HTTP API": _total(processes, _tree(processes, services.HTTP_API.pid())),
         "worker (its own)": own.get(worker, 0.0),
         "flow processes started by the worker, with their cold children": reaped.get(worker, 0.0) + _total(
             processes, flows),
