@@ -52,7 +52,7 @@ def finetune(config: RunConfig | None = None, run_name: str | None = None, mlflo
     # Keys of `config` are named by their path in errors; the arguments by their own names.
     config = configure(config, shorthands=arguments, called=None)
     record = begin(RUN, config, run_name, mlflow_run_id)
-    exit_with_parent(lambda: kill_worker(record))
+    exit_with_parent(lambda: kill_worker(record, now=True))
     emit(record.name, RunEvent.STARTED, f"run {record.name} started")
     if current_flow_run.run_count > 1:  # scheduled again after the services stopped under it (deployments/interrupted.py)
         done = complete_checkpoints(record.checkpoints)

@@ -12,10 +12,10 @@ exit_with_parent watches LAUNCHER). Without a server, or when it refuses, this p
 
 import os
 import runpy
+import select
 import signal
 import sys
 import threading
-import time
 
 from tasks import warm_start
 
@@ -32,10 +32,10 @@ def engine() -> None:
     runpy.run_module(ENGINE, run_name="__main__", alter_sys=True)
 
 
-def _exit_with_worker(parent: int) -> None:
-    """The worker killed on its own: leave, so that the flow in the child ends itself."""
-    while os.getppid() == parent:
-        time.sleep(1)
+def _exit_with_worker(worker: int) -> None:
+    """The worker killed on its own: leave the moment it ends, so that the flow in the child ends itself before it
+    writes to the output the worker no longer reads."""
+    select.select([worker], [], [])  # readable once the process has ended
     os._exit(1)
 
 
@@ -47,7 +47,11 @@ def main() -> None:
         os.execv(sys.executable, [sys.executable, "-m", ENGINE])
     for relayed in (signal.SIGTERM, signal.SIGINT):
         signal.signal(relayed, lambda signum, _: os.kill(child.pid, signum))
-    threading.Thread(target=_exit_with_worker, args=(os.getppid(),), daemon=True).start()
+    try:
+        worker = os.pidfd_open(os.getppid())
+    except ProcessLookupError:  # gone already
+        os._exit(1)
+    threading.Thread(target=_exit_with_worker, args=(worker,), daemon=True).start()
     code = child.wait()
     if code < 0:  # killed by a signal: die of the same one, as the engine would have
         signal.signal(-code, signal.SIG_DFL)

@@ -29,15 +29,17 @@ def stop_group(pgid: int, grace_s: float = 10.0) -> bool:
     return True
 
 
-def kill_group(pgid: int, wait_s: float = 10.0) -> None:
-    """SIGKILL the group (no handler runs: a worker would cancel its runs on SIGTERM) and wait until it is gone."""
+def kill_group(pgid: int, wait_s: float = 10.0) -> bool:
+    """SIGKILL the group (no handler runs: a worker would cancel its runs on SIGTERM) and wait until it is gone, at
+    most `wait_s` (0: not at all); False when it was already gone."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
-        return
+        return False
     deadline = time.monotonic() + wait_s
-    while _alive(pgid) and time.monotonic() < deadline:
+    while wait_s and _alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.05)
+    return True
 
 
 def _alive(pgid: int) -> bool:
@@ -54,8 +56,9 @@ def _alive(pgid: int) -> bool:
 
 def exit_with_parent(cleanup: Callable[[], None]) -> None:
     """End this process as soon as its parent ends (the worker, killed), `cleanup` first, leaving its flow run's
-    state as it is: nothing of a run outlives the worker that ran it. A flow run forked from the warm-start server
-    has the launcher the worker started for parent (tasks/flow_launcher.py)."""
+    state as it is: nothing of a run outlives the worker that ran it, and the services resume it when they start
+    again. A flow run forked from the warm-start server has the launcher the worker started for parent
+    (tasks/flow_launcher.py). `cleanup` must not wait: the flow goes on meanwhile."""
     try:
         parent = os.pidfd_open(int(os.environ.get(LAUNCHER) or os.getppid()))
     except ProcessLookupError:  # gone already
@@ -64,6 +67,12 @@ def exit_with_parent(cleanup: Callable[[], None]) -> None:
     def watch() -> None:
         if parent is not None:
             select.select([parent], [], [])  # readable once the process has ended
+        # This process's output was read by the worker, now gone: a write there would fail, and Prefect's console
+        # logging turns a broken pipe into SystemExit, which would report the flow run crashed instead of leaving
+        # it running for the services to resume.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
         cleanup()
         os._exit(1)
 

@@ -20,7 +20,7 @@ from tasks.errors import InvalidInputError, StorageError, TrainingDiverged, Work
 from tasks.events import RunEvent, emit
 from tasks.nodes import END_S, OtherNodes
 from tasks.ports import free_port
-from tasks.process_group import stop_group
+from tasks.process_group import kill_group, stop_group
 from tasks.retries import retryable
 from tasks.run_record import RunRecord
 from tasks.tracking import client
@@ -172,13 +172,15 @@ def start_worker(command: list[str], env: dict | None, stderr, log) -> subproces
                             start_new_session=True)
 
 
-def kill_worker(record: RunRecord) -> bool:
-    """Stop the run's worker with its whole process group (DeepSpeed and its children); True if one was running."""
+def kill_worker(record: RunRecord, now: bool = False) -> bool:
+    """Stop the run's worker with its whole process group (DeepSpeed and its children); True if one was running.
+    now: SIGKILL without waiting, for a flow that leaves this instant (its checkpoints are written whole or not at
+    all); else SIGTERM, and SIGKILL after a grace period."""
     try:
         pgid = int(record.pgid_file.read_text())
     except FileNotFoundError:
         return False
-    stopped = stop_group(pgid)
+    stopped = kill_group(pgid, wait_s=0) if now else stop_group(pgid)
     record.pgid_file.unlink(missing_ok=True)
     return stopped
 

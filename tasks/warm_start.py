@@ -16,6 +16,7 @@ import argparse
 import io
 import os
 import pickle
+import select
 import selectors
 import signal
 import socket
@@ -63,7 +64,7 @@ class WarmProcess:
             return self.returncode
         self.connection.setblocking(False)
         try:
-            self._receive()
+            self._receive(block=False)
         except BlockingIOError:
             pass
         finally:
@@ -72,7 +73,7 @@ class WarmProcess:
 
     def wait(self) -> int:
         while self.returncode is None:
-            self._receive()
+            self._receive(block=True)
         return self.returncode
 
     def result(self):
@@ -85,10 +86,11 @@ class WarmProcess:
                                     "before it returned")
         return self.outcome["value"]
 
-    def _receive(self) -> None:
+    def _receive(self, block: bool) -> None:
         message = self.connection.recv(MAX_MESSAGE)
-        if not message:  # the server went away (killed with its worker): the child's exit code is lost with it
-            self.returncode = -signal.SIGKILL if self.returncode is None else self.returncode
+        if not message:  # the server went away (it left with its worker): the child runs on, its exit code lost
+            if _ended(self.pid, block) and self.returncode is None:
+                self.returncode = -signal.SIGKILL
             return
         reply = pickle.loads(message)
         if "returncode" in reply:
@@ -96,6 +98,18 @@ class WarmProcess:
             self.connection.close()
         else:
             self.outcome = reply
+
+
+def _ended(pid: int, wait: bool) -> bool:
+    """Whether the process has ended; `wait`: block until it has."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], None if wait else 0)[0])  # readable once it has ended
+    finally:
+        os.close(pidfd)
 
 
 def start(target: str, args: tuple = (), kwargs: dict | None = None, *, title: str, stdout: int, stderr: int,

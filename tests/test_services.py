@@ -118,7 +118,19 @@ def _wait_for_event(fm, name: str, kind: str, count: int, timeout: float = 300):
         if len(found) >= count:
             return found[count - 1]
         time.sleep(1)
-    raise AssertionError(f"{name} had no {kind} event #{count} after {timeout}s")
+    raise AssertionError(f"{name} had no {kind} event #{count} after {timeout}s: {_story(fm, name)}")
+
+
+def _story(fm, name: str) -> str:
+    """What a run went through, for a failure's message: its events, its flow run's states, the worker's log."""
+    from tasks.prefect_api import prefect_client
+
+    run = fm.get(name)
+    with prefect_client() as prefect:
+        states = [f"{s.timestamp:%H:%M:%S.%f} {s.name}: {s.message}" for s in prefect.read_flow_run_states(run.flow_run_id)]
+    events = [f"{e.time:%H:%M:%S.%f} {e.type}: {e.message}" for e in fm.get_events(name)]
+    worker_log = services.WORKER.log.read_text()[-4000:] if services.WORKER.log.exists() else ""
+    return "\n".join(["events:", *events, "states:", *states, "worker log:", worker_log])
 
 
 def _group_alive(pgid: int) -> bool:

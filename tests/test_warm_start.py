@@ -82,15 +82,18 @@ def test_gpus_are_counted_from_the_driver_less_those_cuda_hides(tmp_path, monkey
         assert gpu_count() == count, mask
 
 
-def test_the_server_leaves_with_the_process_that_started_it(tmp_path):
-    """Killed outright with its runner (`tessera server stop` kills the runner's group), it leaves no process or
-    socket behind."""
+def test_the_server_leaves_with_the_process_that_started_it_and_its_children_run_on(tmp_path, monkeypatch):
+    """Killed outright with its worker, it leaves no process or socket behind; a child it started runs on, and the
+    process waiting for that child goes on waiting for it, not for the server (a flow's training is ended by the
+    flow, tasks/process_group.py exit_with_parent)."""
     parent = subprocess.Popen(
         [sys.executable, "-c", "import os, time; from tasks import warm_start; warm_start.start_server(); "
                                "print(os.environ[warm_start.ADDRESS], flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True, start_new_session=True)
     address = Path(parent.stdout.readline().strip())
     warm_start.wait_until_listening(address)
+    monkeypatch.setenv(warm_start.ADDRESS, str(address))
+    child = warm_start.start("time:sleep", (60,), title="a training worker", stdout=1, stderr=2)
     os.killpg(parent.pid, signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 5 * warm_start.PARENT_CHECK_S
@@ -98,3 +101,6 @@ def test_the_server_leaves_with_the_process_that_started_it(tmp_path):
                                                     capture_output=True).returncode == 0:
         assert time.monotonic() < deadline, "the server outlived its parent"
         time.sleep(0.1)
+    assert child.poll() is None  # the server's gone, its child is not
+    os.killpg(child.pid, signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL
