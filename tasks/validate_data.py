@@ -39,13 +39,14 @@ def validate_data(record: RunRecord, config: RunConfig, split: str = "train") ->
     client().log_dict(record.mlflow_run_id, meta, f"data/{split}/meta.json")
     if split == "train":
         stats = json.loads((prepared.path / "stats.json").read_text())
-        plan = plan_duration(config.duration, prepared.num_rows, training.max_length, training.global_batch_size)
+        # As the worker plans it: on the rows' width (a preference pair's two sides share a row twice the context long).
+        plan = plan_duration(config.duration, prepared.num_rows, prepared.row_length, training.global_batch_size)
         client().log_metric(record.mlflow_run_id, "data/training_tokens", plan.total_tokens)
         warnings = "".join(f"; warning: {w}" for w in stats["warnings"])
         emit(
             record.name, RunEvent.DATA_VALIDATED,
             f"{prepared.num_examples} examples, {prepared.num_tokens:,} tokens in {prepared.num_rows} rows of "
-            f"{training.max_length} ({prepared.packing_efficiency:.0%} packed); {prepared.num_dropped} dropped, "
+            f"{prepared.row_length} ({prepared.packing_efficiency:.0%} packed); {prepared.num_dropped} dropped, "
             f"{prepared.num_truncated} truncated, {prepared.num_invalid} invalid skipped; {config.duration} "
             f"trains on {plan.total_tokens:,} token positions{warnings}",
             training_tokens=plan.total_tokens, warnings=stats["warnings"],

@@ -28,6 +28,9 @@ def test_a_dpo_run_trains_on_pairs_and_reports_its_rewards(fm, tiny_model_dir, t
     events = list(fm.get_events(run, follow=True))
     (validated,) = [e for e in events if e.type == "DATA_VALIDATED"]
     assert validated.payload["num_examples"] == 16
+    # A pair's two sides share a row twice the context long, and the steps are planned on it, as the worker plans.
+    assert f"in {validated.payload['num_rows']} rows of 64 " in validated.message
+    assert validated.payload["training_tokens"] == 8 * 4 * 64, validated.message
     updates = [e for e in events if e.type == "TRAIN_UPDATED"]
     assert updates and all(re.fullmatch(r"\[epoch=\d/2\]\[batch=\d/8\]\[ETA=\S+\] Train loss: \d\.\d\d, "
                                         r"reward accuracy: \d\.\d\d, margin: -?\d\.\d{3}", e.message)
