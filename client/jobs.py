@@ -40,6 +40,8 @@ FOLLOW_POLL_S = 1.0
 # Prefect stores an event a moment after it is sent (the embedded server flushes every 0.5 s): how long an ended
 # run's own terminal event may take to show before it is written from the run's final state instead.
 EVENTS_SETTLE_S = 10.0
+# The longest one read waits for that terminal event before writing it: the Databricks SDK gives a read 10 s.
+READ_WAIT_S = 4.0
 
 
 
@@ -263,7 +265,8 @@ def settled_events(name: str, flow_run, events: "builtins.list[FineTuningEvent] 
     a run create() made, and once it has ended, through its terminal event, so that what the status says and what
     the events say agree. A terminal event that never comes (its process was killed) is written from the flow run's
     final state, once: every reader sends the same event id, and the server keeps the first. Only an event sent in
-    the last EVENTS_SETTLE_S can still be on its way: a run that ended before that is read without waiting.
+    the last EVENTS_SETTLE_S can still be on its way: a run that ended before that, or never ran, is read without
+    waiting for it, and no read waits more than READ_WAIT_S.
     `events`: the run's events as just read, if they were."""
     events = read_events(name) if events is None else events
     # A run create() submitted has its CREATED event, sent before create() returned and stored a moment later.
@@ -274,19 +277,28 @@ def settled_events(name: str, flow_run, events: "builtins.list[FineTuningEvent] 
     status = RunStatus.of(flow_run)
     if not status.is_terminal():
         return events
-    written, deadline = False, _settled_by(flow_run.end_time)
+    # A run that never ran (cancelled before it started) has no process to send its end: it is written at once.
+    deadline = min(_settled_by(flow_run.end_time), time.monotonic() + READ_WAIT_S) if flow_run.run_count else 0.0
+    written = None
     while not any(_ends(e, flow_run) for e in events):
         if time.monotonic() > deadline:
-            if written:
-                break
-            ending = {RunStatus.COMPLETED: RunEvent.COMPLETED, RunStatus.STOPPED: RunEvent.CANCELED}
-            emit(name, ending.get(status, RunEvent.FAILED), (flow_run.state.message or status.value.lower()),
-                 flow_run_id=str(flow_run.id), occurred=flow_run.end_time, from_state=True)
-            flush()
-            written, deadline = True, time.monotonic() + EVENTS_SETTLE_S
+            if written is not None:  # stored a moment later: this read does not wait for it
+                return [*events, written]
+            written = _write_end(name, flow_run, status)
+            deadline = time.monotonic() + 1.0
         time.sleep(0.25)
         events = read_events(name)
     return events
+
+
+def _write_end(name: str, flow_run, status: RunStatus) -> FineTuningEvent:
+    """The run's terminal event, sent from its flow run's final state, as a read will give it."""
+    kind = {RunStatus.COMPLETED: RunEvent.COMPLETED, RunStatus.STOPPED: RunEvent.CANCELED}.get(status, RunEvent.FAILED)
+    message = flow_run.state.message or status.value.lower()
+    emit(name, kind, message, flow_run_id=str(flow_run.id), occurred=flow_run.end_time, from_state=True)
+    flush()
+    return FineTuningEvent(kind.value, flow_run.end_time, message,
+                           {"type": kind.value, "message": message, "from_state": True})
 
 
 def _settled_by(sent: datetime | None) -> float:
