@@ -314,6 +314,10 @@ class DpoCfg(Section):
     (Azar et al. 2023), as TRL's loss_type."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, examples=[0.1])
     """sigmoid only: the assumed share of pairs whose labels are flipped (conservative DPO); 0 turns it off."""
+    rpo_alpha: float = Field(0.0, ge=0, le=10, examples=[1.0])
+    """The weight of the chosen answers' own loss (mean token negative log-likelihood) added to the preference loss
+    (RPO, Pang et al. 2024; TRL's rpo_alpha), so the policy learns to write the chosen answers, not only to rank them
+    above the rejected; 0 turns it off."""
 
     @model_validator(mode="after")
     def _smoothing_on_sigmoid(self) -> Self:

@@ -228,3 +228,7 @@ def test_the_dpo_loss_variants():
     ipo, _ = dpo_loss(policy, ref, tokens, DpoCfg(beta=0.1, loss_type="ipo"))
     averaged = (policy - ref) / tokens  # IPO compares log-probabilities averaged over each answer's tokens
     torch.testing.assert_close(ipo, (averaged[:, 0] - averaged[:, 1] - 1 / 0.2) ** 2)
+    rpo, rpo_rewards = dpo_loss(policy, ref, tokens, DpoCfg(beta=0.1, rpo_alpha=0.5))
+    # plus the chosen answers' mean token NLL: 3 nats over 2 tokens, 4 nats over 1
+    torch.testing.assert_close(rpo, -F.logsigmoid(0.1 * h) + 0.5 * torch.tensor([1.5, 4.0]))
+    torch.testing.assert_close(rpo_rewards, rewards)

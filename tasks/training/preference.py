@@ -53,7 +53,9 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor
 
     sigmoid: -log sigmoid(beta x h), h the chosen side's log-ratio minus the rejected side's (Rafailov et al.
     2023); label_smoothing eps mixes in the flipped pair: (1 - eps) x that + eps x -log sigmoid(-beta x h).
-    ipo: (h - 1 / (2 beta))^2 on log-probabilities averaged over each side's tokens (Azar et al. 2023, as TRL)."""
+    ipo: (h - 1 / (2 beta))^2 on log-probabilities averaged over each side's tokens (Azar et al. 2023, as TRL).
+    rpo_alpha adds that weight times the chosen answer's mean token negative log-likelihood (RPO)."""
+    chosen_nll = -policy[:, 0] / tokens[:, 0].clamp(min=1)
     if settings.loss_type == "ipo":
         policy, reference = policy / tokens.clamp(min=1), reference / tokens.clamp(min=1)
     ratios = policy - reference
@@ -63,7 +65,7 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-    return losses, beta * ratios.detach()
+    return losses + settings.rpo_alpha * chosen_nll, beta * ratios.detach()
 
 
 class PreferenceLoss:

@@ -154,7 +154,8 @@ def setup(spec: TrainSpec) -> Session:
 def _say_ready(s: Session, bf16: bool, accumulation: int) -> None:
     """The worker log's line on what trains, and how."""
     settings, dpo = s.training.model, s.training.model.dpo_cfg
-    objective = f"; DPO ({dpo.loss_type}, beta {dpo.beta:g})" if isinstance(s.objective, PreferenceLoss) else ""
+    rpo = f", rpo_alpha {dpo.rpo_alpha:g}" if dpo.rpo_alpha else ""
+    objective = f"; DPO ({dpo.loss_type}, beta {dpo.beta:g}{rpo})" if isinstance(s.objective, PreferenceLoss) else ""
     print(
         f"tessera worker {s.spec.run_name}: {s.data.rows} rows x {s.data.context_length} tokens, {s.world_size} "
         f"process(es) on {s.device.type}{' bf16' if bf16 else ''}, ZeRO {s.training.deepspeed.zero_stage}, "
