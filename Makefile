@@ -9,7 +9,7 @@ UV := $(VENV)/bin/uv
 UV_FLAGS := --python $(PY) --no-deps --compile-bytecode --find-links /opt/wheels
 STAMP := $(VENV)/.installed
 
-.PHONY: setup compile demo test test-all test-shared lock server-stop clean
+.PHONY: setup compile demo demo-dpo test test-all test-shared lock server-stop clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ compile:
 
 demo: setup compile
 	$(PY) examples/demo.py
+
+# The same with preference pairs: DPO teaches the house style (README, "It learns what it is taught").
+demo-dpo: setup compile
+	$(PY) examples/demo.py dpo
 
 # Each behaviour once, on the real services; test-all adds the long end-to-end cases (marker slow).
 test: setup compile $(SDK_STAMP)
