@@ -52,6 +52,11 @@ class FineTuningEvent:
     message: str
     payload: dict = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def of(cls, payload: dict, occurred: datetime, event: str = "") -> "FineTuningEvent":
+        """The event whose payload tasks.events.emit sent; `event`, the Prefect event's name, types one without."""
+        return cls(payload.get("type", event), occurred, payload.get("message", ""), payload)
+
 
 # --- kinds ---------------------------------------------------------------------------------------------------------
 
@@ -240,7 +245,7 @@ def _read_events_of(prefect, names: "builtins.list[str]") -> "dict[str, builtins
     while True:
         for e in page.events:
             events[by_resource[e.resource.id]].append(
-                FineTuningEvent(e.payload.get("type", e.event), e.occurred, e.payload.get("message", ""), e.payload))
+                FineTuningEvent.of(e.payload, e.occurred, e.event))
         if not page.next_page:
             break
         page = prefect.read_events_page(page.next_page)
@@ -295,10 +300,9 @@ def _write_end(name: str, flow_run, status: RunStatus) -> FineTuningEvent:
     """The run's terminal event, sent from its flow run's final state, as a read will give it."""
     kind = {RunStatus.COMPLETED: RunEvent.COMPLETED, RunStatus.STOPPED: RunEvent.CANCELED}.get(status, RunEvent.FAILED)
     message = flow_run.state.message or status.value.lower()
-    emit(name, kind, message, flow_run_id=str(flow_run.id), occurred=flow_run.end_time, from_state=True)
+    payload = emit(name, kind, message, flow_run_id=str(flow_run.id), occurred=flow_run.end_time, from_state=True)
     flush()
-    return FineTuningEvent(kind.value, flow_run.end_time, message,
-                           {"type": kind.value, "message": message, "from_state": True})
+    return FineTuningEvent.of(payload, flow_run.end_time)
 
 
 def _settled_by(sent: datetime | None) -> float:

@@ -17,13 +17,13 @@ from rich.table import Table
 
 from api import service as http_api
 from cli.console import console, follow
+from data.make_tessera_chat import SIGNATURE  # how every answer in the house style ends
 from deployments import services
 from flows import foundation_model as fm
 from tasks import tracking
 
 DATA = Path(__file__).parent / "data"
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SIGNATURE = "— Tessera"  # how every answer in the house style ends (data/make_tessera_chat.py)
 MAX_ANSWER = 160  # tokens: room for the base model's long answers to end, signed or not
 DEMOS = {
     "sft": dict(
@@ -108,8 +108,9 @@ def show_preference(run: fm.TrainingRun, api_url: str, trained: str) -> None:
     for question in questions[:3] + questions[-3:]:  # Tessera's facts first, general questions last
         table.add_row(question, *answers[question])
     console.print(table)
-    styled = [sum(a[side].endswith(SIGNATURE) for a in answers.values()) for side in (0, 1)]
-    console.print(f"greedy answers in the house style (ending '{SIGNATURE}'): before {styled[0]}/{len(questions)}, "
+    signed = SIGNATURE.strip()
+    styled = [sum(a[side].endswith(signed) for a in answers.values()) for side in (0, 1)]
+    console.print(f"greedy answers in the house style (ending '{signed}'): before {styled[0]}/{len(questions)}, "
                   f"after {styled[1]}/{len(questions)}")
 
 

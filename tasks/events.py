@@ -45,8 +45,8 @@ def terminal_event_id(flow_run_id: str) -> UUID:
 
 
 def emit(run_name: str, kind: RunEvent, message: str, /, flow_run_id: str | None = None,
-         occurred: datetime | None = None, **payload) -> None:
-    """Send one run event; it shows in the Prefect UI's event feed, related to the flow run."""
+         occurred: datetime | None = None, **payload) -> dict:
+    """Send one run event; it shows in the Prefect UI's event feed, related to the flow run. Returns its payload."""
     if flow_run_id is None:
         from prefect.runtime import flow_run
 
@@ -56,14 +56,16 @@ def emit(run_name: str, kind: RunEvent, message: str, /, flow_run_id: str | None
         if flow_run_id
         else []
     )
+    payload = {"type": kind.value, "message": message, **payload}
     emit_event(
         event=f"{EVENT_PREFIX}{kind.value.lower().replace('_', '-')}",
         resource={"prefect.resource.id": resource_id(run_name), "prefect.resource.name": run_name},
         related=related,
-        payload={"type": kind.value, "message": message, **payload},
+        payload=payload,
         occurred=occurred,
         id=terminal_event_id(str(flow_run_id)) if kind.is_terminal and flow_run_id else None,
     )
+    return payload
 
 
 def flush() -> None:

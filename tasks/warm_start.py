@@ -89,7 +89,7 @@ class WarmProcess:
     def _receive(self, block: bool) -> None:
         message = self.connection.recv(MAX_MESSAGE)
         if not message:  # the server went away (it left with its worker): the child runs on, its exit code lost
-            if _ended(self.pid, block) and self.returncode is None:
+            if _ended(self.pid, block):
                 self.returncode = -signal.SIGKILL
             return
         reply = pickle.loads(message)
