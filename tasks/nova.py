@@ -4,8 +4,10 @@
 
 - `${recipes.run.name}` is resolved against the recipe itself, as HyperPod's launcher (which nests the recipe under
   `recipes`) resolves it, with OmegaConf;
-- keys laid out otherwise here move to Tessera's (MOVED: NeMo's exp_manager callbacks), and values that say "unset"
-  or name a thing differently are rewritten (`max_epochs: -1`, `sched.name: CosineAnnealing`, `task_type: sft`);
+- keys laid out otherwise here move to Tessera's (MOVED: NeMo's exp_manager callbacks; Nova 2.0's flatter layout,
+  whose max_steps, lr_scheduler, optim_config and peft sit directly under training_config), and values that say
+  "unset" or name a thing differently are rewritten (`max_epochs: -1`, `sched.name: CosineAnnealing`, `task_type:
+  sft`, `peft_scheme: 'null'`, `adam_beta1` and `adam_beta2` as one `betas`);
 - keys that mean something only on Amazon's service (AMAZON_ONLY) are dropped and named, never silently: the run's
   config keeps them in `amazon_only`, and create() says them once, in a warning and a WARNING event.
 
@@ -17,10 +19,16 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.config import DURATION_KEYS, TaskType, leaves, set_path
+from tasks.config import DURATION_KEYS, Optim, TaskType, leaves, set_path
 
-_CHECKPOINT = "training_config.exp_manager.checkpoint_callback_params"
-_STOPPING = "training_config.exp_manager.early_stopping_callback_params"
+_EXP = "training_config.exp_manager"
+_CHECKPOINT = f"{_EXP}.checkpoint_callback_params"
+_STOPPING = f"{_EXP}.early_stopping_callback_params"
+# Sections only Nova's layouts have: what is left in them once MOVED has moved what it knows is a typo.
+_NOVA_SECTIONS = (_EXP, *(f"training_config.{s}" for s in ("lr_scheduler", "optim_config", "peft")))
+_OPTIM = "training_config.model.optim"
+_LORA = "training_config.model.peft.lora_tuning"
+_BETAS = {"training_config.optim_config.adam_beta1": 0, "training_config.optim_config.adam_beta2": 1}  # Nova 2.0's
 MOVED = {  # Nova's path -> Tessera's
     f"{_CHECKPOINT}.save_top_k": "training_config.save_top_k",
     f"{_CHECKPOINT}.every_n_train_steps": "training_config.save_steps",
@@ -30,13 +38,22 @@ MOVED = {  # Nova's path -> Tessera's
     "run.mlflow_experiment_name": "run.experiment_path",
     "run.data_s3_path": "run.train_data_path",  # (aliases too: renamed, an argument given beside them replaces them)
     "run.validation_data_s3_path": "run.eval_data_path",
+    # Nova 2.0's recipes
+    "training_config.max_steps": "training_config.trainer.max_steps",
+    "training_config.lr_scheduler.warmup_steps": f"{_OPTIM}.sched.warmup_steps",
+    "training_config.lr_scheduler.min_lr": f"{_OPTIM}.sched.min_lr",
+    "training_config.optim_config.lr": f"{_OPTIM}.lr",
+    "training_config.optim_config.weight_decay": f"{_OPTIM}.weight_decay",
+    "training_config.peft.peft_scheme": "training_config.model.peft.peft_scheme",
+    "training_config.peft.lora_tuning.alpha": f"{_LORA}.alpha",
+    "training_config.peft.lora_tuning.lora_plus_lr_ratio": f"{_LORA}.loraplus_lr_ratio",
 }
-UNSET = {f"{_CHECKPOINT}.save_top_k": -1, f"{_CHECKPOINT}.every_n_train_steps": 0}  # NeMo's "keep all", "not by step"
+UNSET = {f"{_CHECKPOINT}.save_top_k": -1, f"{_CHECKPOINT}.every_n_train_steps": 0,  # NeMo's "keep all", "not by step"
+         "training_config.peft.peft_scheme": "null"}  # Nova 2.0's full rank, as a string
 
 # Keys (or whole sections) that only Amazon's service acts on: its instances, its S3 output, its Megatron engine,
-# its multimodal stack and validation loader, and NeMo's logging and checkpoint plumbing.
-_OPTIM = "training_config.model.optim"
-_EXP = "training_config.exp_manager"
+# its multimodal stack and validation loader, NeMo's logging and checkpoint plumbing; Nova 2.0's reasoning traces
+# (Tessera's data checks refuse reasoningContent blocks) and its merge of the result back into the base model.
 AMAZON_ONLY = (
     "run.model_type", "run.replicas", "run.output_s3_path",
     "training_config.model.sequence_parallel", "training_config.model.mm_cfg", "training_config.training_validation",
@@ -47,7 +64,7 @@ AMAZON_ONLY = (
     f"{_EXP}.resume_ignore_no_checkpoint", f"{_CHECKPOINT}.monitor", f"{_CHECKPOINT}.mode", f"{_CHECKPOINT}.save_last",
     f"{_CHECKPOINT}.filename", f"{_CHECKPOINT}.always_save_nemo", f"{_CHECKPOINT}.save_nemo_on_train_end",
     f"{_CHECKPOINT}.save_best_model", f"{_CHECKPOINT}.model_parallel_size", f"{_STOPPING}.mode", f"{_STOPPING}.verbose",
-    f"{_STOPPING}.strict",
+    f"{_STOPPING}.strict", "training_config.reasoning_enabled", "training_config.model_importance_score",
 )
 # Nova's names, "" (unset) or an Amazon resource where Tessera has its own.
 _EMPTY_MEANS_UNSET = ("run.data_s3_path", "run.validation_data_s3_path", "run.mlflow_tracking_uri",
@@ -99,7 +116,8 @@ def translate(data: dict) -> Translation:
 def keys_under(section: str) -> list[str]:
     """The keys of Nova's that a recipe may hold directly under `section` (for "did you mean")."""
     prefix = f"{section}." if section else ""
-    return sorted({path[len(prefix):].split(".")[0] for path in (*MOVED, *AMAZON_ONLY) if path.startswith(prefix)})
+    return sorted({path[len(prefix):].split(".")[0] for path in (*MOVED, *_BETAS, *AMAZON_ONLY)
+                   if path.startswith(prefix)})
 
 
 def nearest(key: str, known: list[str]) -> str:
@@ -163,8 +181,13 @@ def _rewrite_values(t: Translation) -> None:
 
 
 def _move(t: Translation) -> None:
-    """Nova's keys to Tessera's paths (Tessera's own key, when given too, wins); other keys under exp_manager are
-    typos, said with the nearest key."""
+    """Nova's keys to Tessera's paths (Tessera's own key, when given too, wins); other keys left in a section only
+    Nova has are typos, said with the nearest key."""
+    betas = {i: value for nova, i in _BETAS.items() if (value := _pop(t.data, nova)) is not None}
+    if betas and _get(t.data, f"{_OPTIM}.betas") is None:
+        default = list(Optim.model_fields["betas"].default)
+        set_path(t.data, f"{_OPTIM}.betas", [betas.get(i, default[i]) for i in range(2)])
+        t.names |= {f"{_OPTIM}.betas[{i}]": nova for nova, i in _BETAS.items() if i in betas}
     for nova, tessera in MOVED.items():
         value = _pop(t.data, nova)
         if value is None or _get(t.data, tessera) is not None:
@@ -173,10 +196,11 @@ def _move(t: Translation) -> None:
             value = _experiment_path(value)
         set_path(t.data, tessera, None if UNSET.get(nova) == value else value)
         t.names[tessera] = nova
-    left = _pop(t.data, _EXP)
-    for path, _ in leaves(left, f"{_EXP}.") if isinstance(left, dict) and left else ():
-        section, _, key = path.rpartition(".")
-        t.problems.append(f"{path} is not a recipe key{nearest(key, keys_under(section))}")
+    for nova_only in _NOVA_SECTIONS:
+        left = _pop(t.data, nova_only)
+        for path, _ in leaves(left, f"{nova_only}.") if isinstance(left, dict) and left else ():
+            section, _, key = path.rpartition(".")
+            t.problems.append(f"{path} is not a recipe key{nearest(key, keys_under(section))}")
 
 
 def _experiment_path(name: Any) -> Any:

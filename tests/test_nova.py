@@ -53,6 +53,41 @@ def test_each_published_nova_recipe_loads_with_its_meaning(name, task_type, dura
     assert training.model.dpo_cfg.beta == 0.1
 
 
+@pytest.mark.parametrize("name, run_name, peft, alpha, loraplus, ignored", [
+    ("nova_lite_2_0_p5_gpu_sft", "my-full-rank-sft-run", None, 32, 0.0, ()),
+    ("nova_lite_2_0_p5_gpu_lora_sft", "my-lora-sft-run", "lora", 64, 64.0, ("training_config.model_importance_score",)),
+])
+def test_each_nova_2_recipe_loads_from_its_flatter_layout(name, run_name, peft, alpha, loraplus, ignored):
+    """Nova 2.0 keeps max_steps, the schedule, the optimizer and PEFT directly under training_config, says full rank
+    with the string 'null', and checkpoints at ${oc.select:training_config.max_steps}."""
+    config = load(NOVA / f"{name}.yaml")
+    training = config.training_config
+    optim, lora = training.model.optim, training.model.peft.lora_tuning
+    assert (str(config.duration), training.save_steps, training.save_top_k, training.global_batch_size) == (
+        "100ba", 100, 5, 32)
+    assert (optim.lr, optim.weight_decay, optim.betas, optim.sched.warmup_steps, optim.sched.min_lr) == (
+        1e-5, 0.0, [0.9, 0.95], 15, 1e-6)
+    assert (training.model.peft.peft_scheme, lora.alpha, lora.loraplus_lr_ratio) == (peft, alpha, loraplus)
+    assert config.run.mlflow_run_name == run_name
+    assert set(config.amazon_only) == AMAZON_RUN_KEYS | {"training_config.reasoning_enabled", *ignored}
+
+
+def test_a_nova_2_recipes_betas_and_typos_are_named_as_written(tmp_path):
+    recipe = read_yaml((NOVA / "nova_lite_2_0_p5_gpu_lora_sft.yaml").read_text())
+    recipe["training_config"]["optim_config"]["adam_beta2"] = 0.98
+    assert load(recipe).training_config.model.optim.betas == [0.9, 0.98]
+    recipe["training_config"]["optim_config"]["adam_beta2"] = 1.5
+    recipe["training_config"]["lr_scheduler"]["warmup_step"] = 3
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(InvalidInputError) as error:
+        load(tmp_path / "recipe.yaml")
+    assert str(error.value).splitlines() == [
+        f"{tmp_path / 'recipe.yaml'}: training_config.lr_scheduler.warmup_step is not a recipe key; did you mean "
+        "warmup_steps?",
+        f"{tmp_path / 'recipe.yaml'}: training_config.optim_config.adam_beta2 1.5 must be below 1 (AdamW's two betas, "
+        "each in [0, 1)): e.g. [0.9, 0.95]"]
+
+
 def test_the_long_sft_recipes_keys_take_effect():
     config = load(LONG)
     run, training = config.run, config.training_config
