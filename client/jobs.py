@@ -261,7 +261,7 @@ def events_of(jobs: "builtins.list[Job]") -> "builtins.list[builtins.list[FineTu
         ids = FlowRunFilterId(any_=[UUID(j.flow_run_id) for j in jobs])
         flow_runs = {str(f.id): f for f in prefect.read_flow_runs(flow_run_filter=FlowRunFilter(id=ids))}
         read = _read_events_of(prefect, [j.name for j in jobs])
-    return [settled_events(j.name, flow_runs[j.flow_run_id], read[j.name]) for j in jobs]
+        return [settled_events(j.name, flow_runs[j.flow_run_id], read[j.name]) for j in jobs]
 
 
 def settled_events(name: str, flow_run, events: "builtins.list[FineTuningEvent] | None" = None

@@ -153,22 +153,23 @@ def create(
     if validate_inputs:
         config = check_paths(config)
     name = run_name_for(config.run.model_name_or_path, config.run.task_type)
-    with services.connected(), _create_lock():  # count and submit as one step: racing creates cannot pass the limit
-        with prefect_client() as prefect:
-            active = sum(prefect.count_flow_runs(flow_run_filter=f) for f in flow_run_filters(statuses=ACTIVE))
-        if active >= services.max_active_runs():
-            raise TooManyActiveRunsError(
-                f"{active} runs are active, the limit is {services.max_active_runs()}: cancel one "
-                "(fm.cancel(name)) or wait for one to finish, then create again"
-            )
-        user = current_user()
-        with tracked(config, name, experiment_for(config, name, user), user) as (experiment_id, mlflow_run_id):
-            # The arguments beside the config they are in: the run names a setting as it was given.
-            flow_run = launch_run(config, name, mlflow_run_id, run_tags(user, experiment_id), given)
-    if ignored := warn_amazon_only(config.amazon_only):  # said once: here, and in the run's events
-        emit(name, RunEvent.WARNING, ignored, flow_run_id=str(flow_run.id), keys=", ".join(config.amazon_only))
-        flush()
-    return TrainingRun.of(flow_run, include_details=False)
+    with services.connected():
+        with _create_lock():  # count and submit as one step: racing creates cannot pass the limit
+            with prefect_client() as prefect:
+                active = sum(prefect.count_flow_runs(flow_run_filter=f) for f in flow_run_filters(statuses=ACTIVE))
+            if active >= services.max_active_runs():
+                raise TooManyActiveRunsError(
+                    f"{active} runs are active, the limit is {services.max_active_runs()}: cancel one "
+                    "(fm.cancel(name)) or wait for one to finish, then create again"
+                )
+            user = current_user()
+            with tracked(config, name, experiment_for(config, name, user), user) as (experiment_id, mlflow_run_id):
+                # The arguments beside the config they are in: the run names a setting as it was given.
+                flow_run = launch_run(config, name, mlflow_run_id, run_tags(user, experiment_id), given)
+        if ignored := warn_amazon_only(config.amazon_only):  # said once: here, and in the run's events
+            emit(name, RunEvent.WARNING, ignored, flow_run_id=str(flow_run.id), keys=", ".join(config.amazon_only))
+            flush()
+        return TrainingRun.of(flow_run, include_details=False)
 
 @contextmanager
 def _create_lock() -> Iterator[None]:

@@ -13,6 +13,8 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,10 +117,11 @@ def sweep(config: SweepConfig, sweep_name: str | None = None, mlflow_run_id: str
         raise NoTrialCompleted(f"sweep {record.name}: no trial completed, so none is registered; the trials' FAILED "
                                "and PRUNED events say why (fm.get_sweep(name).trials)")
     best = study.best_trial
-    (best_record, best_export), best_config = _final_export(best.user_attrs["run"]), trial_config(config, best.params)
-    version = register_model(best_record, best_config, best_export, alias=CHALLENGER,
-                             tags={"tessera.sweep": record.name, "tessera.sweep_metric": settings.metric,
-                                   f"tessera.sweep_{settings.metric}": str(best.value)})
+    best_config = trial_config(config, best.params)
+    with _final_export(best.user_attrs["run"]) as (best_record, best_export):
+        version = register_model(best_record, best_config, best_export, alias=CHALLENGER,
+                                 tags={"tessera.sweep": record.name, "tessera.sweep_metric": settings.metric,
+                                       f"tessera.sweep_{settings.metric}": str(best.value)})
     registered = best_config.registered_model_name(best_record.name)
     _summarize(record, config, study)
     client().set_terminated(record.mlflow_run_id, "FINISHED")
@@ -228,18 +231,22 @@ def _status(run_name: str) -> RunStatus | None:
     return RunStatus.of(flow_run) if flow_run else None
 
 
-def _final_export(run: str) -> tuple[RunRecord, str]:
+@contextmanager
+def _final_export(run: str) -> Iterator[tuple[RunRecord, str]]:
     """A trial's record and the Hugging Face export of its last checkpoint: in its run folder when it trained on
-    this machine, else fetched from its MLflow run, where the worker that trained it uploaded its checkpoints."""
+    this machine, else fetched from its MLflow run (where the worker that trained it uploaded its checkpoints) into
+    a temporary folder, removed on leaving."""
     record = RunRecord.load(run)
     if record is not None:
-        return record, str(final_export(record.checkpoints))
+        yield record, str(final_export(record.checkpoints))
+        return
     trial = child_run(run)
     record = RunRecord(run, str(trial.id), tag_value(trial.tags, "experiment"), trial.parameters["mlflow_run_id"])
     checkpoints = checkpoints_uri(record.mlflow_run_id, run)
     step = tag_step(mlflow.artifacts.load_text(f"{checkpoints}/{LATEST}").strip())
-    return record, mlflow.artifacts.download_artifacts(f"{checkpoints}/{export_dir(Path(), step).as_posix()}",
-                                                       dst_path=tempfile.mkdtemp(prefix="tessera-best-"))
+    with tempfile.TemporaryDirectory(prefix="tessera-best-") as folder:
+        yield record, mlflow.artifacts.download_artifacts(f"{checkpoints}/{export_dir(Path(), step).as_posix()}",
+                                                          dst_path=folder)
 
 
 def _values(params: dict) -> str:

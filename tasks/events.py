@@ -7,6 +7,8 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from prefect.events import emit_event
 from prefect.events.worker import EventsWorker
 
+from tasks.prefect_api import require_api
+
 
 class RunEvent(StrEnum):
     CREATED = "CREATED"
@@ -47,6 +49,7 @@ def terminal_event_id(flow_run_id: str) -> UUID:
 def emit(run_name: str, kind: RunEvent, message: str, /, flow_run_id: str | None = None,
          occurred: datetime | None = None, **payload) -> dict:
     """Send one run event; it shows in the Prefect UI's event feed, related to the flow run. Returns its payload."""
+    require_api()
     if flow_run_id is None:
         from prefect.runtime import flow_run
 

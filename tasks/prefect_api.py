@@ -11,7 +11,7 @@ import ssl
 import certifi
 from prefect import get_client
 from prefect.client.orchestration import SyncPrefectClient
-from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
+from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY, PREFECT_API_URL
 
 
 @functools.cache
@@ -22,8 +22,16 @@ def _tls_context(insecure: bool, cert_file: str) -> ssl.SSLContext:
     return context
 
 
+def require_api() -> None:
+    """Refuse to talk to Prefect with no API URL in force: Prefect would start a temporary server of its own, and what
+    it was told (an event, a read) would be lost with it. Talk inside services.connected() or a flow run."""
+    if not PREFECT_API_URL.value():
+        raise RuntimeError("Prefect's API used outside services.connected() (no PREFECT_API_URL in force)")
+
+
 def prefect_client() -> SyncPrefectClient:
     """A synchronous client of the Prefect API in force (use it with `with`)."""
+    require_api()
     context = _tls_context(bool(PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value()),
                            PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
     return get_client(sync_client=True, httpx_settings={"verify": context})

@@ -25,6 +25,9 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect's default profile starts a temporary server for a client that has no API URL; what it is told is then lost
+# with that server. A test that talks to Prefect outside the session's services fails instead.
+os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")  # the worker picks up a new run within a second
 # Prefect's scheduler makes a new schedule's runs within seconds (its loop for recently changed deployments); its main
 # loop, every 60 s by default, is the fallback when a busy server misses that: every 10 s, a schedule set a minute or

@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
+
+from deployments import services
 
 pytestmark = pytest.mark.e2e
 
@@ -48,9 +51,7 @@ def test_prefect_deployment_run_takes_the_config_or_the_anchors_arguments(fm, ti
 
 def test_the_deployment_refuses_a_bad_config_before_a_run_exists(fm, tiny_model_dir, chat_file):
     """The deployment's parameter schema is the config's: the server (and the UI's form) check against it."""
-    from prefect import get_client
-
-    with get_client(sync_client=True) as prefect:
+    with services.connected(), get_client(sync_client=True) as prefect:
         deployment = prefect.read_deployment_by_name("finetune/default")
         before = prefect.count_flow_runs()  # a count: read_flow_runs() stops at the server's page of 200
     schema = deployment.parameter_openapi_schema
@@ -65,20 +66,18 @@ def test_the_deployment_refuses_a_bad_config_before_a_run_exists(fm, tiny_model_
                       "training_config": {"model": {"optim": {"lr": 5}}, "max_lenght": 64}}}
     done = _deployment_run(bad)
     assert done.returncode != 0 and "lr" in done.stdout + done.stderr, done.stdout + done.stderr
-    with get_client(sync_client=True) as prefect:
+    with services.connected(), get_client(sync_client=True) as prefect:
         assert prefect.count_flow_runs() == before  # refused before any run existed
 
 
 def test_a_work_pool_deployment_has_the_same_settings(fm, tmp_path):
-    from prefect import get_client
-
-    with get_client(sync_client=True) as prefect:
+    with services.connected(), get_client(sync_client=True) as prefect:
         prefect.create_work_pool(WorkPoolCreate(name="tessera-test", type="process"))
     done = subprocess.run([sys.executable, "-m", "deployments.deploy", "--pool", "tessera-test", "--name", "pool"],
                           capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1],
                           env={**os.environ, "PREFECT_API_URL": os.environ["PREFECT_API_URL"]})
     assert done.returncode == 0, done.stdout + done.stderr
-    with get_client(sync_client=True) as prefect:
+    with services.connected(), get_client(sync_client=True) as prefect:
         for flow in ("finetune", "sweep"):
             pooled = prefect.read_deployment_by_name(f"{flow}/pool")
             served = prefect.read_deployment_by_name(f"{flow}/default")
