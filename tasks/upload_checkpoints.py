@@ -1,6 +1,10 @@
 """Step 5: copy the run's checkpoints into its MLflow artifact store (local or S3) and verify them."""
 
+import os
+import shutil
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -26,17 +30,39 @@ def upload_checkpoints(record: RunRecord) -> list[str]:
     mlflow_client, run_id = client(), record.mlflow_run_id
     root = record.checkpoints
     dest = artifact_dir(record.name)
+    local = _local_folder(mlflow_client.get_run(run_id).info.artifact_uri)
     for child in sorted(root.iterdir()):
         if child.name == LATEST:
             # Object stores have no symlinks; like Composer, store the target's name in a file.
             marker = record.logs / LATEST
             marker.write_text(child.resolve().name)
             mlflow_client.log_artifact(run_id, str(marker), dest)
+        elif child.is_dir() and local is not None:  # the layout MLflow's local store writes, without a second copy
+            shutil.copytree(child, local / dest / child.name, copy_function=_link, dirs_exist_ok=True)
         elif child.is_dir():
             mlflow_client.log_artifacts(run_id, str(child), f"{dest}/{child.name}")
     _verify(mlflow_client, run_id, root, dest)
     uploaded = checkpoints_uri(run_id, record.name)
     return [f"{uploaded}/{p.name}" for p in complete_checkpoints(root)]
+
+
+def _local_folder(artifact_uri: str) -> Path | None:
+    """The run's artifact folder when its store is a folder of this machine (the embedded default's), else None."""
+    parsed = urlparse(artifact_uri)
+    return Path(url2pathname(parsed.path)) if parsed.scheme in ("file", "") else None
+
+
+def _link(source: str, target: str) -> None:
+    """A hard link: a checkpoint's files never change once written, and the embedded default keeps its artifacts on
+    the same disk, where a copy would double every run's GBs. A copy where links cannot be made (another disk)."""
+    if os.path.exists(target):
+        if os.path.samefile(source, target):  # linked by an earlier attempt of this task
+            return
+        os.unlink(target)  # an earlier attempt's copy, perhaps partial
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _verify(mlflow_client, run_id: str, root: Path, dest: str) -> None:

@@ -5,6 +5,7 @@ import os
 import re
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import pyarrow as pa
@@ -257,6 +258,9 @@ def test_a_recipe_sets_the_engine_knobs_and_the_resolved_config_is_kept(fm, tiny
     assert run.config == configure(resolved_path) == configure(recipe, {"learning_rate": 5e-4})
     beside = Path(client.download_artifacts(run.run_id, f"{run.name}/checkpoints/{kept[0]}/recipe.yaml"))
     assert configure(beside) == run.config
+    # The embedded store holds them as hard links of the run folder's files, not a second copy of its GBs.
+    stored = Path(urlparse(client.get_run(run.run_id).info.artifact_uri).path) / run.name / "checkpoints" / kept[0]
+    assert os.path.samefile(stored / "recipe.yaml", RunRecord.load(run.name).checkpoints / kept[0] / "recipe.yaml")
     again = fm.create(recipe=str(resolved_path))
     assert again.config == run.config and again.experiment_path == f"/Users/{again.created_by}/{again.name}"
     assert fm.cancel(again) == 1
