@@ -6,14 +6,13 @@ reference log-probabilities of the retraining's base model. Both: each version's
 from collections.abc import Callable
 from pathlib import Path
 
-import mlflow
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from tasks.config import DpoCfg
 from tasks.models import resolve_model
-from tasks.tracking import client
+from tasks.tracking import client, load_components
 from tasks.training.chunked_loss import chunked_loss_applies
 from tasks.training.data import eval_batches, logits_of
 from tasks.training.preference import PreferenceLoss, reference_logps
@@ -50,7 +49,7 @@ def _each_version(registered_model: str, versions: dict[str, int], prompts: list
     client()  # the tracking and registry URI, wherever this runs
     figures, answers = {}, {}
     for role, version in versions.items():
-        parts = mlflow.transformers.load_model(f"models:/{registered_model}/{version}", return_type="components")
+        parts = load_components(f"models:/{registered_model}/{version}")
         model = parts["model"].float().to(device).eval()
         figures[role] = measure(model)
         answers[role] = [answer(model, parts["tokenizer"], prompt, device) for prompt in prompts]

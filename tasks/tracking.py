@@ -1,6 +1,7 @@
 """The MLflow store: SQLite + local artifacts under TESSERA_HOME unless MLFLOW_TRACKING_URI says otherwise."""
 
 import os
+import tempfile
 
 import mlflow
 from mlflow import MlflowClient
@@ -42,6 +43,16 @@ def client() -> MlflowClient:
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_registry_uri(tracking_uri())
     return MlflowClient(tracking_uri(), registry_uri=tracking_uri())
+
+
+def load_components(model_uri: str) -> dict:
+    """A logged model's model and tokenizer (MLflow's transformers components). The default store's artifacts are
+    read where they lie; a remote store's (S3, an MLflow server) are downloaded to a folder removed once they are in
+    memory: MLflow's own download folder is never removed, and would keep a model's GBs for each load."""
+    if embedded():
+        return mlflow.transformers.load_model(model_uri, return_type="components")
+    with tempfile.TemporaryDirectory(prefix="tessera-model-") as folder:
+        return mlflow.transformers.load_model(model_uri, dst_path=folder, return_type="components")
 
 
 def ensure_experiment(path: str) -> str:

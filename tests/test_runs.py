@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import tempfile
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -18,7 +19,7 @@ from tasks.errors import InvalidInputError
 from tasks.home import tables_root, volumes_root
 from tasks.recipe import configure
 from tasks.run_record import RunRecord
-from tasks.tracking import client
+from tasks.tracking import client, load_components
 from tasks.training.checkpoint_names import tag_step
 from conftest import CHAT, wait_for
 
@@ -29,7 +30,7 @@ def jsonl(records: list) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
 
 
-def test_a_run_goes_from_s3_data_to_a_registered_model(fm, tiny_model_dir, s3):
+def test_a_run_goes_from_s3_data_to_a_registered_model(fm, tiny_model_dir, s3, tmp_path, monkeypatch):
     """Trained on S3 data, evaluated on a volume: every step's event, the data's evidence, metrics, checkpoints and
     a registered model that loads and generates."""
     # A record no earlier session wrote: the runner's download and prepared-data caches miss, so the run fetches.
@@ -94,9 +95,16 @@ def test_a_run_goes_from_s3_data_to_a_registered_model(fm, tiny_model_dir, s3):
     registered = f"main.test.{run.name}"
     version = store.get_model_version_by_alias(registered, "candidate")
     assert version.tags["tessera.run_name"] == run.name
-    generator = mlflow.transformers.load_model(f"models:/{registered}@candidate")
-    text = generator("Hello", max_new_tokens=5, do_sample=False)[0]["generated_text"]
-    assert isinstance(text, str) and len(text) > len("Hello")
+    # Loaded as serving and retraining load it: from the default store's own files, no copy (test_shared_services
+    # checks that a remote store's download does not outlive the load).
+    downloads = tmp_path / "tmp"
+    downloads.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(downloads))
+    parts = load_components(f"models:/{registered}@candidate")
+    assert not any(downloads.iterdir())
+    prompt = parts["tokenizer"]("Hello", return_tensors="pt")
+    generated = parts["model"].generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -84,8 +84,9 @@ class Machine:
 
     def __init__(self, root: Path, name: str, env: dict[str, str]):
         self.home, self.processes = root / name, []
-        self.home.mkdir(parents=True, exist_ok=True)  # a user may start several clients
+        (self.home / "tmp").mkdir(parents=True, exist_ok=True)  # a user may start several clients
         self.env = {"PATH": f"{BIN}:{PG_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": os.environ["HOME"],
+                    "TMPDIR": str(self.home / "tmp"),
                     "PREFECT_HOME": str(self.home / "prefect"), "TESSERA_HOME": str(self.home / "tessera"),
                     "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env}
 
@@ -436,6 +437,8 @@ def test_a_retraining_runs_on_the_workers_and_only_its_owner_adds_versions_to_th
     assert alice["champion"] == "1"  # registered by a worker's account, readable by alice, whose model it is
     homes = [Path(t.env["TESSERA_HOME"]) / "runs" for t in topology["trainers"].values()]
     assert any((home / challenger).is_dir() for home in homes)
+    # The registered model the worker loaded from the MLflow server to judge it: not left in its temporary folder.
+    assert not [p for t in topology["trainers"].values() for p in Path(t.env["TMPDIR"]).rglob("*.safetensors")]
 
     # Bob may not add a version to alice's model through a worker's account: refused before anything trains.
     bob = topology["client"]("bob").python(f"""

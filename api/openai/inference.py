@@ -26,7 +26,7 @@ from api import access
 from api.openai.errors import OpenAIError
 from tasks.errors import InvalidInputError
 from tasks.models import get_models, resolve_model
-from tasks.tracking import client
+from tasks.tracking import client, load_components
 
 router = APIRouter(prefix="/v1")
 GENERATING = threading.Lock()  # one generation at a time; it also keeps a request's seed its own
@@ -273,9 +273,7 @@ def _load(name: str) -> Loaded:
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(source, str):  # a registered version, as MLflow logged it
-            import mlflow
-
-            parts = mlflow.transformers.load_model(source, return_type="components")
+            parts = load_components(source)
             model, tokenizer = parts["model"], parts["tokenizer"]
         else:
             model, tokenizer = AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
