@@ -156,7 +156,7 @@ class Job:
             if self.KIND.runs_under is not None:
                 started = under_way(prefect, [self.KIND.runs_under(self.name)])
                 stopped = sum(stop_flow_run(prefect, flow_run, "run") for flow_run in started)
-        flush()
+            flush()
         return int(stopped)
 
     def get_events(self, follow: bool = False):

@@ -198,6 +198,8 @@ def _move(t: Translation) -> None:
         t.names[tessera] = nova
     for nova_only in _NOVA_SECTIONS:
         left = _pop(t.data, nova_only)
+        if left is not None and not isinstance(left, dict):
+            t.problems.append(f"{nova_only} {left!r} must be a mapping with the keys {', '.join(keys_under(nova_only))}")
         for path, _ in leaves(left, f"{nova_only}.") if isinstance(left, dict) and left else ():
             section, _, key = path.rpartition(".")
             t.problems.append(f"{path} is not a recipe key{nearest(key, keys_under(section))}")

@@ -13,6 +13,8 @@ from prefect import get_client
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY, PREFECT_API_URL
 
+from tasks.errors import ServiceError
+
 
 @functools.cache
 def _tls_context(insecure: bool, cert_file: str) -> ssl.SSLContext:
@@ -26,7 +28,8 @@ def require_api() -> None:
     """Refuse to talk to Prefect with no API URL in force: Prefect would start a temporary server of its own, and what
     it was told (an event, a read) would be lost with it. Talk inside services.connected() or a flow run."""
     if not PREFECT_API_URL.value():
-        raise RuntimeError("Prefect's API used outside services.connected() (no PREFECT_API_URL in force)")
+        raise ServiceError("no Prefect server to talk to: set PREFECT_API_URL to the server's API (e.g. "
+                           "http://<server>:4200/api), or use Tessera's own through fm or the tessera CLI")
 
 
 def prefect_client() -> SyncPrefectClient:

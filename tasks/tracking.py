@@ -47,7 +47,7 @@ def client() -> MlflowClient:
 
 def load_components(model_uri: str) -> dict:
     """A logged model's model and tokenizer (MLflow's transformers components). The default store's artifacts are
-    read where they lie; a remote store's (S3, an MLflow server) are downloaded to a folder removed once they are in
+    read where they lie; any other store's (S3, an MLflow server) are downloaded to a folder removed once they are in
     memory: MLflow's own download folder is never removed, and would keep a model's GBs for each load."""
     if embedded():
         return mlflow.transformers.load_model(model_uri, return_type="components")

@@ -1,4 +1,5 @@
-"""Step 5: copy the run's checkpoints into its MLflow artifact store (local or S3) and verify them."""
+"""Step 5: put the run's checkpoints in its MLflow artifact store (S3, a server, or a folder of this machine, where
+they are hard-linked) and verify them."""
 
 import os
 import shutil
@@ -47,14 +48,14 @@ def upload_checkpoints(record: RunRecord) -> list[str]:
 
 
 def _local_folder(artifact_uri: str) -> Path | None:
-    """The run's artifact folder when its store is a folder of this machine (the embedded default's), else None."""
+    """The run's artifact folder when its store is a folder of this machine (the embedded default's is), else None."""
     parsed = urlparse(artifact_uri)
     return Path(url2pathname(parsed.path)) if parsed.scheme in ("file", "") else None
 
 
 def _link(source: str, target: str) -> None:
-    """A hard link: a checkpoint's files never change once written, and the embedded default keeps its artifacts on
-    the same disk, where a copy would double every run's GBs. A copy where links cannot be made (another disk)."""
+    """A hard link: a checkpoint's files never change once written, and a store on the same disk (the embedded
+    default's) would otherwise hold every run's GBs twice. A copy where links cannot be made (another disk)."""
     if os.path.exists(target):
         if os.path.samefile(source, target):  # linked by an earlier attempt of this task
             return

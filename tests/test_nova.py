@@ -86,6 +86,10 @@ def test_a_nova_2_recipes_betas_and_typos_are_named_as_written(tmp_path):
         "warmup_steps?",
         f"{tmp_path / 'recipe.yaml'}: training_config.optim_config.adam_beta2 1.5 must be below 1 (AdamW's two betas, "
         "each in [0, 1)): e.g. [0.9, 0.95]"]
+    recipe["training_config"]["lr_scheduler"] = "cosine"  # a section of Nova's written as a value
+    with pytest.raises(InvalidInputError, match=r"training_config.lr_scheduler 'cosine' must be a mapping with the keys "
+                                                r"min_lr, warmup_steps"):
+        load(recipe)
 
 
 def test_the_long_sft_recipes_keys_take_effect():
