@@ -9,11 +9,11 @@ it is followed by hand.
 
 import re
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import mlflow
 
 from tasks.errors import InvalidInputError
+from tasks.tracking import local_path
 from tasks.training.checkpoint_names import LATEST, MODEL_STATES
 
 # The Databricks form of an MLflow run's artifact root, the saveFolder the SDK sends and formats itself to name
@@ -27,7 +27,7 @@ def check_custom_weights(uri: str, name: str = "custom_weights_path") -> None:
     """Refuse a path that is not there or not a checkpoint, before any compute; remote stores are listed, not read.
     `name`: the setting as the user wrote it."""
     uri = store_uri(uri)
-    local = _local_path(uri)
+    local = local_path(uri)
     if local is not None:
         if not local.exists():
             raise InvalidInputError(f"{name} {uri} does not exist: {HOW}")
@@ -46,7 +46,7 @@ def check_custom_weights(uri: str, name: str = "custom_weights_path") -> None:
 def fetch_custom_weights(uri: str, dest: Path) -> Path:
     """A local checkpoint folder for `uri`: the folder itself when it is local, else downloaded under `dest`."""
     uri = store_uri(uri)
-    local = _local_path(uri)
+    local = local_path(uri)
     if local is not None:
         return _follow_local(local)
     uri = uri.rstrip("/")
@@ -60,13 +60,6 @@ def store_uri(uri: str) -> str:
     """The URI MLflow reads: the Databricks form becomes runs:/<run id>/<path>."""
     match = DATABRICKS_ARTIFACT.match(uri)
     return f"runs:/{match[1]}/{match[2]}" if match else uri
-
-
-def _local_path(uri: str) -> Path | None:
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return Path(unquote(parsed.path))
-    return Path(uri).expanduser() if not parsed.scheme else None
 
 
 def _follow_local(path: Path) -> Path:

@@ -2,6 +2,8 @@
 
 import os
 import tempfile
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import mlflow
 from mlflow import MlflowClient
@@ -43,6 +45,15 @@ def client() -> MlflowClient:
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_registry_uri(tracking_uri())
     return MlflowClient(tracking_uri(), registry_uri=tracking_uri())
+
+
+def local_path(uri: str) -> Path | None:
+    """The path of this machine a file: URI or a plain path names (an artifact store's folder, a checkpoint); None
+    for a store elsewhere (s3:, runs:, mlflow-artifacts:, ...)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    return Path(uri).expanduser() if not parsed.scheme else None
 
 
 def load_components(model_uri: str) -> dict:

@@ -4,15 +4,13 @@ they are hard-linked) and verify them."""
 import os
 import shutil
 from pathlib import Path
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import TesseraError
 from tasks.run_record import RunRecord
-from tasks.tracking import client
+from tasks.tracking import client, local_path
 from tasks.training.checkpoint_names import LATEST, complete_checkpoints
 
 
@@ -31,7 +29,7 @@ def upload_checkpoints(record: RunRecord) -> list[str]:
     mlflow_client, run_id = client(), record.mlflow_run_id
     root = record.checkpoints
     dest = artifact_dir(record.name)
-    local = _local_folder(mlflow_client.get_run(run_id).info.artifact_uri)
+    local = local_path(mlflow_client.get_run(run_id).info.artifact_uri)  # a folder of this machine (the default's)
     for child in sorted(root.iterdir()):
         if child.name == LATEST:
             # Object stores have no symlinks; like Composer, store the target's name in a file.
@@ -45,12 +43,6 @@ def upload_checkpoints(record: RunRecord) -> list[str]:
     _verify(mlflow_client, run_id, root, dest)
     uploaded = checkpoints_uri(run_id, record.name)
     return [f"{uploaded}/{p.name}" for p in complete_checkpoints(root)]
-
-
-def _local_folder(artifact_uri: str) -> Path | None:
-    """The run's artifact folder when its store is a folder of this machine (the embedded default's is), else None."""
-    parsed = urlparse(artifact_uri)
-    return Path(url2pathname(parsed.path)) if parsed.scheme in ("file", "") else None
 
 
 def _link(source: str, target: str) -> None:
