@@ -33,8 +33,7 @@ from tasks.events import RunEvent, emit, flush, resource_id
 from tasks.flow_runs import RunStatus, newest_flow_run, stop_flow_run, under_way
 from tasks.prefect_api import prefect_client
 from tasks.run_record import RunRecord, tag_value
-from tasks.tracking import client as mlflow_client
-from tasks.tracking import start_run
+from tasks.tracking import end_run, start_run
 
 FOLLOW_POLL_S = 1.0
 # Prefect stores an event a moment after it is sent (the embedded server flushes every 0.5 s): how long an ended
@@ -106,7 +105,8 @@ class Kind:
 def tracked(config, name: str, experiment_path: str, user: str) -> Iterator[tuple[str, str]]:
     """The MLflow run a job is started with, as (experiment_id, mlflow_run_id), failed if the job is not started."""
     experiment_id, mlflow_run_id = start_run(config.params(), name, experiment_path, user,
-                                             display_name=config.run.mlflow_run_name)
+                                             display_name=config.run.mlflow_run_name,
+                                             mirror=config.run.mlflow_tracking_uri)
     with failed_unless_started(mlflow_run_id):
         yield experiment_id, mlflow_run_id
 
@@ -118,7 +118,7 @@ def failed_unless_started(mlflow_run_id: str) -> Iterator[None]:
     try:
         yield
     except Exception:
-        mlflow_client().set_terminated(mlflow_run_id, "FAILED")
+        end_run(mlflow_run_id, "FAILED")
         raise
 
 

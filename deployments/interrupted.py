@@ -38,7 +38,7 @@ from tasks.run_record import (
     challenger_tag,
     tag_value,
 )
-from tasks.tracking import client
+from tasks.tracking import end_run
 
 def kill_leftovers(worker_pid: int | None) -> None:
     """Kill the worker's process group (it and the flows it runs) and every run's training worker, which has a
@@ -77,7 +77,7 @@ def _end(prefect, flow_run, state, event: RunEvent, mlflow_status: str) -> None:
     prefect.set_flow_run_state(flow_run.id, state, force=True)
     emit(flow_run.name, event, state.message, flow_run_id=str(flow_run.id))
     if record := RunRecord.load(flow_run.name):
-        client().set_terminated(record.mlflow_run_id, mlflow_status)
+        end_run(record.mlflow_run_id, mlflow_status)
 
 
 def _kill_group_of_this_home(pgid: int) -> None:

@@ -13,7 +13,7 @@ from tasks.process_group import exit_with_parent
 from tasks.recipe import configure
 from tasks.register_model import register_model
 from tasks.run_record import RunRecord, cancelled_while_starting, run_tags
-from tasks.tracking import client, experiment_for
+from tasks.tracking import end_run, experiment_for
 from tasks.train import kill_worker, train
 from tasks.training.checkpoint_names import complete_checkpoints
 from tasks.upload_checkpoints import upload_checkpoints
@@ -76,7 +76,7 @@ def finetune(config: RunConfig | None = None, run_name: str | None = None, mlflo
 
 
 def _completed(record: RunRecord, message: str, **payload) -> dict:
-    client().set_terminated(record.mlflow_run_id, "FINISHED")
+    end_run(record.mlflow_run_id, "FINISHED")
     emit(record.name, RunEvent.COMPLETED, message, **payload)
     return {"run_name": record.name, **payload}
 

@@ -19,7 +19,7 @@ from tasks.events import RunEvent, emit, flush
 from tasks.flow_runs import newest_flow_run, stop_flow_run, under_way
 from tasks.prefect_api import prefect_client
 from tasks.run_record import RUN_TAG, RunRecord, current_user, run_tags
-from tasks.tracking import client, start_run
+from tasks.tracking import client, end_run, start_run
 
 # Why a run was started again (deployments/interrupted.py), as its RESUMED event says.
 STOPPED_UNDER = "the services stopped under it"
@@ -49,7 +49,8 @@ def begin(kind: FlowKind, config, name: str | None, mlflow_run_id: str | None) -
     name = name or run_name_for(config.run.model_name_or_path, config.run.task_type, prefix=kind.prefix)
     if from_deployment and earlier is None:
         experiment_id, mlflow_run_id = start_run(config.params(), name, kind.experiment(config, name, user), user,
-                                                 display_name=config.run.mlflow_run_name)
+                                                 display_name=config.run.mlflow_run_name,
+                                                 mirror=config.run.mlflow_tracking_uri)
     else:
         mlflow_run_id = mlflow_run_id or earlier.mlflow_run_id
         experiment_id = client().get_run(mlflow_run_id).info.experiment_id
@@ -80,7 +81,7 @@ def end_hooks(kind: FlowKind) -> dict[str, list]:
             reason = _why(kind, record, state)
             emit(record.name, RunEvent.FAILED, reason + stopped, flow_run_id=str(flow_run.id))
         flush()
-        client().set_terminated(record.mlflow_run_id, "KILLED" if cancelled else "FAILED")
+        end_run(record.mlflow_run_id, "KILLED" if cancelled else "FAILED")
 
     return dict(on_cancellation=[ended], on_crashed=[ended], on_failure=[ended])
 
@@ -132,7 +133,7 @@ def start_child(kind: FlowKind, record: RunRecord, config: RunConfig, name: str,
     experiment, tagged as the kind's children; returns its MLflow run id."""
     user, experiment = current_user(), client().get_experiment(record.experiment_id).name
     experiment_id, mlflow_run_id = start_run(config.params(), name, experiment, user,
-                                             parent_run_id=record.mlflow_run_id)
+                                             parent_run_id=record.mlflow_run_id, mirror=config.run.mlflow_tracking_uri)
     launch_run(config, name, mlflow_run_id, [*run_tags(user, experiment_id), kind.children(record.name)],
                register=register, as_subflow=True)
     return mlflow_run_id

@@ -53,7 +53,7 @@ from tasks.run_record import (
     challenger_tag,
     retrain_tags,
 )
-from tasks.tracking import check_owner_may_register, client
+from tasks.tracking import check_owner_may_register, client, end_run
 from tasks.training.checkpoint_names import LATEST
 from tasks.upload_checkpoints import checkpoints_uri
 
@@ -235,7 +235,7 @@ def _completed(record: RunRecord, now: Inventory | None, model: str, outcome: st
     mlflow_client.set_tag(record.mlflow_run_id, OUTCOME_TAG, outcome)
     if outcome != "skipped":  # a skip saw nothing the last record lacks, or did not look
         mlflow_client.set_registered_model_tag(model, SEEN, record.mlflow_run_id)
-    mlflow_client.set_terminated(record.mlflow_run_id, "FINISHED")
+    end_run(record.mlflow_run_id, "FINISHED")
     emit(record.name, RunEvent.COMPLETED, f"retraining {record.name} completed: {outcome}", outcome=outcome,
          registered_model=model, **payload)
     flush()  # on the server before the flow run's state says COMPLETED

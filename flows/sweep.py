@@ -54,7 +54,7 @@ from tasks.search import (
     open_study,
     trial_config,
 )
-from tasks.tracking import client, experiment_for
+from tasks.tracking import client, end_run, experiment_for
 from tasks.training.checkpoint_names import LATEST, export_dir, final_export, tag_step
 from tasks.upload_checkpoints import checkpoints_uri
 
@@ -124,7 +124,7 @@ def sweep(config: SweepConfig, sweep_name: str | None = None, mlflow_run_id: str
                                        f"tessera.sweep_{settings.metric}": str(best.value)})
     registered = best_config.registered_model_name(best_record.name)
     _summarize(record, config, study)
-    client().set_terminated(record.mlflow_run_id, "FINISHED")
+    end_run(record.mlflow_run_id, "FINISHED")
     emit(record.name, RunEvent.COMPLETED,
          f"sweep {record.name} completed: best trial {best.number} ({best_record.name}), {settings.metric} "
          f"{best.value:.4f} with {_values(best.params)}; registered {registered} version {version} as {CHALLENGER}",

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlparse
 
 from pydantic import (
     AfterValidator,
@@ -110,6 +111,22 @@ PathText = Annotated[str, Field(min_length=1, max_length=4096), _no_control_char
 """A file, folder, URI or table name; 4096 is Linux's longest path."""
 ExperimentPath = Annotated[str, Field(min_length=2, max_length=500), _no_control_characters(), # MLflow's limit
                            AfterValidator(_workspace_path)]
+
+
+def _tracking_server(url: str) -> str:
+    """An MLflow tracking server's URL, without a login in it: the URL is logged with the run's parameters."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise PydanticCustomError("tracking_server", "must be an MLflow tracking server's http(s) URL, e.g. "
+                                  "'http://mlflow.internal:5000' (Tessera's own store is MLFLOW_TRACKING_URI, set "
+                                  "where its services and workers run)")
+    if parsed.username or parsed.password:
+        raise PydanticCustomError("tracking_server_login", "must not hold a login (the URL is logged with the run's "
+                                  "parameters): put it in ~/.netrc on the machines that run workers")
+    return url.rstrip("/")
+
+
+TrackingServer = Annotated[str, Field(max_length=2048), _no_control_characters(), AfterValidator(_tracking_server)]
 Prompt = Annotated[str, Field(max_length=20_000), _no_control_characters(allowed="\n\r\t")]
 # catalog.schema(.model): Unity Catalog's names, each at most 255 characters.
 REGISTERED_MODEL = r"^[A-Za-z0-9_]{1,255}\.[A-Za-z0-9_]{1,255}\.[A-Za-z0-9_-]{1,255}$"
@@ -146,6 +163,9 @@ class Run(Section):
     """The share of invalid records (0-100) to skip instead of failing the run."""
     mlflow_run_name: Name | None = None
     """The MLflow run's display name (Nova's key); null: the run's name."""
+    mlflow_tracking_uri: TrackingServer | None = None
+    """An MLflow tracking server of yours that the run's parameters, metrics and end are logged to as well (Nova's
+    key); Tessera's own store keeps its checkpoints and registered model."""
 
     @model_validator(mode="after")
     def _prompts_say_something(self) -> Self:

@@ -108,7 +108,7 @@ def translate(data: dict) -> Translation:
                 t.amazon_only.append(key)
     _rewrite_values(t)
     _move(t)
-    _check_tracking_uri(t)
+    _drop_the_store_in_use(t)
     _infer_dpo(t)
     return t
 
@@ -212,18 +212,14 @@ def _experiment_path(name: Any) -> Any:
     return name if not isinstance(name, str) or name.startswith("/") else f"/Users/{current_user()}/{name}"
 
 
-def _check_tracking_uri(t: Translation) -> None:
-    """Tessera tracks every run in one MLflow store (runs, checkpoints and the registry are found there): Nova's
-    mlflow_tracking_uri must be that store, set where the services and workers read it."""
-    uri = _pop(t.data, "run.mlflow_tracking_uri")
-    if uri is None:
-        return
+def _drop_the_store_in_use(t: Translation) -> None:
+    """Nova's mlflow_tracking_uri naming Tessera's own store says nothing more: every run is tracked there. Any other
+    server stays run.mlflow_tracking_uri: the run is logged there too (tasks/tracking_mirror.py)."""
     from tasks.tracking import tracking_uri
 
-    if str(uri).rstrip("/") != tracking_uri().rstrip("/"):
-        t.problems.append(f"run.mlflow_tracking_uri {uri!r} is not the MLflow store Tessera tracks every run in "
-                          f"({tracking_uri()}): set MLFLOW_TRACKING_URI={uri} where the services and workers run, "
-                          "or remove the key")
+    uri = _get(t.data, "run.mlflow_tracking_uri")
+    if isinstance(uri, str) and uri.rstrip("/") == tracking_uri().rstrip("/"):
+        _pop(t.data, "run.mlflow_tracking_uri")
 
 
 def _infer_dpo(t: Translation) -> None:

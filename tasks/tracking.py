@@ -14,6 +14,7 @@ from mlflow.protos.databricks_pb2 import (
     ErrorCode,
 )
 
+from tasks import tracking_mirror
 from tasks.config import RunConfig
 from tasks.errors import InvalidInputError
 from tasks.home import tessera_home
@@ -89,23 +90,34 @@ def experiment_for(config: RunConfig, run_name: str, user: str) -> str:
     return config.run.experiment_path or f"/Users/{user}/{run_name}"
 
 
-def start_run(params: dict, run_name: str, experiment_path: str, user: str,
-              parent_run_id: str | None = None, display_name: str | None = None) -> tuple[str, str]:
+def start_run(params: dict, run_name: str, experiment_path: str, user: str, parent_run_id: str | None = None,
+              display_name: str | None = None, mirror: str | None = None) -> tuple[str, str]:
     """An MLflow run for a Tessera run (nested under `parent_run_id`: a sweep's), its parameters logged:
-    (experiment_id, run_id). `display_name`: the MLflow run's name, if not the Tessera run's."""
+    (experiment_id, run_id). `display_name`: the MLflow run's name, if not the Tessera run's; `mirror`: the run's
+    own tracking server (run.mlflow_tracking_uri), where a twin of it is started first."""
     experiment_id = ensure_experiment(experiment_path)
     tags = {"mlflow.user": user, "tessera.run_name": run_name}
+    parent_tags = client().get_run(parent_run_id).data.tags if parent_run_id else {}
     owner = os.environ.get("MLFLOW_TRACKING_USERNAME")  # a shared server's account: it will own the registered model
     if parent_run_id:  # a sweep's trial or a retraining's challenger, started on a worker: the parent's owner's
-        owner = client().get_run(parent_run_id).data.tags.get(OWNER_TAG, owner)
+        owner = parent_tags.get(OWNER_TAG, owner)
     if owner:
         tags[OWNER_TAG] = owner
+    if mirror and mirror != tracking_uri().rstrip("/"):
+        tags |= tracking_mirror.open_run(mirror, params, run_name, display_name, experiment_path, user, parent_tags)
     run = client().create_run(experiment_id, run_name=display_name or run_name,
                               tags=tags | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}))
     client().log_batch(run.info.run_id, params=[
         mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items() if v is not None
     ])
     return experiment_id, run.info.run_id
+
+
+def end_run(mlflow_run_id: str, status: str) -> None:
+    """End a run's MLflow run (FINISHED, FAILED, KILLED), and its twin on the run's own tracking server."""
+    mlflow_client = client()
+    mlflow_client.set_terminated(mlflow_run_id, status)
+    tracking_mirror.end_run(mlflow_client.get_run(mlflow_run_id).data.tags, status)
 
 
 def refused(error: mlflow.exceptions.MlflowException) -> bool:

@@ -13,7 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
-from tasks import warm_start
+from tasks import tracking_mirror, warm_start
 from tasks.config import RunConfig
 from tasks.devices import DEVICE_SLOTS, claim_gpus, gpu_count
 from tasks.errors import InvalidInputError, StorageError, TrainingDiverged, WorkerFailed
@@ -79,11 +79,12 @@ def train(record: RunRecord, config: RunConfig, model_dir: str, train_rows: str,
 
 
 class WorkerReport:
-    """What the worker's protocol lines say, as they come: metrics to MLflow, TRAIN_UPDATED events (at most one per
-    EVENT_EVERY_S), the eval prompts' answers, and how training ended."""
+    """What the worker's protocol lines say, as they come: metrics to MLflow (and to the run's own tracking server),
+    TRAIN_UPDATED events (at most one per EVENT_EVERY_S), the eval prompts' answers, and how training ended."""
 
     def __init__(self, record: RunRecord, config: RunConfig):
         self.record, self.unit, self.mlflow = record, config.duration.unit, client()
+        self.tags = self.mlflow.get_run(record.mlflow_run_id).data.tags  # where its twin is, if it has one
         self.generations: list[dict] = []
         self.finished: dict | None = None
         self.stopped: dict | None = None  # early stopping's reason, when it ended the run
@@ -127,6 +128,7 @@ class WorkerReport:
         # Not NaN or inf (a diverged step's loss): the `diverged` line reports those, and a chart cannot plot them.
         metrics = [Metric(k, float(v), now_ms, step) for k, v in values.items() if v is not None and math.isfinite(v)]
         self.mlflow.log_batch(self.record.mlflow_run_id, metrics=metrics)
+        tracking_mirror.log_metrics(self.tags, metrics)
 
 
 def outcome(record: RunRecord, config: RunConfig, report: WorkerReport, returncode: int, stderr_log: Path,

@@ -2,7 +2,11 @@
 data paths changed): the keys that mean something here take effect, the keys only Amazon's service acts on are
 named once and ignored, a typo still gets the nearest key, and a DPO recipe loads as a DPO run."""
 
+import os
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,8 @@ from tasks.errors import InvalidInputError
 from tasks.recipe import configure, read_yaml
 from tasks.run_record import current_user
 from tasks.tracking import tracking_uri
-from conftest import wait_for
+from tasks.ports import free_port
+from conftest import answers, wait_for
 
 NOVA = Path(__file__).parent / "data" / "nova"
 AMAZON_RUN_KEYS = {"run.model_type", "run.replicas", "run.output_s3_path"}
@@ -170,16 +175,19 @@ def test_an_interpolation_of_a_missing_key_is_a_typed_error(tmp_path):
     assert "nmae" in str(error.value) and "a ${...} must name a key of the recipe" in str(error.value)
 
 
-def test_mlflow_tracking_uri_is_the_store_in_use_or_amazons(tmp_path):
+def test_mlflow_tracking_uri_is_the_store_in_use_amazons_or_a_server_of_the_users(tmp_path):
     recipe = read_yaml((NOVA / "nova_micro_1_0_p5_p4d_gpu_sft.yaml").read_text())
-    recipe["run"]["mlflow_tracking_uri"] = tracking_uri()
-    assert load(recipe).run.mlflow_run_name == "my-fullrank-run"
+    recipe["run"]["mlflow_tracking_uri"] = tracking_uri()  # every run is tracked there: nothing more to do
+    assert load(recipe).run.mlflow_tracking_uri is None and load(recipe).run.mlflow_run_name == "my-fullrank-run"
     recipe["run"]["mlflow_tracking_uri"] = "arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/mine"
     assert "run.mlflow_tracking_uri" in load(recipe).amazon_only
-    recipe["run"]["mlflow_tracking_uri"] = "http://mlflow.elsewhere:5000"
-    with pytest.raises(InvalidInputError, match=r"run.mlflow_tracking_uri 'http://mlflow.elsewhere:5000' is not the "
-                                                r"MLflow store Tessera tracks every run in .*set MLFLOW_TRACKING_URI="):
-        load(recipe)
+    recipe["run"]["mlflow_tracking_uri"] = "http://mlflow.elsewhere:5000/"
+    assert load(recipe).run.mlflow_tracking_uri == "http://mlflow.elsewhere:5000"  # logged to as well: the e2e test
+    for uri, message in (("file:///tmp/mlruns", r"must be an MLflow tracking server's http\(s\) URL"),
+                         ("https://me:secret@mlflow.elsewhere", "must not hold a login .* ~/.netrc")):
+        recipe["run"]["mlflow_tracking_uri"] = uri
+        with pytest.raises(InvalidInputError, match=rf"run.mlflow_tracking_uri '{uri}' {message}"):
+            load(recipe)
 
 
 def test_a_dpo_recipe_loads_as_a_dpo_run_that_passes_the_path_checks():
@@ -195,14 +203,39 @@ def test_a_dpo_recipe_loads_as_a_dpo_run_that_passes_the_path_checks():
     assert (load(written).run.task_type, load(written).training_config.model.dpo_cfg.beta) == ("DPO", 0.05)
 
 
+@pytest.fixture
+def users_mlflow_server(tmp_path) -> Iterator[str]:
+    """An MLflow tracking server of the user's own (not Tessera's store), as `mlflow server` starts one."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'own.db'}", "--workers", "1",
+                               "--default-artifact-root", (tmp_path / "own-artifacts").as_uri()],
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+    try:
+        while not answers(url):
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.25)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 @pytest.mark.e2e
-def test_a_nova_lora_recipe_runs_from_the_cli_and_names_the_amazon_keys_once(fm, tiny_model_dir, chat_file,
-                                                                             monkeypatch, capsys):
+def test_a_nova_lora_recipe_runs_from_the_cli_and_names_the_amazon_keys_once(fm, tiny_model_dir, chat_file, tmp_path,
+                                                                             users_mlflow_server, monkeypatch, capsys):
     """`tessera create --recipe` with Nova's LoRA recipe as published: the model, data and registry from the usual
-    arguments, and what the tiny model needs (its context, a batch its 24 conversations fill) from --set."""
+    arguments, and what the tiny model needs (its context, a batch its 24 conversations fill) from --set; its
+    mlflow_tracking_uri naming the user's own MLflow server, where the run is logged as well."""
+    from mlflow import MlflowClient
+
     from cli import main as cli
 
-    recipe = NOVA / "nova_micro_1_0_p5_p4d_gpu_lora_sft.yaml"
+    recipe = tmp_path / "nova_micro_1_0_p5_p4d_gpu_lora_sft.yaml"
+    recipe.write_text((NOVA / recipe.name).read_text().replace(
+        'mlflow_tracking_uri: ""', f'mlflow_tracking_uri: "{users_mlflow_server}"'))
     monkeypatch.setattr(sys, "argv", [
         "tessera", "create", str(tiny_model_dir), chat_file, "main.nova", "--recipe", str(recipe),
         "--context-length", "64", "--set", "training_config.global_batch_size=8"])
@@ -227,3 +260,21 @@ def test_a_nova_lora_recipe_runs_from_the_cli_and_names_the_amazon_keys_once(fm,
     assert (lora.peft_scheme, lora.lora_tuning.alpha, lora.lora_tuning.loraplus_lr_ratio) == ("lora", 128, 16.0)
     beside = Path(client().download_artifacts(run.run_id, "config/resolved.yaml")).read_text()
     assert "model_type" not in beside and "replicas" not in beside and configure(read_yaml(beside)) == run.config
+    # The user's server has the run too, as Nova's trainer logs it there: named, its parameters, metrics, end.
+    own = MlflowClient(users_mlflow_server)
+    [twin] = own.search_runs([own.get_experiment_by_name(f"/Users/{current_user()}/my-lora-experiment").experiment_id])
+    assert (twin.info.run_name, twin.info.status, twin.data.tags["tessera.run_name"]) == ("my-lora-run", "FINISHED",
+                                                                                         name)
+    assert twin.data.params == {k: v for k, v in mlflow_run.data.params.items() if "." in k}  # the config's
+    assert [m.step for m in own.get_metric_history(twin.info.run_id, "loss")] == \
+        [m.step for m in client().get_metric_history(run.run_id, "loss")] != []
+
+
+@pytest.mark.e2e
+def test_a_tracking_server_that_does_not_answer_is_refused_before_the_run_exists(fm, tiny_model_dir, chat_file):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    before = len(fm.list())
+    with pytest.raises(InvalidInputError, match=rf"run.mlflow_tracking_uri {url}: the MLflow server there did not "
+                                                r"take the run \(.*\): start it, correct the URL, or remove the key"):
+        fm.create(str(tiny_model_dir), chat_file, "main.nova", overrides={"run.mlflow_tracking_uri": url})
+    assert len(fm.list()) == before
