@@ -11,7 +11,7 @@
                                     sched {name, warmup_steps, constant_steps, min_lr}},
                              peft {peft_scheme, lora_tuning {alpha, adapter_dropout, loraplus_lr_ratio, rank,
                                                              target_modules}},
-                             dpo_cfg {beta, loss_type, label_smoothing}}
+                             dpo_cfg {beta, loss_type, simpo_gamma, label_smoothing, rpo_alpha}}
 
 Laid out key for key like Amazon Nova's SFT and DPO recipes (plus Tessera's own `deepspeed` section and `max_tokens`);
 the keys of Nova's that are laid out otherwise here, or mean nothing here, are read by tasks.nova.
@@ -327,24 +327,36 @@ class Peft(Section):
 class DpoCfg(Section):
     """Direct preference optimization (Nova's dpo_cfg), for task_type DPO."""
 
-    beta: float = Field(0.1, ge=0.001, le=0.1)
-    """How strongly the preferences are enforced against the starting model: 0.001-0.1 (Nova's range)."""
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    beta: float = Field(0.1, ge=0.001, le=10)
+    """How strongly the preferences are enforced against the starting model: 0.001-0.1 (Nova's range); with simpo,
+    the scale of the answers' length-averaged log-probabilities, up to 10 (SimPO's authors use 2-2.5)."""
+    loss_type: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
     """sigmoid: DPO's own loss (Rafailov et al. 2023); ipo: IPO's squared loss on length-averaged log-probabilities
-    (Azar et al. 2023), as TRL's loss_type."""
+    (Azar et al. 2023), as TRL's loss_type; simpo: SimPO (Meng et al. 2024), length-averaged and with no reference
+    model at all, as TRL's CPO trainer with loss_type simpo."""
+    simpo_gamma: float = Field(0.5, ge=0, le=10)
+    """simpo only: the margin the chosen answer's reward must beat the rejected one's by (TRL's simpo_gamma)."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, examples=[0.1])
-    """sigmoid only: the assumed share of pairs whose labels are flipped (conservative DPO); 0 turns it off."""
+    """sigmoid and simpo: the assumed share of pairs whose labels are flipped (conservative DPO); 0 turns it off."""
     rpo_alpha: float = Field(0.0, ge=0, le=10, examples=[1.0])
     """The weight of the chosen answers' own loss (mean token negative log-likelihood) added to the preference loss
     (RPO, Pang et al. 2024; TRL's rpo_alpha), so the policy learns to write the chosen answers, not only to rank them
     above the rejected; 0 turns it off."""
 
     @model_validator(mode="after")
-    def _smoothing_on_sigmoid(self) -> Self:
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise Rule(f"{{}} {self.label_smoothing:g} applies to {{}} sigmoid only, not {self.loss_type}: set it to 0",
+    def _beta_and_smoothing_fit_the_loss(self) -> Self:
+        if self.beta > 0.1 and self.loss_type != "simpo":
+            raise Rule(f"{{}} {self.beta:g} must be at most 0.1 (Nova's range, 0.001-0.1) with {{}} {self.loss_type}; "
+                       "only simpo takes up to 10", "beta", "loss_type")
+        if self.label_smoothing and self.loss_type == "ipo":
+            raise Rule(f"{{}} {self.label_smoothing:g} applies to {{}} sigmoid or simpo, not ipo: set it to 0",
                        "label_smoothing", "loss_type")
         return self
+
+    @property
+    def reference_free(self) -> bool:
+        """SimPO needs no reference log-probabilities: no pass computes them."""
+        return self.loss_type == "simpo"
 
 
 class Model(Section):

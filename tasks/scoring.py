@@ -36,9 +36,10 @@ def score_pairs(registered_model: str, versions: dict[str, int], eval_rows: str,
                 reference_dir: str) -> tuple[dict[str, Figures], dict[str, list[str]]]:
     """Each version's (by role) preference accuracy and DPO loss on the eval pairs, all against one reference: the
     log-probabilities `reference_model` (the retraining's base) gives them, computed once and kept in
-    reference_dir/reference/eval.npy. And each version's answers to the prompts."""
+    reference_dir/reference/eval.npy (SimPO: none). And each version's answers to the prompts."""
     rows, on = PackedRows(Path(eval_rows), "eval pairs"), torch.device(device)
-    reference = base_logps(reference_model, rows, micro_batch_size, on, Path(reference_dir))
+    reference = None if settings.reference_free else base_logps(reference_model, rows, micro_batch_size, on,
+                                                                Path(reference_dir))
     return _each_version(registered_model, versions, prompts, on,
                          lambda model: preference_figures(model, rows, reference, settings, micro_batch_size, on))
 
@@ -90,13 +91,14 @@ def base_logps(model: str, rows: PackedRows, micro_batch_size: int, device: torc
 
 
 @torch.no_grad()
-def preference_figures(model: torch.nn.Module, rows: PackedRows, reference: torch.Tensor, settings: DpoCfg,
+def preference_figures(model: torch.nn.Module, rows: PackedRows, reference: torch.Tensor | None, settings: DpoCfg,
                        micro_batch_size: int, device: torch.device) -> Figures:
     """The model's DPO loss (mean over the pairs) and preference accuracy (the share of pairs whose chosen answer
     gains more log-probability over the reference than the rejected one: its reward accuracy), as training's eval
     computes them."""
     engine = AsEngine(model).eval()
-    objective = PreferenceLoss(settings, reference.to(device), chunked_loss_applies(model, zero_stage=0))
+    reference = None if reference is None else reference.to(device)
+    objective = PreferenceLoss(settings, reference, chunked_loss_applies(model, zero_stage=0))
     sums = sum(objective(engine, micro_batch.to(device)) for micro_batch in eval_batches(rows, micro_batch_size, 0, 1))
     report = objective.report((sums / rows.pairs).tolist())
     return {"eval_loss": report["loss"], "eval_accuracy": report["reward_accuracy"]}

@@ -123,9 +123,16 @@ def test_a_rule_joining_settings_names_each_as_given():
                      overrides={"training_config.trainer.val_check_interval": 5})
     dpo = "training_config.model.dpo_cfg."
     with pytest.raises(InvalidInputError, match=re.escape(
-            f"{dpo}label_smoothing 0.1 applies to {dpo}loss_type sigmoid only, not ipo: set it to 0")):
+            f"{dpo}label_smoothing 0.1 applies to {dpo}loss_type sigmoid or simpo, not ipo: set it to 0")):
         configure(shorthands={**ARGS, "task_type": "DPO"}, overrides={f"{dpo}loss_type": "ipo",
                                                                       f"{dpo}label_smoothing": 0.1})
+    with pytest.raises(InvalidInputError, match=re.escape(
+            f"{dpo}beta 2 must be at most 0.1 (Nova's range, 0.001-0.1) with {dpo}loss_type sigmoid; only simpo "
+            "takes up to 10")):
+        configure(shorthands={**ARGS, "task_type": "DPO"}, overrides={f"{dpo}beta": 2.0})
+    simpo = configure(shorthands={**ARGS, "task_type": "DPO"}, overrides={f"{dpo}loss_type": "simpo",
+                                                                          f"{dpo}beta": 2.0})
+    assert simpo.training_config.model.dpo_cfg.reference_free and simpo.training_config.model.dpo_cfg.simpo_gamma == 0.5
 
 
 def test_the_config_round_trips_as_a_recipe_and_replace_checks_again():

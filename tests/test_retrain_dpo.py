@@ -18,7 +18,7 @@ from tasks.config import DpoCfg
 from tasks.data.prepare import prepare_dataset
 from tasks.judge import Verdict
 from tasks.training.preference import REFERENCE_DIR
-from tasks.training.rows import PackedRows
+from tasks.training.rows import IGNORE, PackedRows
 from test_worker_dpo import pair, side_logps_alone
 
 
@@ -66,6 +66,19 @@ def test_pairs_are_judged_against_the_base_models_log_probabilities(tiny_model_d
     # The base against itself: no pair preferred more than it prefers it, and DPO's starting loss, log 2.
     assert preference_figures(base, rows, reference, settings, 3, cpu) == pytest.approx(
         {"eval_loss": np.log(2), "eval_accuracy": 0.0}, abs=1e-5)
+    # SimPO's judge has no reference: a pair is won when its chosen answer's mean token log-probability is higher.
+    averaged = alone / answer_tokens(eval_pairs, range(8))
+    figures = preference_figures(policy, rows, None, DpoCfg(beta=2.0, loss_type="simpo"), 3, cpu)
+    assert figures["eval_accuracy"] == pytest.approx(float((averaged[:, 0] > averaged[:, 1]).mean()))
+    assert figures["eval_loss"] == pytest.approx(float(
+        -F.logsigmoid(torch.tensor(2.0 * (averaged[:, 0] - averaged[:, 1]) - 0.5)).mean()), rel=1e-4)
+
+
+def answer_tokens(data_dir, pair_numbers) -> np.ndarray:
+    """Each pair's chosen and rejected answers' token counts (the tokens their log-probabilities sum over)."""
+    rows = PackedRows(data_dir, "data_dir")
+    return np.array([[(rows.labels[rows.sequence_ids == 2 * number + side][1:] != IGNORE).sum() for side in (0, 1)]
+                     for number in pair_numbers])
 
 
 @pytest.mark.parametrize("challenger, champion, margin, verdict", [

@@ -70,14 +70,17 @@ def runs(tiny_model_dir, pairs):
     zero3 = dpo_spec("zero3", tiny_model_dir, pairs, eval_data=True, settings={
         "deepspeed.zero_stage": 3, "trainer.val_check_interval": 2, "early_stopping.patience": 1,
         "early_stopping.min_delta": 1.0})  # the eval at step 4 cannot beat step 2's by a whole nat: it stops there
-    workers = [Worker(spec, pairs.folder, spec.run_name) for spec in (full, killed, zero3)]
+    simpo = dpo_spec("simpo", tiny_model_dir, pairs, settings={"model.dpo_cfg.loss_type": "simpo",
+                                                               "model.dpo_cfg.beta": 2.0})
+    workers = [Worker(spec, pairs.folder, spec.run_name) for spec in (full, killed, zero3, simpo)]
     workers[1].kill_when(lambda m: m["kind"] == "progress" and m["batch"] == 4)
     before = workers[1].finish(returncode=-signal.SIGKILL)
     latest_at_kill = os.readlink(killed.output_dir / LATEST)
     resumed = Worker(killed, pairs.folder, "resumed")
     return SimpleNamespace(full=full, full_lines=workers[0].finish(), killed=killed, before=before,
                            latest_at_kill=latest_at_kill, after=resumed.finish(),
-                           resumed_log=resumed.stdout.read_text(), zero3=zero3, zero3_lines=workers[2].finish())
+                           resumed_log=resumed.stdout.read_text(), zero3=zero3, zero3_lines=workers[2].finish(),
+                           simpo=simpo, simpo_lines=workers[3].finish(), simpo_log=workers[3].stdout.read_text())
 
 
 def test_a_full_rank_dpo_run_starts_at_log_2_and_learns_the_preference(runs):
@@ -97,6 +100,14 @@ def test_a_full_rank_dpo_run_starts_at_log_2_and_learns_the_preference(runs):
     assert evals[1]["reward_margin"] > evals[0]["reward_margin"] > 0
     assert runs.full_lines[-1]["kind"] == "finished"
     assert reference(runs.full).shape == (16, 2) and reference(runs.full, "eval").shape == (4, 2)
+
+
+def test_a_simpo_run_computes_no_reference_and_learns_the_preference(runs):
+    assert not (runs.simpo.output_dir / REFERENCE_DIR).exists()
+    assert "DPO (simpo, beta 2)" in runs.simpo_log and "reference log-probabilities" not in runs.simpo_log
+    progress = [m for m in runs.simpo_lines if m["kind"] == "progress"]
+    assert progress[-1]["loss"] < progress[0]["loss"] and progress[-1]["reward_accuracy"] == 1.0
+    assert runs.simpo_lines[-1]["kind"] == "finished"
 
 
 def test_the_reference_is_each_sides_answer_log_probability_alone(runs, tiny_model_dir):
@@ -232,3 +243,7 @@ def test_the_dpo_loss_variants():
     # plus the chosen answers' mean token NLL: 3 nats over 2 tokens, 4 nats over 1
     torch.testing.assert_close(rpo, -F.logsigmoid(0.1 * h) + 0.5 * torch.tensor([1.5, 4.0]))
     torch.testing.assert_close(rpo_rewards, rewards)
+    simpo, simpo_rewards = dpo_loss(policy, None, tokens, DpoCfg(beta=2.0, loss_type="simpo", simpo_gamma=0.5))
+    per_token = policy / tokens  # SimPO: each side's own averaged log-probability, no reference at all
+    torch.testing.assert_close(simpo, -F.logsigmoid(2.0 * (per_token[:, 0] - per_token[:, 1]) - 0.5))
+    torch.testing.assert_close(simpo_rewards, 2.0 * per_token)

@@ -3,7 +3,7 @@
 A row holds whole pairs, prompt + chosen and prompt + rejected side by side with per-document attention, so one
 forward gives both sides' log-probabilities (a side's: the sum over its answer tokens). The reference model's are
 computed once, before the first step, by the policy as it starts (with LoRA: the base, adapters off), kept in the
-checkpoints folder, and read back on resume: no second model is held while training.
+checkpoints folder, and read back on resume: no second model is held while training. SimPO has no reference.
 """
 
 import os
@@ -46,7 +46,7 @@ def side_logps(engine, micro_batch: MicroBatch, chunked: bool) -> tuple[torch.Te
     return sums.view(-1, 2), tokens.view(-1, 2)
 
 
-def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor,
+def dpo_loss(policy: torch.Tensor, reference: torch.Tensor | None, tokens: torch.Tensor,
              settings: DpoCfg) -> tuple[torch.Tensor, torch.Tensor]:
     """Each pair's loss [pairs] and both sides' implicit rewards, beta x (policy - reference) [pairs, 2], from
     summed log-probabilities [pairs, 2] (chosen, rejected).
@@ -54,32 +54,38 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor
     sigmoid: -log sigmoid(beta x h), h the chosen side's log-ratio minus the rejected side's (Rafailov et al.
     2023); label_smoothing eps mixes in the flipped pair: (1 - eps) x that + eps x -log sigmoid(-beta x h).
     ipo: (h - 1 / (2 beta))^2 on log-probabilities averaged over each side's tokens (Azar et al. 2023, as TRL).
+    simpo: -log sigmoid(beta x h - gamma), h the difference of the sides' averaged log-probabilities themselves, no
+    reference (Meng et al. 2024, as TRL's CPO trainer); label smoothing as for sigmoid.
     rpo_alpha adds that weight times the chosen answer's mean token negative log-likelihood (RPO)."""
     chosen_nll = -policy[:, 0] / tokens[:, 0].clamp(min=1)
-    if settings.loss_type == "ipo":
-        policy, reference = policy / tokens.clamp(min=1), reference / tokens.clamp(min=1)
-    ratios = policy - reference
+    if settings.loss_type in ("ipo", "simpo"):  # compared per token, not summed over the answer
+        policy = policy / tokens.clamp(min=1)
+        reference = None if reference is None else reference / tokens.clamp(min=1)
+    ratios = policy if settings.reference_free else policy - reference
     h = ratios[:, 0] - ratios[:, 1]
     beta, eps = settings.beta, settings.label_smoothing
     if settings.loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     else:
-        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+        z = beta * h - (settings.simpo_gamma if settings.loss_type == "simpo" else 0)
+        losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
     return losses + settings.rpo_alpha * chosen_nll, beta * ratios.detach()
 
 
 class PreferenceLoss:
-    """The DPO loss against `reference` ([pairs, 2] on the device, rows numbered as the data set's pairs), with the
-    rewards TRL reports: chosen, rejected, and the share of pairs whose chosen answer earns more (accuracy)."""
+    """The DPO loss against `reference` ([pairs, 2] on the device, rows numbered as the data set's pairs; None for
+    SimPO), with the rewards TRL reports: chosen, rejected, and the share of pairs whose chosen answer earns more
+    (accuracy)."""
 
     names, unit = ("loss", "reward_chosen", "reward_rejected", "reward_accuracy"), "pairs"
 
-    def __init__(self, settings: DpoCfg, reference: torch.Tensor, chunked: bool):
+    def __init__(self, settings: DpoCfg, reference: torch.Tensor | None, chunked: bool):
         self.settings, self.reference, self.chunked = settings, reference, chunked
 
     def __call__(self, engine, micro_batch: MicroBatch) -> torch.Tensor:
         policy, tokens = side_logps(engine, micro_batch, self.chunked)
-        losses, rewards = dpo_loss(policy, self.reference[micro_batch.pairs], tokens, self.settings)
+        reference = None if self.reference is None else self.reference[micro_batch.pairs]
+        losses, rewards = dpo_loss(policy, reference, tokens, self.settings)
         chosen, rejected = rewards.unbind(1)
         return torch.stack([losses.sum(), chosen.sum(), rejected.sum(), (chosen > rejected).float().sum()])
 

@@ -169,18 +169,20 @@ def _say_ready(s: Session, bf16: bool, accumulation: int) -> None:
 
 def prefer(s: Session, resuming: bool) -> None:
     """DPO's objective on the train and eval rows, each against the reference log-probabilities of its pairs: read
-    back on resume, else computed now, with the weights as loaded, before the first step."""
+    back on resume, else computed now, with the weights as loaded, before the first step (SimPO has none)."""
     started = time.time()
+    settings = s.training.model.dpo_cfg
 
     def objective(data: PackedRows, split: str) -> PreferenceLoss:
-        reference = reference_logps(s.engine, data, split, s.output_dir, s.training.micro_batch_size, s.rank,
-                                    s.world_size, s.device, s.chunked, resuming)
-        return PreferenceLoss(s.training.model.dpo_cfg, reference, s.chunked)
+        reference = None if settings.reference_free else reference_logps(
+            s.engine, data, split, s.output_dir, s.training.micro_batch_size, s.rank, s.world_size, s.device,
+            s.chunked, resuming)
+        return PreferenceLoss(settings, reference, s.chunked)
 
     s.objective = objective(s.data, "train")
     if s.eval_data is not None:
         s.eval_objective = objective(s.eval_data, "eval")
-    if s.master:
+    if s.master and not settings.reference_free:
         pairs = s.data.pairs + (s.eval_data.pairs if s.eval_data is not None else 0)
         print(f"tessera worker {s.spec.run_name}: reference log-probabilities of {pairs} pairs "
               f"{'read back' if resuming else 'computed'} in {time.time() - started:.1f} s", flush=True)
