@@ -215,10 +215,10 @@ def _experiment_path(name: Any) -> Any:
 def _drop_the_store_in_use(t: Translation) -> None:
     """Nova's mlflow_tracking_uri naming Tessera's own store says nothing more: every run is tracked there. Any other
     server stays run.mlflow_tracking_uri: the run is logged there too (tasks/tracking_mirror.py)."""
-    from tasks.tracking import tracking_uri
+    from tasks.tracking import is_the_store
 
     uri = _get(t.data, "run.mlflow_tracking_uri")
-    if isinstance(uri, str) and uri.rstrip("/") == tracking_uri().rstrip("/"):
+    if isinstance(uri, str) and is_the_store(uri):
         _pop(t.data, "run.mlflow_tracking_uri")
 
 

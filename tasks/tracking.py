@@ -30,6 +30,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or _embedded_uri()
 
 
+def is_the_store(uri: str) -> bool:
+    """Whether `uri` names the store Tessera tracks every run in (a trailing / or not)."""
+    return uri.rstrip("/") == tracking_uri().rstrip("/")
+
+
 def embedded() -> bool:
     """True for the default store. (mlflow.set_tracking_uri exports the variable, so compare, don't test.)"""
     return tracking_uri() == _embedded_uri()
@@ -103,7 +108,7 @@ def start_run(params: dict, run_name: str, experiment_path: str, user: str, pare
         owner = parent_tags.get(OWNER_TAG, owner)
     if owner:
         tags[OWNER_TAG] = owner
-    if mirror and mirror != tracking_uri().rstrip("/"):
+    if mirror and not is_the_store(mirror):
         tags |= tracking_mirror.open_run(mirror, params, run_name, display_name, experiment_path, user, parent_tags)
     run = client().create_run(experiment_id, run_name=display_name or run_name,
                               tags=tags | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}))
