@@ -49,7 +49,7 @@ demo-dpo: setup compile
 
 # Each behaviour once, on the real services; test-all adds the long end-to-end cases (marker slow).
 test: setup compile $(SDK_STAMP)
-	$(PY) -m pytest -q -m "not shared and not slow"
+	$(PY) -m pytest -q -m "not shared and not slow" --durations=20
 
 test-all: test
 	$(PY) -m pytest -q -m "slow and not shared"

@@ -34,7 +34,7 @@ from tasks import routing
 from tasks.arguments import refuse_unknown
 from tasks.config import run_name_for
 from tasks.errors import InvalidInputError, RunNotFoundError
-from tasks.flow_runs import RunStatus, flow_run_filters, read_flow_runs
+from tasks.flow_runs import RunStatus, flow_run_filter, read_flow_runs
 from tasks.prefect_api import prefect_client
 from tasks.retraining import (
     CHALLENGER_TAG,
@@ -208,7 +208,7 @@ def list_retrainings(registered_model: str | None = None, statuses: "builtins.li
     wanted = wanted_statuses(statuses)
     tags = [RETRAIN_TAG] + ([f"model:{registered_model}"] if registered_model else [])
     with services.connected(), prefect_client() as prefect:
-        flow_runs = read_flow_runs(prefect, flow_run_filters(statuses=wanted, tags=tags), limit)
+        flow_runs = read_flow_runs(prefect, flow_run_filter(statuses=wanted, tags=tags), limit)
         found = [Retraining.of(r) for r in flow_runs]
     return newest_first(found, wanted, limit)
 

@@ -43,9 +43,8 @@ from tasks.errors import (
 )
 from tasks.events import RunEvent, emit, flush
 from tasks.flow_runs import (
-    ACTIVE,
     RunStatus,
-    flow_run_filters,
+    flow_run_filter,
     read_flow_runs,
     stop_flow_run,
     under_way,
@@ -156,7 +155,7 @@ def create(
     with services.connected():
         with _create_lock():  # count and submit as one step: racing creates cannot pass the limit
             with prefect_client() as prefect:
-                active = sum(prefect.count_flow_runs(flow_run_filter=f) for f in flow_run_filters(statuses=ACTIVE))
+                active = len(under_way(prefect, [RUN_TAG]))
             if active >= services.max_active_runs():
                 raise TooManyActiveRunsError(
                     f"{active} runs are active, the limit is {services.max_active_runs()}: cancel one "
@@ -212,9 +211,9 @@ def list(
     with services.connected(), prefect_client() as prefect:
         runs = []
         for email in user_emails or [None]:
-            run_filters = flow_run_filters(names, wanted, tags + ([f"created_by:{email}"] if email else []),
-                                           _parse_time(before, "before"), _parse_time(after, "after"))
-            runs += read_flow_runs(prefect, run_filters, limit)
+            run_filter = flow_run_filter(names, wanted, tags + ([f"created_by:{email}"] if email else []),
+                                         _parse_time(before, "before"), _parse_time(after, "after"))
+            runs += read_flow_runs(prefect, run_filter, limit)
         result = [TrainingRun.of(r, include_details) for r in runs]
     return newest_first(result, wanted, limit)
 

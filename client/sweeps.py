@@ -25,7 +25,7 @@ from tasks import routing
 from tasks.arguments import refuse_unknown
 from tasks.config import run_name_for
 from tasks.errors import InvalidInputError
-from tasks.flow_runs import RunStatus, flow_run_filters, read_flow_runs
+from tasks.flow_runs import RunStatus, flow_run_filter, read_flow_runs
 from tasks.prefect_api import prefect_client
 from tasks.run_record import RUN_TAG, SWEEP_TAG, current_user, sweep_tags, trial_tag
 from tasks.search import BEST_RUN_TAG, SweepConfig, configure_sweep
@@ -69,7 +69,7 @@ class Sweep(Job):
     def trials(self) -> "builtins.list[TrainingRun]":
         """Every trial's run so far, oldest first."""
         with services.connected(), prefect_client() as prefect:
-            found = read_flow_runs(prefect, flow_run_filters(tags=[RUN_TAG, trial_tag(self.name)]), limit=10_000)
+            found = read_flow_runs(prefect, flow_run_filter(tags=[RUN_TAG, trial_tag(self.name)]), limit=10_000)
             return sorted((TrainingRun.of(r, include_details=False) for r in found), key=lambda r: r.created_at)
 
     @property
@@ -127,7 +127,7 @@ def list_sweeps(statuses: "builtins.list[str | RunStatus] | None" = None, limit:
     wanted = wanted_statuses(statuses)
     with services.connected(), prefect_client() as prefect:
         latest: dict[str, Any] = {}
-        for flow_run in read_flow_runs(prefect, flow_run_filters(tags=[SWEEP_TAG]), limit=10_000):
+        for flow_run in read_flow_runs(prefect, flow_run_filter(tags=[SWEEP_TAG]), limit=10_000):
             latest.setdefault(flow_run.name, flow_run)  # newest first: the first of a name is its latest
     return newest_first([Sweep.of(flow_run) for flow_run in latest.values()], wanted, limit)
 

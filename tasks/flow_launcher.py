@@ -40,8 +40,10 @@ def _exit_with_worker(worker: int) -> None:
 
 
 def main() -> None:
+    # Titled as Prefect's engine takes its flow run's id on the command line: `ps` tells each run's engine apart.
+    title = f"{sys.executable} -m {ENGINE} {os.environ.get('PREFECT__FLOW_RUN_ID', '')}".rstrip()
     try:
-        child = warm_start.start(f"{__spec__.name}:engine", title=f"{sys.executable} -m {ENGINE}", stdout=1, stderr=2,
+        child = warm_start.start(f"{__spec__.name}:engine", title=title, stdout=1, stderr=2,
                                  env={**os.environ, LAUNCHER: str(os.getpid())})
     except warm_start.Refused:
         os.execv(sys.executable, [sys.executable, "-m", ENGINE])

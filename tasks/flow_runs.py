@@ -79,50 +79,56 @@ _STATE_TYPES = {
     RunStatus.STOPPED: [StateType.CANCELLED, StateType.FAILED, StateType.CRASHED],
     RunStatus.FAILED: [StateType.FAILED, StateType.CRASHED],
 }
-# Under way: started and not ended, or due to start. Read through flow_run_filters (under_way), which never counts a
+# Under way: started and not ended, or due to start. Read through read_flow_runs (under_way), which never counts a
 # run that a schedule holds for later.
 ACTIVE = [RunStatus.PENDING, RunStatus.QUEUED, RunStatus.STARTING, RunStatus.RUNNING, RunStatus.TERMINATING]
 
-def flow_run_filters(names=None, statuses=None, tags=None, before=None, after=None) -> "builtins.list[FlowRunFilter]":
-    """Prefect filters whose matches together are the flow runs asked for (`statuses` None: any status), never one
-    that a schedule holds for later. Prefect's scheduler makes a scheduled deployment's coming runs ahead of time,
-    SCHEDULED with their start time in the future (DESIGN.md 6): such a run is neither under way nor holding a slot,
-    and until it starts it is the schedule's, not a run, sweep or retraining of anyone's. A SCHEDULED run whose start
-    time has come (just submitted, late, or waiting for a concurrency slot or a retry) is about to start, so it is
-    asked for: by a filter of its own, as Prefect's filters AND their parts. Clocks are taken to agree, as Prefect's
-    scheduling takes them."""
+
+def flow_run_filter(names=None, statuses=None, tags=None, before=None, after=None) -> FlowRunFilter:
+    """The Prefect filter of the flow runs asked for (`statuses` None: any status), their expected start time within
+    `before` and `after`. Read it through read_flow_runs, which leaves out what a schedule holds for later."""
     wanted = {t for s in statuses for t in _STATE_TYPES[s]} if statuses else set(StateType)
-    now = datetime.now(timezone.utc)
-    parts = [(wanted - {StateType.SCHEDULED}, before)]
-    if StateType.SCHEDULED in wanted:
-        parts.append(({StateType.SCHEDULED}, min(before, now) if before else now))
-    return [FlowRunFilter(
+    return FlowRunFilter(
         name=FlowRunFilterName(any_=names) if names else None,
         tags=FlowRunFilterTags(all_=tags or [RUN_TAG]),
-        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=sorted(types))),
-        expected_start_time=FlowRunFilterExpectedStartTime(before_=by, after_=after) if by or after else None,
-    ) for types, by in parts if types]
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=sorted(wanted))),
+        expected_start_time=FlowRunFilterExpectedStartTime(before_=before, after_=after) if before or after else None,
+    )
+
+
+def held_for_later(flow_run, now: datetime) -> bool:
+    """Whether a schedule holds the flow run for later. Prefect's scheduler makes a scheduled deployment's coming runs
+    ahead of time, SCHEDULED with their start time in the future (DESIGN.md 6): such a run is neither under way nor
+    holding a slot, and until it starts it is the schedule's, not a run, sweep or retraining of anyone's. A SCHEDULED
+    run whose start time has come (just submitted, late, or waiting for a concurrency slot or a retry) is about to
+    start. Clocks are taken to agree, as Prefect's scheduling takes them."""
+    return flow_run.state_type == StateType.SCHEDULED and flow_run.expected_start_time > now
 
 
 def under_way(prefect, tags: "builtins.list[str]", limit: int = 10_000) -> builtins.list:
     """The flow runs with all `tags` that are under way (ACTIVE): a run's slot, a sweep's running trials, a
     retraining still going; never a run a schedule holds for later."""
-    return read_flow_runs(prefect, flow_run_filters(statuses=ACTIVE, tags=tags), limit)
+    return read_flow_runs(prefect, flow_run_filter(statuses=ACTIVE, tags=tags), limit)
 
 
-def read_flow_runs(prefect, run_filters: "builtins.list[FlowRunFilter]", limit: int) -> builtins.list:
-    """Up to `limit` flow runs that match any of `run_filters`, newest first, in the server's pages of at most 200."""
+def read_flow_runs(prefect, run_filter: FlowRunFilter, limit: int) -> builtins.list:
+    """Up to `limit` flow runs that match `run_filter` and that no schedule holds for later, newest first, in the
+    server's pages of at most 200. One filter for every state, the held runs dropped here: two reads (those started,
+    those due) miss a run that leaves SCHEDULED between them, and a run just created would not be found."""
+    now = datetime.now(timezone.utc)
     runs: builtins.list = []
-    for run_filter in run_filters:
-        matched: builtins.list = []
-        while len(matched) < limit:
-            page = prefect.read_flow_runs(flow_run_filter=run_filter, sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-                                          limit=min(PAGE, limit - len(matched)), offset=len(matched))
-            matched += page
-            if len(page) < PAGE:
-                break
-        runs += matched
-    return sorted(runs, key=lambda r: r.expected_start_time or r.created, reverse=True)[:limit]
+    seen, offset = set(), 0
+    while len(runs) < limit:
+        asked = min(PAGE, limit - len(runs))
+        page = prefect.read_flow_runs(flow_run_filter=run_filter, sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                                      limit=asked, offset=offset)
+        offset += len(page)
+        # A run created mid-read moves the later pages down by one: their first may be one read already.
+        runs += [r for r in page if r.id not in seen and not held_for_later(r, now)]
+        seen.update(r.id for r in page)
+        if len(page) < asked:
+            break
+    return runs[:limit]
 
 
 def stop_flow_run(prefect, flow_run, what: str) -> bool:

@@ -84,18 +84,22 @@ def cancel_flow_run(prefect, flow_run, message: str) -> StateType | None:
     and the flow's hooks clean up. Pending, its process starting: tagged CANCELLED_TAG, and its flow, once started,
     ends itself (cancelled_while_starting). Not set Cancelled, which Prefect lets that process move on to Running,
     nor Cancelling: Prefect's runner (3.9.1) ignores a cancel that comes before it knows the process, and the
-    process, finding the run Cancelling, exits without ending it, Cancelling for good. If it reached Running before
-    the tag, its flow may have looked already, so it is set Cancelling as a running one is."""
+    process, finding the run Cancelling, exits without ending it, Cancelling for good. If it moved on before the
+    tag, its flow may have looked already, so it is cancelled as what it is now (the state returned), as a running
+    one is."""
     state = flow_run.state
     if state is None or state.is_final() or state.type == StateType.CANCELLING or CANCELLED_TAG in flow_run.tags:
         return None
+    if state.type == StateType.PENDING:
+        prefect.update_flow_run(flow_run.id, tags=[*flow_run.tags, CANCELLED_TAG])
+        state = prefect.read_flow_run(flow_run.id).state
+        if state.type == StateType.PENDING:
+            return state.type
+        if state.is_final():
+            return None
     if state.type == StateType.SCHEDULED:
         prefect.set_flow_run_state(flow_run.id, Cancelled(message=message), force=True)
         return state.type
-    if state.type == StateType.PENDING:
-        prefect.update_flow_run(flow_run.id, tags=[*flow_run.tags, CANCELLED_TAG])
-        if prefect.read_flow_run(flow_run.id).state.type == StateType.PENDING:
-            return state.type
     prefect.set_flow_run_state(flow_run.id, Cancelling(message=message), force=True)
     return state.type
 
