@@ -246,8 +246,9 @@ class Sched(Section):
 
     name: Literal["cosine", "linear", "constant"] = "cosine"
     """The decay after warmup and constant_steps; constant: none."""
-    warmup_steps: int | None = Field(None, ge=1, le=20)
-    """Steps of linear warmup, 1-20 (Nova's range); null: 10% of the run, at most 20."""
+    warmup_steps: int | None = Field(None, ge=1, le=10**9, examples=[15])
+    """Steps of linear warmup (Nova 2.0 advises about 15% of max_steps; one as long as the run never reaches lr);
+    null: 10% of the run, at most 20."""
     constant_steps: int = Field(0, ge=0, le=10**9)
     """Steps held at the peak after warmup, before the decay starts."""
     min_lr: float | None = Field(None, ge=0, examples=[3e-5])

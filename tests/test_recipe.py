@@ -94,6 +94,10 @@ def test_nova_names_and_empty_sections():
                   run__eval_data_path=None, run__validation_data_s3_path="eval.jsonl")
     config = configure(nova)
     assert (config.run.train_data_path, config.run.eval_data_path) == ("train.jsonl", "eval.jsonl")
+    # Nova 2.0 advises a warmup of about 15% of max_steps: a long run's is well past Nova 1.0's 20 steps.
+    long = configure(recipe(training_config__trainer__max_epochs=None, training_config__trainer__max_steps=1000,
+                            training_config__model__optim__sched__warmup_steps=150))
+    assert long.training_config.model.optim.sched.warmup_steps == 150
     emptied = recipe(training_config__model__peft=None)
     emptied["training_config"]["model"]["peft"] = None  # `peft:` with nothing under it
     assert configure(emptied).training_config.model.peft.peft_scheme is None
@@ -102,8 +106,8 @@ def test_nova_names_and_empty_sections():
 @pytest.mark.parametrize("changes, message", [
     (dict(training_config__model__optim__lr=2e-3),
      "recipe: training_config.model.optim.lr 0.002 must be at most 0.001 (The peak learning rate"),
-    (dict(training_config__model__optim__sched__warmup_steps=30),
-     "recipe: training_config.model.optim.sched.warmup_steps 30 must be at most 20 (Steps of linear warmup, 1-20"),
+    (dict(training_config__model__optim__sched__warmup_steps=0),
+     "recipe: training_config.model.optim.sched.warmup_steps 0 must be at least 1 (Steps of linear warmup"),
     (dict(training_config__model__optim__sched__min_lr=5e-4),
      "recipe: training_config.model.optim.sched.min_lr 0.0005 must be below training_config.model.optim.lr (0.0003)"),
     (dict(training_config__model__attention_dropout=1.5),

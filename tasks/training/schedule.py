@@ -43,7 +43,7 @@ def plan_duration(duration: Duration, rows: int, context_length: int, global_bat
 
 
 def default_warmup(total_batches: int) -> int:
-    """10% of the run, within Nova's 1-20 steps."""
+    """10% of the run, 1 to 20 steps (Nova 1.0's range)."""
     return min(20, max(1, total_batches // 10))
 
 
