@@ -128,7 +128,7 @@ def read_flow_runs(prefect, run_filter: FlowRunFilter, limit: int) -> builtins.l
         seen.update(r.id for r in page)
         if len(page) < asked:
             break
-    return runs[:limit]
+    return runs
 
 
 def stop_flow_run(prefect, flow_run, what: str) -> bool:
