@@ -7,9 +7,10 @@ run's own: its anchor arguments and checkpoints, the active-run limit and the lo
 
 import builtins
 import os
+import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar
@@ -170,6 +171,12 @@ def create(
             flush()
         return TrainingRun.of(flow_run, include_details=False)
 
+
+# One create() at a time from this process. Prefect serves a process's slot requests one after another, so creates
+# racing in its threads (the HTTP API's) queued behind each other's waits there, and past a minute timed out.
+_CREATING_HERE = threading.Lock()
+
+
 @contextmanager
 def _create_lock() -> Iterator[None]:
     """Hold the server's one CREATE_LOCK slot (waiting for it, at most a minute): for every client on any machine.
@@ -177,15 +184,19 @@ def _create_lock() -> Iterator[None]:
     Prefect raises ConcurrencySlotAcquisitionError whatever went wrong; only one without a cause is the limit
     missing. Otherwise its cause is raised: the server's refusal (a 401 or 403, which connected() says is one, and
     what to set), another answer, or no answer at all."""
-    try:
-        with concurrency(services.CREATE_LOCK, strict=True, lease_duration=60, timeout_seconds=60):
-            yield
-    except ConcurrencySlotAcquisitionError as e:
-        if e.__cause__ is not None:
-            raise e.__cause__ from None
-        raise ServiceError(f"the Prefect server at {services.prefect_api_url()} has no concurrency limit "
-                           f"{services.CREATE_LOCK}: register Tessera's deployments there "
-                           "(python -m deployments.deploy --pool <pool>), which creates it") from None
+    with _CREATING_HERE, ExitStack() as held:
+        try:
+            held.enter_context(concurrency(services.CREATE_LOCK, strict=True, lease_duration=60, timeout_seconds=60))
+        except ConcurrencySlotAcquisitionError as e:
+            if e.__cause__ is not None:
+                raise e.__cause__ from None
+            raise ServiceError(f"the Prefect server at {services.prefect_api_url()} has no concurrency limit "
+                               f"{services.CREATE_LOCK}: register Tessera's deployments there "
+                               "(python -m deployments.deploy --pool <pool>), which creates it") from None
+        except TimeoutError:
+            raise ServiceError(f"creates elsewhere held the Prefect server's {services.CREATE_LOCK} slot for over a "
+                               "minute: create again") from None
+        yield
 
 
 def get(training_run: "str | TrainingRun") -> TrainingRun:

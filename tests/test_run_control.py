@@ -131,7 +131,7 @@ def test_the_active_run_limit_holds_when_creates_race(fm, tiny_model_dir, chat_f
         try:
             results.append(fm.create(model=str(tiny_model_dir), train_data_path=chat_file, register_to="main.test",
                                      training_duration="100000ba", context_length=64))
-        except TooManyActiveRunsError as e:
+        except Exception as e:  # each create's outcome is asserted: a refusal, or what went wrong
             results.append(e)
 
     # The machine's device slots are held, as by runs training on it already: the runs created wait for a slot,
@@ -144,9 +144,11 @@ def test_the_active_run_limit_holds_when_creates_race(fm, tiny_model_dir, chat_f
             t.join()
         created = [r for r in results if not isinstance(r, Exception)]
         refused = [r for r in results if isinstance(r, TooManyActiveRunsError)]
-        assert (len(created), len(refused)) == (3, 3)
-        assert "cancel one" in str(refused[0])
-        assert fm.cancel(created) == 3
+        try:
+            assert (len(created), len(refused)) == (3, 3), results
+            assert "cancel one" in str(refused[0])
+        finally:  # a failure leaves no run training under the tests after it
+            assert fm.cancel(created) == len(created)
         for run in created:
             wait_for(run, {fm.RunStatus.STOPPED}, timeout=120)
     with services.connected(), get_client(sync_client=True) as prefect:
